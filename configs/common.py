@@ -1,0 +1,212 @@
+"""Shared config blocks.  Every value mirrors ../shared/spec/ARCHITECTURE.md (section in comments).
+
+Keys (one schema for every config):
+  model.*      architecture (backbone, head, aux head, loss weights, dtypes)
+  guidance.*   where the 100 mask proposals come from (SAM online / cached / boxes / none)
+  data.*       dataset, augmentation and loader settings
+  train.*      optimiser, schedule, steps, checkpoints, sharding
+  eval.*       inference mode and test-time augmentation
+"""
+
+from __future__ import annotations
+
+from sarformer_jax.config import Config
+
+ADE_MEAN = (123.675, 116.28, 103.53)  # §1.1, RGB
+ADE_STD = (58.395, 57.12, 57.375)
+
+
+def parse_arg(arg: str | None, **defaults):
+    """`"variant=L,runlocal"` -> Config(variant="L", runlocal=True), over `defaults`."""
+    out = Config(defaults)
+    if arg:
+        for item in arg.split(","):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            out[key] = value if eq else True
+    return out
+
+
+def beit_adapter_b() -> Config:
+    """SARFormer-B backbone, §2.1."""
+    return Config(
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        patch_size=16,
+        qv_bias=True,
+        layer_norm_eps=1e-6,
+        drop_path_rate=0.1,
+        init_values=0.1,
+        interaction_indexes=((0, 2), (3, 5), (6, 8), (9, 11)),
+        deform_num_heads=12,
+        n_points=4,
+        deform_ratio=0.5,
+        conv_inplane=64,
+        cffn_ratio=0.25,
+        with_cffn=True,
+        add_vit_feature=True,
+        with_cp=False,  # activation checkpointing (jax.checkpoint); no numeric effect
+        carry_cls=False,  # §2.7 / §8 #5: the original resets cls at every stage
+        msda_init="trunc_normal",  # §8 #13: "trunc_normal" (faithful) | "deformable_detr" (clean)
+        # BEiT relative position grid; inputs of other sizes interpolate (CHECKPOINTS §5.3)
+        rel_pos_grid=(40, 40),
+    )
+
+
+def beit_adapter_l() -> Config:
+    """SARFormer-L backbone, §2.1."""
+    cfg = beit_adapter_b()
+    cfg.update(
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        drop_path_rate=0.2,
+        init_values=1e-6,
+        interaction_indexes=((0, 5), (6, 11), (12, 17), (18, 23)),
+        deform_num_heads=16,
+        with_cp=True,
+    )
+    return cfg
+
+
+def mask2former_head(d: int = 256, *, pd_heads: int = 8, pd_ffn: int = 1024, dec_heads: int = 8,
+                     dec_ffn: int = 2048, num_feats: int = 128, num_classes: int = 150) -> Config:
+    """Mask2Former head, §3.2 / §4 (B defaults)."""
+    return Config(
+        feat_channels=d,
+        num_queries=100,
+        num_classes=num_classes,
+        num_transformer_feat_level=3,
+        pixel_decoder=Config(
+            num_layers=6, num_heads=pd_heads, n_levels=3, n_points=4, ffn_dim=pd_ffn,
+            num_feats=num_feats, gn_groups=32, norm_eps=1e-5,
+        ),
+        decoder=Config(num_layers=9, num_heads=dec_heads, ffn_dim=dec_ffn, num_feats=num_feats,
+                       norm_eps=1e-5),
+        query_init="sam_pooling",  # "sam_pooling" (SARFormer) | "learned" (Mask2Former baseline)
+        second_pixel_decoder_pass=True,  # §4.2 / §8 #11: pool queries from PD(x[1])
+    )
+
+
+def loss() -> Config:
+    """§5."""
+    return Config(
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+        num_points=12544,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        aux_weight=0.4,
+    )
+
+
+def aux_head(enabled: bool = True, in_channels: int = 768, num_classes: int = 150) -> Config:
+    """§5.4 AdapterFCNHead (SARFormer-B only)."""
+    return Config(enabled=enabled, in_index=2, in_channels=in_channels, channels=256,
+                  num_convs=1, dropout=0.1, num_classes=num_classes)
+
+
+def guidance(source: str = "online") -> Config:
+    """§4.3, §8.  Defaults are the recommended clean ones for new training."""
+    return Config(
+        source=source,  # "online" | "cached" | "boxes" | "none"
+        cache_dir="",  # for "cached": written by `sarformer amg --dataset`
+        sam=Config(
+            model_type="vit_b",
+            checkpoint="",  # converted SAM params (.npz from `sarformer convert sam`)
+            image_size=1024,
+            points_per_side=32,
+            points_per_batch=64,
+            pred_iou_thresh=0.88,
+            stability_score_thresh=0.95,
+            stability_score_offset=1.0,
+            mask_threshold=0.0,
+            box_nms_thresh=0.7,
+            max_masks=256,  # fixed-size output of the on-device generator
+        ),
+        invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
+        noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original
+        seed_compat=False,  # §8 #1-3: double normalisation, transposed frame, stale embedding
+        deterministic_eval=True,  # fixed PRNG key per image at evaluation
+    )
+
+
+def ade20k_data(root: str = "data/ade/ADEChallengeData2016") -> Config:
+    """§6.2: the pipeline that actually ran."""
+    return Config(
+        dataset="ade20k",  # "ade20k" | "cityscapes" | "synthetic" | "tfds:scene_parse150" | ...
+        root=root,
+        num_classes=150,
+        ignore_index=255,
+        reduce_zero_label=True,
+        crop_size=(640, 640),
+        scale=(2560, 640),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        flip_prob=0.5,
+        photometric=True,
+        mean=ADE_MEAN,
+        std=ADE_STD,
+        num_workers=4,
+        on_error="raise",  # "raise" | "skip"
+        seed=0,
+    )
+
+
+def original_optimizer(num_steps: int = 160_000) -> Config:
+    """§6.1: what the original ran."""
+    return Config(
+        optimizer="adamw",
+        lr=2e-5,
+        weight_decay=0.05,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip_norm=0.01,
+        schedule="poly",
+        power=0.9,
+        end_lr=0.0,
+        warmup_steps=0,
+        layer_decay=None,  # upstream ViT-Adapter recipe: 0.9
+        no_decay_norm_embed=False,  # upstream: True
+        num_steps=num_steps,
+    )
+
+
+def train(batch_size: int = 4, num_steps: int = 160_000) -> Config:
+    cfg = original_optimizer(num_steps)
+    cfg.update(
+        batch_size=batch_size,  # global batch
+        grad_accum=1,
+        seed=0,
+        compute_dtype="bfloat16",
+        param_dtype="float32",
+        log_every=50,
+        eval_every=5000,  # §6.1
+        ckpt_every=40_000,  # §6.1
+        keep_checkpoints=3,
+        keep_best=True,  # best by mIoU
+        nan_policy="stop",  # "stop" | "skip"
+        mesh=Config(data=-1, fsdp=1),
+        profile=False,
+    )
+    return cfg
+
+
+def eval_cfg(crop=(640, 640), stride=(426, 426), scale=(2560, 640)) -> Config:
+    """§1.3: slide inference."""
+    return Config(
+        mode="slide",  # "whole" | "slide"
+        crop_size=crop,
+        stride=stride,
+        scale=scale,
+        aug_test=False,
+        scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+        flip=True,
+        batch_size=1,
+    )

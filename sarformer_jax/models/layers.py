@@ -1,0 +1,74 @@
+"""Small shared layers: PyTorch-exact bilinear resize, DropPath, initialisers.
+
+Legend: b batch, h w spatial, c channels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.lru_cache(maxsize=256)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] interpolation matrix of PyTorch `F.interpolate(mode="bilinear",
+    align_corners=False, antialias=False)` along one axis.
+
+    Source coordinate `src = (dst + 0.5) * in / out - 0.5`, clamped below at 0; the upper
+    neighbour is clamped at `in - 1` (PyTorch's `area_pixel_compute_source_index`)."""
+    scale = in_size / out_size
+    dst = np.arange(out_size, dtype=np.float64)
+    src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam = src - i0
+    m = np.zeros((out_size, in_size), np.float64)
+    m[np.arange(out_size), i0] += 1.0 - lam
+    m[np.arange(out_size), i1] += lam
+    return m.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)) -> jax.Array:
+    """Resizes two axes of `x` (NHWC by default) like PyTorch bilinear, align_corners=False.
+
+    Implemented as two small matrix products (exact, differentiable, fast on GPUs); float32
+    inputs use full precision so results match PyTorch to ~1e-7."""
+    ah, aw = axes
+    out_h, out_w = size
+    in_h, in_w = x.shape[ah], x.shape[aw]
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    if in_h != out_h:
+        mh = jnp.asarray(bilinear_matrix(in_h, out_h), x.dtype)
+        x = jnp.moveaxis(jnp.tensordot(mh, jnp.moveaxis(x, ah, 0), axes=1, precision=precision), 0, ah)
+    if in_w != out_w:
+        mw = jnp.asarray(bilinear_matrix(in_w, out_w), x.dtype)
+        x = jnp.moveaxis(jnp.tensordot(mw, jnp.moveaxis(x, aw, 0), axes=1, precision=precision), 0, aw)
+    return x
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drops the whole residual branch per sample with probability `rate`."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None, deterministic: bool = False):
+        self.rate = float(rate)
+        self.deterministic = deterministic
+        self.rngs = rngs.fork() if (rngs is not None and self.rate > 0) else None
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        det = self.deterministic if deterministic is None else deterministic
+        if det or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        key = self.rngs.dropout()
+        mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+"""PyTorch `trunc_normal_(std=0.02)` (cut at +-2 absolute, i.e. +-100 sigma: effectively normal)."""
