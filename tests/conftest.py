@@ -1,0 +1,41 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported), full-precision matmuls, seeded
+randomness.  Parity tests compare against independent oracles (PyTorch libraries) in fp32."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Relative-error tolerances keyed by dtype (see STYLE.md §10).
+RTOL = {"float32": 1e-5, "bfloat16": 1e-2}
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where a GPU is present (on the device machine)."""
+    try:
+        has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
