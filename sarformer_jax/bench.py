@@ -1,0 +1,40 @@
+"""`sarformer bench NAME ...`: dispatches to `sarformer_jax.benchmarks.NAME`.
+
+Benchmarks measure speed on the device (and the peer in the same run); results go to
+docs/benchmarks.md with command, device, date and jax version.  `scripts/bench_NAME.py` runs the
+same code from a checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {
+    "msda": "multi-scale deformable attention: Pallas vs XLA vs torch grid_sample (vs CUDA peer)",
+    "backbone": "BEiT-B / ViT-Adapter-B forward+backward vs timm",
+    "sam": "SAM encoders and the automatic mask generator vs segment-anything",
+    "train": "SARFormer-B and Mask2Former train steps: step time, img/s, memory, MFU",
+    "eval": "slide inference images/s, SARFormer-B vs Mask2Former",
+    "data": "input pipeline images/s per CPU core",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module(f"sarformer_jax.benchmarks.{args.name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"sarformer_jax.benchmarks.{args.name}":
+            print(f"sarformer bench {args.name}: not built yet in this version", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"sarformer bench {args.name}",
+                                     description=BENCHMARKS[args.name])
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.bench_args)) or 0)

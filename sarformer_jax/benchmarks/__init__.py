@@ -1,0 +1,1 @@
+"""Benchmarks behind `sarformer bench NAME` (each module: add_arguments(parser), run(args))."""
