@@ -1,0 +1,426 @@
+"""`sarformer train --config CFG --workdir DIR`: the sharded training loop.
+
+One jit-compiled step over a `Mesh` (data parallel over every device, optional FSDP parameter and
+optimiser-state sharding): guidance proposals -> forward (compute dtype from `train.compute_dtype`,
+fp32 params) -> Hungarian-matched losses with deep supervision (+ auxiliary CE) -> AdamW update.
+BatchNorm statistics are computed over the global batch (the step is one SPMD program over the
+sharded batch, which is what SyncBN does).  A non-finite loss or gradient never reaches the
+params: the step is skipped on the device and counted; with `train.nan_policy="stop"` the run
+stops naming the step and the last good checkpoint.
+
+Checkpoints (orbax, asynchronous) hold params, batch statistics, optimiser state, step, PRNG key
+and the data iterator's state, so a killed run resumes bit-identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sarformer_jax import checkpoint as ckpt_lib
+from sarformer_jax import sharding as shard_lib
+from sarformer_jax.config import Config, load_config
+from sarformer_jax.guidance import make_proposal_fn
+from sarformer_jax.losses import loss_fn as segmentation_loss
+from sarformer_jax.models.sarformer import build_model
+from sarformer_jax.optim import build_optimizer
+
+
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                "TPU_WORKER_HOSTNAMES")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ConfigMismatchError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state
+
+
+def train_state(params, stats, opt_state, step, key) -> dict[str, Any]:
+    """The checkpointed pytree.  `key` is raw uint32 key data (portable across checkpoints)."""
+    return {
+        "params": params,
+        "batch_stats": stats,
+        "opt_state": opt_state,
+        "step": step,
+        "key": key,
+        "bad_steps": jnp.zeros((), jnp.int32),
+        "first_bad_step": jnp.full((), -1, jnp.int32),
+    }
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the static parts (graph definition, optimiser, jitted functions) of a run."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    rest: Any  # non-param, non-batch-stat state (RNG streams), re-seeded every step
+    tx: Any
+    schedule: Any
+    proposal_fn: Any
+    state_shardings: Any
+    train_step: Any = None
+
+
+def shape_fingerprint(params) -> dict[str, list[int]]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        flat[name] = list(leaf.shape)
+    return flat
+
+
+def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
+    """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
+    and a freshly initialised train state."""
+    mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
+    seed = int(cfg.train.seed)
+
+    def make():
+        return build_model(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+    abstract = nnx.eval_shape(make)
+    graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    num_layers = int(cfg.model.backbone.depth)
+    tx, schedule = build_optimizer(cfg.train, abs_params, num_layers=num_layers)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    abs_state = jax.eval_shape(
+        lambda: train_state(abs_params, abs_stats, abs_opt, jnp.zeros((), jnp.int32),
+                            jnp.zeros((2,), jnp.uint32)))
+    shardings = shard_lib.tree_shardings(mesh, abs_state)
+
+    @jax.jit
+    def _rest():
+        _, _, _, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+        return rest
+
+    @jax.jit
+    def _init():
+        _, params, stats, _ = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+        key = jax.random.key_data(jax.random.key(seed + 2))
+        return train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32), key)
+
+    init = jax.jit(_init, out_shardings=shardings)
+    state = init()
+    trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=_rest(), tx=tx,
+                      schedule=schedule, proposal_fn=make_proposal_fn(cfg),
+                      state_shardings=shardings)
+    trainer.train_step = make_train_step(trainer)
+    return trainer, state
+
+
+def _tree_where(pred, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def make_train_step(trainer: Trainer):
+    cfg = trainer.cfg
+    graphdef, tx = trainer.graphdef, trainer.tx
+    num_classes = int(cfg.model.head.num_classes)
+    invert = bool(cfg.guidance.invert_first_mask)
+    accum = int(cfg.train.get("grad_accum", 1))
+    rest = trainer.rest
+
+    def micro_loss(params, stats, batch, key):
+        k_prop, k_drop, k_loss = jax.random.split(key, 3)
+        model = nnx.merge(graphdef, params, stats, rest)
+        nnx.reseed(model, dropout=k_drop)
+        proposals = None
+        if trainer.proposal_fn is not None:
+            proposals = jax.lax.stop_gradient(trainer.proposal_fn(batch, k_prop, False))
+        preds, aux_logits, _ = model(batch["image"], proposals, train=True,
+                                     invert_first_mask=invert)
+        total, parts = segmentation_loss(preds, batch["label"], aux_logits, key=k_loss,
+                                         cfg_loss=cfg.model.loss, num_classes=num_classes)
+        new_stats = nnx.state(model, nnx.BatchStat)
+        return total, (parts, new_stats)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state, batch):
+        key = jax.random.wrap_key_data(state["key"])
+        key, step_key = jax.random.split(key)
+        params, stats = state["params"], state["batch_stats"]
+        if accum == 1:
+            (loss, (parts, new_stats)), grads = grad_fn(params, stats, batch, step_key)
+        else:
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                g_acc, l_acc, p_acc, st = carry
+                mb, k = xs
+                (l, (p, st)), g = grad_fn(params, st, mb, k)
+                g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
+                p_acc = jax.tree_util.tree_map(jnp.add, p_acc, p)
+                return (g_acc, l_acc + l, p_acc, st), None
+
+            zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+            (_, (p0, _)), _ = jax.eval_shape(grad_fn, params, stats,
+                                             jax.tree_util.tree_map(lambda x: x[0], micro),
+                                             step_key)
+            zeros_p = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), p0)
+            keys = jax.random.split(step_key, accum)
+            (grads, loss, parts, new_stats), _ = jax.lax.scan(
+                body, (zeros_g, jnp.zeros((), jnp.float32), zeros_p, stats), (micro, keys))
+            grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+            loss = loss / accum
+            parts = jax.tree_util.tree_map(lambda p: p / accum, parts)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                 for g in jax.tree_util.tree_leaves(grads)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        new_state = dict(state)
+        new_state["params"] = _tree_where(finite, new_params, params)
+        new_state["opt_state"] = _tree_where(finite, new_opt, state["opt_state"])
+        new_state["batch_stats"] = _tree_where(finite, new_stats, stats)
+        new_state["step"] = state["step"] + 1
+        new_state["key"] = jax.random.key_data(key)
+        new_state["bad_steps"] = state["bad_steps"] + (~finite).astype(jnp.int32)
+        new_state["first_bad_step"] = jnp.where(
+            (~finite) & (state["first_bad_step"] < 0), state["step"], state["first_bad_step"])
+        metrics = dict(parts)
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=trainer.schedule(state["step"]),
+                       finite=finite)
+        return new_state, metrics
+
+    batch_sh = shard_lib.batch_sharding(trainer.mesh)
+    return jax.jit(step, in_shardings=(trainer.state_shardings, batch_sh),
+                   out_shardings=(trainer.state_shardings, shard_lib.replicated(trainer.mesh)),
+                   donate_argnums=(0,))
+
+
+def model_from_state(trainer_or_cfg, state: dict, graphdef=None, rest=None):
+    """An nnx model holding the params and batch statistics of `state` (for evaluation)."""
+    if isinstance(trainer_or_cfg, Trainer):
+        graphdef, rest = trainer_or_cfg.graphdef, trainer_or_cfg.rest
+    return nnx.merge(graphdef, state["params"], state["batch_stats"], rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+    sh = shard_lib.batch_sharding(mesh)
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, np.ndarray) or v.dtype == object:
+            continue
+        out[k] = jax.make_array_from_process_local_data(sh, v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def ensure_data(cfg: Config) -> None:
+    """The embedded default generates its synthetic dataset on first use."""
+    if cfg.data.dataset != "synthetic":
+        return
+    root = pathlib.Path(cfg.data.root)
+    if (root / "images" / "training").is_dir() and any((root / "images" / "training").iterdir()):
+        return
+    from sarformer_jax.data import synthetic
+
+    gen = cfg.get("data_gen", Config(num_train=400, num_val=50, image_size=(160, 192), seed=0))
+    print(f"generating the synthetic dataset in {root} ...", flush=True)
+    synthetic.generate(root, num_train=gen.num_train, num_val=gen.num_val,
+                       image_size=tuple(gen.image_size), num_classes=cfg.data.num_classes,
+                       seed=gen.seed)
+
+
+def _check_resume_shapes(saved: dict, current: dict) -> None:
+    diffs = []
+    for name, shape in current.items():
+        if name not in saved:
+            diffs.append(f"{name}: new in this config {tuple(shape)}")
+        elif list(saved[name]) != list(shape):
+            diffs.append(f"{name}: checkpoint {tuple(saved[name])} vs config {tuple(shape)}")
+    for name in saved:
+        if name not in current:
+            diffs.append(f"{name}: in the checkpoint, not in this config")
+    if diffs:
+        raise ConfigMismatchError(
+            f"cannot resume: the config's shapes differ from the checkpoint's ({len(diffs)}): "
+            + "; ".join(diffs[:12]))
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = None,
+          progress: bool = True, devices=None) -> dict[str, Any]:
+    """Trains (or resumes) in `workdir`.  `stop_after` ends the loop after that many steps of
+    this invocation (used to simulate a killed run).  Returns a summary dict."""
+    from sarformer_jax.data.pipeline import build_train_loader
+    from sarformer_jax.evaluate import evaluate_state
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ensure_data(cfg)
+    trainer, state = create_trainer(cfg, devices=devices)
+    fingerprint = shape_fingerprint(state["params"])
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(cfg.train.keep_checkpoints))
+    start_state = None
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        extra, _ = checkpointer.restore_extra(latest)
+        _check_resume_shapes(extra.get("shapes", {}), fingerprint)
+        state, extra, _ = checkpointer.restore(ckpt_lib.abstract_like(state), latest)
+        start_state = extra.get("data_state")
+        print(f"resumed from {workdir / 'checkpoints' / str(latest)}", flush=True)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
+
+    num_steps = int(cfg.train.num_steps)
+    step = int(jax.device_get(state["step"]))
+    loader = build_train_loader(cfg, seed=int(cfg.data.seed), process_index=jax.process_index(),
+                                process_count=jax.process_count(), start_state=start_state)
+    writer = _summary_writer(workdir)
+    log_every = int(cfg.train.log_every)
+    curve: list[tuple[int, float]] = []
+    evals: list[tuple[int, float]] = []
+    best = -1.0
+    last_good = latest
+    done_here = 0
+    pbar = _progress(total=num_steps, initial=step, enabled=progress)
+    t0, imgs = time.perf_counter(), 0
+    try:
+        while step < num_steps and (stop_after is None or done_here < stop_after):
+            batch = device_batch(next(loader), trainer.mesh)
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            done_here += 1
+            imgs += int(cfg.train.batch_size)
+            boundary = (step % int(cfg.train.ckpt_every) == 0 or step == num_steps
+                        or (stop_after is not None and done_here == stop_after))
+            if step % log_every == 0 or boundary or step == num_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = int(jax.device_get(state["bad_steps"]))
+                if bad and cfg.train.nan_policy == "stop":
+                    first = int(jax.device_get(state["first_bad_step"]))
+                    where = (workdir / "checkpoints" / str(last_good)) if last_good else "none yet"
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {first}; the update was not "
+                        f"applied; last good checkpoint: {where}")
+                dt = time.perf_counter() - t0
+                m["img_per_s"] = imgs / max(dt, 1e-9)
+                m["skipped_steps"] = bad
+                t0, imgs = time.perf_counter(), 0
+                curve.append((step, m["loss"]))
+                _write_scalars(writer, step, m)
+                pbar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}")
+                if not progress:
+                    print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}", flush=True)
+            pbar.update(1)
+            if boundary:
+                extra = {"data_state": loader.get_state(), "shapes": fingerprint, "step": step}
+                checkpointer.save(step, state, extra)
+                last_good = step
+            if step % int(cfg.train.eval_every) == 0 or step == num_steps:
+                results = evaluate_state(cfg, trainer, state, progress=False)
+                miou = float(results["mIoU"])
+                evals.append((step, miou))
+                _write_scalars(writer, step, {"val/mIoU": miou, "val/mAcc": results["mAcc"],
+                                              "val/aAcc": results["aAcc"]})
+                print(f"step {step}: mIoU {100 * miou:.2f}", flush=True)
+                if cfg.train.keep_best and miou > best:
+                    best = miou
+                    checkpointer.save_best(step, state, {"shapes": fingerprint, "step": step,
+                                                         "mIoU": miou}, miou)
+    finally:
+        pbar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    return {"step": step, "curve": curve, "evals": evals, "state": state, "trainer": trainer,
+            "best_mIoU": best}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def _summary_writer(workdir: pathlib.Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboardX is a base dependency
+        return None
+    return SummaryWriter(str(workdir / "tb"))
+
+
+def _write_scalars(writer, step: int, scalars: dict[str, float]) -> None:
+    if writer is None:
+        return
+    for k, v in scalars.items():
+        name = k if "/" in k else f"train/{k}"
+        writer.add_scalar(name, float(v), step)
+    writer.flush()
+
+
+def print_curve(curve: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
+    if curve:
+        print("learning curve (step: loss):")
+        print("  " + "  ".join(f"{s}: {v:.3f}" for s, v in curve))
+    if evals:
+        print("validation (step: mIoU):")
+        print("  " + "  ".join(f"{s}: {100 * v:.2f}" for s, v in evals))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="config file or name (default: tiny)")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and outputs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. train.batch_size=4)")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bar")
+    parser.add_argument("--demo-image", action="store_true",
+                        help="after training, write a prediction overlay of one validation image")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if any(v in os.environ for v in _CLUSTER_ENV):
+        jax.distributed.initialize()  # multi-host: coordinator and ranks from the environment
+    try:
+        out = train(cfg, args.workdir, progress=not args.no_progress)
+    except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_curve(out["curve"], out["evals"])
+    if out["evals"]:
+        print(f"final mIoU: {100 * out['evals'][-1][1]:.2f}")
+    if args.demo_image:
+        from sarformer_jax.predict import predict_dataset_examples
+
+        paths = predict_dataset_examples(cfg, out["trainer"], out["state"],
+                                         pathlib.Path(args.workdir) / "predictions", count=1)
+        for p in paths:
+            print(f"prediction overlay: {p}")
+    return 0
