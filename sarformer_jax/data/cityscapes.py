@@ -14,6 +14,8 @@ import pathlib
 
 import numpy as np
 
+from sarformer_jax.data.sources import DataError, PairedFileSource, pair_files
+
 # (label id, name, train id) of the official table (cityscapesscripts.helpers.labels);
 # test_data_sources checks it against the package.  License plate (id -1) never occurs in a
 # labelIds PNG and is left out.
@@ -71,3 +73,35 @@ def convert_label_ids(root: str | os.PathLike, *, overwrite: bool = False,
             raise OSError(f"could not write {dst}")
         written += 1
     return written
+
+
+def cityscapes_source(root: str, split: str, *, num_classes: int = 19,
+                      proposals_dir: str | None = None, on_error: str = "raise",
+                      label_suffix: str = "_gtFine_labelTrainIds.png") -> PairedFileSource:
+    """Lists `split` ("train" / "val", or "training" / "validation") of a Cityscapes root.
+
+    Proposals are read from `<proposals_dir>/<split>/<city>_<seq>_<frame>_leftImg8bit.npz`.
+    With `label_suffix="_gtFine_labelIds.png"` the label ids are mapped on the fly."""
+    if split not in SPLITS:
+        raise ValueError(f"Cityscapes split must be one of {sorted(SPLITS)}, got {split!r}")
+    split = SPLITS[split]
+    root_path = pathlib.Path(root)
+    image_dir, label_dir = root_path / "leftImg8bit" / split, root_path / "gtFine" / split
+    for d in (image_dir, label_dir):
+        if not d.is_dir():
+            raise DataError(f"missing directory {d} (expected the Cityscapes layout)")
+    suffix = "_leftImg8bit.png"
+    images = {p.name[: -len(suffix)]: p for p in image_dir.glob(f"*/*{suffix}")}
+    labels = {p.name[: -len(label_suffix)]: p for p in label_dir.glob(f"*/*{label_suffix}")}
+    if not labels and any(label_dir.glob("*/*_gtFine_labelIds.png")) \
+            and label_suffix.endswith("labelTrainIds.png"):
+        raise DataError(f"{label_dir} has *_gtFine_labelIds.png but no *_labelTrainIds.png: run "
+                        f"`sarformer data cityscapes-train-ids --root {root}`")
+    bases = pair_files(images, labels, split_dir=str(image_dir), on_error=on_error)
+    return PairedFileSource(
+        images=[str(images[b]) for b in bases], labels=[str(labels[b]) for b in bases],
+        stems=[b + "_leftImg8bit" for b in bases],
+        label_kind="cityscapes_ids" if label_suffix.endswith("labelIds.png") else "train_ids",
+        num_classes=num_classes,
+        proposals_dir=str(pathlib.Path(proposals_dir) / split) if proposals_dir else None,
+    )

@@ -1,0 +1,262 @@
+"""Input pipelines: the grain training loader, the evaluation dataset, and host -> device batches.
+
+Training (ARCHITECTURE §6.2): record indices of this process's shard are shuffled afresh every
+epoch (seeded), each record is read, decoded and transformed by `transforms.train_transform`
+with a generator derived from (seed, position), proposals are reduced to Q slots, and records are
+batched, all inside grain worker processes (`data.num_workers`; 0 = in this process).  Every
+random draw depends on the seed and the record's position only, so the stream does not depend on
+the number of workers, and `get_state()` / `start_state` resume it exactly.
+
+Bad records raise a `DataError` naming the file, or with `data.on_error = "skip"` are dropped,
+logged and counted (per worker process).  grain and tensorflow_datasets are imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from sarformer_jax.data import transforms as T
+from sarformer_jax.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------ sources from the config
+def _proposals_dir(cfg) -> str | None:
+    guidance = cfg.get("guidance")
+    if guidance is not None and guidance.get("source") == "cached":
+        if not guidance.get("cache_dir"):
+            raise ValueError("guidance.source='cached' needs guidance.cache_dir")
+        return str(guidance.cache_dir)
+    return None
+
+
+def _ensure_synthetic(cfg) -> None:
+    """The synthetic set is the default dataset: write it on first use if its root is absent."""
+    root = pathlib.Path(cfg.data.root)
+    if (root / "images").is_dir():
+        return
+    from sarformer_jax.data import synthetic
+
+    gen = cfg.get("data_gen") or {}
+    log.warning("synthetic dataset missing at %s: generating it", root)
+    synthetic.generate(root, num_train=gen.get("num_train", 400), num_val=gen.get("num_val", 50),
+                       image_size=tuple(gen.get("image_size", (160, 192))),
+                       num_classes=cfg.data.num_classes, seed=gen.get("seed", 0))
+
+
+def build_source(cfg, split: str = "training"):
+    """The record source named by `cfg.data.dataset` for `split` ("training" / "validation")."""
+    data = cfg.data
+    dataset = str(data.dataset)
+    proposals = _proposals_dir(cfg)
+    on_error = data.get("on_error", "raise")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+    if dataset in ("ade20k", "synthetic"):
+        from sarformer_jax.data.ade20k import ade20k_source
+
+        if dataset == "synthetic":
+            _ensure_synthetic(cfg)
+        return ade20k_source(data.root, split, num_classes=data.num_classes,
+                             reduce_zero_label=data.reduce_zero_label, proposals_dir=proposals,
+                             on_error=on_error)
+    if dataset == "cityscapes":
+        from sarformer_jax.data.cityscapes import cityscapes_source
+
+        return cityscapes_source(data.root, split, num_classes=data.num_classes,
+                                 proposals_dir=proposals, on_error=on_error)
+    if dataset.startswith("tfds:"):
+        from sarformer_jax.data.tfds_source import tfds_source
+
+        return tfds_source(dataset[len("tfds:"):], split, data_dir=data.root or None,
+                           num_classes=data.num_classes, proposals_dir=proposals)
+    raise ValueError(f"unknown data.dataset {dataset!r}: 'ade20k' | 'cityscapes' | 'synthetic' | "
+                     f"'tfds:scene_parse150' | 'tfds:cityscapes'")
+
+
+# ------------------------------------------------------------------ the per-record work
+class TrainRecord:
+    """Reads record `index` of `source` and applies the training transforms (picklable)."""
+
+    def __init__(self, source, cfg):
+        data = cfg.data
+        self.source = source
+        self.kwargs = dict(
+            crop_size=tuple(data.crop_size), scale=tuple(data.scale),
+            ratio_range=tuple(data.ratio_range), cat_max_ratio=float(data.cat_max_ratio),
+            flip_prob=float(data.flip_prob), photometric=bool(data.photometric),
+            mean=tuple(data.mean), std=tuple(data.std), ignore_index=int(data.ignore_index))
+        self.num_queries = int(cfg.model.head.num_queries) if _proposals_dir(cfg) else None
+        self.skip = data.get("on_error", "raise") == "skip"
+        self.max_consecutive_skips = min(len(source), 1000)
+        self.skipped = 0
+        self.consecutive = 0
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict | None:
+        try:
+            record = self.source[int(index)]
+        except DataError as e:
+            if not self.skip:
+                raise
+            self.skipped += 1
+            self.consecutive += 1
+            log.warning("data.on_error=skip: skipped %s (%d skipped in this process)", e,
+                        self.skipped)
+            if self.consecutive >= self.max_consecutive_skips:
+                raise DataError(f"{self.consecutive} records in a row failed; last: {e}") from None
+            return None
+        self.consecutive = 0
+        out = T.train_transform(record, rng, **self.kwargs)
+        if self.num_queries is not None:
+            out["proposals"], n = T.select_proposals(out["proposals"], self.num_queries, rng)
+            out["num_proposals"] = np.int32(n)
+        return out
+
+
+# ------------------------------------------------------------------ the training loader
+class TrainLoader:
+    """Iterator of local batches (dicts of numpy arrays) with an exact-resume state."""
+
+    def __init__(self, dataset, local_batch_size: int, start_state=None):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self.local_batch_size = local_batch_size
+        if start_state is not None:
+            self.set_state(start_state)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def get_state(self) -> bytes:
+        """JSON bytes; pass to `build_train_loader(..., start_state=...)` to resume."""
+        return json.dumps({"version": _STATE_VERSION, "grain": self._iterator.get_state()},
+                          default=_json_default).encode()
+
+    def set_state(self, state: bytes | str | dict) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} != "
+                             f"{_STATE_VERSION}")
+        self._iterator.set_state(state["grain"])
+
+
+def _json_default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, bytes):
+        return x.decode()
+    raise TypeError(f"data iterator state holds a {type(x).__name__}")
+
+
+def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
+                       start_state=None) -> TrainLoader:
+    """The training input stream of this process.
+
+    Batches: image float32 [B, h, w, 3] (normalised, padded with 0), label int32 [B, h, w]
+    (255 ignore), and with cached guidance proposals uint8 [B, Q, h, w] and num_proposals int32
+    [B]; B = cfg.train.batch_size // process_count, (h, w) = cfg.data.crop_size."""
+    import grain
+
+    if cfg.train.batch_size % process_count:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                         f"process_count={process_count}")
+    local_batch = cfg.train.batch_size // process_count
+    source = build_source(cfg, "training")
+    shard = grain.MapDataset.range(len(source))[process_index::process_count]
+    if len(shard) == 0:
+        raise DataError(f"process {process_index} of {process_count} gets no training records "
+                        f"(only {len(source)})")
+    ds = (shard.seed(seed).shuffle().repeat(None)
+          .random_map(TrainRecord(source, cfg))
+          .to_iter_dataset())  # drops the None of skipped records
+    workers = int(cfg.data.get("num_workers", 0))
+    if workers > 0:
+        # Workers take records round-robin and the prefetcher interleaves them back in order,
+        # so batching afterwards gives the same stream for any number of workers.
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=local_batch))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return TrainLoader(ds, local_batch, start_state)
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker pool reads absl flags; outside an absl app they were never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ------------------------------------------------------------------ evaluation
+class EvalDataset:
+    """Validation records at their original size: image uint8 [H, W, 3], label int32 [H, W]
+    (255 ignore), name, and proposals / proposal_scores when guidance is cached.
+
+    Indexing raises on a bad record; iteration follows `data.on_error` (skip logs and counts)."""
+
+    def __init__(self, source, on_error: str = "raise"):
+        self.source = source
+        self.on_error = on_error
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = dict(self.source[index])
+        record["label"] = record["label"].astype(np.int32)
+        return record
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            try:
+                yield self[i]
+            except DataError as e:
+                if self.on_error != "skip":
+                    raise
+                self.skipped += 1
+                log.warning("data.on_error=skip: skipped %s (%d skipped)", e, self.skipped)
+
+
+def build_eval_dataset(cfg, split: str = "validation") -> EvalDataset:
+    return EvalDataset(build_source(cfg, split), cfg.data.get("on_error", "raise"))
+
+
+def eval_scale(cfg) -> tuple[int, int]:
+    ev = cfg.get("eval")
+    return tuple(ev.scale) if ev is not None and "scale" in ev else tuple(cfg.data.scale)
+
+
+def eval_preprocess(image_uint8: np.ndarray, cfg) -> np.ndarray:
+    """Resize(eval scale, keep ratio, bilinear) and normalise: float32 [h, w, 3]."""
+    return T.eval_transform(image_uint8, scale=eval_scale(cfg), mean=cfg.data.mean,
+                            std=cfg.data.std)
+
+
+# ------------------------------------------------------------------ host -> device
+def to_global_batch(batch_np: dict, mesh, pspec) -> dict:
+    """Each process's local batch -> global jax.Arrays sharded as `pspec` over `mesh` (the
+    leading axis is the batch; trailing axes not named in `pspec` are replicated)."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    sharding = NamedSharding(mesh, pspec)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch_np)
+
+
+def describe(batch: dict) -> dict[str, Any]:
+    """{key: (shape, dtype)} of a batch, for logs."""
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items()}
