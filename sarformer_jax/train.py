@@ -236,22 +236,6 @@ def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # The loop
 
 
-def ensure_data(cfg: Config) -> None:
-    """The embedded default generates its synthetic dataset on first use."""
-    if cfg.data.dataset != "synthetic":
-        return
-    root = pathlib.Path(cfg.data.root)
-    if (root / "images" / "training").is_dir() and any((root / "images" / "training").iterdir()):
-        return
-    from sarformer_jax.data import synthetic
-
-    gen = cfg.get("data_gen", Config(num_train=400, num_val=50, image_size=(160, 192), seed=0))
-    print(f"generating the synthetic dataset in {root} ...", flush=True)
-    synthetic.generate(root, num_train=gen.num_train, num_val=gen.num_val,
-                       image_size=tuple(gen.image_size), num_classes=cfg.data.num_classes,
-                       seed=gen.seed)
-
-
 def _check_resume_shapes(saved: dict, current: dict) -> None:
     diffs = []
     for name, shape in current.items():
@@ -277,7 +261,6 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    ensure_data(cfg)
     trainer, state = create_trainer(cfg, devices=devices)
     fingerprint = shape_fingerprint(state["params"])
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(cfg.train.keep_checkpoints))

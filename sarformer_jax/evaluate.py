@@ -1,0 +1,224 @@
+"""`sarformer eval`: mIoU of a checkpoint on a validation split (whole / slide / multi-scale+flip).
+
+Per image: resize to the eval scale keeping the ratio (§6.2), run the model on windows (slide,
+§1.3) or on the whole image padded to a multiple of 32, average, resize the class scores back to
+the original size, argmax, and accumulate intersection/union totals (mmseg IoUMetric).
+
+The model runs on fixed-size window batches inside one jitted function (compiled once per
+window shape); cached proposals travel as extra image channels so the slide and flip geometry
+applies to them exactly as to the image.  Evaluation is deterministic by default: each image's
+proposal slots come from a fixed key (`guidance.deterministic_eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sarformer_jax import inference
+from sarformer_jax.config import Config, load_config
+from sarformer_jax.guidance import make_proposal_fn
+from sarformer_jax.metrics import IoUAccumulator, format_table, to_json
+from sarformer_jax.models.mask2former import semantic_inference
+
+PAD_MULTIPLE = 32
+
+
+def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
+    """jitted `(params, stats, windows [N, h, w, 3 (+Q)], key) -> scores [N, h, w, K]`."""
+    from flax import nnx
+
+    graphdef, rest = trainer.graphdef, trainer.rest
+    q = int(cfg.model.head.num_queries)
+    proposal_fn = make_proposal_fn(cfg) if with_proposals else None
+    invert = bool(cfg.guidance.invert_first_mask)
+    deterministic = bool(cfg.guidance.get("deterministic_eval", True))
+
+    @jax.jit
+    def fn(params, stats, windows, key):
+        model = nnx.merge(graphdef, params, stats, rest)
+        image = windows[..., :3]
+        proposals = None
+        if proposal_fn is not None:
+            props = jnp.moveaxis(windows[..., 3:3 + q], -1, 1) >= 0.5  # [N, Q, h, w]
+            batch = {"image": image, "proposals": props,
+                     "num_proposals": jnp.full((props.shape[0],), q, jnp.int32)}
+            # empty slots (no pixel in this window) are not proposals
+            valid = jnp.any(props, axis=(2, 3))
+            from sarformer_jax.models.mask2former import prepare_proposals
+
+            proposals = prepare_proposals(key, props, valid, q,
+                                          noise_placeholders=bool(cfg.guidance.noise_placeholders),
+                                          deterministic=deterministic)
+            del batch
+        preds, _, _ = model(image, proposals, train=False, invert_first_mask=invert)
+        last = preds[-1]
+        return semantic_inference(last["cls"], last["mask"], image.shape[1:3])
+
+    return fn
+
+
+def _proposal_channels(record: dict, size: tuple[int, int], q: int) -> np.ndarray:
+    """Cached proposals (bool [N, H0, W0]) -> float32 [h, w, Q] channels at the eval size
+    (nearest), the first Q by score; missing slots are empty."""
+    h, w = size
+    out = np.zeros((h, w, q), np.float32)
+    masks = record.get("proposals")
+    if masks is None or len(masks) == 0:
+        return out
+    scores = record.get("proposal_scores")
+    order = np.argsort(-np.asarray(scores)) if scores is not None else np.arange(len(masks))
+    for slot, i in enumerate(order[:q]):
+        out[..., slot] = cv2.resize(masks[i].astype(np.uint8), (w, h),
+                                    interpolation=cv2.INTER_NEAREST)
+    return out
+
+
+def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: int, *,
+                   mode: str, aug_test: bool, with_proposals: bool) -> np.ndarray:
+    """Class scores [H0, W0, K] for one record (original size)."""
+    from sarformer_jax.data.pipeline import eval_preprocess
+
+    image = record["image"]
+    h0, w0 = image.shape[:2]
+    x = eval_preprocess(image, cfg)  # [h, w, 3] normalised, at the eval scale
+    if with_proposals:
+        x = np.concatenate([x, _proposal_channels(record, x.shape[:2],
+                                                  int(cfg.model.head.num_queries))], -1)
+    key = inference.eval_key(int(cfg.train.seed), index)
+    k = int(cfg.model.head.num_classes)
+    ev = cfg.eval
+
+    def prob_fn(windows):
+        return window_fn(params, stats, windows, key)
+
+    def whole_fn(img):  # pad to a multiple of 32 (bottom / right, mean colour = 0), crop back
+        hh, ww = img.shape[1:3]
+        ph, pw = -hh % PAD_MULTIPLE, -ww % PAD_MULTIPLE
+        padded = jnp.pad(img, ((0, 0), (0, ph), (0, pw), (0, 0)))
+        return prob_fn(padded)[:, :hh, :ww]
+
+    fn = prob_fn if mode == "slide" else whole_fn
+    batch = jnp.asarray(x)[None]
+    if aug_test:
+        scores = inference.aug_inference(fn, batch, k, scale=None, scales=tuple(ev.scales),
+                                         flip=bool(ev.flip), mode=mode, crop=tuple(ev.crop_size),
+                                         stride=tuple(ev.stride), out_size=(h0, w0),
+                                         window_batch=int(ev.batch_size))
+    else:
+        scores = inference.aug_inference(fn, batch, k, scale=None, scales=(1.0,), flip=False,
+                                         mode=mode, crop=tuple(ev.crop_size),
+                                         stride=tuple(ev.stride), out_size=(h0, w0),
+                                         window_batch=int(ev.batch_size))
+    return np.asarray(scores[0])
+
+
+def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
+                   mode: str | None = None, aug_test: bool | None = None,
+                   split: str = "validation", dataset=None) -> dict[str, Any]:
+    """mIoU etc. of `state` on `split` (see module doc).  Returns `metrics.compute()` results
+    plus `num_images` and `skipped`."""
+    from sarformer_jax.data.pipeline import build_eval_dataset
+
+    mode = mode or cfg.eval.mode
+    aug_test = cfg.eval.aug_test if aug_test is None else aug_test
+    dataset = dataset if dataset is not None else build_eval_dataset(cfg, split)
+    with_proposals = (cfg.model.head.query_init == "sam_pooling"
+                      and cfg.guidance.source == "cached")
+    if cfg.model.head.query_init == "sam_pooling" and not with_proposals:
+        raise ValueError("evaluation of SARFormer needs guidance.source='cached' in this version "
+                         "(online SAM guidance at evaluation is not wired yet)")
+    window_fn = make_window_fn(cfg, trainer, with_proposals=with_proposals)
+    params, stats = state["params"], state["batch_stats"]
+    acc = IoUAccumulator(int(cfg.model.head.num_classes), ignore_index=int(cfg.data.ignore_index))
+    from tqdm.auto import tqdm
+
+    n = 0
+    for i, record in enumerate(tqdm(dataset, desc="eval", unit="img", disable=not progress)):
+        scores = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
+                                aug_test=aug_test, with_proposals=with_proposals)
+        acc.update(np.argmax(scores, -1).astype(np.int32), record["label"])
+        n += 1
+    results = acc.compute()
+    results["num_images"] = n
+    results["skipped"] = int(getattr(dataset, "skipped", 0))
+    return results
+
+
+def load_for_eval(cfg: Config, checkpoint: str | pathlib.Path):
+    """(trainer, state, step) from a workdir (best checkpoint if any, else the latest) or from
+    a `checkpoints/<step>` / `best/<step>` directory.  A checkpoint of another architecture is
+    refused naming the mismatched parameters."""
+    from sarformer_jax import checkpoint as ckpt_lib
+    from sarformer_jax.train import _check_resume_shapes, create_trainer, shape_fingerprint
+
+    path = pathlib.Path(checkpoint)
+    step = None
+    best = False
+    if path.name.isdigit() and path.parent.name in ("checkpoints", "best"):
+        step, best, workdir = int(path.name), path.parent.name == "best", path.parent.parent
+    else:
+        workdir = path
+        best = (path / "best").is_dir() and any((path / "best").iterdir())
+    if not (workdir / "checkpoints").is_dir() and not (workdir / "best").is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no checkpoints/ or best/ directory")
+    trainer, state = create_trainer(cfg)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    try:
+        extra, step = ck.restore_extra(step, best=best)
+        _check_resume_shapes(extra.get("shapes", {}), shape_fingerprint(state["params"]))
+        state, _, step = ck.restore(ckpt_lib.abstract_like(state), step, best=best)
+    finally:
+        ck.close()
+    return trainer, state, step
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="config file or name")
+    parser.add_argument("--checkpoint", required=True, help="workdir or checkpoint directory")
+    parser.add_argument("--data-root", default=None, help="overrides data.root")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None)
+    parser.add_argument("--aug-test", action="store_true", help="multi-scale + flip")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--out", default=None, help="folder for results.md / results.json "
+                        "(default: the checkpoint's workdir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    cfg = load_config(args.config, overrides)
+    from sarformer_jax.train import ConfigMismatchError
+    from sarformer_jax.visualize import class_names_for
+
+    try:
+        trainer, state, step = load_for_eval(cfg, args.checkpoint)
+    except (ConfigMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = evaluate_state(cfg, trainer, state, mode=args.mode, aug_test=args.aug_test,
+                             split=args.split)
+    names = class_names_for(cfg)
+    table = format_table(results, names)
+    print(table)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.checkpoint)
+    if out.name.isdigit():
+        out = out.parent.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(
+        to_json(results, names, step=step, config=cfg.name, mode=args.mode or cfg.eval.mode,
+                aug_test=bool(args.aug_test)))
+    print(f"mIoU {100 * results['mIoU']:.2f} on {results['num_images']} images "
+          f"(checkpoint step {step}); wrote {out / 'results.md'} and results.json")
+    return 0
