@@ -160,6 +160,18 @@ def _json_default(x):
     raise TypeError(f"data iterator state holds a {type(x).__name__}")
 
 
+def train_indices(num_records: int, seed: int, process_index: int = 0, process_count: int = 1):
+    """grain MapDataset of record indices for this process: records i with
+    i % process_count == process_index, reshuffled every epoch, repeated forever."""
+    import grain
+
+    shard = grain.MapDataset.range(num_records)[process_index::process_count]
+    if len(shard) == 0:
+        raise DataError(f"process {process_index} of {process_count} gets no training records "
+                        f"(only {num_records})")
+    return shard.seed(seed).shuffle().repeat(None)
+
+
 def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
                        start_state=None) -> TrainLoader:
     """The training input stream of this process.
@@ -174,21 +186,20 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
                          f"process_count={process_count}")
     local_batch = cfg.train.batch_size // process_count
     source = build_source(cfg, "training")
-    shard = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(shard) == 0:
-        raise DataError(f"process {process_index} of {process_count} gets no training records "
-                        f"(only {len(source)})")
-    ds = (shard.seed(seed).shuffle().repeat(None)
-          .random_map(TrainRecord(source, cfg))
-          .to_iter_dataset())  # drops the None of skipped records
     workers = int(cfg.data.get("num_workers", 0))
+    ds = (train_indices(len(source), seed, process_index, process_count)
+          .random_map(TrainRecord(source, cfg))
+          # Skipped records stay as None until after the workers: each worker takes records
+          # round-robin and the prefetcher interleaves them back in order, so filtering and
+          # batching here give the same stream for any number of workers.
+          .to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
+                                             prefetch_buffer_size=2 * local_batch),
+                           allow_nones=True))
     if workers > 0:
-        # Workers take records round-robin and the prefetcher interleaves them back in order,
-        # so batching afterwards gives the same stream for any number of workers.
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=local_batch))
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.filter(lambda record: record is not None).batch(local_batch, drop_remainder=True)
     return TrainLoader(ds, local_batch, start_state)
 
 

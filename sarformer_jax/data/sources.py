@@ -43,6 +43,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
     libjpeg only warns on a truncated JPEG and returns grey rows, so the end-of-image marker is
     checked explicitly."""
+    if not data:
+        raise DataError(f"empty image file: {name}")
     if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-64:]:
         raise DataError(f"truncated JPEG (no end-of-image marker): {name}")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -52,6 +54,8 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def decode_label(data: bytes, name: str) -> np.ndarray:
+    if not data:
+        raise DataError(f"empty label file: {name}")
     label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"corrupt or unsupported label file: {name}")
@@ -79,8 +83,9 @@ def finish_record(image: np.ndarray, label: np.ndarray, *, name: str, label_name
                   label_kind: str, num_classes: int, proposals_path: str | None) -> dict:
     """Checks sizes and values, maps the label, attaches proposals."""
     if image.shape[:2] != label.shape[:2]:
+        where = name if label_name == name else f"{name} / {label_name}"
         raise DataError(f"image {image.shape[:2]} and label {label.shape[:2]} sizes differ: "
-                        f"{name} / {label_name}")
+                        f"{where}")
     label = label_mapping(label_kind)(label)
     try:
         check_label(label, num_classes, label_name, IGNORE)
