@@ -13,6 +13,7 @@ logged and counted (per worker process).  grain and tensorflow_datasets are impo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -116,7 +117,10 @@ class TrainRecord:
         self.consecutive = 0
         out = T.train_transform(record, rng, **self.kwargs)
         if self.num_queries is not None:
-            out["proposals"], n = T.select_proposals(out["proposals"], self.num_queries, rng)
+            masks, n = T.select_proposals(out.pop("proposals"), self.num_queries, rng)
+            # Bit-packed across the worker boundary: 8x less shared memory (Q=100 masks of a
+            # 640 crop are 41 MB as uint8); `_unpack_proposals` restores them after it.
+            out["proposals_packed"] = np.packbits(masks, axis=-1)
             out["num_proposals"] = np.int32(n)
         return out
 
@@ -160,6 +164,13 @@ def _json_default(x):
     raise TypeError(f"data iterator state holds a {type(x).__name__}")
 
 
+def _unpack_proposals(record: dict, width: int) -> dict:
+    if "proposals_packed" in record:
+        record = dict(record)
+        record["proposals"] = np.unpackbits(record.pop("proposals_packed"), axis=-1, count=width)
+    return record
+
+
 def train_indices(num_records: int, seed: int, process_index: int = 0, process_count: int = 1):
     """grain MapDataset of record indices for this process: records i with
     i % process_count == process_index, reshuffled every epoch, repeated forever."""
@@ -199,7 +210,9 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=local_batch))
-    ds = ds.filter(lambda record: record is not None).batch(local_batch, drop_remainder=True)
+    ds = (ds.filter(lambda record: record is not None)
+          .map(functools.partial(_unpack_proposals, width=int(cfg.data.crop_size[1])))
+          .batch(local_batch, drop_remainder=True))
     return TrainLoader(ds, local_batch, start_state)
 
 
