@@ -231,6 +231,6 @@ def format_summary(results: dict[str, Any]) -> str:
                      f"{pct(results['category_iiou'][cat])} |")
     lines += ["", "| mIoU class | iIoU class | IoU category | iIoU category |",
               "|---:|---:|---:|---:|",
-              f"| {pct(results['mean_class_iou'])} | {pct(results['mean_class_iiou'])} | "
-              f"{pct(results['mean_category_iou'])} | {pct(results['mean_category_iiou'])} |"]
+              (f"| {pct(results['mean_class_iou'])} | {pct(results['mean_class_iiou'])} | "
+               f"{pct(results['mean_category_iou'])} | {pct(results['mean_category_iiou'])} |")]
     return "\n".join(lines) + "\n"

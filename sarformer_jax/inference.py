@@ -117,7 +117,7 @@ def slide_inference(prob_fn: ProbFn, image: jax.Array, crop: int | Sequence[int]
     Returns:
       [B, H, W, K] float32: window outputs averaged by the per-pixel window count.
     """
-    b, h, w, _ = image.shape
+    _, h, w, _ = image.shape
     ch, cw = _pair(crop)
     boxes = tuple(map(tuple, slide_windows(h, w, (ch, cw), stride).tolist()))
     wh, ww = min(ch, h), min(cw, w)  # every window has this size
@@ -197,7 +197,7 @@ def aug_inference(prob_fn: ProbFn, image: jax.Array, num_classes: int, *,
     """
     if mode not in ("slide", "whole"):
         raise ValueError(f"aug_inference: mode={mode!r} must be 'slide' or 'whole'")
-    b, h, w, _ = image.shape
+    _, h, w, _ = image.shape
     out_h, out_w = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
     views = [(r, f) for r in scales for f in ((False, True) if flip else (False,))]
     total = None

@@ -4,11 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import rel_err
-from sarformer_jax.inference import (TTA_RATIOS, aug_inference, eval_key, predict_labels,
-                                     rescale_size, slide_counts, slide_inference, slide_windows,
-                                     whole_inference)
+
+from sarformer_jax.inference import (
+    TTA_RATIOS,
+    aug_inference,
+    eval_key,
+    predict_labels,
+    rescale_size,
+    slide_counts,
+    slide_inference,
+    slide_windows,
+    whole_inference,
+)
 
 K = 5
 

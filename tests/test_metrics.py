@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sarformer_jax.metrics import (IoUAccumulator, compute_metrics, format_table,
-                                   intersect_and_union, to_json)
+from sarformer_jax.metrics import (
+    IoUAccumulator,
+    compute_metrics,
+    format_table,
+    intersect_and_union,
+    to_json,
+)
 
 
 def _reference(batches, k, ignore=255):
@@ -31,8 +36,8 @@ def _reference(batches, k, ignore=255):
         iou.append(tp / u if u else math.nan)
         acc.append(tp / label_area[c] if label_area[c] else math.nan)
     iou, acc = np.array(iou), np.array(acc)
-    return dict(IoU=iou, Acc=acc, mIoU=np.nanmean(iou), mAcc=np.nanmean(acc),
-                aAcc=np.trace(conf[:k, :k]) / label_area.sum())
+    return {"IoU": iou, "Acc": acc, "mIoU": np.nanmean(iou), "mAcc": np.nanmean(acc),
+            "aAcc": np.trace(conf[:k, :k]) / label_area.sum()}
 
 
 def _random_batches(rng, k, n=4, shape=(3, 17, 23)):
