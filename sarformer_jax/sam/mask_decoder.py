@@ -1,0 +1,104 @@
+"""SAM's mask decoder (mirrors segment_anything/modeling/mask_decoder.py): IoU and mask tokens run
+through the two-way transformer with the prompt tokens; the image tokens are upscaled 4x by two
+transposed convs and dotted with per-token hypernetwork outputs; an MLP predicts mask IoU.
+
+Legend: b batch (prompts), t tokens, m masks, c channels, h w grid.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sarformer_jax.sam.common import GELU, layer_norm
+from sarformer_jax.sam.transformer import TwoWayTransformer
+
+
+class MLP(nnx.Module):
+    """`num_layers` Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *,
+                 sigmoid_output: bool = False, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for a, b in zip(dims[:-1], dims[1:])])
+        self.sigmoid_output = sigmoid_output
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+        return jax.nn.sigmoid(x) if self.sigmoid_output else x
+
+
+class MaskDecoder(nnx.Module):
+    """Predicts masks from image and prompt embeddings.
+
+    Args:
+      transformer_dim: token width (256).
+      num_multimask_outputs: masks for ambiguous prompts (3); one more token gives the single mask.
+      iou_head_depth, iou_head_hidden_dim: the IoU MLP.
+      transformer_depth, transformer_heads, transformer_mlp_dim: the TwoWayTransformer.
+    """
+
+    def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
+                 iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,
+                 transformer_heads: int = 8, transformer_mlp_dim: int = 2048, rngs: nnx.Rngs,
+                 dtype=None, param_dtype=jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer_dim = transformer_dim
+        self.transformer = TwoWayTransformer(depth=transformer_depth, embedding_dim=transformer_dim,
+                                             num_heads=transformer_heads, mlp_dim=transformer_mlp_dim, **kw)
+        self.num_multimask_outputs = num_multimask_outputs
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nnx.Embed(1, transformer_dim, param_dtype=param_dtype, rngs=rngs)
+        self.mask_tokens = nnx.Embed(self.num_mask_tokens, transformer_dim, param_dtype=param_dtype, rngs=rngs)
+        c = transformer_dim
+        # ConvTranspose kernels are (kh, kw, in, out) used without kernel transposition; the
+        # converter flips torch's (in, out, kh, kw) weights spatially (CHECKPOINTS §5.1).
+        self.output_upscaling = nnx.List([
+            nnx.ConvTranspose(c, c // 4, (2, 2), strides=(2, 2), padding="VALID", **kw),
+            layer_norm(c // 4, 1e-6, **kw),
+            GELU(),
+            nnx.ConvTranspose(c // 4, c // 8, (2, 2), strides=(2, 2), padding="VALID", **kw),
+            GELU(),
+        ])
+        self.output_hypernetworks_mlps = nnx.List([MLP(c, c, c // 8, 3, **kw) for _ in range(self.num_mask_tokens)])
+        self.iou_prediction_head = MLP(c, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth, **kw)
+
+    def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
+                 dense_prompt_embeddings: jax.Array, multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+        """Args:
+          image_embeddings: [1 or b, h, w, c] (one image is shared by all b prompts).
+          image_pe: [1, h, w, c].
+          sparse_prompt_embeddings: [b, t, c]; dense_prompt_embeddings: [b or 1, h, w, c].
+          multimask_output: the 3 ambiguity-aware masks (True) or the single one (False).
+        Returns:
+          low-res mask logits [b, m, 4h, 4w] and IoU predictions [b, m]."""
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                             dense_prompt_embeddings)
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]
+
+    def predict_masks(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
+                      dense_prompt_embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """All `num_mask_tokens` masks [b, m, 4h, 4w] and IoU predictions [b, m]."""
+        b = sparse_prompt_embeddings.shape[0]
+        out_tokens = jnp.concatenate([self.iou_token.embedding[...], self.mask_tokens.embedding[...]], axis=0)
+        out_tokens = jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape).astype(sparse_prompt_embeddings.dtype)
+        tokens = jnp.concatenate([out_tokens, sparse_prompt_embeddings], axis=1)
+        src = image_embeddings + dense_prompt_embeddings
+        src = jnp.broadcast_to(src, (b,) + src.shape[1:])
+        _, h, w, c = src.shape
+        hs, src = self.transformer(src, image_pe, tokens)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
+        x = src.reshape(b, h, w, c)
+        for layer in self.output_upscaling:
+            x = layer(x)
+        hyper_in = jnp.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+                             axis=1)  # [b, m, c/8]
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
+        return masks, self.iou_prediction_head(iou_token_out)

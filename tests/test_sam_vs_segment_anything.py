@@ -1,0 +1,136 @@
+"""Parity of sarformer_jax.sam against segment-anything (PyPI) in fp32 on the CPU: a reduced-depth
+vit_b with random weights saved as a real .pth and converted by our converter; image embeddings,
+intermediate stages, and low-res logits / IoU for point, box and mask prompts (rel err <= 1e-5)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from conftest import RTOL, rel_err  # noqa: E402
+from sam_oracle import natural_image, sam_pair, save_and_convert, torch_sam  # noqa: E402,F401
+
+from sarformer_jax.sam import SamPredictor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(sam_pair):
+    from segment_anything import SamPredictor as TorchPredictor
+
+    tsam, jsam, _ = sam_pair
+    image = natural_image()
+    tp = TorchPredictor(tsam)
+    with torch.no_grad():
+        tp.set_image(image)
+    jp = SamPredictor(jsam)
+    jp.set_image(image)
+    return tsam, jsam, tp, jp, image
+
+
+def test_image_embedding(pair):
+    _, _, tp, jp, _ = pair
+    ref = tp.get_image_embedding().numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(jp.get_image_embedding())
+    assert out.shape == ref.shape == (1, 64, 64, 256)
+    assert rel_err(out, ref) <= RTOL["float32"]
+
+
+def test_encoder_stages(pair):
+    """Patch embedding and each block against forward hooks on the torch encoder."""
+    tsam, jsam, _, _, _ = pair
+    x = np.random.default_rng(1).normal(size=(1, 1024, 1024, 3)).astype(np.float32)
+    captured = {}
+    hooks = [tsam.image_encoder.blocks[i].register_forward_hook(
+        lambda m, a, o, i=i: captured.__setitem__(f"blocks.{i}", o.numpy())) for i in range(len(tsam.image_encoder.blocks))]
+    with torch.no_grad():
+        neck = tsam.image_encoder(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    for h in hooks:
+        h.remove()
+    out, inter = jax.jit(lambda m, x: m.image_encoder(x))(jsam, jnp.asarray(x))
+    for name, ref in captured.items():
+        assert rel_err(inter[name], ref) <= RTOL["float32"], name
+    assert rel_err(out, neck) <= RTOL["float32"]
+
+
+PROMPTS = {
+    "one_point": dict(point_coords=np.array([[300.0, 200.0]]), point_labels=np.array([1])),
+    "points": dict(point_coords=np.array([[300.0, 200.0], [50.5, 380.0], [590.0, 10.0]]),
+                   point_labels=np.array([1, 0, 1])),
+    "box": dict(box=np.array([120.0, 60.0, 480.0, 350.0])),
+    "box_and_point": dict(point_coords=np.array([[250.0, 220.0]]), point_labels=np.array([0]),
+                          box=np.array([100.0, 50.0, 500.0, 390.0])),
+}
+
+
+@pytest.mark.parametrize("prompt,multimask", [(p, True) for p in sorted(PROMPTS)] + [("box", False)])
+def test_predict(pair, prompt, multimask):
+    _, _, tp, jp, image = pair
+    kw = PROMPTS[prompt]
+    with torch.no_grad():
+        rm, riou, rlow = tp.predict(**kw, multimask_output=multimask, return_logits=True)
+    m, iou, low = jp.predict(**kw, multimask_output=multimask, return_logits=True)
+    assert low.shape == rlow.shape and m.shape == rm.shape == (len(riou),) + image.shape[:2]
+    assert rel_err(low, rlow) <= RTOL["float32"]
+    assert rel_err(iou, riou) <= RTOL["float32"]
+    assert rel_err(m, rm) <= RTOL["float32"]
+    if prompt == "box" and not multimask:
+        bm, _, _ = jp.predict(**kw, multimask_output=multimask)
+        assert bm.dtype == bool and np.mean(bm == (rm > 0)) > 0.9999
+
+
+def test_mask_prompt(pair):
+    """Low-res logits of a first call fed back as a mask prompt (with a point)."""
+    _, _, tp, jp, _ = pair
+    kw = PROMPTS["one_point"]
+    with torch.no_grad():
+        _, _, rlow = tp.predict(**kw, multimask_output=False)
+        rm, riou, rlow2 = tp.predict(**kw, mask_input=rlow, multimask_output=True, return_logits=True)
+    m, iou, low2 = jp.predict(**kw, mask_input=rlow, multimask_output=True, return_logits=True)
+    assert rel_err(low2, rlow2) <= RTOL["float32"]
+    assert rel_err(iou, riou) <= RTOL["float32"]
+    with torch.no_grad():  # mask prompt alone
+        _, riou3, rlow3 = tp.predict(mask_input=rlow, multimask_output=True)
+    _, iou3, low3 = jp.predict(mask_input=rlow, multimask_output=True)
+    assert rel_err(low3, rlow3) <= RTOL["float32"] and rel_err(iou3, riou3) <= RTOL["float32"]
+
+
+@pytest.mark.parametrize("length,size", [(27, 14), (127, 64), (27, 20), (127, 40), (15, 10)])
+def test_get_rel_pos(length, size):
+    from segment_anything.modeling.image_encoder import get_rel_pos as torch_get_rel_pos
+
+    from sarformer_jax.sam.image_encoder import get_rel_pos
+
+    table = np.random.default_rng(2).normal(size=(length, 16)).astype(np.float32)
+    ref = torch_get_rel_pos(size, size, torch.from_numpy(table)).numpy()
+    assert rel_err(get_rel_pos(size, size, jnp.asarray(table)), ref) <= RTOL["float32"]
+
+
+def test_conv_transpose_layout():
+    """convert.common.conv_transpose_kernel + nnx.ConvTranspose == torch ConvTranspose2d (k2 s2)."""
+    from flax import nnx
+
+    from sarformer_jax.convert.common import conv_transpose_kernel
+
+    tconv = torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)
+    x = np.random.default_rng(3).normal(size=(2, 6, 5, 7)).astype(np.float32)
+    with torch.no_grad():
+        ref = tconv(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    jconv = nnx.ConvTranspose(6, 4, (2, 2), strides=(2, 2), padding="VALID", rngs=nnx.Rngs(0))
+    jconv.kernel.set_value(jnp.asarray(conv_transpose_kernel(tconv.weight.detach().numpy())))
+    jconv.bias.set_value(jnp.asarray(tconv.bias.detach().numpy()))
+    assert rel_err(jconv(jnp.asarray(x.transpose(0, 2, 3, 1))), ref) <= RTOL["float32"]
+
+
+@pytest.mark.slow
+def test_full_vit_b_embedding(tmp_path):
+    """The real vit_b depth (12 blocks, globals 2/5/8/11) on one image."""
+    tsam = torch_sam(depth=12, global_attn_indexes=(2, 5, 8, 11), seed=4)
+    jsam = save_and_convert(tsam, tmp_path / "sam_vit_b_full.pth", depth=12, global_attn_indexes=(2, 5, 8, 11))
+    x = np.random.default_rng(5).integers(0, 256, size=(1, 1024, 1024, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = tsam.image_encoder(tsam.preprocess(torch.from_numpy(x.transpose(0, 3, 1, 2)))).numpy()
+    out = jax.jit(lambda m, x: m.embed_image(x))(jsam, jnp.asarray(x))
+    assert rel_err(np.asarray(out).transpose(0, 3, 1, 2), ref) <= RTOL["float32"]
