@@ -1,15 +1,24 @@
-"""Public multi-scale deformable attention op: argument checks and implementation dispatch."""
+"""Public multi-scale deformable attention op: argument checks, implementation dispatch and the
+custom_vjp that ties the Pallas forward and backward kernels together.
+
+Implementations: "xla" (msda_reference, differentiated by autodiff; the CPU default), "pallas"
+(the Triton-backend kernels of msda_pallas; the GPU default), "pallas_interpret" (the same kernels
+run by the Pallas interpreter: CPU tests).
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sarformer_jax.kernels.msda_pallas import BlockSizes, msda_pallas_bwd, msda_pallas_fwd
 from sarformer_jax.kernels.msda_reference import ms_deform_attn_reference
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 
 
 def _normalize_shapes(spatial_shapes) -> tuple[tuple[int, int], ...]:
@@ -53,7 +62,31 @@ def check_shapes(value, spatial_shapes, sampling_locations, attention_weights) -
 
 
 def default_implementation() -> str:
-    return "xla"
+    """"pallas" when the default backend is a GPU, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _msda_pallas(value, loc, att, shapes, block_sizes, interpret):
+    b, q = loc.shape[:2]
+    out = msda_pallas_fwd(value, shapes, loc, att, block_sizes=block_sizes, interpret=interpret)
+    return out.reshape(b, q, -1)
+
+
+def _msda_pallas_fwd_rule(value, loc, att, shapes, block_sizes, interpret):
+    return _msda_pallas(value, loc, att, shapes, block_sizes, interpret), (value, loc, att)
+
+
+def _msda_pallas_bwd_rule(shapes, block_sizes, interpret, res, g):
+    value, loc, att = res
+    b, q, n, _, _, _ = loc.shape
+    g = g.reshape(b, q, n, value.shape[-1])
+    gv, gloc, gatt = msda_pallas_bwd(value, shapes, loc, att, g, block_sizes=block_sizes,
+                                     interpret=interpret)
+    return gv.astype(value.dtype), gloc.astype(loc.dtype), gatt.astype(att.dtype)
+
+
+_msda_pallas.defvjp(_msda_pallas_fwd_rule, _msda_pallas_bwd_rule)
 
 
 def ms_deform_attn(
@@ -63,6 +96,7 @@ def ms_deform_attn(
     attention_weights: jax.Array,
     *,
     implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Multi-scale deformable attention with Deformable-DETR semantics.
 
@@ -71,14 +105,25 @@ def ms_deform_attn(
       value_spatial_shapes: static (h, w) per level (tuple or numpy array).
       sampling_locations: [B, Lq, H, L, P, 2] as (x, y) in [0, 1] per level.
       attention_weights: [B, Lq, H, L, P].
-      implementation: "xla" (pure-JAX reference); None picks the platform default.
+      implementation: "xla" (pure-JAX reference), "pallas" (GPU kernels) or "pallas_interpret"
+        (the kernels in the Pallas interpreter); None picks "pallas" on GPU, "xla" elsewhere.
+      block_sizes: Pallas tiling; None = `BlockSizes.get_default` (one heuristic).
 
     Returns:
-      [B, Lq, H * D].
+      [B, Lq, H * D] in value's dtype, accumulated in float32.  Differentiable in value,
+      sampling_locations and attention_weights (custom_vjp for the Pallas kernels); works under
+      jit, vmap and a batch-sharded jit (the kernel runs per batch shard).
     """
     shapes = _normalize_shapes(value_spatial_shapes)
     check_shapes(value, shapes, sampling_locations, attention_weights)
     impl = implementation or default_implementation()
     if impl == "xla":
         return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+    if impl in ("pallas", "pallas_interpret"):
+        if value.shape[-1] not in (16, 32, 64, 128):
+            raise ValueError(f"the Pallas kernel needs head dim D in (16, 32, 64, 128); value has "
+                             f"shape {tuple(value.shape)}")
+        return _msda_pallas(value, jnp.asarray(sampling_locations),
+                            jnp.asarray(attention_weights), shapes, block_sizes,
+                            impl == "pallas_interpret")
     raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

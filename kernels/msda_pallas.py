@@ -1,0 +1,373 @@
+"""Pallas (Triton backend) kernels for multi-scale deformable attention, forward and backward.
+
+One program instance handles one (batch b, block of `block_q` queries, head h).  For every level
+and point (static, unrolled loops) it loads the block's sampling locations and attention weights
+(strided [block_q] vectors), turns them into the four bilinear corners, and gathers the corner
+rows value[b, s, h, :] -- D contiguous elements each -- as [block_q, D] tiles.  Nothing but the
+[block_q, D] accumulator (forward) or the [block_q, D] output gradient (backward) stays in
+registers; value is read through L1/L2 (the SARFormer-B value tensors, 2-17 MB, fit in the H100's
+50 MB L2).
+
+Forward:  out[b, q, h] = sum_{l,p,corner} a[b,q,h,l,p] * w_corner * value[b, s_corner, h].
+Backward: per corner, dot = <value row, grad_out row>.  Attention-weight and location gradients
+come from the four dots (no atomics: each program owns its queries); the value gradient is
+scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the caller.
+
+Grid: (B, cdiv(Lq, block_q), H).  Queries past Lq are masked on every load and store.
+Corners outside the map use a clamped index and a zero weight (zero padding), which also keeps
+every address in bounds.
+
+Both calls are wrapped so that they work under vmap (the vmapped axis is folded into B) and
+under a batch-sharded jit (custom_partitioning runs the kernel on each device's batch shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+Shapes = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the kernels.  `block_q` queries per program (a power of two)."""
+
+    block_q: int
+    num_warps: int
+    num_stages: int = 1
+    block_q_bwd: int | None = None  # None = block_q
+    num_warps_bwd: int | None = None  # None = num_warps
+
+    @classmethod
+    def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
+        return default_block_sizes(head_dim, num_queries)
+
+
+def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes:
+    """The one heuristic: a [block_q, D] fp32 tile of about 2048 elements (16 registers a thread
+    at 4 warps) in the forward, half of it in the backward, which holds the output gradient and
+    the corner tile at once."""
+    block_q = max(16, min(128, 2048 // head_dim))
+    block_q = min(block_q, max(16, pl.next_power_of_2(num_queries)))
+    block_q_bwd = max(16, block_q // 2)
+    return BlockSizes(block_q=block_q, num_warps=4, num_stages=1, block_q_bwd=block_q_bwd,
+                      num_warps_bwd=4)
+
+
+def _level_starts(shapes: Shapes) -> list[int]:
+    starts, acc = [], 0
+    for h, w in shapes:
+        starts.append(acc)
+        acc += h * w
+    return starts
+
+
+def _i(k: int) -> jax.Array:
+    # static indices as int32 scalars: the interpreter's masked load rejects Python ints
+    return jnp.int32(k)
+
+
+def _corners(x, y, h: int, w: int):
+    """Bilinear corners of normalised (x, y) on an h x w map, align_corners=False.
+
+    Returns fx, fy and four (flat index, bilinear weight, inside-the-map) triples in the order
+    (y0, x0), (y0, x1), (y1, x0), (y1, x1); out-of-map corners get a clamped index and weight 0.
+    """
+    # Clamp far-away points before the int conversion; all four corners stay invalid.
+    px = jnp.clip(x * w - 0.5, -2.0, w + 1.0)
+    py = jnp.clip(y * h - 0.5, -2.0, h + 1.0)
+    fx0 = jnp.floor(px)
+    fy0 = jnp.floor(py)
+    fx = px - fx0
+    fy = py - fy0
+    x0 = fx0.astype(jnp.int32)
+    y0 = fy0.astype(jnp.int32)
+    out = []
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        yi = y0 + dy
+        vy = (yi >= 0) & (yi <= h - 1)
+        yc = jnp.clip(yi, 0, h - 1)
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            xi = x0 + dx
+            valid = vy & (xi >= 0) & (xi <= w - 1)
+            idx = yc * w + jnp.clip(xi, 0, w - 1)
+            out.append((idx, jnp.where(valid, wx * wy, 0.0), valid))
+    return fx, fy, out
+
+
+def _msda_fwd_kernel(value_ref, loc_ref, att_ref, out_ref, *, shapes: Shapes, n_points: int,
+                     num_q: int, block_q: int):
+    b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q0 = qb * block_q
+    qs = pl.ds(q0, block_q)
+    qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
+    d = value_ref.shape[-1]
+    acc = jnp.zeros((block_q, d), jnp.float32)  # [block_q, D], the only on-chip state
+    for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
+        for p in range(n_points):
+            # [block_q] each, stride H*L*P*2 elements apart
+            x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
+            y = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], mask=qmask, other=0.0)
+            a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
+            a = a.astype(jnp.float32)
+            _, _, corners = _corners(x.astype(jnp.float32), y.astype(jnp.float32), hl, wl)
+            for idx, cw, _ in corners:
+                row = value_ref[b, start + idx, h, :]  # gather [block_q, D]
+                acc += (a * cw)[:, None] * row.astype(jnp.float32)
+    plgpu.store(out_ref.at[b, qs, h, :], acc.astype(out_ref.dtype), mask=qmask[:, None])
+
+
+def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool):
+    """ref[b, rows[i], h, :] += vals[i] for every i, in fp32.
+
+    On the GPU one atomic add of the whole [block_q, D] tile; rows may repeat.  The interpreter's
+    atomic add is a gather/set that drops repeated rows, so there it goes one row at a time.
+    """
+    if not interpret:
+        d = vals.shape[-1]
+        cols = jnp.arange(d)
+        plgpu.atomic_add(ref, (b, rows[:, None], h, cols[None, :]), vals)
+        return
+
+    def body(i, carry):
+        plgpu.atomic_add(ref, (b, rows[i], h, pl.ds(0, vals.shape[-1])), vals[i])
+        return carry
+
+    jax.lax.fori_loop(0, rows.shape[0], body, 0)
+
+
+def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
+                     *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
+                     interpret: bool):
+    del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
+    b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q0 = qb * block_q
+    qs = pl.ds(q0, block_q)
+    qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
+    g = plgpu.load(g_ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
+    g = g.astype(jnp.float32)  # [block_q, D], zero on masked queries
+    for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
+        for p in range(n_points):
+            x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
+            y = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], mask=qmask, other=0.0)
+            a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
+            a = a.astype(jnp.float32)
+            fx, fy, corners = _corners(x.astype(jnp.float32), y.astype(jnp.float32), hl, wl)
+            dots = []
+            for idx, cw, valid in corners:
+                row = value_ref[b, start + idx, h, :].astype(jnp.float32)  # gather [block_q, D]
+                # an out-of-map corner samples zero: its dot (and gradient) is zero
+                dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
+                # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
+                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret)
+            d00, d01, d10, d11 = dots
+            (_, w00, _), (_, w01, _), (_, w10, _), (_, w11, _) = corners
+            gatt = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
+            # d(corner weight)/d(fx) etc.; pixel x = loc_x * w - 0.5, so d/dloc_x = w * d/dfx
+            gx = a * wl * ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10))
+            gy = a * hl * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
+            plgpu.store(gatt_ref.at[b, qs, h, _i(lvl), _i(p)], gatt.astype(gatt_ref.dtype), mask=qmask)
+            plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], gx.astype(gloc_ref.dtype), mask=qmask)
+            plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], gy.astype(gloc_ref.dtype), mask=qmask)
+
+
+def _drop_poison_ref(kernel, n_in: int):
+    """Kernel taking one extra (aliased, NaN-filled) input ref after the n_in real inputs."""
+    def wrapped(*refs):
+        return kernel(*refs[:n_in], *refs[n_in + 1:])
+    return wrapped
+
+
+def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, interpret: bool,
+              poison: bool = False):
+    """[B, S, H, D], [B, Lq, H, L, P, 2], [B, Lq, H, L, P] -> [B, Lq, H, D].
+
+    poison=True (tests) starts the output from NaN, so an unwritten element shows."""
+    bsz, _, n_heads, d = value.shape
+    num_q, n_points = loc.shape[1], loc.shape[4]
+    block_q = block_sizes.block_q
+    kernel = functools.partial(_msda_fwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
+                               block_q=block_q)
+    out_shape = jax.ShapeDtypeStruct((bsz, num_q, n_heads, d), value.dtype)
+    args, aliases = (value, loc, att), {}
+    if poison:
+        kernel = _drop_poison_ref(kernel, 3)
+        args, aliases = args + (jnp.full(out_shape.shape, jnp.nan, value.dtype),), {3: 0}
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(bsz, pl.cdiv(num_q, block_q), n_heads),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                                             num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="msda_fwd",
+    )(*args)
+
+
+def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, interpret: bool,
+              poison: bool = False):
+    """Gradients (fp32 [B, S, H, D], [B, Lq, H, L, P, 2], [B, Lq, H, L, P]) for g [B, Lq, H, D].
+
+    poison=True (tests) starts the location and weight gradients from NaN."""
+    bsz, _, n_heads, _ = value.shape
+    num_q, n_points = loc.shape[1], loc.shape[4]
+    block_q = block_sizes.block_q_bwd or block_sizes.block_q
+    kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
+                               block_q=block_q, interpret=interpret)
+    gv0 = jnp.zeros(value.shape, jnp.float32)
+    args, aliases = (value, loc, att, g, gv0), {4: 0}
+    if poison:
+        args += (jnp.full(loc.shape, jnp.nan, loc.dtype), jnp.full(att.shape, jnp.nan, att.dtype))
+        aliases = {4: 0, 5: 1, 6: 2}
+        inner = kernel
+
+        def kernel(*refs):  # the two poison refs are aliased with the outputs
+            return inner(*refs[:5], *refs[7:])
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(value.shape, jnp.float32),
+            jax.ShapeDtypeStruct(loc.shape, loc.dtype),
+            jax.ShapeDtypeStruct(att.shape, att.dtype),
+        ),
+        grid=(bsz, pl.cdiv(num_q, block_q), n_heads),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,
+            num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="msda_bwd",
+    )(*args)
+
+
+# ---- transformations: batch-sharded partitioning and vmap, both by the batch axis ----------
+
+_FWD_RULE = "b s h d, b q h l p x, b q h l p -> b q h d"
+_BWD_RULE = "b s h d, b q h l p x, b q h l p, b q h d -> b s h d, b q h l p x, b q h l p"
+_NOT_SHARDED = ("s", "h", "d", "q", "l", "p", "x")  # in order of first appearance
+
+
+def _batch_axes(mesh, arg_shapes):
+    """Mesh axes that shard the batch dimension of the first argument that has any."""
+    for a in arg_shapes:
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0]:
+            return sharding.spec[0]
+    return None
+
+
+def _batch_sharded(fn, n_out: int):
+    """custom_partitioning of `fn` (arrays with a leading batch axis in and out): each device runs
+    `fn` on its batch shard; every other axis is replicated."""
+    part = custom_partitioning(fn)
+
+    def shardings(mesh, arg_shapes):
+        axes = _batch_axes(mesh, arg_shapes)
+        arg = tuple(NamedSharding(mesh, PartitionSpec(axes)) for _ in arg_shapes)
+        return arg, axes
+
+    def infer(mesh, arg_shapes, result_shape):
+        _, axes = shardings(mesh, arg_shapes)
+        out = tuple(NamedSharding(mesh, PartitionSpec(axes)) for _ in range(n_out))
+        return out if n_out > 1 else out[0]
+
+    def partition(mesh, arg_shapes, result_shape):
+        arg, _ = shardings(mesh, arg_shapes)
+        return mesh, fn, infer(mesh, arg_shapes, result_shape), arg
+
+    part.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        propagate_user_sharding=None,
+        sharding_rule=_FWD_RULE if n_out == 1 else _BWD_RULE,
+        need_replication_factors=_NOT_SHARDED,
+    )
+    return part
+
+
+def _vmap_into_batch(fn):
+    """custom_vmap: the vmapped axis is folded into the batch axis (one kernel launch)."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [x if bat else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                for x, bat in zip(args, in_batched)]
+        flat = [x.reshape((-1,) + x.shape[2:]) for x in args]
+        out = wrapped(*flat)
+        unfold = lambda y: y.reshape((axis_size, -1) + y.shape[1:])  # noqa: E731
+        out = jax.tree.map(unfold, out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _ops(shapes: Shapes, block_sizes: BlockSizes, interpret: bool, poison: bool):
+    def fwd(value, loc, att):
+        return _fwd_call(value, loc, att, shapes=shapes, block_sizes=block_sizes,
+                         interpret=interpret, poison=poison)
+
+    def bwd(value, loc, att, g):
+        return _bwd_call(value, loc, att, g, shapes=shapes, block_sizes=block_sizes,
+                         interpret=interpret, poison=poison)
+
+    return (_vmap_into_batch(_batch_sharded(fwd, 1)),
+            _vmap_into_batch(_batch_sharded(bwd, 3)))
+
+
+def _explicit_batch_axes(*args):
+    """Mesh and batch axes when the arguments carry explicit (typed) shardings, else None."""
+    for x in args:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            continue
+        explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                    if t == jax.sharding.AxisType.Explicit}
+        if not explicit:
+            continue
+        spec = sharding.spec
+        return mesh, (spec[0] if len(spec) else None)
+    return None
+
+
+def _per_batch_shard(fn, n_out: int, *args):
+    """Explicit-sharding mode: run `fn` under shard_map over the batch axes (local shapes, no
+    gather).  Auto mode is handled by custom_partitioning inside `fn`."""
+    found = _explicit_batch_axes(*args)
+    if found is None:
+        return fn(*args)
+    mesh, axes = found
+    spec = PartitionSpec(axes)
+    out_specs = spec if n_out == 1 else (spec,) * n_out
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs,
+                         check_vma=False)(*args)
+
+
+def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, *,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False,
+                    poison: bool = False) -> jax.Array:
+    """Forward kernel: [B, Lq, H, D] in value's dtype (no custom_vjp here; see msda.py)."""
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
+    return _per_batch_shard(_ops(shapes, bs, interpret, poison)[0], 1, value, loc, att)
+
+
+def msda_pallas_bwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, g, *,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False,
+                    poison: bool = False):
+    """Backward kernel: (d value fp32, d loc, d att) for g = d out [B, Lq, H, D]."""
+    shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
+    return _per_batch_shard(_ops(shapes, bs, interpret, poison)[1], 3, value, loc, att, g)

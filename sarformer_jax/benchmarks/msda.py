@@ -1,0 +1,195 @@
+"""`sarformer bench msda`: multi-scale deformable attention timings on the device.
+
+Times, in one run, the Pallas kernels, the XLA reference (jit of `ms_deform_attn_reference`,
+backward by autodiff) and a PyTorch grid_sample version (our own port of Deformable-DETR's
+`ms_deform_attn_core_pytorch` semantics) on the three SARFormer-B cases of shared/anchors.md,
+forward and forward+backward, fp32 and bf16.  No CUDA peer: `deformops` is not in the package
+index this project can reach (docs/msda_notes.md); anchors.md holds the CUDA op's figures.
+JAX timings: median of per-call wall times after warm-up, each call ended by block_until_ready;
+torch: triton.testing.do_bench median.  Writes a markdown table (stdout and --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import numpy as np
+
+CASES = {
+    # name: (batch, queries, value levels, heads, points, head dim)
+    "pixdec_enc": (2, 8400, ((80, 80), (40, 40), (20, 20)), 8, 4, 32),
+    "adapter_inj": (2, 1600, ((80, 80), (40, 40), (20, 20)), 12, 4, 32),
+    "adapter_ext": (2, 8400, ((40, 40),), 12, 4, 32),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--impls", default="pallas,xla,torch")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--block-q", type=int, default=None, help="override forward block_q")
+    parser.add_argument("--block-q-bwd", type=int, default=None)
+    parser.add_argument("--num-warps", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time a small block-size sweep of the Pallas kernel")
+    parser.add_argument("--out", default=None, help="write results (json) here")
+
+
+def make_inputs(case: str, seed: int = 0):
+    b, q, shapes, n, p, d = CASES[case]
+    rng = np.random.default_rng(seed)
+    s = sum(h * w for h, w in shapes)
+    n_lvl = len(shapes)
+    value = rng.standard_normal((b, s, n, d)).astype(np.float32)
+    loc = rng.uniform(-0.05, 1.05, (b, q, n, n_lvl, p, 2)).astype(np.float32)
+    logits = rng.standard_normal((b, q, n, n_lvl * p)).astype(np.float32)
+    att = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return shapes, value, loc, att.reshape(b, q, n, n_lvl, p).astype(np.float32)
+
+
+def _time_jax(fn, args, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _jax_fns(impl: str, shapes, block_sizes):
+    import jax
+    import jax.numpy as jnp
+
+    from sarformer_jax.kernels import ms_deform_attn
+
+    def fwd(v, loc, att):
+        return ms_deform_attn(v, shapes, loc, att, implementation=impl, block_sizes=block_sizes)
+
+    def loss(v, loc, att, ct):
+        return jnp.sum(fwd(v, loc, att).astype(jnp.float32) * ct)
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def torch_msda(value, shapes, loc, att):
+    """grid_sample formulation: per level, sample [B*H, D, Lq, P] and weight-sum."""
+    import torch
+    import torch.nn.functional as F
+
+    b, s, n, d = value.shape
+    _, q, _, n_lvl, p, _ = loc.shape
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grid = 2 * loc - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = per_level[lvl].flatten(2).transpose(1, 2).reshape(b * n, d, h, w)
+        g = grid[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [b*n, q, p, 2]
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # [b*n, d, q, p]
+    a = att.transpose(1, 2).reshape(b * n, 1, q, n_lvl * p)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1).view(b, n * d, q)
+    return out.transpose(1, 2).contiguous()
+
+
+def _time_torch(case, dtype: str, backward: bool, impl: str):
+    import torch
+    from triton.testing import do_bench
+
+    shapes, value, loc, att = make_inputs(case)
+    tdt = torch.float32 if dtype == "float32" else torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    v = torch.tensor(value, device="cuda", dtype=tdt, requires_grad=backward)
+    lo = torch.tensor(loc, device="cuda", dtype=tdt, requires_grad=backward)
+    a = torch.tensor(att, device="cuda", dtype=tdt, requires_grad=backward)
+    del impl
+    fn = lambda: torch_msda(v, shapes, lo, a)  # noqa: E731
+    if not backward:
+        with torch.no_grad():
+            return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    ct = torch.randn_like(fn())
+
+    def step():
+        out = fn()
+        torch.autograd.grad(out, (v, lo, a), ct)
+
+    return do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from sarformer_jax.kernels import BlockSizes
+    from sarformer_jax.kernels.msda_pallas import default_block_sizes
+
+    impls = args.impls.split(",")
+    results = []
+    device = str(jax.devices()[0].device_kind)
+    print(f"# msda bench: device {device}, jax {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}", flush=True)
+    for case in args.cases.split(","):
+        b, q, shapes, n, p, d = CASES[case]
+        bs = default_block_sizes(d, q)
+        if args.block_q or args.block_q_bwd or args.num_warps:
+            bs = BlockSizes(block_q=args.block_q or bs.block_q,
+                            num_warps=args.num_warps or bs.num_warps,
+                            block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
+                            num_warps_bwd=args.num_warps or bs.num_warps_bwd)
+        variants = [("pallas", bs)] if "pallas" in impls else []
+        if args.sweep and "pallas" in impls:
+            for bq, bqb, nw in ((32, 16, 4), (64, 32, 4), (128, 64, 4), (64, 32, 8),
+                                (32, 32, 2)):
+                alt = BlockSizes(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nw)
+                if alt != bs:
+                    variants.append((f"pallas[{bq},{bqb},w{nw}]", alt))
+        if "xla" in impls:
+            variants.append(("xla", None))
+        for dtype in args.dtypes.split(","):
+            shapes_, value, loc, att = make_inputs(case)
+            jdt = jnp.dtype(dtype)
+            jargs = (jnp.asarray(value, jdt), jnp.asarray(loc, jdt), jnp.asarray(att, jdt))
+            ct = jnp.asarray(np.random.default_rng(1).standard_normal((b, q, n * d)), jnp.float32)
+            for name, vbs in variants:
+                impl = "xla" if name == "xla" else "pallas"
+                try:
+                    fwd, grad = _jax_fns(impl, shapes_, vbs)
+                    t_f = _time_jax(fwd, jargs, args.reps)
+                    t_fb = _time_jax(grad, jargs + (ct,), args.reps)
+                except Exception as e:  # report and go on: one variant failing is a result
+                    print(f"{case} {dtype} {name}: FAILED {type(e).__name__}: {e}"[:400])
+                    continue
+                results.append(dict(case=case, dtype=dtype, impl=name, fwd_ms=t_f, fwdbwd_ms=t_fb,
+                                    block_sizes=None if vbs is None else vbs.__dict__))
+                print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
+                      flush=True)
+            for name in ("torch",):
+                if name not in impls:
+                    continue
+                try:
+                    t_f = _time_torch(case, dtype, False, name)
+                    t_fb = _time_torch(case, dtype, True, name)
+                except Exception as e:
+                    print(f"{case} {dtype} {name}: not timed ({type(e).__name__}: {e})"[:300])
+                    continue
+                results.append(dict(case=case, dtype=dtype, impl=name, fwd_ms=t_f,
+                                    fwdbwd_ms=t_fb))
+                print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
+                      flush=True)
+    print("\n| case | dtype | impl | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['case']} | {r['dtype']} | {r['impl']} | {r['fwd_ms']:.3f} | "
+              f"{r['fwdbwd_ms']:.3f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(),
+                           results=results), f, indent=1)
+    return 0

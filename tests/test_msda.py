@@ -1,0 +1,156 @@
+"""The XLA reference of multi-scale deformable attention against independent oracles: a float64
+numpy loop, PyTorch grid_sample, hand-computed bilinear cases, numerical gradients; and the
+argument checks of the public op."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from conftest import RTOL, rel_err
+from sarformer_jax.kernels import ms_deform_attn, ms_deform_attn_reference
+from sarformer_jax.kernels.msda import default_implementation
+
+
+def numpy_loop(value, shapes, loc, att):
+    """One sampling point at a time, float64: the definition written out."""
+    b, _, n, d = value.shape
+    _, q, _, n_lvl, p, _ = loc.shape
+    out = np.zeros((b, q, n, d))
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
+    for bi in range(b):
+        for qi in range(q):
+            for hi in range(n):
+                for li, (h, w) in enumerate(shapes):
+                    fmap = value[bi, starts[li]:starts[li + 1], hi].reshape(h, w, d)
+                    for pi in range(p):
+                        x = loc[bi, qi, hi, li, pi, 0] * w - 0.5
+                        y = loc[bi, qi, hi, li, pi, 1] * h - 0.5
+                        x0, y0 = int(np.floor(x)), int(np.floor(y))
+                        for yy in (y0, y0 + 1):
+                            for xx in (x0, x0 + 1):
+                                if 0 <= xx < w and 0 <= yy < h:
+                                    wgt = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                                    out[bi, qi, hi] += (att[bi, qi, hi, li, pi] * wgt
+                                                        * fmap[yy, xx])
+    return out.reshape(b, q, n * d)
+
+
+def random_inputs(rng, shapes, b=2, q=7, n=3, p=2, d=4, lo=-0.2, hi=1.2):
+    s = sum(h * w for h, w in shapes)
+    value = rng.standard_normal((b, s, n, d)).astype(np.float32)
+    loc = rng.uniform(lo, hi, (b, q, n, len(shapes), p, 2)).astype(np.float32)
+    att = rng.uniform(0, 1, (b, q, n, len(shapes), p)).astype(np.float32)
+    return value, loc, att
+
+
+SHAPES = [((5, 7),), ((6, 9), (3, 5), (2, 1)), ((4, 4), (1, 1))]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_reference_vs_numpy_loop(rng, shapes):
+    value, loc, att = random_inputs(rng, shapes)
+    got = ms_deform_attn(value, shapes, loc, att, implementation="xla")
+    want = numpy_loop(value.astype(np.float64), shapes, loc.astype(np.float64),
+                      att.astype(np.float64))
+    assert rel_err(got, want) <= RTOL["float32"]
+
+
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_reference_vs_torch_grid_sample(rng, shapes):
+    torch = pytest.importorskip("torch")
+    from sarformer_jax.benchmarks.msda import torch_msda
+
+    value, loc, att = random_inputs(rng, shapes, b=2, q=25, n=2, p=4, d=8, lo=-0.1, hi=1.1)
+    want = torch_msda(torch.tensor(value), shapes, torch.tensor(loc), torch.tensor(att))
+    got = ms_deform_attn_reference(value, np.asarray(shapes), loc, att)
+    assert rel_err(got, want.numpy()) <= RTOL["float32"]
+
+
+def _one_point(fmap, x, y, a=1.0):
+    """A single-head, single-point, one-level query of an [h, w] map; returns a scalar."""
+    h, w = fmap.shape
+    value = jnp.asarray(fmap, jnp.float32).reshape(1, h * w, 1, 1)
+    loc = jnp.asarray([x, y], jnp.float32).reshape(1, 1, 1, 1, 1, 2)
+    att = jnp.full((1, 1, 1, 1, 1), a, jnp.float32)
+    return float(ms_deform_attn_reference(value, ((h, w),), loc, att)[0, 0, 0])
+
+
+def test_hand_computed_bilinear():
+    fmap = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # h=2, w=3
+    # pixel centres (j + 0.5) / w, (i + 0.5) / h hit the pixel exactly (align_corners=False)
+    for i in range(2):
+        for j in range(3):
+            assert _one_point(fmap, (j + 0.5) / 3, (i + 0.5) / 2) == pytest.approx(fmap[i, j])
+    # between the four top-left centres: their mean; the attention weight scales it
+    assert _one_point(fmap, 1.0 / 3, 0.5, a=0.5) == pytest.approx(0.5 * (1 + 2 + 4 + 5) / 4)
+    # the map's corner (0, 0) is half a pixel outside both centres: a quarter of pixel (0, 0)
+    assert _one_point(fmap, 0.0, 0.0) == pytest.approx(0.25 * 1.0)
+    # right border at a row centre: half of the last column, the other half is zero padding
+    assert _one_point(fmap, 1.0, 0.25) == pytest.approx(0.5 * 3.0)
+    # bottom border between columns 1 and 2 (x = 2/3 -> px = 1.5): half of the mean of 5, 6
+    assert _one_point(fmap, 2.0 / 3, 1.0) == pytest.approx(0.5 * (5 + 6) / 2)
+    # out of range: zeros
+    for x, y in [(1.5, 0.5), (-0.5, 0.5), (0.5, 1.3), (0.5, -0.26), (-3.0, 7.0)]:
+        assert _one_point(fmap, x, y) == 0.0
+    # 1x1 map: the centre gives the pixel, a quarter pixel off gives 3/4 of it
+    assert _one_point(np.array([[7.0]]), 0.5, 0.5) == pytest.approx(7.0)
+    assert _one_point(np.array([[7.0]]), 0.75, 0.5) == pytest.approx(7.0 * 0.75)
+
+
+def test_reference_check_grads(rng):
+    shapes = ((3, 4), (2, 2))
+    value, loc, att = random_inputs(rng, shapes, b=1, q=3, n=2, p=2, d=2)
+    # The function is piecewise bilinear: keep pixel coordinates 0.2 px away from the kinks
+    # (integer pixel coordinates), borders included (k = -1 and k = size - 1).
+    for lvl, (h, w) in enumerate(shapes):
+        for c, size in ((0, w), (1, h)):
+            k = rng.integers(-1, size, loc[..., lvl, :, c].shape)
+            px = k + rng.uniform(0.2, 0.8, k.shape)
+            loc[..., lvl, :, c] = (px + 0.5) / size
+    f = lambda v, lo, a: ms_deform_attn_reference(v, shapes, lo, a)  # noqa: E731
+    # fp32 arithmetic inside the reference: finite differences with eps 1e-3, tolerance 1e-2
+    check_grads(f, (value, loc, att), order=1, modes=("rev",), eps=1e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_reference_close_to_fp32(rng):
+    shapes = SHAPES[1]
+    value, loc, att = random_inputs(rng, shapes)
+    want = ms_deform_attn_reference(value, shapes, loc, att)
+    got = ms_deform_attn_reference(jnp.asarray(value, jnp.bfloat16), shapes, loc,
+                                   jnp.asarray(att, jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), want) <= RTOL["bfloat16"]
+
+
+def test_default_implementation_on_cpu():
+    assert default_implementation() == "xla"
+
+
+@pytest.mark.parametrize(
+    "value_shape, loc_shape, att_shape, match",
+    [
+        ((2, 30, 3, 4), (2, 5, 3, 2, 2, 2), (2, 5, 3, 2, 2), r"S=30.*sum to 29"),  # S != sum(hw)
+        ((2, 29, 3, 4), (2, 5, 3, 1, 2, 2), (2, 5, 3, 1, 2), r"\(2, 5, 3, 1, 2, 2\).*2 levels"),
+        ((2, 29, 4, 4), (2, 5, 3, 2, 2, 2), (2, 5, 3, 2, 2), r"\(2, 29, 4, 4\)"),  # H
+        ((2, 29, 3, 4), (2, 5, 3, 2, 2, 2), (2, 5, 3, 2, 3), r"\(2, 5, 3, 2, 3\)"),  # P
+        ((2, 29, 12), (2, 5, 3, 2, 2, 2), (2, 5, 3, 2, 2), r"value must be \[B, S, H, D\]"),
+        ((2, 29, 3, 4), (2, 5, 3, 2, 2), (2, 5, 3, 2, 2), r"sampling_locations must be"),
+        ((2, 29, 3, 4), (2, 5, 3, 2, 2, 2), (2, 5, 3, 4), r"attention_weights must be"),
+    ],
+)
+def test_bad_shapes_raise(value_shape, loc_shape, att_shape, match):
+    shapes = ((5, 5), (2, 2))  # 29 tokens
+    with pytest.raises(ValueError, match=match):
+        ms_deform_attn(jnp.zeros(value_shape), shapes, jnp.zeros(loc_shape), jnp.zeros(att_shape))
+
+
+def test_bad_spatial_shapes_and_implementation():
+    v, lo, a = jnp.zeros((1, 4, 1, 16)), jnp.zeros((1, 2, 1, 1, 1, 2)), jnp.zeros((1, 2, 1, 1, 1))
+    with pytest.raises(ValueError, match="value_spatial_shapes"):
+        ms_deform_attn(v, (2, 2), lo, a)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        ms_deform_attn(v, ((2, 2),), lo, a, implementation="cuda")
+    with pytest.raises(ValueError, match="head dim"):
+        ms_deform_attn(jnp.zeros((1, 4, 1, 12)), ((2, 2),), lo, a, implementation="pallas")

@@ -1,0 +1,78 @@
+"""The compiled Pallas kernels on the GPU against the XLA reference in fp32 (marker gpu).
+
+Random shapes (seeded), outputs poisoned with NaN before each run so an unwritten element fails.
+Run on the device machine: `python3 -m pytest -q -m gpu tests/test_msda_gpu.py`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import RTOL, rel_err
+from sarformer_jax.kernels import BlockSizes, ms_deform_attn, ms_deform_attn_reference
+from sarformer_jax.kernels.msda_pallas import msda_pallas_bwd, msda_pallas_fwd
+
+pytestmark = pytest.mark.gpu
+
+
+def _random_case(seed, d=None):
+    rng = np.random.default_rng(seed)
+    n_lvl = int(rng.integers(1, 5))
+    shapes = tuple((int(rng.integers(1, 60)), int(rng.integers(1, 60))) for _ in range(n_lvl))
+    b, q = int(rng.integers(1, 4)), int(rng.integers(1, 3000))
+    n, p = int(rng.integers(1, 9)), int(rng.integers(1, 6))
+    d = d or int(rng.choice([16, 32, 64, 128]))
+    s = sum(h * w for h, w in shapes)
+    value = rng.standard_normal((b, s, n, d)).astype(np.float32)
+    loc = rng.uniform(-0.1, 1.1, (b, q, n, n_lvl, p, 2)).astype(np.float32)
+    att = rng.uniform(0, 1, (b, q, n, n_lvl, p)).astype(np.float32)
+    ct = rng.standard_normal((b, q, n * d)).astype(np.float32)
+    return shapes, value, loc, att, ct
+
+
+def _check(shapes, value, loc, att, ct, dtype, block_sizes=None):
+    args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
+    ref_args = [a.astype(jnp.float32) for a in args]  # same rounded inputs, fp32 reference
+    ref, vjp = jax.vjp(lambda v, lo, a: ms_deform_attn_reference(v, shapes, lo, a), *ref_args)
+    ref_grads = vjp(jnp.asarray(ct))
+    b, q, n = value.shape[0], loc.shape[1], loc.shape[2]
+    d = value.shape[-1]
+    out = msda_pallas_fwd(args[0], shapes, args[1], args[2], block_sizes=block_sizes, poison=True)
+    assert out.dtype == dtype
+    assert rel_err(out.reshape(b, q, n * d).astype(jnp.float32), ref) <= RTOL[jnp.dtype(dtype).name]
+    g = jnp.asarray(ct, dtype).reshape(b, q, n, d)
+    grads = msda_pallas_bwd(args[0], shapes, args[1], args[2], g, block_sizes=block_sizes,
+                            poison=True)
+    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
+        err = rel_err(got.astype(jnp.float32), want)
+        assert err <= RTOL[jnp.dtype(dtype).name], (name, err)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed, dtype):
+    _check(*_random_case(seed), dtype)
+
+
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+def test_head_dims(d):
+    _check(*_random_case(100 + d, d), jnp.float32)
+
+
+@pytest.mark.parametrize("bs", [BlockSizes(16, 2), BlockSizes(128, 8, block_q_bwd=64)])
+def test_block_override(bs):
+    _check(*_random_case(7, 32), jnp.float32, bs)
+
+
+def test_public_op_grad_matches_reference():
+    shapes, value, loc, att, ct = _random_case(11, 32)
+
+    def loss(impl):
+        return lambda v, lo, a: jnp.sum(ms_deform_attn(v, shapes, lo, a, implementation=impl) * ct)
+
+    got = jax.jit(jax.value_and_grad(loss("pallas"), argnums=(0, 1, 2)))(value, loc, att)
+    want = jax.value_and_grad(loss("xla"), argnums=(0, 1, 2))(value, loc, att)
+    assert abs(float(got[0]) - float(want[0])) <= 1e-4 * abs(float(want[0])) + 1e-3
+    for a, b in zip(got[1], want[1]):
+        assert rel_err(a, b) <= 1e-5
