@@ -46,6 +46,7 @@ class BlockSizes:
     num_stages: int = 1
     block_q_bwd: int | None = None  # None = block_q
     num_warps_bwd: int | None = None  # None = num_warps
+    relaxed_atomics: bool = True  # relaxed-order fp32 adds for d value (see _relaxed_atomic_add)
 
     @classmethod
     def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
@@ -61,6 +62,54 @@ def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes
     block_q_bwd = max(16, block_q // 2)
     return BlockSizes(block_q=block_q, num_warps=4, num_stages=1, block_q_bwd=block_q_bwd,
                       num_warps_bwd=4)
+
+
+def _make_relaxed_atomic_add():
+    """An fp32 atomic add with relaxed memory order for the Triton backend.
+
+    `plgpu.atomic_add` always lowers to acq_rel atomics at GPU scope; the value-gradient scatter
+    needs no ordering at all (every add commutes and nothing reads the buffer in the kernel), and
+    acq_rel costs a fence per add.  This primitive reuses the public op's abstract evaluation and
+    differs only in the memory order.  It reaches into jax._src (pinned jax 0.10.2 / 0.11.2);
+    where those internals are missing it returns None and the public op is used.
+    """
+    try:
+        from jax._src import core as jax_core
+        from jax._src import tree_util
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as tlow
+        from jax._src.pallas.triton import primitives as tprim
+        from jax._src.state import primitives as state_prims
+
+        add_type = tprim.AtomicOpType.ADD
+        prim = jax_core.Primitive("msda_relaxed_atomic_add")
+
+        @prim.def_effectful_abstract_eval
+        def _abstract(*avals, args_tree):
+            return tprim._atomic_abstract_eval(*avals, args_tree=args_tree, atomic_type=add_type)
+
+        @tlow.register_lowering(prim)
+        def _lower(ctx, *args_flat, args_tree):
+            block_info = ctx.block_infos[0]
+            ptr, transforms, val, _ = args_tree.unflatten(args_flat)
+            *_, value_aval, _ = args_tree.unflatten(ctx.avals_in)
+            (indexer,) = transforms
+            ptr = tlow._compute_pointers_from_indices(ptr, block_info, indexer)
+            val = tlow._ensure_ir_value(val, value_aval)
+            return tlow._atomic_rmw(tt_dialect.RMWOp.FADD, ptr, val,
+                                    semantic=tt_dialect.MemSemantic.RELAXED)
+    except (ImportError, AttributeError):
+        return None
+
+    def relaxed_atomic_add(ref, idx, val):
+        x_ref, transforms = state_prims.get_ref_and_transforms(ref, idx, "atomic_rmw")
+        args_flat, args_tree = tree_util.tree_flatten((x_ref, transforms, val, None))
+        return prim.bind(*args_flat, args_tree=args_tree)
+
+    return relaxed_atomic_add
+
+
+_relaxed_atomic_add = _make_relaxed_atomic_add()
 
 
 def _level_starts(shapes: Shapes) -> list[int]:
@@ -126,7 +175,7 @@ def _msda_fwd_kernel(value_ref, loc_ref, att_ref, out_ref, *, shapes: Shapes, n_
     plgpu.store(out_ref.at[b, qs, h, :], acc.astype(out_ref.dtype), mask=qmask[:, None])
 
 
-def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool):
+def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool, relaxed: bool):
     """ref[b, rows[i], h, :] += vals[i] for every i, in fp32.
 
     On the GPU one atomic add of the whole [block_q, D] tile; rows may repeat.  The interpreter's
@@ -135,7 +184,8 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool):
     if not interpret:
         d = vals.shape[-1]
         cols = jnp.arange(d)
-        plgpu.atomic_add(ref, (b, rows[:, None], h, cols[None, :]), vals)
+        add = _relaxed_atomic_add if relaxed and _relaxed_atomic_add else plgpu.atomic_add
+        add(ref, (b, rows[:, None], h, cols[None, :]), vals)
         return
 
     def body(i, carry):
@@ -147,7 +197,7 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool):
 
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
-                     interpret: bool):
+                     interpret: bool, relaxed: bool):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
     b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q0 = qb * block_q
@@ -168,7 +218,8 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
                 # an out-of-map corner samples zero: its dot (and gradient) is zero
                 dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
                 # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
-                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret)
+                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret,
+                                  relaxed)
             d00, d01, d10, d11 = dots
             (_, w00, _), (_, w01, _), (_, w10, _), (_, w11, _) = corners
             gatt = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
@@ -223,7 +274,8 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
     kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
-                               block_q=block_q, interpret=interpret)
+                               block_q=block_q, interpret=interpret,
+                               relaxed=block_sizes.relaxed_atomics)
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
