@@ -42,6 +42,8 @@ def _lsap_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array):
     def augment_row(k, state):
         u, v, col4row, row4col = state
         cur = rows[k]
+        # under vmap the body also runs for problems that are already solved: make it a no-op
+        active = k < n_rows
 
         def search_cond(s):
             return s["sink"] < 0
@@ -72,17 +74,17 @@ def _lsap_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array):
             return dict(i=jnp.where(sink < 0, row4col[j], i), min_val=lowest, sink=sink, spc=spc,
                         path=path, sr=sr, sc=s["sc"].at[j].set(True), remaining=rem, num_rem=nr)
 
-        s0 = dict(i=cur, min_val=jnp.zeros((), cost.dtype), sink=jnp.asarray(-1, jnp.int32),
+        s0 = dict(i=cur, min_val=jnp.zeros((), cost.dtype), sink=jnp.where(active, -1, 0).astype(jnp.int32),
                   spc=jnp.full((n,), inf), path=jnp.full((n,), -1, jnp.int32),
                   sr=jnp.zeros((n,), bool), sc=jnp.zeros((n,), bool), remaining=remaining0,
                   num_rem=n_cols)
         s = jax.lax.while_loop(search_cond, search_body, s0)
         min_val, spc, sr, sc = s["min_val"], s["spc"], s["sr"], s["sc"]
         # dual update
-        u = u.at[cur].add(min_val)
+        u_new = u.at[cur].add(min_val)
         other = sr & (ar != cur)
-        u = u + jnp.where(other, min_val - spc[jnp.maximum(col4row, 0)], 0)
-        v = v - jnp.where(sc, min_val - spc, 0)
+        u = jnp.where(active, u_new + jnp.where(other, min_val - spc[jnp.maximum(col4row, 0)], 0), u)
+        v = jnp.where(active, v - jnp.where(sc, min_val - spc, 0), v)
 
         # flip the alternating path from the sink back to `cur`
         def flip_cond(t):
@@ -91,13 +93,14 @@ def _lsap_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array):
         def flip_body(t):
             j, col4row, row4col, _ = t
             i = s["path"][j]
-            row4col = row4col.at[j].set(i)
-            nxt = col4row[i]
-            col4row = col4row.at[i].set(j)
-            return nxt, col4row, row4col, i == cur
+            ok = i >= 0  # false only for an infeasible problem (no finite path)
+            row4col = jnp.where(ok, row4col.at[j].set(i), row4col)
+            nxt = col4row[jnp.maximum(i, 0)]
+            col4row = jnp.where(ok, col4row.at[jnp.maximum(i, 0)].set(j), col4row)
+            return nxt, col4row, row4col, (i == cur) | (i < 0)
 
         _, col4row, row4col, _ = jax.lax.while_loop(
-            flip_cond, flip_body, (s["sink"], col4row, row4col, jnp.asarray(False)))
+            flip_cond, flip_body, (s["sink"], col4row, row4col, ~active))
         return u, v, col4row, row4col
 
     def outer_cond(t):

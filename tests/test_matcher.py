@@ -94,3 +94,22 @@ def test_optimal_cost_on_ties_random_large(rng):
     # larger tie-heavy problems: assignment equal to scipy's
     for shape in [(40, 40), (25, 60)]:
         _check_same(rng.integers(0, 5, size=shape).astype(np.float32))
+
+
+def test_vmap_with_different_sizes_per_problem(rng):
+    """A batch mixing 0, few and many valid columns (the loop body also runs for finished
+    problems under vmap)."""
+    q, g = 10, 16
+    counts = [0, 3, 16, 10, 1, 12]
+    cost = rng.normal(size=(len(counts), q, g)).astype(np.float32)
+    col_valid = np.zeros((len(counts), g), bool)
+    for b, n in enumerate(counts):
+        col_valid[b, rng.choice(g, size=n, replace=False)] = True
+    row_valid = np.ones((len(counts), q), bool)
+    row_valid[3, 7:] = False
+    col4row, row4col = jax.jit(jax.vmap(hungarian_assign))(jnp.asarray(cost), jnp.asarray(row_valid),
+                                                           jnp.asarray(col_valid))
+    for b in range(len(counts)):
+        ref_c, ref_r = _scipy_assign(cost[b], row_valid[b], col_valid[b])
+        np.testing.assert_array_equal(np.asarray(col4row[b]), ref_c)
+        np.testing.assert_array_equal(np.asarray(row4col[b]), ref_r)

@@ -1,0 +1,241 @@
+"""Mask2Former losses as SARFormer trains them (mmdet 3.x `Mask2FormerHead.loss_by_feat`),
+ARCHITECTURE.md §5: Hungarian matching on point-sampled costs, class cross-entropy with a
+down-weighted "no object" class, importance-sampled mask BCE and dice, deep supervision over
+every prediction, and the auxiliary FCN head's cross-entropy.
+
+Everything is jittable with fixed shapes: the ground truth of an image is one slot per class
+(`K` slots, valid where the class is present; the semantic map is point-sampled directly, so the
+[K, H, W] masks are never built), matching runs on the device (`sarformer_jax.matcher`), and the
+matched pairs live in `M = min(Q, K)` slots with a validity flag.  Random point coordinates are
+drawn by `draw_points` from a key and can be injected, which is how the tests compare against an
+implementation with its own random generator.
+
+Legend: b batch, q queries, k classes, m matched slots, p points, h w spatial.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sarformer_jax.matcher import hungarian_assign
+from sarformer_jax.models.layers import resize_bilinear
+
+IGNORE_INDEX = 255
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------------
+# point sampling (torch `point_sample` = grid_sample(bilinear, align_corners=False, zeros))
+
+
+def _corners(points: jax.Array, h: int, w: int):
+    """Four bilinear corners of [..., 2] (x, y) points in [0, 1]: flat indices [4, ...] into an
+    [h, w] map and weights [4, ...] (zero for corners outside the map)."""
+    x = points[..., 0] * w - 0.5
+    y = points[..., 1] * h - 0.5
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    fx, fy = x - x0, y - y0
+    idx, wts = [], []
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+            flat = jnp.clip(yi, 0, h - 1).astype(jnp.int32) * w + jnp.clip(xi, 0, w - 1).astype(jnp.int32)
+            idx.append(flat)
+            wts.append(jnp.where(inside, wx * wy, 0.0))
+    return jnp.stack(idx), jnp.stack(wts)
+
+
+def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """Bilinear samples of maps [N, h, w] at points [N, P, 2] or shared points [P, 2] ((x, y) in
+    [0, 1]); zero outside.  Returns [N, P] float32."""
+    n, h, w = maps.shape
+    flat = maps.reshape(n, h * w).astype(jnp.float32)
+    idx, wts = _corners(points.astype(jnp.float32), h, w)
+    if points.ndim == 2:  # shared: [4, P]
+        vals = flat[:, idx]  # [N, 4, P]
+        return jnp.einsum("ncp,cp->np", vals, wts, precision=HIGHEST)
+    vals = jax.vmap(lambda f, i: f[i], in_axes=(0, 1), out_axes=1)(flat, idx)  # [4, N, P]
+    return jnp.sum(vals * wts, axis=0)
+
+
+def sample_gt_shared(gt: jax.Array, points: jax.Array, num_classes: int) -> jax.Array:
+    """Point samples of every class mask `(gt == k)` of one semantic map [H, W] at shared points
+    [P, 2].  Returns [K, P] float32 (ignored pixels count as background everywhere)."""
+    h, w = gt.shape
+    idx, wts = _corners(points.astype(jnp.float32), h, w)
+    labels = gt.reshape(-1)[idx]  # [4, P]
+    onehot = labels[..., None] == jnp.arange(num_classes)  # [4, P, K]
+    return jnp.einsum("cpk,cp->kp", onehot.astype(jnp.float32), wts, precision=HIGHEST)
+
+
+def sample_gt_slots(gt: jax.Array, points: jax.Array, classes: jax.Array) -> jax.Array:
+    """Samples of `(gt == classes[m])` at points [M, P, 2]; returns [M, P] float32."""
+    h, w = gt.shape
+    idx, wts = _corners(points.astype(jnp.float32), h, w)  # [4, M, P]
+    labels = gt.reshape(-1)[idx]
+    return jnp.sum(jnp.where(labels == classes[None, :, None], wts, 0.0), axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# random points
+
+
+def num_importance_points(cfg_loss: Any) -> int:
+    return int(cfg_loss.importance_sample_ratio * cfg_loss.num_points)
+
+
+def draw_points(key: jax.Array, batch: int, num_slots: int, num_layers: int, cfg_loss: Any) -> list[dict]:
+    """Uniform random points for every prediction layer: `match` [B, P, 2] (shared by all
+    queries and classes of an image), `candidates` [B, M, P*oversample, 2] (importance-sampling
+    pool per matched slot) and `extra` [B, M, P - P*importance, 2] (fresh uniform points)."""
+    p = cfg_loss.num_points
+    n_cand = int(p * cfg_loss.oversample_ratio)
+    n_extra = p - num_importance_points(cfg_loss)
+    out = []
+    for layer in range(num_layers):
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, layer), 3)
+        out.append({"match": jax.random.uniform(k1, (batch, p, 2)),
+                    "candidates": jax.random.uniform(k2, (batch, num_slots, n_cand, 2)),
+                    "extra": jax.random.uniform(k3, (batch, num_slots, n_extra, 2))})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# per-image matching and losses
+
+
+def gt_present(gt: jax.Array, num_classes: int) -> jax.Array:
+    """[B, H, W] int semantic maps -> [B, K] bool, class k present (255 and >= K ignored)."""
+    b = gt.shape[0]
+    lab = jnp.where((gt >= 0) & (gt < num_classes), gt, num_classes).reshape(b, -1)
+    return jax.vmap(lambda l: jnp.zeros((num_classes,), bool).at[l].set(True, mode="drop"))(lab)
+
+
+def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Array, cfg_loss: Any
+                ) -> jax.Array:
+    """Matching cost [Q, K] of one image: class `-softmax[label]`, pairwise point BCE and dice
+    (eps 1, sigmoid inputs), weighted 2 / 5 / 5."""
+    probs = jax.nn.softmax(cls.astype(jnp.float32), axis=-1)[:, : point_targets.shape[0]]
+    n_p = point_logits.shape[-1]
+    pos = jax.nn.softplus(-point_logits)  # BCE(l, 1)
+    neg = jax.nn.softplus(point_logits)  # BCE(l, 0)
+    ce = (jnp.dot(pos, point_targets.T, precision=HIGHEST)
+          + jnp.dot(neg, (1.0 - point_targets).T, precision=HIGHEST)) / n_p
+    sig = jax.nn.sigmoid(point_logits)
+    num = 2.0 * jnp.dot(sig, point_targets.T, precision=HIGHEST)
+    den = sig.sum(-1)[:, None] + point_targets.sum(-1)[None, :]
+    dice = 1.0 - (num + 1.0) / (den + 1.0)
+    return cfg_loss.class_weight * -probs + cfg_loss.mask_weight * ce + cfg_loss.dice_weight * dice
+
+
+def _image_terms(cls, mask, gt, present, pts, cfg_loss, num_classes):
+    """One image, one layer.  Returns (per-query CE [Q], per-query class weight [Q], mask BCE sum,
+    dice sum, number of matched pairs, query -> class assignment [Q])."""
+    q = cls.shape[0]
+    # matching (no gradient)
+    sg_mask = jax.lax.stop_gradient(mask)
+    logits_m = point_sample(sg_mask, pts["match"])  # [Q, P]
+    targets_m = sample_gt_shared(gt, pts["match"], num_classes)  # [K, P]
+    cost = match_costs(jax.lax.stop_gradient(cls), logits_m, targets_m, cfg_loss)
+    col4row, row4col = hungarian_assign(cost, None, present)
+    # class loss: matched queries take their class, the others "no object" (index K)
+    target = jnp.where(col4row >= 0, col4row, num_classes)
+    logp = jax.nn.log_softmax(cls.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    wt = jnp.where(col4row >= 0, 1.0, cfg_loss.no_object_weight)
+    # matched slots
+    if q <= num_classes:
+        slot_query, slot_class = jnp.arange(q), col4row
+    else:
+        slot_query, slot_class = row4col, jnp.arange(num_classes)
+    slot_valid = (slot_query >= 0) & (slot_class >= 0)
+    maps = mask[jnp.maximum(slot_query, 0)]  # [M, h, w]
+    # importance sampling: most uncertain (-|logit|) candidates, then fresh uniform points
+    cand_logits = point_sample(jax.lax.stop_gradient(maps), pts["candidates"])
+    k = num_importance_points(cfg_loss)
+    _, top = jax.lax.top_k(-jnp.abs(cand_logits), k)
+    chosen = jnp.take_along_axis(pts["candidates"], top[..., None], axis=1)
+    coords = jax.lax.stop_gradient(jnp.concatenate([chosen, pts["extra"]], axis=1))  # [M, P, 2]
+    logits = point_sample(maps, coords)
+    targets = sample_gt_slots(gt, coords, jnp.where(slot_valid, slot_class, -1))
+    bce = jnp.mean(jax.nn.softplus(logits) - logits * targets, axis=-1)
+    sig = jax.nn.sigmoid(logits)
+    dice = 1.0 - (2.0 * jnp.sum(sig * targets, -1) + 1.0) / (jnp.sum(sig, -1) + jnp.sum(targets, -1) + 1.0)
+    mask_sum = jnp.sum(jnp.where(slot_valid, bce, 0.0))
+    dice_sum = jnp.sum(jnp.where(slot_valid, dice, 0.0))
+    return ce, wt, mask_sum, dice_sum, jnp.sum(slot_valid.astype(jnp.float32)), col4row
+
+
+def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array, pts: dict,
+               cfg_loss: Any, num_classes: int) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Loss of one prediction over the batch.
+
+    Args:
+      cls [B, Q, K+1]; mask [B, Q, h, w] logits; gt [B, H, W]; present [B, K];
+      pts: one entry of `draw_points`.
+    Returns ({"loss_cls", "loss_mask", "loss_dice"}, assignment query -> class [B, Q], -1 = none).
+
+    `N_m` (matched pairs over the whole batch, at least 1) normalises mask and dice; the class
+    loss is the weighted mean over all queries of the batch.  Under data parallelism the arrays
+    are global, so both normalisers are global-batch ones (mmdet averages per-GPU class losses
+    instead; identical for one image per device only when the weight sums agree)."""
+    fn = lambda c, m, g, pr, pt: _image_terms(c, m, g, pr, pt, cfg_loss, num_classes)
+    ce, wt, mask_sum, dice_sum, n_matched, assign = jax.vmap(fn)(cls, mask, gt, present, pts)
+    n_m = jnp.maximum(jnp.sum(n_matched), 1.0)
+    loss_cls = cfg_loss.class_weight * jnp.sum(ce * wt) / jnp.sum(wt)
+    loss_mask = cfg_loss.mask_weight * jnp.sum(mask_sum) / n_m
+    loss_dice = cfg_loss.dice_weight * jnp.sum(dice_sum) / n_m
+    return {"loss_cls": loss_cls, "loss_mask": loss_mask, "loss_dice": loss_dice}, assign
+
+
+def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:
+    """FCN auxiliary loss (unweighted): logits [B, h, w, K] resized bilinearly to the label size,
+    pixel CE with 255 ignored, averaged over *all* pixels (mmseg `avg_non_ignore=False`)."""
+    logits = resize_bilinear(aux_logits.astype(jnp.float32), gt.shape[1:3])
+    k = logits.shape[-1]
+    valid = (gt != IGNORE_INDEX) & (gt >= 0) & (gt < k)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, gt, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.mean(jnp.where(valid, nll, 0.0))
+
+
+def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
+            aux_logits: jax.Array | None, *, key: jax.Array, cfg_loss: Any, num_classes: int,
+            points: Sequence[dict] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total SARFormer loss (§5.3): deep supervision over every prediction with equal weights,
+    plus `aux_weight` x the auxiliary CE.
+
+    Args:
+      predictions: the head's list of {"cls": [B,Q,K+1], "mask": [B,Q,h,w]}, d0 first.
+      gt_semantic: [B, H, W] int labels, 255 ignored.
+      aux_logits: [B, h', w', K] or None.
+      key: PRNG key for the point sampling (ignored when `points` is given).
+      points: optional injected points (`draw_points` layout), one dict per prediction.
+    Returns:
+      (total, parts) with parts `loss_cls/mask/dice` (last prediction), `d{i}.loss_*` (the
+      others, d0 = before the first decoder layer) and `aux.loss_ce` (already weighted).
+    """
+    b, q = predictions[0]["cls"].shape[:2]
+    gt = gt_semantic.astype(jnp.int32)
+    if gt.ndim != 3 or gt.shape[0] != b:
+        raise ValueError(f"loss_fn: gt_semantic must be [B={b}, H, W], got {tuple(gt_semantic.shape)}")
+    if predictions[0]["cls"].shape[-1] != num_classes + 1:
+        raise ValueError(f"loss_fn: cls has {predictions[0]['cls'].shape[-1]} outputs, expected "
+                         f"num_classes + 1 = {num_classes + 1}")
+    present = gt_present(gt, num_classes)
+    if points is None:
+        points = draw_points(key, b, min(q, num_classes), len(predictions), cfg_loss)
+    parts: dict[str, jax.Array] = {}
+    n = len(predictions)
+    for i, (pred, pts) in enumerate(zip(predictions, points)):
+        terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes)
+        prefix = "" if i == n - 1 else f"d{i}."
+        parts.update({prefix + k: v for k, v in terms.items()})
+    if aux_logits is not None:
+        parts["aux.loss_ce"] = cfg_loss.aux_weight * aux_ce_loss(aux_logits, gt)
+    total = sum(parts.values())
+    return total, parts
