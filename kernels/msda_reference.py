@@ -36,18 +36,19 @@ def ms_deform_attn_reference(
     """
     b, _, n, d = value.shape
     _, q, _, _, p, _ = sampling_locations.shape
-    out = jnp.zeros((b, n, q * p, d), jnp.float32)
+    # One packed gather for every (level, corner) of every point keeps the graph small (one
+    # gather forward, one scatter-add backward per call).  The value is gathered in float32 so
+    # that its gradient is accumulated in float32 too (a bf16 scatter-add is slow and lossy).
+    v = value.astype(jnp.float32).transpose(0, 2, 1, 3)  # [b, n, s, d]
+    loc_all = sampling_locations.astype(jnp.float32).transpose(0, 2, 1, 3, 4, 5)  # [b,n,q,l,p,2]
+    att_all = attention_weights.astype(jnp.float32).transpose(0, 2, 1, 3, 4)  # [b, n, q, l, p]
+    indices, coefs = [], []
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
         h, w = int(h), int(w)
-        v = value[:, start : start + h * w].transpose(0, 2, 1, 3)  # [b, n, hw, d]
-        start += h * w
-        loc = sampling_locations[:, :, :, lvl].astype(jnp.float32)  # [b, q, n, p, 2]
-        loc = loc.transpose(0, 2, 1, 3, 4).reshape(b, n, q * p, 2)
-        att = attention_weights[:, :, :, lvl].astype(jnp.float32)  # [b, q, n, p]
-        att = att.transpose(0, 2, 1, 3).reshape(b, n, q * p)
-        x = loc[..., 0] * w - 0.5
-        y = loc[..., 1] * h - 0.5
+        x = loc_all[:, :, :, lvl, :, 0] * w - 0.5  # [b, n, q, p]
+        y = loc_all[:, :, :, lvl, :, 1] * h - 0.5
+        att = att_all[:, :, :, lvl]
         x0 = jnp.floor(x)
         y0 = jnp.floor(y)
         fx = x - x0
@@ -59,9 +60,12 @@ def ms_deform_attn_reference(
                 wx = fx if dx else 1.0 - fx
                 xi = x0 + dx
                 valid = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-                idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).astype(jnp.int32)
-                corner = jnp.take_along_axis(v, idx[..., None], axis=2)  # [b, n, q*p, d]
-                coef = jnp.where(valid, wx * wy * att, 0.0)
-                out = out + coef[..., None] * corner.astype(jnp.float32)
-    out = out.reshape(b, n, q, p, d).sum(axis=3)  # [b, n, q, d]
+                flat = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+                indices.append(start + flat.astype(jnp.int32))
+                coefs.append(jnp.where(valid, wx * wy * att, 0.0))
+        start += h * w
+    idx = jnp.stack(indices, axis=-1).reshape(b, n, -1)  # [b, n, q * p * 4l]
+    coef = jnp.stack(coefs, axis=-1).reshape(b, n, q, -1)  # [b, n, q, p * 4l]
+    corners = jnp.take_along_axis(v, idx[..., None], axis=2).reshape(b, n, q, -1, d)
+    out = jnp.einsum("bnqk,bnqkd->bnqd", coef, corners, precision=jax.lax.Precision.HIGHEST)
     return out.transpose(0, 2, 1, 3).reshape(b, q, n * d).astype(value.dtype)

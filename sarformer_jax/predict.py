@@ -57,7 +57,7 @@ def write_prediction(cfg: Config, record: dict, label: np.ndarray, out_dir: path
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = pathlib.Path(str(record["name"])).stem
     label_path = out_dir / f"{stem}_label.png"
-    visualize.save_label_png(label_path, label)
+    visualize.save_label_png(label, label_path)
     overlay_path = out_dir / f"{stem}_overlay.png"
     visualize.overlay(record["image"], label, palette, class_names=names,
                       legend=True).save(overlay_path)

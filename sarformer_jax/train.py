@@ -89,9 +89,18 @@ def shape_fingerprint(params) -> dict[str, list[int]]:
     return flat
 
 
+_TRAINERS: dict[tuple, tuple[Trainer, Any]] = {}
+
+
 def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
     """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
-    and a freshly initialised train state."""
+    and a freshly initialised train state.  Trainers (and their compiled functions) are reused
+    within a process for an identical config and device set."""
+    cache_key = (json.dumps(cfg.to_dict(), sort_keys=True, default=list),
+                 tuple(d.id for d in (devices if devices is not None else jax.devices())))
+    if cache_key in _TRAINERS:
+        trainer, init = _TRAINERS[cache_key]
+        return trainer, init()
     mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
     seed = int(cfg.train.seed)
 
@@ -125,6 +134,7 @@ def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
                       schedule=schedule, proposal_fn=make_proposal_fn(cfg),
                       state_shardings=shardings)
     trainer.train_step = make_train_step(trainer)
+    _TRAINERS[cache_key] = (trainer, init)
     return trainer, state
 
 
@@ -142,7 +152,9 @@ def make_train_step(trainer: Trainer):
 
     def micro_loss(params, stats, batch, key):
         k_prop, k_drop, k_loss = jax.random.split(key, 3)
-        model = nnx.merge(graphdef, params, stats, rest)
+        # fresh Variables at this trace level (BatchNorm updates its statistics in place)
+        stats, rest_ = jax.tree_util.tree_map(lambda x: x, (stats, rest))
+        model = nnx.merge(graphdef, params, stats, rest_)
         nnx.reseed(model, dropout=k_drop)
         proposals = None
         if trainer.proposal_fn is not None:

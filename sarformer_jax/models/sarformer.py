@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sarformer_jax.models.aux_head import FCNAuxHead
 from sarformer_jax.models.mask2former import Mask2FormerHead
 from sarformer_jax.models.vit_adapter import BEiTAdapter
 
@@ -36,18 +35,17 @@ class Segmentor(nnx.Module):
                                     param_dtype=param_dtype, msda_implementation=impl, rngs=rngs)
         head_cfg = cfg_model.head
         self.uses_proposals = head_cfg.query_init == "sam_pooling"
-        self.decode_head = Mask2FormerHead(head_cfg, bb.embed_dim, num_classes=head_cfg.num_classes,
+        self.decode_head = Mask2FormerHead(head_cfg, [bb.embed_dim] * 4, num_classes=head_cfg.num_classes,
                                            dtype=dtype, param_dtype=param_dtype,
                                            msda_implementation=impl, rngs=rngs)
         aux = cfg_model.get("aux_head")
         if aux is not None and aux.enabled:
-            self.auxiliary_head = FCNAuxHead(aux.in_channels, aux.channels, aux.num_classes,
-                                             num_convs=aux.num_convs, dropout=aux.dropout,
-                                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.aux_in_index = int(aux.in_index)
+            from sarformer_jax.models.aux_head import AdapterFCNHead
+
+            self.auxiliary_head = AdapterFCNHead(aux, dtype=dtype, param_dtype=param_dtype,
+                                                 rngs=rngs)
         else:
             self.auxiliary_head = None
-            self.aux_in_index = None
 
     def __call__(self, images: jax.Array, proposals: jax.Array | None = None, *,
                  train: bool = False, invert_first_mask: bool = False
@@ -70,7 +68,7 @@ class Segmentor(nnx.Module):
         inter = dict(inter, **{f"head.{k}": v for k, v in head_inter.items()})
         aux_logits = None
         if self.auxiliary_head is not None and train:
-            aux_logits = self.auxiliary_head(feats_norm[self.aux_in_index], train=train)
+            aux_logits, _ = self.auxiliary_head(list(feats_norm), train=train)
         return preds, aux_logits, inter
 
 
