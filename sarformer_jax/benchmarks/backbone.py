@@ -1,0 +1,167 @@
+"""`sarformer bench backbone`: BEiT-B and the whole ViT-Adapter-B, jitted forward+backward, against
+timm's BEiT in the same run (ratios printed).
+
+What is timed: one training step's gradient computation (no optimizer), i.e. forward, a scalar
+loss (mean of the outputs in float32) and the backward pass w.r.t. every parameter; batch
+statistics are updated for the adapter (train mode).  Ours runs with bfloat16 compute and float32
+parameters; timm runs under `torch.autocast(bfloat16)` with float32 parameters (the usual AMP
+setup).  FLOPs come from XLA's cost analysis of the compiled step; MFU = FLOPs / time / peak.
+
+Example (on the device): `sarformer bench backbone --batch 2 --size 640`.
+Results go to docs/benchmarks.md with command, device, date and jax version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import numpy as np
+
+# dense bf16 peak, TFLOP/s, by jax device_kind substring
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs="+", default=[640], help="H [W]")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", default="beit,adapter,timm",
+                        help="comma list of: beit (ours), adapter (ours, whole ViT-Adapter-B), timm")
+    parser.add_argument("--variant", choices=("b", "l"), default="b")
+    parser.add_argument("--depth", type=int, default=None, help="override the depth (smoke runs)")
+    parser.add_argument("--attention-implementation", default=None, choices=(None, "xla", "cudnn"),
+                        help="jax.nn.dot_product_attention implementation")
+    parser.add_argument("--msda-implementation", default=None, help="kernels.ms_deform_attn implementation")
+    parser.add_argument("--remat", action="store_true", help="activation checkpointing on the BEiT layers")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak for MFU")
+
+
+def _config(args):
+    from sarformer_jax.configs.common import beit_adapter_b, beit_adapter_l
+
+    cfg = beit_adapter_b() if args.variant == "b" else beit_adapter_l()
+    cfg.with_cp = bool(args.remat)
+    if args.depth:
+        per = max(args.depth // 4, 1)
+        depth = 4 * per
+        cfg.update(depth=depth, interaction_indexes=tuple((s * per, s * per + per - 1) for s in range(4)))
+    return cfg
+
+
+def _time(fn, steps: int, warmup: int) -> float:
+    """Median seconds per call; `fn` must block until its result is ready."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _jax_step(model, x, *, train: bool, adapter: bool):
+    """Returns (step() -> blocks, flops per step)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(m, x):
+        if adapter:
+            feats, raw, _ = m(x, train=train)
+            return sum(jnp.mean(f.astype(jnp.float32)) for f in feats + raw)
+        tokens, _ = m(x, train=train)
+        return jnp.mean(tokens.astype(jnp.float32))
+
+    @jax.jit
+    def step(p, rest, x):
+        m = nnx.merge(graphdef, p, rest)
+        loss, grads = nnx.value_and_grad(loss_fn)(m, x)
+        return loss, grads, nnx.state(m, nnx.Not(nnx.Param))
+
+    compiled = step.lower(params, rest, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    state = {"rest": rest}
+
+    def run():
+        loss, grads, state["rest"] = compiled(params, state["rest"], x)
+        jax.block_until_ready((loss, grads))
+
+    return run, flops
+
+
+def _timm_step(args, size, device):
+    import torch
+    from timm.models.beit import Beit
+
+    c, depth, heads = (768, 12, 12) if args.variant == "b" else (1024, 24, 16)
+    if args.depth:
+        depth = args.depth
+    model = Beit(img_size=size, patch_size=16, embed_dim=c, depth=depth, num_heads=heads,
+                 use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1,
+                 num_classes=0).to(device).train()
+    x = torch.randn(args.batch, 3, *size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model.forward_features(x).float().mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sarformer_jax.models.beit import BEiT
+    from sarformer_jax.models.vit_adapter import BEiTAdapter
+
+    size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    cfg = _config(args)
+    dev = jax.devices()[0]
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, *size, 3)), jnp.float32)
+    print(f"# sarformer bench backbone  {datetime.date.today()}  jax {jax.__version__}  "
+          f"device {dev.device_kind}  batch {args.batch}  size {size[0]}x{size[1]}  {args.dtype}  "
+          f"depth {cfg.depth}  attention {args.attention_implementation}  remat {args.remat}")
+    results = {}
+    for name in models:
+        if name in ("beit", "adapter"):
+            cls = BEiT if name == "beit" else BEiTAdapter
+            kw = dict(attention_implementation=args.attention_implementation)
+            if name == "adapter":
+                kw["msda_implementation"] = args.msda_implementation
+            model = cls(cfg, size, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
+            step, flops = _jax_step(model, x, train=True, adapter=name == "adapter")
+            sec = _time(step, args.steps, args.warmup)
+        elif name == "timm":
+            import torch
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            sec = _time(_timm_step(args, size, device), args.steps, args.warmup)
+            flops = results.get("beit", (None, float("nan")))[1]
+        else:
+            raise SystemExit(f"unknown model {name!r}; choose from beit, adapter, timm")
+        results[name] = (sec, flops)
+        mfu = flops / sec / (peak * 1e12) if peak and np.isfinite(flops) else float("nan")
+        print(f"| {name:8s} | fwd+bwd {sec * 1e3:8.2f} ms | {flops / 1e12:7.3f} TFLOP/step | "
+              f"MFU {100 * mfu:5.1f}% |")
+    if "beit" in results and "timm" in results:
+        print(f"timm / ours (BEiT): {results['timm'][0] / results['beit'][0]:.2f}x")
+    return 0
