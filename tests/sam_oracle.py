@@ -39,6 +39,12 @@ def torch_sam(depth: int = DEPTH, global_attn_indexes=GLOBAL, embed_dim: int = 7
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
+        # Trained SAM has confident logits (|x| >> 1) and IoU scores in [0, 1]; scale the random
+        # heads so that stability scores and IoU thresholds keep a useful share of the masks.
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[2].weight.mul_(20.0)
+            mlp.layers[2].bias.mul_(20.0)
+        sam.mask_decoder.iou_prediction_head.layers[2].weight.mul_(4.0)
     return sam
 
 

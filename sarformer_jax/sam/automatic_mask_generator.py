@@ -1,0 +1,309 @@
+"""Automatic mask generation (mirrors segment_anything/automatic_mask_generator.py).
+
+`generate_masks` is the on-device, batched, jit-able generator SARFormer uses: images
+[b, H, W, 3] uint8 -> up to K masks per image in fixed-size arrays, with everything (resize,
+encoder, point-grid decoding in chunks, IoU / stability thresholds, boxes, greedy box NMS) inside
+one jit.  `SamAutomaticMaskGenerator` keeps upstream's API and output records (crop layers,
+small-region clean-up and RLE outputs run on the host around the same device core).
+
+Legend: b batch, n candidates (points x 3 masks), k kept, p points, h w spatial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sarformer_jax.sam import amg
+from sarformer_jax.sam.predictor import SamPredictor
+from sarformer_jax.sam.sam import Sam
+from sarformer_jax.sam.transforms import ResizeLongestSide, get_preprocess_shape, resize_uint8
+
+
+@dataclasses.dataclass(frozen=True)
+class AmgSettings:
+    """Static settings of the device core (hashable: part of the jit cache key)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    max_masks: int = 256
+    crop_box: tuple[int, int, int, int] | None = None  # xyxy of the crop in the full image
+    orig_size: tuple[int, int] | None = None  # (H, W) of the full image when cropping
+
+
+def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
+                emb: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Decodes every grid point of every image: per candidate (point-major, 3 masks per point)
+    the low-res logits, predicted IoU, stability score, box and validity.  `images` may be a
+    ShapeDtypeStruct-like placeholder when the embeddings `emb` are given."""
+    b, h, w, _ = images.shape
+    input_size = get_preprocess_shape(h, w, sam.img_size)
+    if emb is None:
+        emb = sam.embed_image(resize_uint8(images, input_size))  # [b, 64, 64, c]
+    n_pts = points.shape[0]
+    ppb = s.points_per_batch
+    n_chunks = -(-n_pts // ppb)
+    padded = np.zeros((n_chunks * ppb, 2), np.float64)
+    padded[:n_pts] = points
+    coords = ResizeLongestSide(sam.img_size).apply_coords(padded * np.array([w, h]), (h, w))
+    coords = jnp.asarray(coords.reshape(n_chunks, ppb, 1, 2), jnp.float32)
+    x0, y0 = (s.crop_box or (0, 0, w, h))[:2]
+    orig_h, orig_w = s.orig_size or (h, w)
+
+    def chunk(c):  # c [ppb, 1, 2] -> per-image results for ppb points
+        pts = jnp.broadcast_to(c[None], (b,) + c.shape).reshape(b * ppb, 1, 2)
+        labels = jnp.ones((b * ppb, 1), jnp.int32)
+        low, iou = sam.decode(jnp.repeat(emb, ppb, axis=0), (pts, labels), multimask_output=True)
+        logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
+        stab = amg.calculate_stability_score(logits, sam.mask_threshold, s.stability_score_offset)
+        boxes = amg.batched_mask_to_box(logits > sam.mask_threshold)
+        m = low.shape[1]
+        return dict(low_res=low.reshape(b, ppb * m, *low.shape[2:]), iou=iou.reshape(b, ppb * m),
+                    stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
+
+    out = jax.lax.map(chunk, coords)  # leaves [chunks, b, ppb*3, ...]
+    out = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, *x.shape[3:]), out)
+    n = out["iou"].shape[1]
+    m = n // (n_chunks * ppb)
+    point_ok = np.repeat(np.arange(n_chunks * ppb) < n_pts, m)
+    valid = jnp.broadcast_to(jnp.asarray(point_ok), (b, n))
+    if s.pred_iou_thresh > 0.0:
+        valid &= out["iou"] > s.pred_iou_thresh
+    if s.stability_score_thresh > 0.0:
+        valid &= out["stability"] >= s.stability_score_thresh
+    out["boxes"] = out["boxes"] + jnp.asarray([x0, y0, x0, y0], jnp.int32)
+    if s.crop_box is not None:
+        valid &= ~amg.is_box_near_crop_edge(out["boxes"], s.crop_box, (0, 0, orig_w, orig_h))
+    out["valid"] = valid
+    pts_img = np.repeat(padded * np.array([w, h]) + np.array([x0, y0]), m, axis=0)
+    out["points"] = jnp.broadcast_to(jnp.asarray(pts_img, jnp.float32), (b, n, 2))
+    return out
+
+
+def _select(sam: Sam, cand: dict[str, jax.Array], s: AmgSettings, image_hw: tuple[int, int],
+            max_keep: int) -> dict[str, jax.Array]:
+    keep, n_keep = jax.vmap(lambda bx, sc, v: amg.box_nms(bx, sc, v, s.box_nms_thresh, max_keep))(
+        cand["boxes"], cand["iou"], cand["valid"])
+    valid = jnp.arange(max_keep)[None, :] < n_keep[:, None]
+    take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+    return dict(keep=keep, valid=valid, scores=jnp.where(valid, take(cand["iou"]), 0.0),
+                stability=jnp.where(valid, take(cand["stability"]), 0.0),
+                boxes=jnp.where(valid[..., None], take(cand["boxes"]), 0).astype(jnp.float32),
+                points=jnp.where(valid[..., None], take(cand["points"]), 0.0),
+                low_res=take(cand["low_res"]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _generate(graphdef, state, images, boxes, s: AmgSettings, box_prompts: bool):
+    sam: Sam = nnx.merge(graphdef, state)
+    b, h, w, _ = images.shape
+    input_size = get_preprocess_shape(h, w, sam.img_size)
+    cand = _candidates(sam, images, amg.build_point_grid(s.points_per_side), s)
+    out = _select(sam, cand, s, (h, w), s.max_masks)
+    low = out.pop("low_res")
+    masks = sam.postprocess_masks(low, input_size, (h, w)) > sam.mask_threshold
+    out["masks"] = masks & out["valid"][..., None, None]
+    out.pop("keep")
+    if box_prompts:
+        out.update(_decode_boxes(sam, images, boxes, input_size))
+    return out
+
+
+def _decode_boxes(sam: Sam, images, boxes, input_size):
+    """External xyxy box prompts [b, m, 4] (image pixels; NaN rows = absent) -> single masks."""
+    b, h, w, _ = images.shape
+    m = boxes.shape[1]
+    present = ~jnp.any(jnp.isnan(boxes), axis=-1)
+    scale = jnp.asarray([input_size[1] / w, input_size[0] / h] * 2, jnp.float32)
+    bx = jnp.where(present[..., None], boxes, 0.0) * scale
+    emb = sam.embed_image(resize_uint8(images, input_size))
+    low, iou = sam.decode(jnp.repeat(emb, m, axis=0), boxes=bx.reshape(b * m, 4), multimask_output=False)
+    masks = sam.postprocess_masks(low[:, 0], input_size, (h, w)).reshape(b, m, h, w) > sam.mask_threshold
+    return dict(box_masks=masks & present[..., None, None], box_scores=jnp.where(present, iou.reshape(b, m), 0.0),
+                box_valid=present)
+
+
+def generate_masks(sam: Sam, images: jax.Array, *, params: nnx.State | None = None, points_per_side: int = 32,
+                   points_per_batch: int = 64, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                   stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, max_masks: int = 256,
+                   boxes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """SAM automatic masks for a batch of same-size images, on device, in one jit.
+
+    Args:
+      sam: the model (its state is used unless `params` is given).
+      images: [b, H, W, 3] uint8 RGB.
+      points_per_side ... box_nms_thresh: as `SamAutomaticMaskGenerator` (crop_n_layers = 0).
+      max_masks: K, the fixed number of output slots; masks beyond K (lowest IoU) are dropped.
+      boxes: optional external xyxy box prompts [b, m, 4] in image pixels, NaN rows absent
+        (the original fed YOLO detections this way), decoded with a single mask each.
+    Returns:
+      masks bool [b, K, H, W], valid bool [b, K], scores (predicted IoU) [b, K], stability [b, K],
+      boxes xyxy float32 [b, K, 4] (inclusive pixel bounds, as upstream), points [b, K, 2];
+      slots sorted by score, invalid ones zero.  With `boxes`: box_masks [b, m, H, W],
+      box_scores [b, m], box_valid [b, m]."""
+    graphdef, state = nnx.split(sam)
+    if params is not None:
+        state = params
+    s = AmgSettings(points_per_side, points_per_batch, float(pred_iou_thresh), float(stability_score_thresh),
+                    float(stability_score_offset), float(box_nms_thresh), int(max_masks))
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"generate_masks expects images [b, H, W, 3], got {images.shape}")
+    if boxes is not None:
+        boxes = jnp.asarray(boxes, jnp.float32)
+        if boxes.ndim != 3 or boxes.shape[0] != images.shape[0] or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must be [b, m, 4] with b={images.shape[0]}, got {boxes.shape}")
+    return _generate(graphdef, state, jnp.asarray(images), boxes, s, boxes is not None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 4))
+def _crop_keep(graphdef, state, crop_hw: tuple[int, int], emb, s: AmgSettings):
+    """Host-path device core: kept candidates of one embedded crop (up to every candidate)."""
+    sam: Sam = nnx.merge(graphdef, state)
+    shape = jax.ShapeDtypeStruct((1,) + tuple(crop_hw) + (3,), jnp.uint8)
+    cand = _candidates(sam, shape, amg.build_point_grid(s.points_per_side), s, emb=emb)
+    n = cand["iou"].shape[1]
+    out = _select(sam, cand, s, crop_hw, n)
+    return jax.tree.map(lambda x: x[0], out)
+
+
+class SamAutomaticMaskGenerator:
+    """Generates masks for a whole image from a grid of point prompts (upstream's API).
+
+    Arguments as upstream `SamAutomaticMaskGenerator` (`point_grids` explicit grids per crop
+    layer instead of `points_per_side`); `generate(image)` returns upstream's list of records.
+    The per-crop work (encoder, decoding, thresholds, NMS) runs in one jit on the device."""
+
+    def __init__(self, model: Sam, points_per_side: int | None = 32, points_per_batch: int = 64,
+                 pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                 stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
+                 crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
+                 crop_n_points_downscale_factor: int = 1, point_grids: list[np.ndarray] | None = None,
+                 min_mask_region_area: int = 0, output_mode: str = "binary_mask") -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        if point_grids is not None:
+            raise NotImplementedError("explicit point_grids are not supported; use points_per_side")
+        if output_mode not in ("binary_mask", "uncompressed_rle", "coco_rle"):
+            raise ValueError(f"Unknown output_mode {output_mode}.")
+        if output_mode == "coco_rle":
+            import pycocotools  # noqa: F401  (required, as upstream)
+        self.model = model
+        self.points_per_side = points_per_side
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self._graphdef, self._state = nnx.split(model)
+        self._predictor = SamPredictor(model)
+
+    def _settings(self, layer: int, crop_box, orig_size) -> AmgSettings:
+        pps = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer))
+        full = list(crop_box) == [0, 0, orig_size[1], orig_size[0]]
+        return AmgSettings(pps, self.points_per_batch, float(self.pred_iou_thresh),
+                           float(self.stability_score_thresh), float(self.stability_score_offset),
+                           float(self.box_nms_thresh), 0, None if full else tuple(crop_box),
+                           None if full else tuple(orig_size))
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int,
+                      orig_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        x0, y0, x1, y1 = crop_box
+        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        self._predictor.set_image(crop)  # the encoder, jitted once for every crop size and setting
+        out = _crop_keep(self._graphdef, self._state, crop.shape[:2], self._predictor.features,
+                         self._settings(layer, crop_box, orig_size))
+        self._predictor.reset_image()
+        n = int(np.asarray(out["valid"]).sum())
+        keep = {k: np.asarray(v)[:n] for k, v in out.items() if k != "low_res"}
+        h, w = crop.shape[:2]
+        input_size = get_preprocess_shape(h, w, self.model.img_size)
+        masks = np.zeros((n, orig_size[0], orig_size[1]), bool)
+        for i in range(0, n, 64):  # upscale the kept masks in chunks
+            low = out["low_res"][i:min(i + 64, n)]
+            masks[i:i + len(low), y0:y1, x0:x1] = np.asarray(_postprocess(self._graphdef, self._state, low,
+                                                                          input_size, (h, w)))
+        keep["masks"] = masks
+        keep["crop_boxes"] = np.tile(np.asarray(crop_box, np.int64), (n, 1))
+        return keep
+
+    def _generate_masks(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = amg.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        parts = [self._process_crop(image, cb, li, orig_size) for cb, li in zip(crop_boxes, layer_idxs)]
+        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if len(crop_boxes) > 1:
+            cb = data["crop_boxes"].astype(np.float32)
+            scores = 1.0 / ((cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1]))
+            keep = amg.nms_numpy(data["boxes"], scores, self.crop_nms_thresh)
+            data = {k: v[keep] for k, v in data.items()}
+        return data
+
+    def _postprocess_small_regions(self, data: dict[str, np.ndarray], min_area: int, nms_thresh: float):
+        if len(data["masks"]) == 0:
+            return data
+        masks, scores = [], []
+        for mask in data["masks"]:
+            mask, changed_h = amg.remove_small_regions(mask, min_area, "holes")
+            mask, changed_i = amg.remove_small_regions(mask, min_area, "islands")
+            masks.append(mask)
+            scores.append(float(not (changed_h or changed_i)))
+        masks = np.stack(masks)
+        boxes = np.asarray(amg.batched_mask_to_box(jnp.asarray(masks)))
+        keep = amg.nms_numpy(boxes, np.asarray(scores), nms_thresh)
+        for i in keep:
+            if scores[i] == 0.0:
+                data["masks"][i] = masks[i]
+                data["boxes"][i] = boxes[i]
+        return {k: v[keep] for k, v in data.items()}
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Masks for an HWC uint8 image, as upstream's records: segmentation, area, bbox (xywh),
+        predicted_iou, point_coords, stability_score, crop_box (xywh)."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"generate expects an HxWx3 uint8 image, got {image.dtype} {image.shape}")
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self._postprocess_small_regions(data, self.min_mask_region_area,
+                                                   max(self.box_nms_thresh, self.crop_nms_thresh))
+        records = []
+        for i in range(len(data["masks"])):
+            mask = data["masks"][i]
+            if self.output_mode == "binary_mask":
+                seg = mask
+            else:
+                seg = amg.mask_to_rle(mask)
+                if self.output_mode == "coco_rle":
+                    seg = amg.coco_encode_rle(seg)
+            records.append({
+                "segmentation": seg,
+                "area": int(mask.sum()),
+                "bbox": amg.box_xyxy_to_xywh(data["boxes"][i].astype(np.int64)).tolist(),
+                "predicted_iou": float(data["scores"][i]),
+                "point_coords": [data["points"][i].astype(np.float64).tolist()],
+                "stability_score": float(data["stability"][i]),
+                "crop_box": amg.box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+            })
+        return records
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _postprocess(graphdef, state, low, input_size, size):
+    sam: Sam = nnx.merge(graphdef, state)
+    return sam.postprocess_masks(low, input_size, size) > sam.mask_threshold

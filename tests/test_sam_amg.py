@@ -1,0 +1,150 @@
+"""The automatic mask generator against segment-anything's with the same (reduced-depth, random)
+weights on a natural image: same masks (IoU >= 0.98 for >= 99 % of upstream masks, no extra),
+scores, boxes and order; the batched on-device `generate_masks`; box prompts; and the AMG
+helpers (NMS vs torchvision, mask -> box, stability score, RLE) against upstream's."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("segment_anything")
+
+import jax.numpy as jnp  # noqa: E402
+from sam_oracle import natural_image, sam_pair  # noqa: E402,F401
+
+from sarformer_jax.sam import amg  # noqa: E402
+from sarformer_jax.sam.automatic_mask_generator import SamAutomaticMaskGenerator, generate_masks  # noqa: E402
+
+# Random weights give IoU predictions in about [-0.2, 0.7] and stability scores (offset 1) in
+# about [0, 0.7]; these thresholds keep roughly a third of the candidates.
+LOOSE = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.3, stability_score_thresh=0.6)
+
+
+def _run_upstream(tsam, image, **kw):
+    from segment_anything import SamAutomaticMaskGenerator as TorchGenerator
+
+    with torch.no_grad():
+        return TorchGenerator(tsam, **kw).generate(image)
+
+
+def _mask_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return np.logical_and(a, b).sum() / union if union else 1.0
+
+
+def _assert_same_records(ours, ref):
+    assert len(ours) == len(ref)  # no extra, none missing
+    matched = 0
+    for r in ref:
+        best = max((_mask_iou(o["segmentation"], r["segmentation"]) for o in ours), default=0.0)
+        matched += best >= 0.98
+    assert matched >= 0.99 * len(ref)
+    for o, r in zip(ours, ref):  # same order (by predicted IoU), same records
+        assert _mask_iou(o["segmentation"], r["segmentation"]) >= 0.98
+        assert abs(o["predicted_iou"] - r["predicted_iou"]) < 1e-4
+        assert abs(o["stability_score"] - r["stability_score"]) < 1e-3
+        assert o["bbox"] == r["bbox"] and o["crop_box"] == r["crop_box"]
+        assert abs(o["area"] - r["area"]) <= 0.01 * r["area"] + 2
+        np.testing.assert_allclose(o["point_coords"], r["point_coords"], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def loose_pair(sam_pair):
+    tsam, jsam, _ = sam_pair
+    image = natural_image()
+    kw = dict(LOOSE, box_nms_thresh=1.0)  # NMS off: every thresholded mask is compared
+    return image, _run_upstream(tsam, image, **kw), SamAutomaticMaskGenerator(jsam, **kw).generate(image)
+
+
+def test_generate_matches_upstream(loose_pair):
+    _, ref, ours = loose_pair
+    assert len(ref) >= 10
+    _assert_same_records(ours, ref)
+
+
+@pytest.mark.parametrize("kw", [dict(LOOSE), dict(points_per_side=4)],
+                         ids=["loose_nms0.7", "default_thresholds"])
+def test_generate_with_nms(sam_pair, kw):
+    tsam, jsam, _ = sam_pair
+    image = natural_image()
+    _assert_same_records(SamAutomaticMaskGenerator(jsam, **kw).generate(image), _run_upstream(tsam, image, **kw))
+
+
+def test_generate_masks_batched(sam_pair, loose_pair):
+    """Two images in one jit: image 0 = upstream's records, image 1 = the host generator's; plus
+    external box prompts (one absent) = the predictor's single-mask output."""
+    from segment_anything import SamPredictor as TorchPredictor
+
+    tsam, jsam, _ = sam_pair
+    image, ref, _ = loose_pair
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    kw = dict(LOOSE, box_nms_thresh=1.0)
+    boxes = np.array([[[100.0, 50.0, 400.0, 300.0], [np.nan] * 4], [[10.0, 20.0, 300.0, 390.0], [0, 0, 599, 399]]])
+    out = generate_masks(jsam, jnp.asarray(np.stack([image, flipped])), max_masks=48, boxes=jnp.asarray(boxes), **kw)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    assert out["masks"].shape == (2, 48, 400, 600) and out["valid"].shape == (2, 48)
+    for b, records in ((0, ref), (1, SamAutomaticMaskGenerator(jsam, **kw).generate(flipped))):
+        n = int(out["valid"][b].sum())
+        assert n == min(len(records), 48) and out["valid"][b, :n].all()
+        ours = [dict(segmentation=out["masks"][b, i], predicted_iou=float(out["scores"][b, i]),
+                     stability_score=float(out["stability"][b, i]), area=int(out["masks"][b, i].sum()),
+                     bbox=amg.box_xyxy_to_xywh(out["boxes"][b, i].astype(np.int64)).tolist(),
+                     crop_box=[0, 0, 600, 400], point_coords=[out["points"][b, i].tolist()]) for i in range(n)]
+        _assert_same_records(ours, records[:n])
+        assert not out["masks"][b, n:].any()
+    tp = TorchPredictor(tsam)
+    with torch.no_grad():
+        tp.set_image(image)
+        rm, riou, _ = tp.predict(box=boxes[0, 0], multimask_output=False)
+    assert out["box_valid"].tolist() == [[True, False], [True, True]]
+    assert np.mean(out["box_masks"][0, 0] == rm[0]) > 0.9999 and not out["box_masks"][0, 1].any()
+    assert abs(out["box_scores"][0, 0] - riou[0]) < 1e-4
+
+
+def test_nms_matches_torchvision():
+    from torchvision.ops import batched_nms
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n = 200
+        xy = rng.integers(0, 80, (n, 2))
+        wh = rng.integers(0, 40, (n, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        boxes[::7] = boxes[1::7][: len(boxes[::7])]  # exact duplicates
+        scores = rng.random(n).astype(np.float32)
+        valid = rng.random(n) > 0.2
+        ref = batched_nms(torch.from_numpy(boxes[valid]), torch.from_numpy(scores[valid]),
+                          torch.zeros(int(valid.sum())), 0.5).numpy()
+        ref = np.flatnonzero(valid)[ref]
+        keep, n_keep = amg.box_nms(jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid), 0.5, n)
+        np.testing.assert_array_equal(np.asarray(keep)[: int(n_keep)], ref)
+        keep3, n3 = amg.box_nms(jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid), 0.5, 3)
+        np.testing.assert_array_equal(np.asarray(keep3)[: int(n3)], ref[:3])
+        sub = batched_nms(torch.from_numpy(boxes[valid]), torch.from_numpy(scores[valid]),
+                          torch.zeros(int(valid.sum())), 0.5).numpy()
+        np.testing.assert_array_equal(amg.nms_numpy(boxes[valid], scores[valid], 0.5), sub)
+
+
+def test_mask_helpers_match_upstream():
+    from segment_anything.utils import amg as up
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 37, 53)).astype(np.float32) * 3
+    logits[2] = -5  # empty mask
+    np.testing.assert_allclose(amg.calculate_stability_score(jnp.asarray(logits), 0.0, 1.0),
+                               up.calculate_stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy(), rtol=1e-6)
+    masks = logits > 0
+    np.testing.assert_array_equal(amg.batched_mask_to_box(jnp.asarray(masks)),
+                                  up.batched_mask_to_box(torch.from_numpy(masks)).numpy())
+    for m, r in zip(masks, up.mask_to_rle_pytorch(torch.from_numpy(masks))):
+        assert amg.mask_to_rle(m) == r and amg.area_from_rle(r) == up.area_from_rle(r)
+        np.testing.assert_array_equal(amg.rle_to_mask(r), m)
+    np.testing.assert_allclose(amg.build_point_grid(7), up.build_point_grid(7))
+    for size, layers in (((400, 600), 2), ((1024, 777), 1)):
+        assert amg.generate_crop_boxes(size, layers, 512 / 1500) == up.generate_crop_boxes(size, layers, 512 / 1500)
+    holes = rng.random((40, 40)) > 0.3
+    for mode in ("holes", "islands"):
+        ours, changed = amg.remove_small_regions(holes, 5, mode)
+        ref, rchanged = up.remove_small_regions(holes, 5, mode)
+        assert changed == rchanged
+        np.testing.assert_array_equal(ours, ref)
