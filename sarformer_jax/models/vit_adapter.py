@@ -238,6 +238,9 @@ class BEiTAdapter(BEiT):
         c = self.embed_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.interaction_indexes = tuple(tuple(int(i) for i in r) for r in cfg.interaction_indexes)
+        if len(self.interaction_indexes) != 4:
+            raise ValueError(f"interaction_indexes must have 4 stages (strides 4..32 use one each), "
+                             f"got {self.interaction_indexes}")
         if self.interaction_indexes[-1][-1] != int(cfg.depth) - 1:
             raise ValueError(f"interaction_indexes {self.interaction_indexes} do not end at the last "
                              f"of {cfg.depth} layers")

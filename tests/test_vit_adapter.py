@@ -1,0 +1,250 @@
+"""ViT-Adapter backbone: full B / L output shapes at 640x640 and 512x1024 (abstract evaluation),
+one real forward at 640 with a reduced-depth B, gradients, freezing, BatchNorm modes, remat,
+and stage-level checks against PyTorch ops (SPM, the transposed-conv layout, the depthwise conv
+split) through the converter's layouts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from conftest import RTOL, rel_err
+from sarformer_jax.configs.common import beit_adapter_b, beit_adapter_l
+from sarformer_jax.convert.common import conv_kernel, conv_transpose_kernel
+from sarformer_jax.models.beit import relative_position_bias, relative_position_index, table_rows
+from sarformer_jax.models.vit_adapter import BEiTAdapter, ConvFFN, deform_inputs
+
+SIZES = [(640, 640), (512, 1024)]
+
+
+def small_cfg(**kw):
+    cfg = beit_adapter_b()
+    cfg.update(embed_dim=64, num_heads=4, deform_num_heads=4, depth=4,
+               interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)))
+    cfg.update(kw)
+    return cfg
+
+
+def _flat(tree):
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(tree)}
+
+
+@pytest.mark.parametrize("variant", ["b", "l"])
+def test_full_size_shapes(variant):
+    cfg = beit_adapter_b() if variant == "b" else beit_adapter_l()
+    c, heads = (768, 12) if variant == "b" else (1024, 16)
+    model = nnx.eval_shape(lambda: BEiTAdapter(cfg, 640, rngs=nnx.Rngs(0)))
+    assert len(model.layers) == cfg.depth and len(model.interactions[3].extra_extractors) == 2
+    assert model.layers[0].attn.relative_position_bias_table.shape == (6244, heads)
+    assert model.interactions[0].injector.attn.sampling_offsets.kernel.shape == (c, heads * 3 * 4 * 2)
+    assert model.interactions[0].extractor.ffn.dwconv.dwconv.kernel.shape == (3, 3, 1, c // 4)
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, train=False)[:2]
+
+    for h, w in SIZES:
+        feats, raw = jax.eval_shape(forward, state, jax.ShapeDtypeStruct((2, h, w, 3), jnp.float32))
+        for stride, f, r in zip((4, 8, 16, 32), feats, raw):
+            assert f.shape == r.shape == (2, h // stride, w // stride, c)
+            assert f.dtype == jnp.float32
+
+
+def test_forward_640_reduced_b_deterministic(rng):
+    cfg = beit_adapter_b()
+    cfg.update(depth=4, interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)))
+    model = BEiTAdapter(cfg, 640, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(1, 640, 640, 3)).astype(np.float32))
+    fwd = nnx.jit(lambda m, x: m(x, train=False))
+    feats, raw, inter = fwd(model, x)
+    feats2, raw2, _ = fwd(model, x)
+    for s, f, r, f2, r2 in zip((4, 8, 16, 32), feats, raw, feats2, raw2):
+        assert f.shape == (1, 640 // s, 640 // s, 768)
+        assert np.isfinite(np.asarray(f)).all()
+        np.testing.assert_array_equal(np.asarray(f), np.asarray(f2))
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(r2))
+    assert inter["stage3.c"].shape == (1, 80 * 80 + 40 * 40 + 20 * 20, 768)
+    assert inter["stage0.x"].shape == (1, 40, 40, 768)
+
+
+def _loss(model, x, train, proj):
+    feats, raw, _ = model(x, train=train)
+    # random projections: a plain sum of batch-normalised outputs has no gradient
+    return sum(jnp.sum(f * p) for f, p in zip(feats + raw, proj))
+
+
+_forward = nnx.jit(lambda model, x, train: model(x, train=train)[:2], static_argnums=2)
+_grad = nnx.jit(nnx.grad(_loss), static_argnums=2)
+
+
+def _proj(model, x, rng):
+    feats, raw = _forward(model, x, False)
+    return [jnp.asarray(rng.normal(size=f.shape).astype(np.float32)) for f in feats + raw]
+
+
+def test_gradients_reach_every_parameter_and_freezing(rng):
+    model = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(2, 32, 64, 3)).astype(np.float32))
+    proj = _proj(model, x, rng)
+    stats0 = _flat(nnx.state(model, nnx.BatchStat))
+    grads = _grad(model, x, True, proj)
+    flat = _flat(grads)
+    params = _flat(nnx.state(model, nnx.Param))
+    assert set(flat) == set(params)
+    dead = [k for k, g in flat.items() if not np.any(np.asarray(g))]
+    assert dead == []
+
+    # freezing: stage 0 (patch embedding, cls) and stage 1 (layer 0) get no update
+    frozen = model.frozen_filter(2)
+    frozen_names = set(_flat(nnx.state(model, frozen)))
+    assert "patch_embed.projection.kernel" in frozen_names and "layers.0.ln1.scale" in frozen_names
+    assert not any(k.startswith(("layers.1.", "spm.", "interactions.")) for k in frozen_names)
+    wrt = nnx.All(nnx.Param, nnx.Not(frozen))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=wrt)
+    before = _flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    opt.update(model, nnx.filter_state(grads, wrt))
+    after = _flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    for k in before:
+        same = np.array_equal(np.asarray(before[k]), np.asarray(after[k]))
+        if k in frozen_names:
+            assert same, k
+        elif k in params:
+            assert not same, k
+    # batch statistics: updated by a training forward, untouched by an eval forward
+    assert not np.array_equal(np.asarray(stats0["norm_1.mean"]), np.asarray(after["norm_1.mean"]))
+    _forward(model, x, False)
+    np.testing.assert_array_equal(_flat(nnx.state(model, nnx.BatchStat))["norm_1.mean"], after["norm_1.mean"])
+
+
+def test_remat_same_gradients(rng):
+    x = jnp.asarray(rng.normal(size=(2, 32, 64, 3)).astype(np.float32))
+    plain = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))
+    proj = _proj(plain, x, rng)
+    remat = BEiTAdapter(small_cfg(with_cp=True), 128, rngs=nnx.Rngs(0))
+    g1 = _flat(_grad(plain, x, False, proj))
+    g2 = _flat(_grad(remat, x, False, proj))
+    for k in g1:
+        assert rel_err(g2[k], g1[k]) <= RTOL["float32"], k
+
+
+def test_cls_flag(rng):
+    x = jnp.asarray(rng.normal(size=(2, 32, 64, 3)).astype(np.float32))
+    plain = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))
+    # carry_cls=False (the original) re-feeds the learned token: later stages do not see the
+    # updated cls, so the outputs differ from carry_cls=True.  A large patch->cls bias makes
+    # the patches attend mostly to cls and large layer scales let the cls change, so the
+    # difference is visible.
+    carry = BEiTAdapter(small_cfg(carry_cls=True), 128, rngs=nnx.Rngs(0))
+    cls = jnp.asarray(rng.normal(size=(1, 1, 64)).astype(np.float32))
+    for m in (plain, carry):
+        m.cls_token.set_value(cls)
+        for layer in m.layers:
+            table = layer.attn.relative_position_bias_table
+            table.set_value(table[...].at[-2].set(6.0))
+            layer.gamma_1.set_value(jnp.full((64,), 10.0))
+            layer.gamma_2.set_value(jnp.full((64,), 10.0))
+    a, b = _forward(plain, x, False)[0][2], _forward(carry, x, False)[0][2]
+    assert rel_err(a, b) > 1e-3
+
+
+def test_relative_position_index_and_bias():
+    index = relative_position_index((40, 40))
+    assert index.shape == (1601, 1601)
+    assert index[0, 5] == 6241 and index[7, 0] == 6242 and index[0, 0] == 6243
+    # patch (r, c) = (2, 3) -> (5, 1): (2 - 5 + 39) * 79 + (3 - 1 + 39)
+    assert index[1 + 2 * 40 + 3, 1 + 5 * 40 + 1] == 36 * 79 + 41
+    table = np.random.default_rng(0).normal(size=(table_rows((5, 7)), 3)).astype(np.float32)
+    got = np.asarray(relative_position_bias(jnp.asarray(table), (5, 7)))
+    np.testing.assert_array_equal(got, table[relative_position_index((5, 7))].transpose(2, 0, 1))
+
+
+def test_deform_inputs_640():
+    (ref1, shapes1), (ref2, shapes2) = deform_inputs(640, 640)
+    assert ref1.shape == (1, 1600, 1, 2) and shapes1 == ((80, 80), (40, 40), (20, 20))
+    assert ref2.shape == (1, 8400, 1, 2) and shapes2 == ((40, 40),)
+    np.testing.assert_allclose(ref1[0, 41, 0], [1.5 / 40, 1.5 / 40])  # (x, y) of patch (1, 1)
+    np.testing.assert_allclose(ref2[0, 6400 + 1600, 0], [0.5 / 20, 0.5 / 20])
+
+
+def test_bad_input_size():
+    model = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model(jnp.zeros((1, 64, 80, 3)))
+
+
+def _torch(a):
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def test_spm_and_up_vs_torch(rng):
+    """SPM in eval mode (random running statistics) and `up` against torch conv/BN/pool ops with
+    weights mapped back through the converter's layouts."""
+    model = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))
+    for bn in [model.spm.stem[1], model.spm.stem[4], model.spm.stem[7], model.spm.conv2[1],
+               model.spm.conv3[1], model.spm.conv4[1]]:
+        bn.mean.set_value(jnp.asarray(rng.normal(size=bn.mean.shape).astype(np.float32)))
+        bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, size=bn.var.shape).astype(np.float32)))
+        bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, size=bn.scale.shape).astype(np.float32)))
+    x = rng.normal(size=(2, 64, 96, 3)).astype(np.float32)
+    c1, c2, c3, c4 = model.spm(jnp.asarray(x), train=False)
+
+    def conv_w(conv):  # our kernel back to torch (O, I, kh, kw)
+        return _torch(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1))
+
+    def block(t, conv, bn, stride):
+        t = F.conv2d(t, conv_w(conv), stride=stride, padding=1)
+        t = F.batch_norm(t, _torch(bn.mean[...]), _torch(bn.var[...]), _torch(bn.scale[...]),
+                         _torch(bn.bias[...]), False, 0.0, 1e-5)
+        return F.relu(t)
+
+    s = model.spm
+    with torch.no_grad():
+        t = _torch(x).permute(0, 3, 1, 2)
+        t = block(t, s.stem[0], s.stem[1], 2)
+        t = block(t, s.stem[3], s.stem[4], 1)
+        t = block(t, s.stem[6], s.stem[7], 1)
+        t1 = F.max_pool2d(t, 3, 2, 1)
+        t2 = block(t1, s.conv2[0], s.conv2[1], 2)
+        t3 = block(t2, s.conv3[0], s.conv3[1], 2)
+        t4 = block(t3, s.conv4[0], s.conv4[1], 2)
+        outs = [F.conv2d(tt, conv_w(fc), _torch(fc.bias[...]))
+                for tt, fc in zip((t1, t2, t3, t4), (s.fc1, s.fc2, s.fc3, s.fc4))]
+    np.testing.assert_array_less(rel_err(c1, outs[0].permute(0, 2, 3, 1).numpy()), RTOL["float32"])
+    for ours, ref in zip((c2, c3, c4), outs[1:]):
+        ref = ref.flatten(2).transpose(1, 2).numpy()
+        assert rel_err(ours, ref) <= RTOL["float32"]
+
+    # ConvTranspose2d layout: a torch weight through the converter's transform into `up`
+    w = rng.normal(size=(64, 64, 2, 2)).astype(np.float32)
+    model.up.kernel.set_value(jnp.asarray(conv_transpose_kernel(w)))
+    y = rng.normal(size=(2, 5, 7, 64)).astype(np.float32)
+    ref = F.conv_transpose2d(_torch(y).permute(0, 3, 1, 2), _torch(w), _torch(model.up.bias[...]), stride=2)
+    assert rel_err(model.up(jnp.asarray(y)), ref.permute(0, 2, 3, 1).numpy()) <= RTOL["float32"]
+
+
+def test_conv_ffn_vs_torch(rng):
+    """ConvFFN: one shared depthwise conv per level map (the original's N // 21 split)."""
+    ffn = ConvFFN(32, 8, rngs=nnx.Rngs(0))
+    dw = rng.normal(size=(8, 1, 3, 3)).astype(np.float32)
+    ffn.dwconv.dwconv.kernel.set_value(jnp.asarray(conv_kernel(dw)))
+    shapes = ((8, 12), (4, 6), (2, 3))
+    x = rng.normal(size=(2, sum(h * w for h, w in shapes), 32)).astype(np.float32)
+    got = ffn(jnp.asarray(x), shapes)
+    with torch.no_grad():
+        t = F.linear(_torch(x), _torch(np.asarray(ffn.fc1.kernel[...]).T), _torch(ffn.fc1.bias[...]))
+        n = t.shape[1] // 21
+        parts, start = [], 0
+        for (h, w), size in zip(shapes, (16 * n, 4 * n, n)):
+            m = t[:, start : start + size].transpose(1, 2).reshape(2, 8, h, w)
+            m = F.conv2d(m, _torch(dw), _torch(ffn.dwconv.dwconv.bias[...]), padding=1, groups=8)
+            parts.append(m.flatten(2).transpose(1, 2))
+            start += size
+        t = F.gelu(torch.cat(parts, 1))
+        ref = F.linear(t, _torch(np.asarray(ffn.fc2.kernel[...]).T), _torch(ffn.fc2.bias[...])).numpy()
+    assert rel_err(got, ref) <= RTOL["float32"]
