@@ -22,10 +22,10 @@ from sarformer_jax.models.vit_adapter import BEiTAdapter
 
 timm_beit = pytest.importorskip("timm.models.beit")
 
-DIM, HEADS, DEPTH = 64, 4, 2
+DIM, HEADS, DEPTH = 64, 4, 4
 
 
-def small_cfg(depth=DEPTH, indexes=((0, 0), (1, 1))):
+def small_cfg(depth=DEPTH, indexes=((0, 0), (1, 1), (2, 2), (3, 3))):
     cfg = beit_adapter_b()
     cfg.update(embed_dim=DIM, num_heads=HEADS, deform_num_heads=HEADS, depth=depth,
                interaction_indexes=indexes)
