@@ -7,9 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -39,3 +39,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A small synthetic dataset (ADE20K layout, 8 classes, proposal cache) shared by tests."""
+    from sarformer_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=16, num_val=2, image_size=(64, 80), num_classes=8, seed=0)
+    return root

@@ -8,43 +8,16 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from micro import micro_config
 
 from sarformer_jax import checkpoint as ckpt_lib
-from sarformer_jax.config import load_config
-from sarformer_jax.train import (ConfigMismatchError, NonFiniteLossError, create_trainer,
-                                 device_batch, train)
-
-
-def micro_config(tmp_path_factory=None, root=None, **extra):
-    """A SARFormer of the real architecture, small enough for CPU tests."""
-    sets = [
-        "model.image_size=(64, 64)", "model.backbone.embed_dim=32", "model.backbone.num_heads=2",
-        "model.backbone.deform_num_heads=2", "model.backbone.conv_inplane=8",
-        "model.backbone.rel_pos_grid=(4, 4)", "model.head.feat_channels=32",
-        "model.head.num_queries=8", "model.head.pixel_decoder.num_heads=2",
-        "model.head.pixel_decoder.ffn_dim=64", "model.head.pixel_decoder.num_feats=16",
-        "model.head.pixel_decoder.gn_groups=8", "model.head.pixel_decoder.num_layers=1",
-        "model.head.decoder.num_layers=2", "model.head.decoder.num_heads=2",
-        "model.head.decoder.ffn_dim=64", "model.head.decoder.num_feats=16",
-        "model.aux_head.in_channels=32", "model.aux_head.channels=16",
-        "model.loss.num_points=256", "data.crop_size=(64, 64)", "data.scale=(256, 64)",
-        f"data.root={root}", f"guidance.cache_dir={root}/proposals",
-        "data_gen.num_train=16", "data_gen.num_val=2", "data_gen.image_size=(64, 80)",
-        "train.batch_size=8", "train.num_steps=6", "train.ckpt_every=3", "train.eval_every=1000",
-        "train.log_every=1", "eval.crop_size=(64, 64)", "eval.stride=(48, 48)",
-        "eval.scale=(256, 64)",
-    ]
-    sets += [f"{k}={v}" for k, v in extra.items()]
-    return load_config("tiny", sets)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from sarformer_jax.data import synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(root, num_train=16, num_val=2, image_size=(64, 80), num_classes=8, seed=0)
-    return root
+from sarformer_jax.train import (
+    ConfigMismatchError,
+    NonFiniteLossError,
+    create_trainer,
+    device_batch,
+    train,
+)
 
 
 def _first_batch(cfg):
@@ -58,7 +31,11 @@ def _leaves(tree):
 
 
 def test_sharded_step_equals_single_device(data_root):
-    cfg = micro_config(root=data_root)
+    # Adam's first step is lr * sign(g) wherever |g| >> eps, which turns gradients that are zero
+    # up to rounding (e.g. positional encodings at the Deformable-DETR init) into +-lr updates
+    # of random sign; a large eps makes the update proportional to the gradient, so the
+    # comparison measures the sharded step itself.
+    cfg = micro_config(root=data_root, **{"train.eps": 1.0})
     batch = _first_batch(cfg)
     assert len(jax.devices()) == 8
     results = []
@@ -94,7 +71,7 @@ def test_kill_and_resume_is_bit_identical(data_root, tmp_path):
 
 
 def _nan_at(monkeypatch, bad_index):
-    import sarformer_jax.data.pipeline as pipeline
+    from sarformer_jax.data import pipeline
 
     real = pipeline.build_train_loader
 
