@@ -17,7 +17,6 @@ import re
 import sys
 
 import numpy as np
-
 from sarformer_jax.convert.common import (
     CheckpointError,
     Rule,

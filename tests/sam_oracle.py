@@ -13,7 +13,13 @@ DEPTH, GLOBAL = 2, (1,)  # one windowed block, one global block
 
 def torch_sam(depth: int = DEPTH, global_attn_indexes=GLOBAL, embed_dim: int = 768, num_heads: int = 12, seed: int = 0):
     import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     torch.manual_seed(seed)
     sam = Sam(
@@ -51,9 +57,9 @@ def torch_sam(depth: int = DEPTH, global_attn_indexes=GLOBAL, embed_dim: int = 7
 def save_and_convert(tsam, path, depth: int = DEPTH, global_attn_indexes=GLOBAL):
     import torch
     from flax import nnx
-
     from sarformer_jax.convert import sam as convert_sam
     from sarformer_jax.convert.common import update_module
+
     from sarformer_jax.sam.build import build_sam
 
     torch.save(tsam.state_dict(), path)

@@ -8,10 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
 
-from sam_oracle import sam_pair, torch_sam  # noqa: E402,F401
-
-from sarformer_jax.convert import sam as convert_sam  # noqa: E402
-from sarformer_jax.convert.common import CheckpointError, conv_transpose_kernel, linear_kernel  # noqa: E402
+from sam_oracle import sam_pair, torch_sam  # noqa: F401
+from sarformer_jax.convert import sam as convert_sam
+from sarformer_jax.convert.common import CheckpointError, conv_transpose_kernel, linear_kernel
 
 KW = dict(model_type="vit_b", encoder_depth=2, global_attn_indexes=(1,))
 

@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
 
-import jax.numpy as jnp  # noqa: E402
-from sam_oracle import natural_image, sam_pair  # noqa: E402,F401
+import jax.numpy as jnp
+from sam_oracle import natural_image, sam_pair  # noqa: F401
 
-from sarformer_jax.sam import amg  # noqa: E402
-from sarformer_jax.sam.automatic_mask_generator import SamAutomaticMaskGenerator, generate_masks  # noqa: E402
+from sarformer_jax.sam import amg
+from sarformer_jax.sam.automatic_mask_generator import SamAutomaticMaskGenerator, generate_masks
 
 # Random weights give IoU predictions in about [-0.2, 0.7] and stability scores (offset 1) in
 # about [0, 0.7]; these thresholds keep roughly a third of the candidates.

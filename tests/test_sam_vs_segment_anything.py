@@ -8,12 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from conftest import RTOL, rel_err  # noqa: E402
-from sam_oracle import natural_image, sam_pair, save_and_convert, torch_sam  # noqa: E402,F401
+import jax
+import jax.numpy as jnp
+from conftest import RTOL, rel_err
+from sam_oracle import natural_image, sam_pair, save_and_convert, torch_sam  # noqa: F401
 
-from sarformer_jax.sam import SamPredictor  # noqa: E402
+from sarformer_jax.sam import SamPredictor
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,6 @@ def test_get_rel_pos(length, size):
 def test_conv_transpose_layout():
     """convert.common.conv_transpose_kernel + nnx.ConvTranspose == torch ConvTranspose2d (k2 s2)."""
     from flax import nnx
-
     from sarformer_jax.convert.common import conv_transpose_kernel
 
     tconv = torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)

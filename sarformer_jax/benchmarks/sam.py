@@ -94,7 +94,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup):
 
     sam = build_sam(model_type, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
     images = jnp.asarray(_images(size, batch))
-    run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()  # noqa: E731
+    run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()
     return _time(run, iters, warmup) / batch
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from flax import nnx
@@ -32,25 +32,25 @@ class SamConfig:
     prompt_embed_dim: int = 256
 
     @classmethod
-    def vit_b(cls) -> "SamConfig":
+    def vit_b(cls) -> SamConfig:
         return cls(768, 12, 12, (2, 5, 8, 11))
 
     @classmethod
-    def vit_l(cls) -> "SamConfig":
+    def vit_l(cls) -> SamConfig:
         return cls(1024, 24, 16, (5, 11, 17, 23))
 
     @classmethod
-    def vit_h(cls) -> "SamConfig":
+    def vit_h(cls) -> SamConfig:
         return cls(1280, 32, 16, (7, 15, 23, 31))
 
     @classmethod
-    def preset(cls, model_type: str) -> "SamConfig":
+    def preset(cls, model_type: str) -> SamConfig:
         presets = {"vit_b": cls.vit_b, "vit_l": cls.vit_l, "vit_h": cls.vit_h, "default": cls.vit_h}
         if model_type not in presets:
             raise ValueError(f"unknown SAM model_type {model_type!r}; expected one of {sorted(presets)}")
         return presets[model_type]()
 
-    def with_depth(self, depth: int | None, global_attn_indexes=None) -> "SamConfig":
+    def with_depth(self, depth: int | None, global_attn_indexes=None) -> SamConfig:
         """Reduced-depth copy (tests): by default keeps the global blocks that still exist, or
         makes the last block global."""
         if depth is None and global_attn_indexes is None:

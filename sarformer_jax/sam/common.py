@@ -8,7 +8,7 @@ Legend: b batch, h w spatial, c channels.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

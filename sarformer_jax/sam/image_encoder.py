@@ -8,7 +8,7 @@ Legend: b batch, h w token grid, c channels, n heads, d head dim, k key position
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
