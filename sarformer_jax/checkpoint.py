@@ -45,9 +45,11 @@ class Checkpointer:
                                                        extra=ocp.args.JsonSave(extra)),
                          metrics=metrics, force=True)
         except Exception as e:  # orbax raises various OSErrors / ValueErrors
+            prev = self.latest_step()
+            kept = (f"the previous checkpoint ({prev}) is intact" if prev is not None
+                    else "no earlier checkpoint exists")
             raise CheckpointSaveError(
-                f"saving checkpoint {step} in {manager.directory} failed: {e}; the previous "
-                f"checkpoint ({self.latest_step()}) is intact") from e
+                f"saving checkpoint {step} in {manager.directory} failed: {e}; {kept}") from e
 
     def save(self, step: int, state: Any, extra: dict) -> None:
         self._save(self.periodic, step, state, extra, None)

@@ -13,7 +13,6 @@ proposal slots come from a fixed key (`guidance.deterministic_eval`).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from typing import Any
@@ -25,9 +24,8 @@ import numpy as np
 
 from sarformer_jax import inference
 from sarformer_jax.config import Config, load_config
-from sarformer_jax.guidance import make_proposal_fn
 from sarformer_jax.metrics import IoUAccumulator, format_table, to_json
-from sarformer_jax.models.mask2former import semantic_inference
+from sarformer_jax.models.mask2former import prepare_proposals, semantic_inference
 
 PAD_MULTIPLE = 32
 
@@ -38,7 +36,7 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
 
     graphdef, rest = trainer.graphdef, trainer.rest
     q = int(cfg.model.head.num_queries)
-    proposal_fn = make_proposal_fn(cfg) if with_proposals else None
+    noise = bool(cfg.guidance.noise_placeholders)
     invert = bool(cfg.guidance.invert_first_mask)
     deterministic = bool(cfg.guidance.get("deterministic_eval", True))
 
@@ -47,23 +45,26 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
         model = nnx.merge(graphdef, params, stats, rest)
         image = windows[..., :3]
         proposals = None
-        if proposal_fn is not None:
+        if with_proposals:
             props = jnp.moveaxis(windows[..., 3:3 + q], -1, 1) >= 0.5  # [N, Q, h, w]
-            batch = {"image": image, "proposals": props,
-                     "num_proposals": jnp.full((props.shape[0],), q, jnp.int32)}
-            # empty slots (no pixel in this window) are not proposals
-            valid = jnp.any(props, axis=(2, 3))
-            from sarformer_jax.models.mask2former import prepare_proposals
-
-            proposals = prepare_proposals(key, props, valid, q,
-                                          noise_placeholders=bool(cfg.guidance.noise_placeholders),
+            valid = jnp.any(props, axis=(2, 3))  # a slot with no pixel in this window is empty
+            proposals = prepare_proposals(key, props, valid, q, noise_placeholders=noise,
                                           deterministic=deterministic)
-            del batch
         preds, _, _ = model(image, proposals, train=False, invert_first_mask=invert)
         last = preds[-1]
         return semantic_inference(last["cls"], last["mask"], image.shape[1:3])
 
     return fn
+
+
+def cached_window_fn(cfg: Config, trainer, *, with_proposals: bool):
+    """`make_window_fn`, built (and compiled) once per trainer and guidance setting."""
+    cache = trainer.__dict__.setdefault("_window_fns", {})
+    key = (with_proposals, int(cfg.model.head.num_queries), bool(cfg.guidance.noise_placeholders),
+           bool(cfg.guidance.invert_first_mask), bool(cfg.guidance.get("deterministic_eval", True)))
+    if key not in cache:
+        cache[key] = make_window_fn(cfg, trainer, with_proposals=with_proposals)
+    return cache[key]
 
 
 def _proposal_channels(record: dict, size: tuple[int, int], q: int) -> np.ndarray:
@@ -136,7 +137,7 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
     if cfg.model.head.query_init == "sam_pooling" and not with_proposals:
         raise ValueError("evaluation of SARFormer needs guidance.source='cached' in this version "
                          "(online SAM guidance at evaluation is not wired yet)")
-    window_fn = make_window_fn(cfg, trainer, with_proposals=with_proposals)
+    window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     params, stats = state["params"], state["batch_stats"]
     acc = IoUAccumulator(int(cfg.model.head.num_classes), ignore_index=int(cfg.data.ignore_index))
     from tqdm.auto import tqdm
@@ -158,7 +159,7 @@ def load_for_eval(cfg: Config, checkpoint: str | pathlib.Path):
     a `checkpoints/<step>` / `best/<step>` directory.  A checkpoint of another architecture is
     refused naming the mismatched parameters."""
     from sarformer_jax import checkpoint as ckpt_lib
-    from sarformer_jax.train import _check_resume_shapes, create_trainer, shape_fingerprint
+    from sarformer_jax.train import _check_resume_shapes, abstract_fingerprint, create_trainer
 
     path = pathlib.Path(checkpoint)
     step = None
@@ -170,11 +171,11 @@ def load_for_eval(cfg: Config, checkpoint: str | pathlib.Path):
         best = (path / "best").is_dir() and any((path / "best").iterdir())
     if not (workdir / "checkpoints").is_dir() and not (workdir / "best").is_dir():
         raise FileNotFoundError(f"{checkpoint}: no checkpoints/ or best/ directory")
-    trainer, state = create_trainer(cfg)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     try:
         extra, step = ck.restore_extra(step, best=best)
-        _check_resume_shapes(extra.get("shapes", {}), shape_fingerprint(state["params"]))
+        _check_resume_shapes(extra.get("shapes", {}), abstract_fingerprint(cfg))
+        trainer, state = create_trainer(cfg)
         state, _, step = ck.restore(ckpt_lib.abstract_like(state), step, best=best)
     finally:
         ck.close()
@@ -198,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
+    from sarformer_jax.predict import class_names_and_palette
     from sarformer_jax.train import ConfigMismatchError
-    from sarformer_jax.visualize import class_names_for
 
     try:
         trainer, state, step = load_for_eval(cfg, args.checkpoint)
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     results = evaluate_state(cfg, trainer, state, mode=args.mode, aug_test=args.aug_test,
                              split=args.split)
-    names = class_names_for(cfg)
+    names, _ = class_names_and_palette(cfg)
     table = format_table(results, names)
     print(table)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.checkpoint)

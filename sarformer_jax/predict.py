@@ -68,11 +68,11 @@ def predict_records(cfg: Config, trainer, state, records, out_dir, *, mode=None,
                     progress: bool = False) -> list[pathlib.Path]:
     from tqdm.auto import tqdm
 
-    from sarformer_jax.evaluate import make_window_fn, predict_scores
+    from sarformer_jax.evaluate import cached_window_fn, predict_scores
 
     with_proposals = (cfg.model.head.query_init == "sam_pooling"
                       and cfg.guidance.source == "cached")
-    window_fn = make_window_fn(cfg, trainer, with_proposals=with_proposals)
+    window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     paths = []
     for i, record in enumerate(tqdm(records, desc="predict", disable=not progress)):
         scores = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], record, i,

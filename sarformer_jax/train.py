@@ -36,7 +36,6 @@ from sarformer_jax.losses import loss_fn as segmentation_loss
 from sarformer_jax.models.sarformer import build_model
 from sarformer_jax.optim import build_optimizer
 
-
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "TPU_WORKER_HOSTNAMES")
 
@@ -81,6 +80,12 @@ class Trainer:
     train_step: Any = None
 
 
+def abstract_fingerprint(cfg: Config) -> dict[str, list[int]]:
+    """`shape_fingerprint` of the params `cfg` builds, without allocating them."""
+    abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    return shape_fingerprint(nnx.split(abstract, nnx.Param, ...)[1])
+
+
 def shape_fingerprint(params) -> dict[str, list[int]]:
     flat = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -90,13 +95,25 @@ def shape_fingerprint(params) -> dict[str, list[int]]:
 
 
 _TRAINERS: dict[tuple, tuple[Trainer, Any]] = {}
+_HOST_ONLY_TRAIN_KEYS = ("nan_policy", "ckpt_every", "eval_every", "log_every",
+                         "keep_checkpoints", "keep_best", "profile")
+
+
+def _compiled_part(cfg: Config) -> dict:
+    """The config without the keys that only the host loop reads (they do not change the
+    compiled step), so trainers can be shared across runs that differ only there."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in _HOST_ONLY_TRAIN_KEYS}
+    d.pop("eval", None)
+    d.pop("data_gen", None)
+    return d
 
 
 def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
     """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
     and a freshly initialised train state.  Trainers (and their compiled functions) are reused
     within a process for an identical config and device set."""
-    cache_key = (json.dumps(cfg.to_dict(), sort_keys=True, default=list),
+    cache_key = (json.dumps(_compiled_part(cfg), sort_keys=True, default=list),
                  tuple(d.id for d in (devices if devices is not None else jax.devices())))
     if cache_key in _TRAINERS:
         trainer, init = _TRAINERS[cache_key]
@@ -273,14 +290,15 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    trainer, state = create_trainer(cfg, devices=devices)
-    fingerprint = shape_fingerprint(state["params"])
+    fingerprint = abstract_fingerprint(cfg)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(cfg.train.keep_checkpoints))
     start_state = None
     latest = checkpointer.latest_step()
-    if latest is not None:
+    if latest is not None:  # refuse a checkpoint of other shapes before building anything
         extra, _ = checkpointer.restore_extra(latest)
         _check_resume_shapes(extra.get("shapes", {}), fingerprint)
+    trainer, state = create_trainer(cfg, devices=devices)
+    if latest is not None:
         state, extra, _ = checkpointer.restore(ckpt_lib.abstract_like(state), latest)
         start_state = extra.get("data_state")
         print(f"resumed from {workdir / 'checkpoints' / str(latest)}", flush=True)
@@ -328,7 +346,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                     print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}", flush=True)
             pbar.update(1)
             if boundary:
-                extra = {"data_state": loader.get_state(), "shapes": fingerprint, "step": step}
+                data_state = loader.get_state()
+                if isinstance(data_state, bytes):
+                    data_state = data_state.decode()
+                extra = {"data_state": data_state, "shapes": fingerprint, "step": step}
                 checkpointer.save(step, state, extra)
                 last_good = step
             if step % int(cfg.train.eval_every) == 0 or step == num_steps:

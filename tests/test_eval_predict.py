@@ -21,9 +21,8 @@ from sarformer_jax.train import train
 @pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    cfg = micro_config(root=data_root, **{"train.num_steps": 2, "train.ckpt_every": 2,
-                                          "train.eval_every": 2})
-    out = train(cfg, workdir, progress=False)
+    cfg = micro_config(root=data_root, **{"train.ckpt_every": 2, "train.eval_every": 2})
+    out = train(cfg, workdir, progress=False, stop_after=2)
     return cfg, workdir, out
 
 

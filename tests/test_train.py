@@ -101,8 +101,8 @@ def test_nonfinite_loss_stops_naming_step(data_root, tmp_path, monkeypatch):
 
 def test_nonfinite_loss_skip_policy_counts(data_root, tmp_path, monkeypatch):
     _nan_at(monkeypatch, 1)
-    cfg = micro_config(root=data_root, **{"train.nan_policy": "skip", "train.num_steps": 3})
-    out = train(cfg, tmp_path / "skip", progress=False)
+    cfg = micro_config(root=data_root, **{"train.nan_policy": "skip"})
+    out = train(cfg, tmp_path / "skip", progress=False, stop_after=3)
     assert int(out["state"]["bad_steps"]) == 1 and int(out["state"]["first_bad_step"]) == 1
     assert all(np.isfinite(x).all() for x in _leaves(out["state"]["params"]))
 
@@ -125,8 +125,8 @@ def test_failed_save_keeps_previous(data_root, tmp_path, monkeypatch):
 
 
 def test_resume_with_other_shapes_names_them(data_root, tmp_path):
-    cfg = micro_config(root=data_root, **{"train.num_steps": 1, "train.ckpt_every": 1})
-    train(cfg, tmp_path / "w", progress=False)
+    cfg = micro_config(root=data_root, **{"train.ckpt_every": 1})
+    train(cfg, tmp_path / "w", progress=False, stop_after=1)
     other = micro_config(root=data_root, **{"model.head.num_queries": 6})
     with pytest.raises(ConfigMismatchError, match="query_embed"):
         train(other, tmp_path / "w", progress=False)
