@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> Config:
     cfg.data = common.ade20k_data("data/synthetic")
     cfg.data.update(dataset="synthetic", num_classes=8, crop_size=(128, 128), scale=(512, 128),
                     num_workers=0)
-    cfg.train = common.train(batch_size=8, num_steps=600)
+    cfg.train = common.train(batch_size=8, num_steps=400)
     cfg.train.update(lr=1e-3, weight_decay=0.01, grad_clip_norm=1.0, warmup_steps=20,
                      compute_dtype="float32", log_every=25, eval_every=200, ckpt_every=200)
     cfg.eval = common.eval_cfg(crop=(128, 128), stride=(96, 96), scale=(512, 128))

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 
 import numpy as np
+
+
+# np.load parses .npy headers with `ast.literal_eval`, which CPython 3.11 can break when several
+# threads build ASTs at once ("AST constructor recursion depth mismatch"); grain's read-ahead
+# threads load proposals concurrently, so header parsing is serialised.
+_NPZ_LOCK = threading.Lock()
 
 
 def proposal_path(cache_dir: str | os.PathLike, split: str, stem: str) -> pathlib.Path:
@@ -41,7 +48,7 @@ def load_proposals(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     A file that is missing, truncated or inconsistent raises a one-line error naming it."""
     path = pathlib.Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with _NPZ_LOCK, np.load(path, allow_pickle=False) as f:
             packed, shape, scores = f["masks"], f["shape"], f["scores"]
     except FileNotFoundError:
         raise FileNotFoundError(f"proposal cache file missing: {path}") from None
