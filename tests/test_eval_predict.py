@@ -78,9 +78,10 @@ def test_predict_writes_aligned_overlay_and_skips_bad_images(trained, tmp_path, 
 
 def test_other_architecture_is_refused(trained, tmp_path, capsys):
     cfg, workdir, _ = trained
-    other = micro_config(root=cfg.data.root, **{"model.head.feat_channels": 48})
+    other = micro_config(root=cfg.data.root, **{"model.head.num_queries": 6})
     args = argparse.Namespace(config="tiny", checkpoint=str(workdir), data_root=None, mode=None,
                               aug_test=False, split="validation", out=str(tmp_path),
                               set=_sets(other))
     assert evaluate.run(args) == 1
-    assert "decode_head" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decode_head.query_embed" in err and "(8, 32)" in err and "(6, 32)" in err
