@@ -1,0 +1,405 @@
+"""`sarformer bench train`: one whole jitted training step of SARFormer-B and of the Mask2Former
+ViT-Adapter-B baseline (640², bf16 compute, fp32 params, AdamW): compile time, median step time,
+images/s, peak device memory, XLA FLOPs and MFU against a bf16 matmul ceiling measured in the
+same process.
+
+What is timed: `trainer.train_step` from `sarformer_jax.train.create_trainer(cfg)` exactly as the
+training loop calls it (proposal preparation, forward, Hungarian-matched losses with deep
+supervision and the auxiliary CE, backward, grad-norm, AdamW update, non-finite guard), on one
+random batch that stays on the device (no input pipeline: it needs grain and would measure the
+loader).  Batch: random uint8 images normalised with the config's mean/std, blocky random label
+maps (about a dozen classes of [0, 150) per image, a band of 255 ignore), and for SARFormer
+`guidance.source="cached"` proposals: 40-100 random rectangles per image as uint8 masks
+[B, 100, H, W] with `num_proposals` (the rest are Bernoulli placeholders).  Online SAM guidance
+(the automatic mask generator inside the step) is NOT measured: `create_trainer` builds the
+proposal function without a SAM generator, so `guidance.source="online"` does not run in the train
+step yet.  "MFU excluding SAM" is therefore what this reports.
+
+Proposal share: the cached-guidance proposal preparation (`trainer.proposal_fn`: subset,
+placeholders, permutation, uint8 -> float32 [B, 100, 640, 640]) is jitted and timed on its own on
+the same batch; its time over the step time is the share reported.  Inside the step XLA may fuse
+it differently, so this is an estimate.  The proposal-dependent parts of the model (layer-0
+attention mask, masked average pooling, the second pixel-decoder pass) are part of the forward
+and are not in that share.
+
+FLOPs: XLA's cost analysis of the *lowered* step (`lowered.cost_analysis()["flops"]`, the program
+before XLA's GPU passes).  The compiled step's count (`compiled.cost_analysis()`, also recorded as
+`flops_compiled`) is useless on the GPU: there the GEMMs become cuBLAS custom calls, which count
+as 0 FLOPs (seen on the H100: 0.030 instead of 2.23 TFLOP for BEiT-B fwd+bwd).  XLA also counts
+while-loop bodies (the Hungarian matcher) once, and the MSDA as its XLA-reference gathers on CPU
+or as Pallas custom calls (0) on GPU, so the count is close to, not exactly, the work done;
+`--lower-only` counts it without compiling (on CPU).  MFU = FLOPs / step time / ceiling, where
+the ceiling is the median rate of an 8192³ bf16 matmul timed in the same process (and, for
+reference, against the nominal dense bf16 peak of the device).
+
+Each model runs in its own subprocess (so peak memory is per model and one model failing to
+compile or running out of memory does not stop the other); `--in-process` turns that off.
+
+Example (on the device): `sarformer bench train --out $OUT/train.json --log-dir $OUT`.
+Results go to docs/benchmarks.md with command, device, date and jax version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+MODELS = {
+    "sarformer": "ade20k_sarformer_b",
+    "mask2former": "ade20k_mask2former_adapter_b",
+}
+# dense bf16 peak, TFLOP/s, by jax device_kind substring (nominal, for reference only)
+NOMINAL_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="sarformer,mask2former",
+                        help=f"comma list of: {', '.join(MODELS)}")
+    parser.add_argument("--batch-per-device", type=int, default=2)
+    parser.add_argument("--size", type=int, nargs="+", default=[640], help="H [W]")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="train.compute_dtype")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--matmul-size", type=int, default=8192, help="ceiling matmul n (n³)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override, repeatable (e.g. model.backbone.depth=4)")
+    parser.add_argument("--out", default=None, help="write results (json) here")
+    parser.add_argument("--log-dir", default=None, help="per-model subprocess logs go here")
+    parser.add_argument("--worker-timeout", type=float, default=None,
+                        help="seconds per model subprocess (default: none)")
+    parser.add_argument("--lower-only", action="store_true",
+                        help="only build, lower and count FLOPs (no compile, no timing; runs on CPU)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the models in this process (peak memory then accumulates)")
+    parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_config(model: str, args: argparse.Namespace, num_devices: int):
+    from sarformer_jax.config import load_config
+
+    size = _size(args)
+    sets = [
+        f"train.batch_size={args.batch_per_device * num_devices}",
+        f"train.compute_dtype={args.dtype}",
+        f"model.image_size=({size[0]}, {size[1]})",
+        f"data.crop_size=({size[0]}, {size[1]})",
+    ]
+    if model == "sarformer":
+        sets.append("guidance.source=cached")
+    return load_config(MODELS[model], sets + list(args.set))
+
+
+def _size(args) -> tuple[int, int]:
+    return tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
+
+
+def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """A training batch as the loader yields it (image float32 normalised, label int32 with 255,
+    and cached proposals uint8 [B, Q, H, W] + num_proposals when the config is guided)."""
+    rng = np.random.default_rng(seed)
+    b = int(cfg.train.batch_size)
+    h, w = (int(s) for s in cfg.data.crop_size)
+    k = int(cfg.model.head.num_classes)
+    mean = np.asarray(cfg.data.mean, np.float32)
+    std = np.asarray(cfg.data.std, np.float32)
+    raw = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+    image = (raw.astype(np.float32) - mean) / std
+    # blocky label maps: 16x16 cells, ~12 classes per image, a band of ignore at the bottom
+    cells = 16
+    label = np.empty((b, h, w), np.int32)
+    for i in range(b):
+        classes = rng.choice(k, size=12, replace=False)
+        grid = classes[rng.integers(0, len(classes), (cells, cells))]
+        ys = np.minimum(np.arange(h) * cells // h, cells - 1)
+        xs = np.minimum(np.arange(w) * cells // w, cells - 1)
+        label[i] = grid[ys[:, None], xs[None, :]]
+        label[i, int(0.9 * h):, :] = 255
+    batch = {"image": image, "label": label}
+    if cfg.model.head.query_init == "sam_pooling":
+        q = int(cfg.model.head.num_queries)
+        props = np.zeros((b, q, h, w), np.uint8)
+        num = rng.integers(q * 2 // 5, q + 1, b).astype(np.int32)
+        for i in range(b):
+            for j in range(int(num[i])):
+                y0, y1 = np.sort(rng.integers(0, h + 1, 2))
+                x0, x1 = np.sort(rng.integers(0, w + 1, 2))
+                props[i, j, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
+        batch["proposals"] = props
+        batch["num_proposals"] = num
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _median_time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+    """Median seconds per call; `fn` must block until its result is ready."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), times
+
+
+def matmul_ceiling(n: int, reps: int = 10, inner: int = 5) -> float:
+    """Measured dense bf16 rate (FLOP/s): median over `reps` groups of `inner` back-to-back
+    n³ products on random inputs (two input sets, alternated)."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    sets = [(jax.random.normal(keys[2 * i], (n, n), jnp.bfloat16),
+             jax.random.normal(keys[2 * i + 1], (n, n), jnp.bfloat16)) for i in range(2)]
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready([mm(a, b) for a, b in sets])
+
+    def group():
+        outs = [mm(*sets[i % 2]) for i in range(inner)]
+        jax.block_until_ready(outs)
+
+    sec, _ = _median_time(group, reps, 2)
+    return 2.0 * n ** 3 * inner / sec
+
+
+def _peak_bytes(device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def bench_model(model: str, args: argparse.Namespace) -> dict:
+    import jax
+
+    from sarformer_jax.train import create_trainer, device_batch
+
+    devices = jax.devices()
+    dev = devices[0]
+    cfg = make_config(model, args, len(devices))
+    res = dict(model=model, config=MODELS[model], devices=len(devices),
+               device_kind=dev.device_kind, global_batch=int(cfg.train.batch_size),
+               size=list(cfg.data.crop_size), dtype=args.dtype, jax=jax.__version__,
+               date=datetime.date.today().isoformat(), guidance=cfg.guidance.source)
+    t0 = time.perf_counter()
+    trainer, state = create_trainer(cfg)
+    jax.block_until_ready(state)
+    res["init_s"] = time.perf_counter() - t0
+    res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    print(f"[{model}] trainer built and state initialised in {res['init_s']:.1f} s", flush=True)
+    res["params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state["params"])))
+    batch = device_batch(random_batch(cfg), trainer.mesh)
+
+    t0 = time.perf_counter()
+    lowered = trainer.train_step.lower(state, batch)
+    t1 = time.perf_counter()
+    res["trace_lower_s"] = t1 - t0
+    cost = _cost(lowered)
+    res["flops"] = float(cost.get("flops", float("nan")))
+    res["bytes_accessed_lowered"] = float(cost.get("bytes accessed", float("nan")))
+    print(f"[{model}] step traced and lowered in {t1 - t0:.1f} s, {res['flops'] / 1e12:.3f} "
+          f"TFLOP/step (lowered program){'' if args.lower_only else '; compiling'}", flush=True)
+    if args.lower_only:
+        return res
+    compiled = lowered.compile()
+    res["compile_s"] = time.perf_counter() - t1
+    cost = _cost(compiled)
+    res["flops_compiled"] = float(cost.get("flops", float("nan")))
+    res["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+    print(f"[{model}] compiled in {res['compile_s']:.1f} s; the compiled program's cost analysis "
+          f"says {res['flops_compiled'] / 1e12:.3f} TFLOP/step", flush=True)
+
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        holder["metrics"] = metrics
+
+    t0 = time.perf_counter()
+    step()
+    res["first_step_s"] = time.perf_counter() - t0
+    sec, times = _median_time(step, args.steps, args.warmup)
+    res["step_s"], res["step_times_s"] = sec, times
+    res["step_min_s"], res["step_max_s"] = float(np.min(times)), float(np.max(times))
+    res["images_per_s"] = res["global_batch"] / sec
+    m = jax.device_get(holder["metrics"])
+    res["loss"] = float(m["loss"])
+    res["finite"] = bool(m["finite"])
+    res["peak_bytes"] = _peak_bytes(dev)
+    print(f"[{model}] step median {sec * 1e3:.1f} ms (min {res['step_min_s'] * 1e3:.1f}, "
+          f"max {res['step_max_s'] * 1e3:.1f}), loss {res['loss']:.3f}, finite {res['finite']}, "
+          f"peak {(res['peak_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
+
+    # proposal preparation on its own (cached guidance only)
+    res["proposal_s"] = None
+    if trainer.proposal_fn is not None:
+        prop = jax.jit(lambda b, k: trainer.proposal_fn(b, k, False))
+        key = jax.random.key(1)
+        jax.block_until_ready(prop(batch, key))
+        res["proposal_s"], _ = _median_time(lambda: jax.block_until_ready(prop(batch, key)),
+                                            args.steps, args.warmup)
+        print(f"[{model}] proposal preparation alone {res['proposal_s'] * 1e3:.2f} ms "
+              f"({100 * res['proposal_s'] / sec:.1f} % of the step)", flush=True)
+
+    holder.clear()  # the train state's buffers are freed before the matmul
+    ceiling = matmul_ceiling(args.matmul_size)
+    res["matmul_flops_per_s"] = ceiling
+    nominal = next((v for k, v in NOMINAL_TFLOPS.items() if k in dev.device_kind), None)
+    res["nominal_flops_per_s"] = nominal * 1e12 if nominal else None
+    res["achieved_flops_per_s"] = res["flops"] / sec
+    res["mfu_measured"] = res["achieved_flops_per_s"] / ceiling
+    res["mfu_nominal"] = res["achieved_flops_per_s"] / res["nominal_flops_per_s"] if nominal else None
+    print(f"[{model}] {res['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s achieved; "
+          f"{args.matmul_size}³ bf16 matmul {ceiling / 1e12:.1f} TFLOP/s -> MFU "
+          f"{100 * res['mfu_measured']:.1f} %", flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def _worker_argv(args: argparse.Namespace, model: str, json_path: str) -> list[str]:
+    argv = [sys.executable, "-m", "sarformer_jax.cli", "bench", "train", "--models", model,
+            "--batch-per-device", str(args.batch_per_device), "--size", *map(str, args.size),
+            "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--matmul-size", str(args.matmul_size), "--worker-json", json_path]
+    if args.lower_only:
+        argv.append("--lower-only")
+    for s in args.set:
+        argv += ["--set", s]
+    return argv
+
+
+def _run_isolated(model: str, args: argparse.Namespace) -> dict:
+    fd, json_path = tempfile.mkstemp(suffix=f".{model}.json")
+    os.close(fd)
+    log_path = os.path.join(args.log_dir, f"train_{model}.log") if args.log_dir else None
+    log = open(log_path, "w") if log_path else None
+    try:
+        proc = subprocess.Popen(_worker_argv(args, model, json_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        tail: list[str] = []
+        timer = None
+        if args.worker_timeout is not None:  # kills the worker even when it prints nothing
+            timer = threading.Timer(args.worker_timeout, proc.kill)
+            timer.start()
+        for line in proc.stdout:
+            if log:
+                log.write(line)
+                log.flush()
+            if line.startswith(f"[{model}]"):
+                print(line, end="", flush=True)
+            tail = (tail + [line.rstrip()])[-40:]
+        rc = proc.wait()
+        timed_out = timer is not None and not timer.is_alive() and rc < 0
+        if timer is not None:
+            timer.cancel()
+        try:
+            with open(json_path) as f:
+                text = f.read()
+            if text.strip():
+                return json.loads(text)
+        except OSError:
+            pass
+        error = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), None)
+        return dict(model=model, config=MODELS[model], failed=True, returncode=rc,
+                    timed_out=timed_out, error=error, tail=tail[-15:], log=log_path)
+    finally:
+        if log:
+            log.close()
+        os.unlink(json_path)
+
+
+def _fmt(x, scale=1.0, spec=".1f", none="-"):
+    return none if x is None or (isinstance(x, float) and not np.isfinite(x)) else \
+        format(x * scale, spec)
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| model | batch | compile s | step ms (median) | img/s | peak GiB | TFLOP/step (XLA, lowered) "
+          "| TFLOP/s | matmul TFLOP/s | MFU (measured) | MFU (nominal) | proposal prep ms (share) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if r.get("failed"):
+            print(f"| {r['model']} | FAILED (rc {r.get('returncode')}, "
+                  f"timed out {r.get('timed_out')}): {r.get('error')} |")
+            continue
+        prop = "-" if r.get("proposal_s") is None else \
+            f"{r['proposal_s'] * 1e3:.2f} ({100 * r['proposal_s'] / r['step_s']:.1f} %)"
+        if "step_s" not in r:  # --lower-only
+            print(f"| {r['model']} | {r['global_batch']} | - | - | - | - | "
+                  f"{_fmt(r['flops'], 1e-12, '.3f')} | - | - | - | - | - |")
+            continue
+        print(f"| {r['model']} | {r['global_batch']} | "
+              f"{r['trace_lower_s'] + r['compile_s']:.0f} | {r['step_s'] * 1e3:.1f} | "
+              f"{r['images_per_s']:.2f} | {_fmt(r.get('peak_bytes'), 2**-30, '.2f')} | "
+              f"{_fmt(r['flops'], 1e-12, '.3f')} | {_fmt(r['achieved_flops_per_s'], 1e-12)} | "
+              f"{_fmt(r['matmul_flops_per_s'], 1e-12)} | {_fmt(r['mfu_measured'], 100)} % | "
+              f"{_fmt(r.get('mfu_nominal'), 100)} % | {prop} |")
+
+
+def run(args: argparse.Namespace) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise SystemExit(f"unknown model(s) {bad}; choose from {', '.join(MODELS)}")
+    if args.worker_json:  # subprocess: one model, results to the json file
+        res = bench_model(models[0], args)
+        with open(args.worker_json, "w") as f:
+            json.dump(res, f)
+        return 0
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    print(f"# sarformer bench train  {datetime.date.today()}  batch/device "
+          f"{args.batch_per_device}  size {_size(args)}  {args.dtype}  steps {args.steps}  "
+          f"overrides {args.set}", flush=True)
+    results = []
+    for model in models:
+        if args.in_process:
+            try:
+                results.append(bench_model(model, args))
+            except Exception as e:  # report and go on: one model failing is a result
+                results.append(dict(model=model, config=MODELS[model], failed=True,
+                                    error=f"{type(e).__name__}: {e}"[:500]))
+        else:
+            results.append(_run_isolated(model, args))
+        if results[-1].get("failed"):
+            print(f"[{model}] FAILED: {results[-1].get('error')}", flush=True)
+            for line in results[-1].get("tail", []):
+                print(f"    {line}")
+    ok = [r for r in results if not r.get("failed")]
+    if ok:
+        r = ok[0]
+        print(f"\ndevice {r['device_kind']} x{r['devices']}, jax {r['jax']}, {r['date']}")
+    print_table(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if ok and len(ok) == len(results) else 1
