@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds per model subprocess (default: none)")
     parser.add_argument("--lower-only", action="store_true",
-                        help="only build, lower and count FLOPs (no compile, no timing; runs on CPU)")
+                        help="only build, lower and count FLOPs (no compile or timing; CPU is fine)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the models in this process (peak memory then accumulates)")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
@@ -273,7 +273,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     res["nominal_flops_per_s"] = nominal * 1e12 if nominal else None
     res["achieved_flops_per_s"] = res["flops"] / sec
     res["mfu_measured"] = res["achieved_flops_per_s"] / ceiling
-    res["mfu_nominal"] = res["achieved_flops_per_s"] / res["nominal_flops_per_s"] if nominal else None
+    res["mfu_nominal"] = (res["achieved_flops_per_s"] / res["nominal_flops_per_s"]
+                          if nominal else None)
     print(f"[{model}] {res['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s achieved; "
           f"{args.matmul_size}³ bf16 matmul {ceiling / 1e12:.1f} TFLOP/s -> MFU "
           f"{100 * res['mfu_measured']:.1f} %", flush=True)
@@ -343,8 +344,9 @@ def _fmt(x, scale=1.0, spec=".1f", none="-"):
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| model | batch | compile s | step ms (median) | img/s | peak GiB | TFLOP/step (XLA, lowered) "
-          "| TFLOP/s | matmul TFLOP/s | MFU (measured) | MFU (nominal) | proposal prep ms (share) |")
+    print("\n| model | batch | compile s | step ms (median) | img/s | peak GiB "
+          "| TFLOP/step (XLA, lowered) | TFLOP/s | matmul TFLOP/s | MFU (measured) "
+          "| MFU (nominal) | proposal prep ms (share) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("failed"):
