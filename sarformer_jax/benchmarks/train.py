@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds per model subprocess (default: none)")
     parser.add_argument("--lower-only", action="store_true",
-                        help="only build, lower and count FLOPs (no compile or timing; CPU is fine)")
+                        help="only build, lower and count FLOPs (no compile or timing; CPU ok)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the models in this process (peak memory then accumulates)")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
