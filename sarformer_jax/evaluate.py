@@ -199,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
+        print("sarformer eval: guidance.source='online' is not built yet in this version; use "
+              "--set guidance.source=cached with a proposal cache (`sarformer amg --dataset`)",
+              file=sys.stderr)
+        return 2
     from sarformer_jax.predict import class_names_and_palette
     from sarformer_jax.train import ConfigMismatchError
 

@@ -112,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
+        print("sarformer predict: guidance.source='online' is not built yet in this version; use "
+              "--set guidance.source=cached with a proposal cache (`sarformer amg --dataset`)",
+              file=sys.stderr)
+        return 2
     from sarformer_jax.evaluate import load_for_eval
     from sarformer_jax.train import ConfigMismatchError
 

@@ -422,6 +422,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
+        print("sarformer train: guidance.source='online' (SAM inside the train step) is not built "
+              "yet in this version; write a proposal cache with `sarformer amg --dataset ROOT "
+              "--out CACHE --sam-checkpoint SAM.npz` and pass --set guidance.source=cached "
+              "--set guidance.cache_dir=CACHE", file=sys.stderr)
+        return 2
     if any(v in os.environ for v in _CLUSTER_ENV):
         jax.distributed.initialize()  # multi-host: coordinator and ranks from the environment
     try:
