@@ -24,6 +24,7 @@ import numpy as np
 
 from sarformer_jax import inference
 from sarformer_jax.config import Config, load_config
+from sarformer_jax.guidance import online_unbuilt_message
 from sarformer_jax.metrics import IoUAccumulator, format_table, to_json
 from sarformer_jax.models.mask2former import prepare_proposals, semantic_inference
 
@@ -199,10 +200,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
-    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
-        print("sarformer eval: guidance.source='online' is not built yet in this version; use "
-              "--set guidance.source=cached with a proposal cache (`sarformer amg --dataset`)",
-              file=sys.stderr)
+    refusal = online_unbuilt_message(cfg, "eval")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     from sarformer_jax.predict import class_names_and_palette
     from sarformer_jax.train import ConfigMismatchError

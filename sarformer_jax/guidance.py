@@ -13,12 +13,24 @@ deterministic at evaluation when `guidance.deterministic_eval`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from sarformer_jax.models.mask2former import prepare_proposals
+
+
+def online_unbuilt_message(cfg, command: str) -> str | None:
+    """The one-line refusal for configs that need SAM inside the jitted step (not built yet),
+    or None when the config can run."""
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
+        return (f"sarformer {command}: guidance.source='online' (SAM inside the step) is not built "
+                "yet in this version; write a proposal cache with `sarformer amg --dataset ROOT "
+                "--out CACHE --sam-checkpoint SAM.npz` and pass --set guidance.source=cached "
+                "--set guidance.cache_dir=CACHE")
+    return None
 
 
 def denormalize(images: jax.Array, mean, std) -> jax.Array:

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from sarformer_jax.config import Config, load_config
+from sarformer_jax.guidance import online_unbuilt_message
 
 
 def class_names_and_palette(cfg: Config) -> tuple[list[str], np.ndarray]:
@@ -112,10 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
-        print("sarformer predict: guidance.source='online' is not built yet in this version; use "
-              "--set guidance.source=cached with a proposal cache (`sarformer amg --dataset`)",
-              file=sys.stderr)
+    refusal = online_unbuilt_message(cfg, "predict")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     from sarformer_jax.evaluate import load_for_eval
     from sarformer_jax.train import ConfigMismatchError

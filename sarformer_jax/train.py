@@ -31,7 +31,7 @@ from flax import nnx
 from sarformer_jax import checkpoint as ckpt_lib
 from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
-from sarformer_jax.guidance import make_proposal_fn
+from sarformer_jax.guidance import make_proposal_fn, online_unbuilt_message
 from sarformer_jax.losses import loss_fn as segmentation_loss
 from sarformer_jax.models.sarformer import build_model
 from sarformer_jax.optim import build_optimizer
@@ -422,11 +422,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "online":
-        print("sarformer train: guidance.source='online' (SAM inside the train step) is not built "
-              "yet in this version; write a proposal cache with `sarformer amg --dataset ROOT "
-              "--out CACHE --sam-checkpoint SAM.npz` and pass --set guidance.source=cached "
-              "--set guidance.cache_dir=CACHE", file=sys.stderr)
+    refusal = online_unbuilt_message(cfg, "train")
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     if any(v in os.environ for v in _CLUSTER_ENV):
         jax.distributed.initialize()  # multi-host: coordinator and ranks from the environment
