@@ -109,12 +109,13 @@ def expected_shapes(cfg: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, tup
     Cached per model config."""
     from flax import nnx
 
+    from sarformer_jax.models.layers import init_rngs
     from sarformer_jax.models.sarformer import build_model
 
     key = json.dumps(cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model),
                      sort_keys=True, default=repr)
     if key not in _SHAPES_CACHE:
-        model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: build_model(cfg, rngs=init_rngs(0)))
         _SHAPES_CACHE[key] = (flat_shapes(nnx.state(model, nnx.Param)),
                               flat_shapes(nnx.state(model, nnx.BatchStat)))
     params, stats = _SHAPES_CACHE[key]

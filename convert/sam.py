@@ -77,10 +77,11 @@ def infer_model_type(path: str | pathlib.Path, state: dict[str, np.ndarray] | No
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Flat target shapes of a SAM built from `cfg`, without allocating it."""
     from flax import nnx
+    from sarformer_jax.models.layers import init_rngs
 
     from sarformer_jax.sam.build import build_sam_from_config
 
-    abstract = nnx.eval_shape(lambda: build_sam_from_config(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_sam_from_config(cfg, rngs=init_rngs(0)))
     return flat_shapes(nnx.state(abstract))
 
 

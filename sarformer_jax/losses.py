@@ -88,20 +88,23 @@ def num_importance_points(cfg_loss: Any) -> int:
     return int(cfg_loss.importance_sample_ratio * cfg_loss.num_points)
 
 
-def draw_points(key: jax.Array, batch: int, num_slots: int, num_layers: int, cfg_loss: Any) -> list[dict]:
-    """Uniform random points for every prediction layer: `match` [B, P, 2] (shared by all
-    queries and classes of an image), `candidates` [B, M, P*oversample, 2] (importance-sampling
-    pool per matched slot) and `extra` [B, M, P - P*importance, 2] (fresh uniform points)."""
+def draw_layer_points(key: jax.Array, layer, batch: int, num_slots: int, cfg_loss: Any) -> dict:
+    """Uniform random points of prediction `layer` (a Python or traced int): `match` [B, P, 2]
+    (shared by all queries and classes of an image), `candidates` [B, M, P*oversample, 2]
+    (importance-sampling pool per matched slot) and `extra` [B, M, P - P*importance, 2] (fresh
+    uniform points)."""
     p = cfg_loss.num_points
     n_cand = int(p * cfg_loss.oversample_ratio)
     n_extra = p - num_importance_points(cfg_loss)
-    out = []
-    for layer in range(num_layers):
-        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, layer), 3)
-        out.append({"match": jax.random.uniform(k1, (batch, p, 2)),
-                    "candidates": jax.random.uniform(k2, (batch, num_slots, n_cand, 2)),
-                    "extra": jax.random.uniform(k3, (batch, num_slots, n_extra, 2))})
-    return out
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, layer), 3)
+    return {"match": jax.random.uniform(k1, (batch, p, 2)),
+            "candidates": jax.random.uniform(k2, (batch, num_slots, n_cand, 2)),
+            "extra": jax.random.uniform(k3, (batch, num_slots, n_extra, 2))}
+
+
+def draw_points(key: jax.Array, batch: int, num_slots: int, num_layers: int, cfg_loss: Any) -> list[dict]:
+    """`draw_layer_points` for layers 0 .. num_layers - 1."""
+    return [draw_layer_points(key, layer, batch, num_slots, cfg_loss) for layer in range(num_layers)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,14 +230,33 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
         raise ValueError(f"loss_fn: cls has {predictions[0]['cls'].shape[-1]} outputs, expected "
                          f"num_classes + 1 = {num_classes + 1}")
     present = gt_present(gt, num_classes)
-    if points is None:
-        points = draw_points(key, b, min(q, num_classes), len(predictions), cfg_loss)
-    parts: dict[str, jax.Array] = {}
     n = len(predictions)
-    for i, (pred, pts) in enumerate(zip(predictions, points)):
-        terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes)
-        prefix = "" if i == n - 1 else f"d{i}."
-        parts.update({prefix + k: v for k, v in terms.items()})
+    m = min(q, num_classes)
+    names = [("" if i == n - 1 else f"d{i}.") for i in range(n)]
+    parts: dict[str, jax.Array] = {}
+    same = all(p["cls"].shape == predictions[0]["cls"].shape
+               and p["mask"].shape == predictions[0]["mask"].shape for p in predictions)
+    if same and n > 1:
+        # one traced layer loss, scanned over the stacked predictions (the deep-supervision
+        # losses are identical programs: unrolling them made the train step ~n times larger)
+        stacked = {k: jnp.stack([p[k] for p in predictions]) for k in ("cls", "mask")}
+        if points is not None:
+            stacked["pts"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points)
+
+        def body(_, xs):
+            pts = xs["pts"] if points is not None else draw_layer_points(key, xs["i"], b, m, cfg_loss)
+            terms, _ = layer_loss(xs["cls"], xs["mask"], gt, present, pts, cfg_loss, num_classes)
+            return None, terms
+
+        _, terms = jax.lax.scan(body, None, dict(stacked, i=jnp.arange(n)))
+        for i, prefix in enumerate(names):
+            parts.update({prefix + k: v[i] for k, v in terms.items()})
+    else:
+        if points is None:
+            points = draw_points(key, b, m, n, cfg_loss)
+        for prefix, pred, pts in zip(names, predictions, points):
+            terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes)
+            parts.update({prefix + k: v for k, v in terms.items()})
     if aux_logits is not None:
         parts["aux.loss_ce"] = cfg_loss.aux_weight * aux_ce_loss(aux_logits, gt)
     total = sum(parts.values())

@@ -33,6 +33,7 @@ from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
 from sarformer_jax.guidance import make_proposal_fn, online_unbuilt_message
 from sarformer_jax.losses import loss_fn as segmentation_loss
+from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
 from sarformer_jax.optim import build_optimizer
 
@@ -82,7 +83,7 @@ class Trainer:
 
 def abstract_fingerprint(cfg: Config) -> dict[str, list[int]]:
     """`shape_fingerprint` of the params `cfg` builds, without allocating them."""
-    abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=init_rngs(0)))
     return shape_fingerprint(nnx.split(abstract, nnx.Param, ...)[1])
 
 
@@ -122,7 +123,7 @@ def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
     seed = int(cfg.train.seed)
 
     def make():
-        return build_model(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        return build_model(cfg, rngs=init_rngs(seed, seed + 1))
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
@@ -134,20 +135,19 @@ def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
                             jnp.zeros((2,), jnp.uint32)))
     shardings = shard_lib.tree_shardings(mesh, abs_state)
 
-    @jax.jit
-    def _rest():
-        _, _, _, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
-        return rest
-
-    @jax.jit
     def _init():
-        _, params, stats, _ = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+        _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
         key = jax.random.key_data(jax.random.key(seed + 2))
-        return train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32), key)
+        return train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32), key), rest
 
-    init = jax.jit(_init, out_shardings=shardings)
-    state = init()
-    trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=_rest(), tx=tx,
+    # one traced build gives both the train state (born sharded) and the RNG-stream state
+    init_all = jax.jit(_init, out_shardings=(shardings, shard_lib.replicated(mesh)))
+    state, rest = init_all()
+
+    def init():
+        return init_all()[0]
+
+    trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=rest, tx=tx,
                       schedule=schedule, proposal_fn=make_proposal_fn(cfg),
                       state_shardings=shardings)
     trainer.train_step = make_train_step(trainer)

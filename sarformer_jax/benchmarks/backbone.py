@@ -133,9 +133,8 @@ def _timm_step(args, size, device):
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-
     from sarformer_jax.models.beit import BEiT
+    from sarformer_jax.models.layers import init_rngs
     from sarformer_jax.models.vit_adapter import BEiTAdapter
 
     size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             kw = dict(attention_implementation=args.attention_implementation)
             if name == "adapter":
                 kw["msda_implementation"] = args.msda_implementation
-            model = cls(cfg, size, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0), **kw)
+            model = cls(cfg, size, dtype=dtype, param_dtype=jnp.float32, rngs=init_rngs(0), **kw)
             step, flops = _jax_step(model, x, train=True, adapter=name == "adapter",
                                     lower_only=args.lower_only)
             if args.lower_only:

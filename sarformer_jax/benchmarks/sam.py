@@ -46,9 +46,10 @@ def _jax_encoder(model_type, dtype, iters, warmup):
     import jax.numpy as jnp
     from flax import nnx
 
+    from sarformer_jax.models.layers import init_rngs
     from sarformer_jax.sam import build_sam
 
-    sam = build_sam(model_type, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype))
     graphdef, state = nnx.split(sam)
     f = jax.jit(lambda st, x: nnx.merge(graphdef, st).image_encoder(x)[0])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)), jnp.float32)
@@ -87,12 +88,12 @@ def _images(size, batch):
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup):
     import jax.numpy as jnp
-    from flax import nnx
+    from sarformer_jax.models.layers import init_rngs
 
     from sarformer_jax.sam import build_sam
     from sarformer_jax.sam.automatic_mask_generator import generate_masks
 
-    sam = build_sam(model_type, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype))
     images = jnp.asarray(_images(size, batch))
     run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()
     return _time(run, iters, warmup) / batch

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 from flax import nnx
+from sarformer_jax.models.layers import init_rngs
 
 from sarformer_jax.sam.image_encoder import ImageEncoderViT
 from sarformer_jax.sam.mask_decoder import MaskDecoder
@@ -86,7 +87,7 @@ def build_sam(model_type: str = "vit_b", *, rngs: nnx.Rngs | None = None, dtype=
 
     `encoder_depth` / `global_attn_indexes` override the encoder depth (for tests)."""
     cfg = SamConfig.preset(model_type).with_depth(encoder_depth, global_attn_indexes)
-    sam = build_sam_from_config(cfg, rngs=rngs or nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    sam = build_sam_from_config(cfg, rngs=rngs or init_rngs(0), dtype=dtype, param_dtype=param_dtype)
     if checkpoint is not None:
         from sarformer_jax.convert.common import update_module
 
@@ -115,7 +116,7 @@ def load_sam(path: str | pathlib.Path, *, dtype=None) -> Sam:
         raise ValueError(f"{path}: no SAM metadata (was it written by `sarformer convert sam`?)")
     cfg = SamConfig.preset(meta["model_type"]).with_depth(meta.get("encoder_depth"),
                                                           meta.get("global_attn_indexes"))
-    sam = build_sam_from_config(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+    sam = build_sam_from_config(cfg, rngs=init_rngs(0), dtype=dtype)
     update_module(sam, flat)
     return sam
 
