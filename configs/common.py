@@ -128,6 +128,7 @@ def guidance(source: str = "online") -> Config:
             mask_threshold=0.0,
             box_nms_thresh=0.7,
             max_masks=256,  # fixed-size output of the on-device generator
+            dtype="bfloat16",  # SAM compute dtype inside the step (params stay float32)
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original
@@ -192,7 +193,8 @@ def train(batch_size: int = 4, num_steps: int = 160_000) -> Config:
         keep_checkpoints=3,
         keep_best=True,  # best by mIoU
         nan_policy="stop",  # "stop" | "skip"
-        mesh=Config(data=-1, fsdp=1),
+        # fsdp > 1 splits params / optimiser state with >= fsdp_min_size elements over `fsdp`
+        mesh=Config(data=-1, fsdp=1, fsdp_min_size=2**14),
         profile=False,
     )
     return cfg

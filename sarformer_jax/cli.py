@@ -27,6 +27,25 @@ class NotBuilt(Exception):
     pass
 
 
+CACHED_COMMANDS = ("train", "eval", "predict", "amg")
+
+
+def enable_compilation_cache() -> str | None:
+    """Persistent XLA compilation cache for the commands that compile big programs (a SARFormer-B
+    train step compiles for minutes on a GPU; a restarted run then loads it).  Directory from
+    `SARFORMER_JAX_CACHE` (empty: off), default `~/.cache/sarformer_jax/xla`."""
+    import os
+
+    path = os.environ.get("SARFORMER_JAX_CACHE", os.path.expanduser("~/.cache/sarformer_jax/xla"))
+    if not path:
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    return path
+
+
 def _load(name: str):
     module_name = SUBCOMMANDS[name][0]
     try:
@@ -68,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in CACHED_COMMANDS:
+        enable_compilation_cache()
     return int(_load(args.command).run(args) or 0)
 
 

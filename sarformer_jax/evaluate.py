@@ -24,7 +24,7 @@ import numpy as np
 
 from sarformer_jax import inference
 from sarformer_jax.config import Config, load_config
-from sarformer_jax.guidance import online_unbuilt_message
+from sarformer_jax.guidance import init_stale_embedding, guidance_refusal, uses_sam
 from sarformer_jax.metrics import IoUAccumulator, format_table, to_json
 from sarformer_jax.models.mask2former import prepare_proposals, semantic_inference
 
@@ -32,7 +32,10 @@ PAD_MULTIPLE = 32
 
 
 def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
-    """jitted `(params, stats, windows [N, h, w, 3 (+Q)], key) -> scores [N, h, w, K]`."""
+    """`(params, stats, windows [N, h, w, 3 (+Q)], key) -> scores [N, h, w, K]`, jitted.
+
+    Cached proposals arrive as the extra channels; with online guidance SAM runs on each window
+    inside the same jit (its params are `trainer.guide`)."""
     from flax import nnx
 
     graphdef, rest = trainer.graphdef, trainer.rest
@@ -41,12 +44,16 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
     invert = bool(cfg.guidance.invert_first_mask)
     deterministic = bool(cfg.guidance.get("deterministic_eval", True))
 
+    online = uses_sam(cfg)
+
     @jax.jit
-    def fn(params, stats, windows, key):
+    def fn(params, stats, windows, key, guide):
         model = nnx.merge(graphdef, params, stats, rest)
         image = windows[..., :3]
         proposals = None
-        if with_proposals:
+        if online:
+            proposals = trainer.proposal_fn({"image": image}, key, deterministic, guide)
+        elif with_proposals:
             props = jnp.moveaxis(windows[..., 3:3 + q], -1, 1) >= 0.5  # [N, Q, h, w]
             valid = jnp.any(props, axis=(2, 3))  # a slot with no pixel in this window is empty
             proposals = prepare_proposals(key, props, valid, q, noise_placeholders=noise,
@@ -55,7 +62,13 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
         last = preds[-1]
         return semantic_inference(last["cls"], last["mask"], image.shape[1:3])
 
-    return fn
+    def call(params, stats, windows, key):
+        if online and cfg.guidance.seed_compat:  # §8 #1: the first window's embedding, kept
+            trainer.guide = init_stale_embedding(cfg, trainer.sam_graphdef, trainer.guide,
+                                                 windows[..., :3])
+        return fn(params, stats, windows, key, trainer.guide)
+
+    return call
 
 
 def cached_window_fn(cfg: Config, trainer, *, with_proposals: bool):
@@ -135,9 +148,9 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
     dataset = dataset if dataset is not None else build_eval_dataset(cfg, split)
     with_proposals = (cfg.model.head.query_init == "sam_pooling"
                       and cfg.guidance.source == "cached")
-    if cfg.model.head.query_init == "sam_pooling" and not with_proposals:
-        raise ValueError("evaluation of SARFormer needs guidance.source='cached' in this version "
-                         "(online SAM guidance at evaluation is not wired yet)")
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "boxes":
+        raise ValueError("evaluation with guidance.source='boxes' needs detector boxes per window, "
+                         "which the evaluation loader does not read; use 'online' or 'cached'")
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     params, stats = state["params"], state["batch_stats"]
     acc = IoUAccumulator(int(cfg.model.head.num_classes), ignore_index=int(cfg.data.ignore_index))
@@ -200,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
-    refusal = online_unbuilt_message(cfg, "eval")
+    refusal = guidance_refusal(cfg, "eval")
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

@@ -144,7 +144,8 @@ def _image_terms(cls, mask, gt, present, pts, cfg_loss, num_classes):
     logits_m = point_sample(sg_mask, pts["match"])  # [Q, P]
     targets_m = sample_gt_shared(gt, pts["match"], num_classes)  # [K, P]
     cost = match_costs(jax.lax.stop_gradient(cls), logits_m, targets_m, cfg_loss)
-    col4row, row4col = hungarian_assign(cost, None, present)
+    with jax.named_scope("hungarian"):
+        col4row, row4col = hungarian_assign(cost, None, present)
     # class loss: matched queries take their class, the others "no object" (index K)
     target = jnp.where(col4row >= 0, col4row, num_classes)
     logp = jax.nn.log_softmax(cls.astype(jnp.float32), axis=-1)

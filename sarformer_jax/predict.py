@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from sarformer_jax.config import Config, load_config
-from sarformer_jax.guidance import online_unbuilt_message
+from sarformer_jax.guidance import guidance_refusal
 
 
 def class_names_and_palette(cfg: Config) -> tuple[list[str], np.ndarray]:
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    refusal = online_unbuilt_message(cfg, "predict")
+    refusal = guidance_refusal(cfg, "predict")
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

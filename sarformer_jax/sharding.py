@@ -42,8 +42,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < MIN_FSDP_SIZE:
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_FSDP_SIZE) -> P:
+    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
     order = sorted(range(len(shape)), key=lambda i: -shape[i])
     for axis in order:
@@ -54,9 +54,10 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
-def tree_shardings(mesh: Mesh, tree: Any) -> Any:
-    """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+def tree_shardings(mesh: Mesh, tree: Any, min_size: int = MIN_FSDP_SIZE) -> Any:
+    """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs); leaves with at
+    least `min_size` elements are split over `fsdp` (`train.mesh.fsdp_min_size`)."""
     fsdp = mesh.shape["fsdp"]
     return jax.tree_util.tree_map(
-        lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), tree
+        lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree
     )

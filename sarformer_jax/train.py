@@ -31,7 +31,8 @@ from flax import nnx
 from sarformer_jax import checkpoint as ckpt_lib
 from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
-from sarformer_jax.guidance import make_proposal_fn, online_unbuilt_message
+from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
+                                    guidance_refusal, uses_sam)
 from sarformer_jax.losses import loss_fn as segmentation_loss
 from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
@@ -78,7 +79,15 @@ class Trainer:
     schedule: Any
     proposal_fn: Any
     state_shardings: Any
-    train_step: Any = None
+    train_step: Any = None  # jitted (state, batch, guide) -> (state, metrics)
+    guide: dict = dataclasses.field(default_factory=dict)  # SAM state for online guidance
+    sam_graphdef: Any = None
+
+    def step(self, state, batch):
+        """One training step with this trainer's guidance inputs."""
+        if uses_sam(self.cfg) and self.cfg.guidance.seed_compat:
+            self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, batch["image"])
+        return self.train_step(state, batch, self.guide)
 
 
 def abstract_fingerprint(cfg: Config) -> dict[str, list[int]]:
@@ -110,12 +119,16 @@ def _compiled_part(cfg: Config) -> dict:
     return d
 
 
-def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
+def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dict]:
     """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
     and a freshly initialised train state.  Trainers (and their compiled functions) are reused
-    within a process for an identical config and device set."""
+    within a process for an identical config and device set.
+
+    With online guidance (`guidance.source` online / boxes) SAM comes from
+    `guidance.sam.checkpoint`, or is `sam` (an nnx SAM, e.g. random weights for benchmarks)."""
     cache_key = (json.dumps(_compiled_part(cfg), sort_keys=True, default=list),
-                 tuple(d.id for d in (devices if devices is not None else jax.devices())))
+                 tuple(d.id for d in (devices if devices is not None else jax.devices())),
+                 id(sam) if sam is not None else None)
     if cache_key in _TRAINERS:
         trainer, init = _TRAINERS[cache_key]
         return trainer, init()
@@ -133,7 +146,8 @@ def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
     abs_state = jax.eval_shape(
         lambda: train_state(abs_params, abs_stats, abs_opt, jnp.zeros((), jnp.int32),
                             jnp.zeros((2,), jnp.uint32)))
-    shardings = shard_lib.tree_shardings(mesh, abs_state)
+    shardings = shard_lib.tree_shardings(
+        mesh, abs_state, int(cfg.train.mesh.get("fsdp_min_size", shard_lib.MIN_FSDP_SIZE)))
 
     def _init():
         _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
@@ -147,9 +161,13 @@ def create_trainer(cfg: Config, *, devices=None) -> tuple[Trainer, dict]:
     def init():
         return init_all()[0]
 
+    sam_graphdef, guide = None, {}
+    if uses_sam(cfg):
+        sam_graphdef, sam_state = load_guidance_sam(cfg, sam)
+        guide = {"sam": jax.device_put(sam_state, shard_lib.replicated(mesh))}
     trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=rest, tx=tx,
-                      schedule=schedule, proposal_fn=make_proposal_fn(cfg),
-                      state_shardings=shardings)
+                      schedule=schedule, proposal_fn=make_proposal_fn(cfg, sam_graphdef),
+                      state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef)
     trainer.train_step = make_train_step(trainer)
     _TRAINERS[cache_key] = (trainer, init)
     return trainer, state
@@ -159,15 +177,16 @@ def _tree_where(pred, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
-def make_train_step(trainer: Trainer):
+def make_grad_fn(trainer: Trainer):
+    """`grad_fn(params, stats, batch, key, guide) -> ((loss, (parts, new_stats)), grads)` of one
+    (micro-)batch: proposals, forward, losses, backward."""
     cfg = trainer.cfg
-    graphdef, tx = trainer.graphdef, trainer.tx
+    graphdef = trainer.graphdef
     num_classes = int(cfg.model.head.num_classes)
     invert = bool(cfg.guidance.invert_first_mask)
-    accum = int(cfg.train.get("grad_accum", 1))
     rest = trainer.rest
 
-    def micro_loss(params, stats, batch, key):
+    def micro_loss(params, stats, batch, key, guide):
         k_prop, k_drop, k_loss = jax.random.split(key, 3)
         # fresh Variables at this trace level (BatchNorm updates its statistics in place)
         stats, rest_ = jax.tree_util.tree_map(lambda x: x, (stats, rest))
@@ -175,30 +194,49 @@ def make_train_step(trainer: Trainer):
         nnx.reseed(model, dropout=k_drop)
         proposals = None
         if trainer.proposal_fn is not None:
-            proposals = jax.lax.stop_gradient(trainer.proposal_fn(batch, k_prop, False))
+            with jax.named_scope("guidance"):
+                proposals = jax.lax.stop_gradient(trainer.proposal_fn(batch, k_prop, False, guide))
         preds, aux_logits, _ = model(batch["image"], proposals, train=True,
                                      invert_first_mask=invert)
-        total, parts = segmentation_loss(preds, batch["label"], aux_logits, key=k_loss,
-                                         cfg_loss=cfg.model.loss, num_classes=num_classes)
+        with jax.named_scope("loss"):
+            total, parts = segmentation_loss(preds, batch["label"], aux_logits, key=k_loss,
+                                             cfg_loss=cfg.model.loss, num_classes=num_classes)
         new_stats = nnx.state(model, nnx.BatchStat)
         return total, (parts, new_stats)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    return jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(state, batch):
+
+def split_micro_batches(batch: dict, accum: int) -> dict:
+    """[B, ...] -> [accum, B / accum, ...] with micro-batch i = rows i, i + accum, ... so that
+    every micro-batch is spread over all devices of a batch-sharded array (no data movement)."""
+    def split(x):
+        if x.shape[0] % accum:
+            raise ValueError(f"train.grad_accum={accum} does not divide the batch {x.shape[0]}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(trainer: Trainer):
+    cfg = trainer.cfg
+    tx = trainer.tx
+    accum = int(cfg.train.get("grad_accum", 1))
+    grad_fn = make_grad_fn(trainer)
+
+    def step(state, batch, guide):
         key = jax.random.wrap_key_data(state["key"])
         key, step_key = jax.random.split(key)
         params, stats = state["params"], state["batch_stats"]
         if accum == 1:
-            (loss, (parts, new_stats)), grads = grad_fn(params, stats, batch, step_key)
+            (loss, (parts, new_stats)), grads = grad_fn(params, stats, batch, step_key, guide)
         else:
-            micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+            micro = split_micro_batches(batch, accum)
 
             def body(carry, xs):
                 g_acc, l_acc, p_acc, st = carry
                 mb, k = xs
-                (l, (p, st)), g = grad_fn(params, st, mb, k)
+                (l, (p, st)), g = grad_fn(params, st, mb, k, guide)
                 g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
                 p_acc = jax.tree_util.tree_map(jnp.add, p_acc, p)
                 return (g_acc, l_acc + l, p_acc, st), None
@@ -206,7 +244,7 @@ def make_train_step(trainer: Trainer):
             zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
             (_, (p0, _)), _ = jax.eval_shape(grad_fn, params, stats,
                                              jax.tree_util.tree_map(lambda x: x[0], micro),
-                                             step_key)
+                                             step_key, guide)
             zeros_p = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), p0)
             keys = jax.random.split(step_key, accum)
             (grads, loss, parts, new_stats), _ = jax.lax.scan(
@@ -217,7 +255,8 @@ def make_train_step(trainer: Trainer):
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                  for g in jax.tree_util.tree_leaves(grads)))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        with jax.named_scope("optimizer"):
+            updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         new_state = dict(state)
         new_state["params"] = _tree_where(finite, new_params, params)
@@ -234,7 +273,8 @@ def make_train_step(trainer: Trainer):
         return new_state, metrics
 
     batch_sh = shard_lib.batch_sharding(trainer.mesh)
-    return jax.jit(step, in_shardings=(trainer.state_shardings, batch_sh),
+    return jax.jit(step, in_shardings=(trainer.state_shardings, batch_sh,
+                                       shard_lib.replicated(trainer.mesh)),
                    out_shardings=(trainer.state_shardings, shard_lib.replicated(trainer.mesh)),
                    donate_argnums=(0,))
 
@@ -320,7 +360,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
     try:
         while step < num_steps and (stop_after is None or done_here < stop_after):
             batch = device_batch(next(loader), trainer.mesh)
-            state, metrics = trainer.train_step(state, batch)
+            state, metrics = trainer.step(state, batch)
             step += 1
             done_here += 1
             imgs += int(cfg.train.batch_size)
@@ -422,7 +462,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    refusal = online_unbuilt_message(cfg, "train")
+    refusal = guidance_refusal(cfg, "train")
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

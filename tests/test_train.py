@@ -34,14 +34,17 @@ def test_sharded_step_equals_single_device(data_root):
     # Adam's first step is lr * sign(g) wherever |g| >> eps, which turns gradients that are zero
     # up to rounding (e.g. positional encodings at the Deformable-DETR init) into +-lr updates
     # of random sign; a large eps makes the update proportional to the gradient, so the
-    # comparison measures the sharded step itself.
+    # comparison measures the sharded step itself.  The 8-device mesh is 4 (data) x 2 (fsdp):
+    # the batch is split 8 ways and the larger parameters and their Adam moments 2 ways.
     cfg = micro_config(root=data_root, **{"train.eps": 1.0})
+    cfg8 = micro_config(root=data_root, **{"train.eps": 1.0, "train.mesh.fsdp": 2,
+                                           "train.mesh.fsdp_min_size": 512})
     batch = _first_batch(cfg)
     assert len(jax.devices()) == 8
     results = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        trainer, state = create_trainer(cfg, devices=devices)
-        state, metrics = trainer.train_step(state, device_batch(batch, trainer.mesh))
+    for c, devices in ((cfg, jax.devices()[:1]), (cfg8, jax.devices())):
+        trainer, state = create_trainer(c, devices=devices)
+        state, metrics = trainer.step(state, device_batch(batch, trainer.mesh))
         results.append((state, float(metrics["loss"])))
     (s1, l1), (s8, l8) = results
     assert np.isfinite(l1) and l1 == pytest.approx(l8, rel=1e-6)
@@ -49,9 +52,54 @@ def test_sharded_step_equals_single_device(data_root):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     for a, b in zip(_leaves(s1["batch_stats"]), _leaves(s8["batch_stats"])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # the batch really is split over the 8 devices
-    gb = device_batch(batch, create_trainer(cfg)[0].mesh)
+    # the batch really is split over the 8 devices ...
+    gb = device_batch(batch, create_trainer(cfg8)[0].mesh)
     assert len(gb["image"].sharding.device_set) == 8
+    # ... and the large parameters and their optimiser moments really are split over fsdp
+    sharded = [x for x in jax.tree_util.tree_leaves(s8["params"]) if x.size >= 512]
+    assert sharded and all("fsdp" in str(x.sharding.spec) for x in sharded)
+    assert all(x.addressable_shards[0].data.size == x.size // 2 for x in sharded)
+    small = [x for x in jax.tree_util.tree_leaves(s8["params"]) if x.size < 512]
+    assert all(x.sharding.is_fully_replicated for x in small)
+    mu = [x for x in jax.tree_util.tree_leaves(s8["opt_state"]) if x.size >= 512]
+    assert mu and all("fsdp" in str(x.sharding.spec) for x in mu)
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(data_root):
+    """grad_accum=2: the update is the optimiser applied to the mean of the two micro-batches'
+    gradients (micro-batch i = rows i, i+2, ...), with BatchNorm statistics carried through."""
+    import jax.numpy as jnp
+
+    from sarformer_jax.train import make_grad_fn, split_micro_batches
+
+    cfg = micro_config(root=data_root, **{"train.grad_accum": 2, "train.eps": 1.0})
+    batch = _first_batch(cfg)
+    devices = jax.devices()[:1]
+    trainer, state = create_trainer(cfg, devices=devices)
+    gb = device_batch(batch, trainer.mesh)
+    new_state, metrics = trainer.step(jax.tree_util.tree_map(jnp.copy, state), gb)
+    # the same by hand, from the trainer's own per-micro-batch gradient function
+    grad_fn = jax.jit(make_grad_fn(trainer))
+    key = jax.random.wrap_key_data(state["key"])
+    _, step_key = jax.random.split(key)
+    keys = jax.random.split(step_key, 2)
+    micro = split_micro_batches(gb, 2)
+    np.testing.assert_array_equal(np.asarray(micro["label"][1]), batch["label"][1::2])
+    stats, grads, losses = state["batch_stats"], [], []
+    for i in range(2):
+        (loss, (_, stats)), g = grad_fn(state["params"], stats,
+                                        jax.tree_util.tree_map(lambda x: x[i], micro), keys[i], {})
+        grads.append(g)
+        losses.append(float(loss))
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
+    updates, _ = trainer.tx.update(mean, state["opt_state"], state["params"])
+    expected = jax.tree_util.tree_map(lambda p, u: p + u, state["params"], updates)
+    assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-6)
+    assert losses[0] != losses[1]
+    for a, b in zip(_leaves(new_state["params"]), _leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_leaves(new_state["batch_stats"]), _leaves(stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_kill_and_resume_is_bit_identical(data_root, tmp_path):

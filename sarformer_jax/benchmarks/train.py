@@ -10,14 +10,15 @@ random batch that stays on the device (no input pipeline: it needs grain and wou
 loader).  Batch: random uint8 images normalised with the config's mean/std, blocky random label
 maps (about a dozen classes of [0, 150) per image, a band of 255 ignore), and for SARFormer
 `guidance.source="cached"` proposals: 40-100 random rectangles per image as uint8 masks
-[B, 100, H, W] with `num_proposals` (the rest are Bernoulli placeholders).  Online SAM guidance
-(the automatic mask generator inside the step) is NOT measured: `create_trainer` builds the
-proposal function without a SAM generator, so `guidance.source="online"` does not run in the train
-step yet.  "MFU excluding SAM" is therefore what this reports.
+[B, 100, H, W] with `num_proposals` (the rest are Bernoulli placeholders).  `sarformer_online`
+runs SAM ViT-B's automatic mask generator (random weights, `guidance.sam` settings: 32x32 point
+grid, bf16) on the de-normalised images inside the step; the MFU "excluding SAM" is that of the
+cached-guidance model.
 
-Proposal share: the cached-guidance proposal preparation (`trainer.proposal_fn`: subset,
-placeholders, permutation, uint8 -> float32 [B, 100, 640, 640]) is jitted and timed on its own on
-the same batch; its time over the step time is the share reported.  Inside the step XLA may fuse
+Proposal share: the guidance (`trainer.proposal_fn`: for cached, subset, placeholders,
+permutation, uint8 -> float32 [B, 100, 640, 640]; for online, SAM's encoder + point-grid decoding
++ NMS, then the same preparation) is jitted and timed on its own on the same batch; its time over
+the step time is the share reported.  Inside the step XLA may fuse
 it differently, so this is an estimate.  The proposal-dependent parts of the model (layer-0
 attention mask, masked average pooling, the second pixel-decoder pass) are part of the forward
 and are not in that share.
@@ -54,7 +55,8 @@ import time
 import numpy as np
 
 MODELS = {
-    "sarformer": "ade20k_sarformer_b",
+    "sarformer": "ade20k_sarformer_b",  # cached guidance
+    "sarformer_online": "ade20k_sarformer_b",  # SAM ViT-B automatic masks inside the step
     "mask2former": "ade20k_mask2former_adapter_b",
 }
 # dense bf16 peak, TFLOP/s, by jax device_kind substring (nominal, for reference only)
@@ -81,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only build, lower and count FLOPs (no compile or timing; CPU ok)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the models in this process (peak memory then accumulates)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace 5 steps into DIR and print GPU time by scope / kernel")
+    parser.add_argument("--flops", type=float, default=None, metavar="TFLOP",
+                        help="FLOPs per step for the MFU when the device's lowered cost analysis "
+                             "gives none (count them on CPU with --lower-only)")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
 
 
@@ -100,6 +107,8 @@ def make_config(model: str, args: argparse.Namespace, num_devices: int):
     ]
     if model == "sarformer":
         sets.append("guidance.source=cached")
+    elif model == "sarformer_online":
+        sets.append("guidance.source=online")
     return load_config(MODELS[model], sets + list(args.set))
 
 
@@ -206,7 +215,15 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
                size=list(cfg.data.crop_size), dtype=args.dtype, jax=jax.__version__,
                date=datetime.date.today().isoformat(), guidance=cfg.guidance.source)
     t0 = time.perf_counter()
-    trainer, state = create_trainer(cfg)
+    sam = None
+    if cfg.guidance.source == "online":  # random weights: timing does not depend on them
+        import jax.numpy as jnp
+
+        from sarformer_jax.sam.build import build_sam
+
+        sam = build_sam(cfg.guidance.sam.model_type,
+                        dtype=jnp.dtype(cfg.guidance.sam.get("dtype", "float32")))
+    trainer, state = create_trainer(cfg, sam=sam)
     jax.block_until_ready(state)
     res["init_s"] = time.perf_counter() - t0
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
@@ -215,7 +232,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     batch = device_batch(random_batch(cfg), trainer.mesh)
 
     t0 = time.perf_counter()
-    lowered = trainer.train_step.lower(state, batch)
+    lowered = trainer.train_step.lower(state, batch, trainer.guide)
     t1 = time.perf_counter()
     res["trace_lower_s"] = t1 - t0
     cost = _cost(lowered)
@@ -236,7 +253,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
         jax.block_until_ready((holder["state"], metrics))
         holder["metrics"] = metrics
 
@@ -255,14 +272,26 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
           f"max {res['step_max_s'] * 1e3:.1f}), loss {res['loss']:.3f}, finite {res['finite']}, "
           f"peak {(res['peak_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
 
-    # proposal preparation on its own (cached guidance only)
+    if args.profile:
+        from sarformer_jax.benchmarks import profile as prof
+
+        trace_dir = os.path.join(args.profile, model)
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        for _ in range(5):
+            step()
+        jax.profiler.stop_trace()
+        summary = prof.summarize(trace_dir, compiled.as_text(), steps=5)
+        res["profile"] = summary
+        prof.print_summary(summary, model)
+
+    # the guidance alone: cached preparation, or SAM's automatic masks + preparation (online)
     res["proposal_s"] = None
     if trainer.proposal_fn is not None:
-        prop = jax.jit(lambda b, k: trainer.proposal_fn(b, k, False))
+        prop = jax.jit(lambda b, k, g: trainer.proposal_fn(b, k, False, g))
         key = jax.random.key(1)
-        jax.block_until_ready(prop(batch, key))
-        res["proposal_s"], _ = _median_time(lambda: jax.block_until_ready(prop(batch, key)),
-                                            args.steps, args.warmup)
+        jax.block_until_ready(prop(batch, key, trainer.guide))
+        res["proposal_s"], _ = _median_time(
+            lambda: jax.block_until_ready(prop(batch, key, trainer.guide)), args.steps, args.warmup)
         print(f"[{model}] proposal preparation alone {res['proposal_s'] * 1e3:.2f} ms "
               f"({100 * res['proposal_s'] / sec:.1f} % of the step)", flush=True)
 
@@ -271,6 +300,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     res["matmul_flops_per_s"] = ceiling
     nominal = next((v for k, v in NOMINAL_TFLOPS.items() if k in dev.device_kind), None)
     res["nominal_flops_per_s"] = nominal * 1e12 if nominal else None
+    if not np.isfinite(res["flops"]) and args.flops:
+        res["flops"] = args.flops * 1e12
+        res["flops_source"] = "--flops (counted on CPU with --lower-only)"
     res["achieved_flops_per_s"] = res["flops"] / sec
     res["mfu_measured"] = res["achieved_flops_per_s"] / ceiling
     res["mfu_nominal"] = (res["achieved_flops_per_s"] / res["nominal_flops_per_s"]
@@ -290,6 +322,10 @@ def _worker_argv(args: argparse.Namespace, model: str, json_path: str) -> list[s
             "--batch-per-device", str(args.batch_per_device), "--size", *map(str, args.size),
             "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--matmul-size", str(args.matmul_size), "--worker-json", json_path]
+    if args.profile:
+        argv += ["--profile", args.profile]
+    if args.flops:
+        argv += ["--flops", str(args.flops)]
     if args.lower_only:
         argv.append("--lower-only")
     for s in args.set:

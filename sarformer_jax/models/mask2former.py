@@ -276,7 +276,8 @@ class Mask2FormerHead(nnx.Module):
            intermediates).
         """
         del train
-        (mask_features, memories), pd_inter = self.pixel_decoder(feats_norm)
+        with jax.named_scope("pixel_decoder"):
+            (mask_features, memories), pd_inter = self.pixel_decoder(feats_norm)
         b = mask_features.shape[0]
         dt = mask_features.dtype
         inter: dict[str, Any] = {"pixel_decoder": pd_inter, "mask_features": mask_features,
@@ -291,7 +292,8 @@ class Mask2FormerHead(nnx.Module):
             if self.second_pass:
                 if feats_raw is None:
                     raise ValueError("second_pixel_decoder_pass needs feats_raw")
-                (pool_src, _), _ = self.pixel_decoder(feats_raw)
+                with jax.named_scope("pixel_decoder_second_pass"):
+                    (pool_src, _), _ = self.pixel_decoder(feats_raw)
             else:
                 pool_src = mask_features
             inter["adapter_features"] = pool_src

@@ -60,15 +60,18 @@ class Segmentor(nnx.Module):
         """
         if self.uses_proposals and proposals is None:
             raise ValueError("SARFormer needs proposals [B, Q, H, W] (guidance.source != 'none')")
-        feats_norm, feats_raw, inter = self.backbone(images, train=train)
-        preds, head_inter = self.decode_head(
-            feats_norm, feats_raw if self.uses_proposals else None,
-            proposals if self.uses_proposals else None,
-            invert_first_mask=invert_first_mask, train=train)
+        with jax.named_scope("backbone"):  # scopes name the kernels in profiles
+            feats_norm, feats_raw, inter = self.backbone(images, train=train)
+        with jax.named_scope("decode_head"):
+            preds, head_inter = self.decode_head(
+                feats_norm, feats_raw if self.uses_proposals else None,
+                proposals if self.uses_proposals else None,
+                invert_first_mask=invert_first_mask, train=train)
         inter = dict(inter, **{f"head.{k}": v for k, v in head_inter.items()})
         aux_logits = None
         if self.auxiliary_head is not None and train:
-            aux_logits, _ = self.auxiliary_head(list(feats_norm), train=train)
+            with jax.named_scope("auxiliary_head"):
+                aux_logits, _ = self.auxiliary_head(list(feats_norm), train=train)
         return preds, aux_logits, inter
 
 

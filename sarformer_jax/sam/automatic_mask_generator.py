@@ -103,30 +103,40 @@ def _select(sam: Sam, cand: dict[str, jax.Array], s: AmgSettings, image_hw: tupl
                 low_res=take(cand["low_res"]))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _generate(graphdef, state, images, boxes, s: AmgSettings, box_prompts: bool):
-    sam: Sam = nnx.merge(graphdef, state)
+def automatic_masks(sam: Sam, images, s: AmgSettings, emb: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The traced core of `generate_masks` (call it inside your own jit): `images` [b, H, W, 3]
+    uint8 (or only its shape when the image embeddings `emb` [b, 64, 64, 256] are given)."""
     b, h, w, _ = images.shape
     input_size = get_preprocess_shape(h, w, sam.img_size)
-    cand = _candidates(sam, images, amg.build_point_grid(s.points_per_side), s)
+    cand = _candidates(sam, images, amg.build_point_grid(s.points_per_side), s, emb=emb)
     out = _select(sam, cand, s, (h, w), s.max_masks)
     low = out.pop("low_res")
     masks = sam.postprocess_masks(low, input_size, (h, w)) > sam.mask_threshold
     out["masks"] = masks & out["valid"][..., None, None]
     out.pop("keep")
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _generate(graphdef, state, images, boxes, s: AmgSettings, box_prompts: bool):
+    sam: Sam = nnx.merge(graphdef, state)
+    out = automatic_masks(sam, images, s)
     if box_prompts:
+        input_size = get_preprocess_shape(images.shape[1], images.shape[2], sam.img_size)
         out.update(_decode_boxes(sam, images, boxes, input_size))
     return out
 
 
-def _decode_boxes(sam: Sam, images, boxes, input_size):
-    """External xyxy box prompts [b, m, 4] (image pixels; NaN rows = absent) -> single masks."""
+def _decode_boxes(sam: Sam, images, boxes, input_size, emb: jax.Array | None = None):
+    """External xyxy box prompts [b, m, 4] (image pixels; NaN rows = absent) -> single masks.
+    `emb`: precomputed image embeddings (then `images` only gives the shape)."""
     b, h, w, _ = images.shape
     m = boxes.shape[1]
     present = ~jnp.any(jnp.isnan(boxes), axis=-1)
     scale = jnp.asarray([input_size[1] / w, input_size[0] / h] * 2, jnp.float32)
     bx = jnp.where(present[..., None], boxes, 0.0) * scale
-    emb = sam.embed_image(resize_uint8(images, input_size))
+    if emb is None:
+        emb = sam.embed_image(resize_uint8(images, input_size))
     low, iou = sam.decode(jnp.repeat(emb, m, axis=0), boxes=bx.reshape(b * m, 4), multimask_output=False)
     masks = sam.postprocess_masks(low[:, 0], input_size, (h, w)).reshape(b, m, h, w) > sam.mask_threshold
     return dict(box_masks=masks & present[..., None, None], box_scores=jnp.where(present, iou.reshape(b, m), 0.0),

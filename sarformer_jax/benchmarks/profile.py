@@ -1,0 +1,71 @@
+"""Where a compiled step spends its GPU time: a jax.profiler trace of a few steps, its device
+kernels summed by name and attributed to the model's named scopes (`jax.named_scope` in the
+model, loss and step: backbone, pixel_decoder, hungarian, loss, optimizer, ...) through the HLO
+instruction metadata of the compiled program.  Used by `sarformer bench train --profile DIR`."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+# most specific first: a kernel is attributed to the first scope its op name contains
+SCOPES = ("hungarian", "guidance", "pixel_decoder_second_pass", "pixel_decoder",
+          "auxiliary_head", "loss", "optimizer", "backbone", "decode_head")
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """instruction name -> metadata op_name (the jax name stack) from optimized HLO text."""
+    return {m.group(1).lstrip("%"): m.group(2) for m in _INSTR.finditer(hlo_text)}
+
+
+def _scope(op_name: str) -> str:
+    return next((s for s in SCOPES if s in op_name), "other")
+
+
+def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not paths:
+        return {"error": f"no *.trace.json.gz under {trace_dir}"}
+    with gzip.open(paths[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in pnames.items() if "/device:GPU" in n or "GPU" in n.upper() and "CPU" not in n.upper()}
+    ops = hlo_op_names(hlo_text)
+    by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
+    total = 0.0
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu:
+            continue
+        dur = float(e.get("dur", 0.0))
+        args = e.get("args", {}) or {}
+        hlo_op = str(args.get("hlo_op", "") or args.get("name", ""))
+        op_name = str(args.get("tf_op", "")) or ops.get(hlo_op, "")
+        scope = _scope(op_name)
+        name = e.get("name", "?")
+        by_scope[scope] += dur
+        by_kernel[name] += dur
+        kernel_scope.setdefault(name, scope)
+        total += dur
+    ms = lambda us: us / 1e3 / max(steps, 1)  # noqa: E731  per step
+    return {"trace": paths[-1], "gpu_kernel_ms_per_step": ms(total),
+            "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
+            "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
+
+
+def print_summary(s: dict, tag: str) -> None:
+    if "error" in s:
+        print(f"[{tag}] profile: {s['error']}", flush=True)
+        return
+    print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step", flush=True)
+    for k, v in s["by_scope_ms"].items():
+        print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
+    for name, scope, v in s["top_kernels_ms"]:
+        print(f"[{tag}]   kernel {v:8.2f} ms  [{scope}] {name[:110]}", flush=True)

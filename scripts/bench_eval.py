@@ -1,0 +1,12 @@
+"""Thin wrapper: `python scripts/bench_eval.py ARGS` == `sarformer bench eval ARGS`."""
+
+import argparse
+import sys
+
+from sarformer_jax.benchmarks import eval as bench_eval
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="bench_eval", description=bench_eval.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_eval.add_arguments(parser)
+    sys.exit(bench_eval.run(parser.parse_args()))

@@ -1,0 +1,120 @@
+"""Online SAM guidance inside the jitted train / eval steps (`guidance.source="online"`), the
+original's SAM-input quirks (`seed_compat`) and the detector-box merge (`boxes`).
+
+A tiny random-weight SAM (1 encoder block, 256 input) keeps this fast; thresholds 0 keep every
+candidate so the generator really returns masks with random weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from micro import micro_config
+
+from sarformer_jax.guidance import (boxes_inside, denormalize, load_guidance_sam,
+                                    make_proposal_fn, merge_box_masks, sam_masks, amg_settings)
+from sarformer_jax.models.layers import init_rngs
+from sarformer_jax.models.mask2former import prepare_proposals
+from sarformer_jax.sam.automatic_mask_generator import generate_masks
+from sarformer_jax.sam.build import SamConfig, build_sam_from_config
+
+ONLINE = {"guidance.source": "online", "guidance.sam.points_per_side": 4,
+          "guidance.sam.points_per_batch": 8, "guidance.sam.pred_iou_thresh": 0.0,
+          "guidance.sam.stability_score_thresh": 0.0, "guidance.sam.max_masks": 12,
+          "guidance.sam.dtype": "float32", "guidance.sam.image_size": 256,
+          "guidance.sam.box_nms_thresh": 1.0}
+
+
+def tiny_sam():
+    return build_sam_from_config(SamConfig(32, 1, 2, (0,), image_size=256), rngs=init_rngs(0))
+
+
+def _images(cfg, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    u8 = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    u8[:, 16:40, 20:50] = (200, 30, 30)  # an object SAM can separate
+    x = (u8.astype(np.float32) - np.asarray(cfg.data.mean, np.float32)) / np.asarray(cfg.data.std, np.float32)
+    return u8, jnp.asarray(x)
+
+
+def test_online_proposals_are_the_generators_masks_prepared(tmp_path):
+    cfg = micro_config(root=tmp_path, **ONLINE)
+    sam = tiny_sam()
+    graphdef, state = load_guidance_sam(cfg, sam)
+    fn = make_proposal_fn(cfg, graphdef)
+    u8, x = _images(cfg)
+    assert np.array_equal(np.asarray(denormalize(x, cfg.data.mean, cfg.data.std)), u8)
+    key = jax.random.key(5)
+    got = jax.jit(lambda b, k, g: fn(b, k, False, g))({"image": x}, key, {"sam": state})
+    out = generate_masks(sam, u8, points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0,
+                         stability_score_thresh=0.0, box_nms_thresh=1.0, max_masks=12)
+    assert int(out["valid"].sum()) >= 4  # the generator really produced masks
+    want = prepare_proposals(key, out["masks"], out["valid"], 8, noise_placeholders=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.shape == (2, 8, 64, 64)
+
+
+def test_online_training_and_evaluation_end_to_end(data_root, tmp_path, monkeypatch):
+    from sarformer_jax.evaluate import evaluate_state
+    from sarformer_jax.train import train
+
+    cfg = micro_config(root=data_root, **ONLINE, **{"train.num_steps": 2, "train.eval_every": 2,
+                                                    "train.ckpt_every": 2})
+    sam = tiny_sam()
+    from sarformer_jax import train as train_mod
+
+    real = train_mod.create_trainer
+    monkeypatch.setattr(train_mod, "create_trainer", lambda c, **k: real(c, sam=sam, **k))
+    out = train(cfg, tmp_path / "w", progress=False, devices=jax.devices()[:1])
+    trainer, state = out["trainer"], out["state"]
+    assert out["step"] == 2 and all(np.isfinite(v) for _, v in out["curve"])
+    # SAM is an input of the step, not a trained parameter
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])]
+    assert not any("image_encoder" in n or "mask_decoder" in n for n in names)
+    assert "sam" in trainer.guide
+    # evaluation runs SAM per window, deterministically, and matches the loop's evaluation
+    (_, miou), = out["evals"]
+    again = evaluate_state(cfg, trainer, state, progress=False)
+    assert again["mIoU"] == pytest.approx(miou, abs=1e-12)
+
+
+def test_seed_compat_stale_embedding_makes_proposals_image_independent(tmp_path):
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.seed_compat": True})
+    sam = tiny_sam()
+    _, x = _images(cfg, n=3)
+    s = amg_settings(cfg)
+    # no stale embedding yet: each image gets its own (transposed, double-normalised) embedding
+    fresh, _ = jax.jit(lambda b: sam_masks(sam, b, cfg, s))({"image": x})
+    assert not np.array_equal(np.asarray(fresh[0]), np.asarray(fresh[1]))
+    # the stale embedding of the first image is reused: every image gets the same masks, which
+    # are the first image's
+    from sarformer_jax.guidance import faithful_embedding
+
+    stale = faithful_embedding(sam, x[:1])
+    masks, valid = jax.jit(lambda b, e: sam_masks(sam, b, cfg, s, e))({"image": x[1:]}, stale)
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(masks[i]), np.asarray(fresh[0]))
+    with pytest.raises(ValueError, match="square"):
+        sam_masks(sam, {"image": x[:, :, :32]}, cfg, s)
+
+
+def test_detector_boxes_drop_contained_sam_masks_and_come_first():
+    det = jnp.asarray([[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]])
+    det_valid = jnp.asarray([True, False])
+    sam_boxes = jnp.asarray([[12.0, 8.0, 33.0, 31.0],  # inside within 5 px
+                             [12.0, 2.0, 20.0, 20.0],  # 8 px above the box: kept
+                             [0.0, 0.0, 1.0, 1.0]])  # inside only the invalid box: kept
+    np.testing.assert_array_equal(np.asarray(boxes_inside(sam_boxes, det, det_valid)),
+                                  [True, False, False])
+    h = w = 4
+    out = {"masks": jnp.stack([jnp.full((3, h, w), v) for v in (True,)])[:, :] & jnp.asarray(
+               [True, True, False])[None, :, None, None],
+           "valid": jnp.asarray([[True, True, False]]),
+           "boxes": sam_boxes[None], "det_boxes": det[None], "box_valid": det_valid[None],
+           "box_masks": jnp.zeros((1, 2, h, w), bool).at[0, 0, 0, 0].set(True)}
+    masks, valid = merge_box_masks(out)
+    # box mask first, then the SAM mask that is not inside the box; the rest invalid
+    np.testing.assert_array_equal(np.asarray(valid[0]), [True, True, False, False, False])
+    assert bool(masks[0, 0, 0, 0]) and int(masks[0, 0].sum()) == 1
+    assert bool(masks[0, 1].all())
