@@ -135,17 +135,22 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
     return cfg_loss.class_weight * -probs + cfg_loss.mask_weight * ce + cfg_loss.dice_weight * dice
 
 
-def _image_terms(cls, mask, gt, present, pts, cfg_loss, num_classes):
-    """One image, one layer.  Returns (per-query CE [Q], per-query class weight [Q], mask BCE sum,
-    dice sum, number of matched pairs, query -> class assignment [Q])."""
-    q = cls.shape[0]
-    # matching (no gradient)
-    sg_mask = jax.lax.stop_gradient(mask)
-    logits_m = point_sample(sg_mask, pts["match"])  # [Q, P]
-    targets_m = sample_gt_shared(gt, pts["match"], num_classes)  # [K, P]
-    cost = match_costs(jax.lax.stop_gradient(cls), logits_m, targets_m, cfg_loss)
+def _image_cost(cls, mask, gt, pts_match, cfg_loss, num_classes):
+    """Matching cost [Q, K] of one image and layer (no gradient)."""
+    logits_m = point_sample(jax.lax.stop_gradient(mask), pts_match)  # [Q, P]
+    targets_m = sample_gt_shared(gt, pts_match, num_classes)  # [K, P]
+    return match_costs(jax.lax.stop_gradient(cls), logits_m, targets_m, cfg_loss)
+
+
+def _image_match(cost, present):
     with jax.named_scope("hungarian"):
-        col4row, row4col = hungarian_assign(cost, None, present)
+        return hungarian_assign(cost, None, present)
+
+
+def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes):
+    """Loss terms of one image and layer given its matching.  Returns (per-query CE [Q],
+    per-query class weight [Q], mask BCE sum, dice sum, number of matched pairs)."""
+    q = cls.shape[0]
     # class loss: matched queries take their class, the others "no object" (index K)
     target = jnp.where(col4row >= 0, col4row, num_classes)
     logp = jax.nn.log_softmax(cls.astype(jnp.float32), axis=-1)
@@ -171,7 +176,14 @@ def _image_terms(cls, mask, gt, present, pts, cfg_loss, num_classes):
     dice = 1.0 - (2.0 * jnp.sum(sig * targets, -1) + 1.0) / (jnp.sum(sig, -1) + jnp.sum(targets, -1) + 1.0)
     mask_sum = jnp.sum(jnp.where(slot_valid, bce, 0.0))
     dice_sum = jnp.sum(jnp.where(slot_valid, dice, 0.0))
-    return ce, wt, mask_sum, dice_sum, jnp.sum(slot_valid.astype(jnp.float32)), col4row
+    return ce, wt, mask_sum, dice_sum, jnp.sum(slot_valid.astype(jnp.float32))
+
+
+def _reduce_terms(ce, wt, mask_sum, dice_sum, n_matched, cfg_loss):
+    n_m = jnp.maximum(jnp.sum(n_matched), 1.0)
+    return {"loss_cls": cfg_loss.class_weight * jnp.sum(ce * wt) / jnp.sum(wt),
+            "loss_mask": cfg_loss.mask_weight * jnp.sum(mask_sum) / n_m,
+            "loss_dice": cfg_loss.dice_weight * jnp.sum(dice_sum) / n_m}
 
 
 def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array, pts: dict,
@@ -187,13 +199,31 @@ def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Arra
     loss is the weighted mean over all queries of the batch.  Under data parallelism the arrays
     are global, so both normalisers are global-batch ones (mmdet averages per-GPU class losses
     instead; identical for one image per device only when the weight sums agree)."""
-    fn = lambda c, m, g, pr, pt: _image_terms(c, m, g, pr, pt, cfg_loss, num_classes)
-    ce, wt, mask_sum, dice_sum, n_matched, assign = jax.vmap(fn)(cls, mask, gt, present, pts)
-    n_m = jnp.maximum(jnp.sum(n_matched), 1.0)
-    loss_cls = cfg_loss.class_weight * jnp.sum(ce * wt) / jnp.sum(wt)
-    loss_mask = cfg_loss.mask_weight * jnp.sum(mask_sum) / n_m
-    loss_dice = cfg_loss.dice_weight * jnp.sum(dice_sum) / n_m
-    return {"loss_cls": loss_cls, "loss_mask": loss_mask, "loss_dice": loss_dice}, assign
+    cost = jax.vmap(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes))(
+        cls, mask, gt, pts["match"])
+    col4row, row4col = jax.vmap(_image_match)(cost, present)
+    terms = jax.vmap(lambda c, m, g, p, a, b: _image_losses(c, m, g, p, a, b, cfg_loss, num_classes))(
+        cls, mask, gt, pts, col4row, row4col)
+    return _reduce_terms(*terms, cfg_loss), col4row
+
+
+def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array,
+                            pts: dict, cfg_loss: Any, num_classes: int) -> dict[str, jax.Array]:
+    """`layer_loss` of L stacked predictions (cls [L, B, Q, K+1], mask [L, B, Q, h, w], points
+    with a leading L axis) at once: the L x B matching problems run as one batched Hungarian
+    solve (one device loop for all of them, instead of one per layer), the loss terms vmapped
+    over layers.  Returns {"loss_cls", ...} with [L] values."""
+    over_b = lambda f: jax.vmap(f, in_axes=(0, 0, 0, 0))  # noqa: E731
+    cost = jax.vmap(over_b(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes)),
+                    in_axes=(0, 0, None, 0))(cls, mask, gt, pts["match"])  # [L, B, Q, K]
+    col4row, row4col = jax.vmap(jax.vmap(_image_match), in_axes=(0, None))(cost, present)
+
+    def layer(c, m, p, a, b):
+        terms = jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(
+            c1, m1, g1, p1, a1, b1, cfg_loss, num_classes))(c, m, gt, p, a, b)
+        return _reduce_terms(*terms, cfg_loss)
+
+    return jax.vmap(layer)(cls, mask, pts, col4row, row4col)
 
 
 def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:
@@ -238,18 +268,16 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
     same = all(p["cls"].shape == predictions[0]["cls"].shape
                and p["mask"].shape == predictions[0]["mask"].shape for p in predictions)
     if same and n > 1:
-        # one traced layer loss, scanned over the stacked predictions (the deep-supervision
-        # losses are identical programs: unrolling them made the train step ~n times larger)
-        stacked = {k: jnp.stack([p[k] for p in predictions]) for k in ("cls", "mask")}
+        # one traced layer loss for all layers (the deep-supervision losses are identical
+        # programs: unrolling them made the train step ~n times larger), and one batched
+        # Hungarian solve for all n x B matchings
+        cls = jnp.stack([p["cls"] for p in predictions])
+        mask = jnp.stack([p["mask"] for p in predictions])
         if points is not None:
-            stacked["pts"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points)
-
-        def body(_, xs):
-            pts = xs["pts"] if points is not None else draw_layer_points(key, xs["i"], b, m, cfg_loss)
-            terms, _ = layer_loss(xs["cls"], xs["mask"], gt, present, pts, cfg_loss, num_classes)
-            return None, terms
-
-        _, terms = jax.lax.scan(body, None, dict(stacked, i=jnp.arange(n)))
+            pts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points)
+        else:
+            pts = jax.vmap(lambda i: draw_layer_points(key, i, b, m, cfg_loss))(jnp.arange(n))
+        terms = deep_supervision_losses(cls, mask, gt, present, pts, cfg_loss, num_classes)
         for i, prefix in enumerate(names):
             parts.update({prefix + k: v[i] for k, v in terms.items()})
     else:

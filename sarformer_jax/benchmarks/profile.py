@@ -24,6 +24,22 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1).lstrip("%"): m.group(2) for m in _INSTR.finditer(hlo_text)}
 
 
+def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
+    """The jax name stack of a kernel event: from the trace's own annotations when present, else
+    through the HLO instruction it came from (XLA names a fusion's kernel after the instruction,
+    `loop_add_fusion.173` -> `loop_add_fusion_173`)."""
+    if args.get("tf_op"):
+        return str(args["tf_op"])
+    for key in ("hlo_op", "long_name", "name"):
+        v = str(args.get(key, "") or "")
+        if v in ops:
+            return ops[v]
+    for cand in (kernel, re.sub(r"_(\d+)$", r".\1", kernel), kernel.split("__")[0]):
+        if cand in ops:
+            return ops[cand]
+    return ""
+
+
 def _scope(op_name: str) -> str:
     return next((s for s in SCOPES if s in op_name), "other")
 
@@ -46,10 +62,9 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
             continue
         dur = float(e.get("dur", 0.0))
         args = e.get("args", {}) or {}
-        hlo_op = str(args.get("hlo_op", "") or args.get("name", ""))
-        op_name = str(args.get("tf_op", "")) or ops.get(hlo_op, "")
-        scope = _scope(op_name)
         name = e.get("name", "?")
+        op_name = _op_name(args, name, ops)
+        scope = _scope(op_name)
         by_scope[scope] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
@@ -64,7 +79,10 @@ def print_summary(s: dict, tag: str) -> None:
     if "error" in s:
         print(f"[{tag}] profile: {s['error']}", flush=True)
         return
-    print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step", flush=True)
+    idle = s.get("idle_ms_per_step")
+    print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step"
+          + (f" ({idle:.1f} ms of the step without a kernel running)" if idle is not None else ""),
+          flush=True)
     for k, v in s["by_scope_ms"].items():
         print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:

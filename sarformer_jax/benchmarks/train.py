@@ -281,6 +281,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
             step()
         jax.profiler.stop_trace()
         summary = prof.summarize(trace_dir, compiled.as_text(), steps=5)
+        if "gpu_kernel_ms_per_step" in summary:  # time the GPU waits (host syncs, launches)
+            summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_kernel_ms_per_step"]
         res["profile"] = summary
         prof.print_summary(summary, model)
 

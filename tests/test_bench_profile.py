@@ -1,0 +1,54 @@
+"""The profile summary of `sarformer bench train --profile` attributes GPU kernels to the named
+scopes through the compiled HLO's op_name metadata."""
+
+import gzip
+import json
+
+import pytest
+
+from sarformer_jax.benchmarks.profile import hlo_op_names, summarize
+
+HLO = """
+HloModule jit_step
+ENTRY %main {
+  %fusion.1 = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fc, metadata={op_type="add" op_name="jit(step)/jvp(backbone)/add" source_file="x.py" source_line=3}
+  %fusion.2 = f32[8]{0} fusion(f32[8]{0} %fusion.1), kind=kLoop, calls=%fd, metadata={op_type="while" op_name="jit(step)/loss/hungarian/while"}
+  ROOT %copy.3 = f32[8]{0} copy(%fusion.2), metadata={op_name="jit(step)/optimizer/copy"}
+}
+"""
+
+
+def test_hlo_metadata_and_scope_attribution(tmp_path):
+    names = hlo_op_names(HLO)
+    assert names["fusion.1"] == "jit(step)/jvp(backbone)/add"
+    assert names["copy.3"] == "jit(step)/optimizer/copy"
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "loop_fusion_1", "dur": 3000.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "loop_fusion_2", "dur": 1000.0, "args": {"hlo_op": "fusion.2"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "loop_fusion_1", "dur": 3000.0, "args": {"hlo_op": "fusion.1"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "copy_3", "dur": 500.0, "args": {"hlo_op": "copy.3"}},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "host work", "dur": 99000.0, "args": {}},
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = summarize(str(tmp_path), HLO, steps=2)
+    assert s["gpu_kernel_ms_per_step"] == pytest.approx(3.75)
+    assert s["by_scope_ms"] == pytest.approx({"backbone": 3.0, "hungarian": 0.5, "optimizer": 0.25})
+    assert s["top_kernels_ms"][0] == ("loop_fusion_1", "backbone", pytest.approx(3.0))
+
+
+def test_kernel_names_map_to_fusion_instructions(tmp_path):
+    hlo = ('  %loop_add_fusion.173 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
+           'metadata={op_type="add" op_name="jit(step)/transpose(jvp(decode_head))/pixel_decoder/add"}\n')
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "name": "loop_add_fusion_173", "dur": 2000.0, "args": {}}]
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+    s = summarize(str(tmp_path), hlo, steps=1)
+    assert s["by_scope_ms"] == pytest.approx({"pixel_decoder": 2.0})
