@@ -82,10 +82,10 @@ def cached_window_fn(cfg: Config, trainer, *, with_proposals: bool):
 
 
 def _proposal_channels(record: dict, size: tuple[int, int], q: int) -> np.ndarray:
-    """Cached proposals (bool [N, H0, W0]) -> float32 [h, w, Q] channels at the eval size
+    """Cached proposals (bool [N, H0, W0]) -> uint8 [h, w, Q] channels at the eval size
     (nearest), the first Q by score; missing slots are empty."""
     h, w = size
-    out = np.zeros((h, w, q), np.float32)
+    out = np.zeros((h, w, q), np.uint8)
     masks = record.get("proposals")
     if masks is None or len(masks) == 0:
         return out
@@ -98,16 +98,18 @@ def _proposal_channels(record: dict, size: tuple[int, int], q: int) -> np.ndarra
 
 
 def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: int, *,
-                   mode: str, aug_test: bool, with_proposals: bool) -> np.ndarray:
-    """Class scores [H0, W0, K] for one record (original size)."""
+                   mode: str, aug_test: bool, with_proposals: bool,
+                   labels: bool = False) -> np.ndarray:
+    """Class scores [H0, W0, K] float32 for one record (original size), or with `labels` their
+    argmax [H0, W0] int32 taken on the device (a K-times smaller transfer to the host)."""
     from sarformer_jax.data.pipeline import eval_preprocess
 
     image = record["image"]
     h0, w0 = image.shape[:2]
-    x = eval_preprocess(image, cfg)  # [h, w, 3] normalised, at the eval scale
-    if with_proposals:
-        x = np.concatenate([x, _proposal_channels(record, x.shape[:2],
-                                                  int(cfg.model.head.num_queries))], -1)
+    x = jnp.asarray(eval_preprocess(image, cfg))  # [h, w, 3] normalised, at the eval scale
+    if with_proposals:  # sent as uint8, widened on the device
+        props = _proposal_channels(record, x.shape[:2], int(cfg.model.head.num_queries))
+        x = jnp.concatenate([x, jnp.asarray(props).astype(x.dtype)], -1)
     key = inference.eval_key(int(cfg.train.seed), index)
     k = int(cfg.model.head.num_classes)
     ev = cfg.eval
@@ -122,7 +124,7 @@ def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: i
         return prob_fn(padded)[:, :hh, :ww]
 
     fn = prob_fn if mode == "slide" else whole_fn
-    batch = jnp.asarray(x)[None]
+    batch = x[None]
     if aug_test:
         scores = inference.aug_inference(fn, batch, k, scale=None, scales=tuple(ev.scales),
                                          flip=bool(ev.flip), mode=mode, crop=tuple(ev.crop_size),
@@ -133,6 +135,8 @@ def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: i
                                          mode=mode, crop=tuple(ev.crop_size),
                                          stride=tuple(ev.stride), out_size=(h0, w0),
                                          window_batch=int(ev.batch_size))
+    if labels:
+        return np.asarray(jnp.argmax(scores[0], axis=-1).astype(jnp.int32))
     return np.asarray(scores[0])
 
 
@@ -158,9 +162,9 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
 
     n = 0
     for i, record in enumerate(tqdm(dataset, desc="eval", unit="img", disable=not progress)):
-        scores = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
-                                aug_test=aug_test, with_proposals=with_proposals)
-        acc.update(np.argmax(scores, -1).astype(np.int32), record["label"])
+        pred = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
+                              aug_test=aug_test, with_proposals=with_proposals, labels=True)
+        acc.update(pred, record["label"])
         n += 1
     results = acc.compute()
     results["num_images"] = n

@@ -76,10 +76,9 @@ def predict_records(cfg: Config, trainer, state, records, out_dir, *, mode=None,
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     paths = []
     for i, record in enumerate(tqdm(records, desc="predict", disable=not progress)):
-        scores = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], record, i,
-                                mode=mode or cfg.eval.mode, aug_test=False,
-                                with_proposals=with_proposals)
-        label = np.argmax(scores, -1).astype(np.uint8)
+        label = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], record, i,
+                               mode=mode or cfg.eval.mode, aug_test=False,
+                               with_proposals=with_proposals, labels=True).astype(np.uint8)
         paths.append(write_prediction(cfg, record, label, pathlib.Path(out_dir))[1])
     return paths
 

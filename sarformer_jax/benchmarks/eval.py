@@ -5,9 +5,10 @@ resized back to the original size, argmax.
 
 What is timed per image is what `sarformer eval` does for it (`evaluate.predict_scores`: host
 resize and normalisation, proposal channels for cached guidance, the jitted window batch, the
-score resize and the argmax), after one warm-up image per shape (compile time is reported
-separately).  Images: random uint8 at --sizes (default 512x683 and 640x480, ADE20K's typical
-shapes; short side 512-640 -> 640 after the resize: 2 windows each).  Weights are random (speed
+score resize and the argmax on the device, the labels to the host), after one warm-up image per
+shape (compile time is reported separately).  Images: random uint8 at --sizes (default 512x683
+and 640x480, ADE20K's typical shapes; short side 512-640 -> 640 after the resize: 2 windows
+each).  Weights are random (speed
 does not depend on them).  Models: `sarformer` (cached proposals: 60 random rectangles per image),
 `sarformer_online` (SAM ViT-B's automatic masks computed per window inside the jit, random SAM
 weights) and `mask2former`.
@@ -92,14 +93,13 @@ def bench_model(model: str, args) -> dict:
         i += args.images + 1
         t0 = time.perf_counter()
         predict_scores(cfg, window_fn, state["params"], state["batch_stats"], recs[0], 0,
-                       mode=args.mode, aug_test=False, with_proposals=cached)
+                       mode=args.mode, aug_test=False, with_proposals=cached, labels=True)
         first = time.perf_counter() - t0
         times = []
         for j, rec in enumerate(recs[1:]):
             t0 = time.perf_counter()
-            scores = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], rec,
-                                    j + 1, mode=args.mode, aug_test=False, with_proposals=cached)
-            np.argmax(scores, -1)
+            predict_scores(cfg, window_fn, state["params"], state["batch_stats"], rec, j + 1,
+                           mode=args.mode, aug_test=False, with_proposals=cached, labels=True)
             times.append(time.perf_counter() - t0)
         med = float(np.median(times))
         res["per_size"]["x".join(map(str, size))] = dict(first_s=first, median_s=med,

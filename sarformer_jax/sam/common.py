@@ -88,3 +88,21 @@ def resize_bilinear_gather(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         lam = jnp.asarray(lam, x.dtype)
         x = jnp.take(x, i0, axis=-1) * (1 - lam) + jnp.take(x, i1, axis=-1) * lam
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def postprocess_matrix(low: int, img_size: int, crop: int, out: int) -> np.ndarray:
+    """[out, low] float32: SAM's mask post-processing along one axis as one linear map --
+    bilinear low -> img_size, keep the first `crop` rows (the unpadded input), bilinear
+    crop -> out (both PyTorch align_corners=False, no antialias; composed in float64)."""
+
+    def interp(n_in, n_out):
+        i0, i1, lam = _bilinear_taps(n_in, n_out)
+        m = np.zeros((n_out, n_in), np.float64)
+        rows = np.arange(n_out)
+        np.add.at(m, (rows, i0), 1.0 - lam.astype(np.float64))
+        np.add.at(m, (rows, i1), lam.astype(np.float64))
+        return m
+
+    up = interp(low, img_size)[:crop]
+    return (interp(crop, out) @ up).astype(np.float32)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sarformer_jax.sam.common import resize_bilinear_gather
+from sarformer_jax.sam.common import postprocess_matrix
 from sarformer_jax.sam.image_encoder import ImageEncoderViT
 from sarformer_jax.sam.mask_decoder import MaskDecoder
 from sarformer_jax.sam.prompt_encoder import PromptEncoder
@@ -45,11 +45,17 @@ class Sam(nnx.Module):
     def postprocess_masks(self, masks: jax.Array, input_size: tuple[int, int],
                           original_size: tuple[int, int]) -> jax.Array:
         """Low-res logits [..., 256, 256] -> [..., H, W] at the original image size: bilinear to
-        img_size, crop to the resized (unpadded) input, bilinear to the original size."""
+        img_size, crop to the resized (unpadded) input, bilinear to the original size -- done
+        as one float32 matrix product per axis (the composition of the three linear steps),
+        which on a GPU is an order of magnitude faster than materialising the 1024² masks of
+        thousands of candidates."""
         s = self.img_size
-        masks = resize_bilinear_gather(masks, (s, s))
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return resize_bilinear_gather(masks, tuple(original_size))
+        lh, lw = masks.shape[-2:]
+        mh = jnp.asarray(postprocess_matrix(lh, s, int(input_size[0]), int(original_size[0])))
+        mw = jnp.asarray(postprocess_matrix(lw, s, int(input_size[1]), int(original_size[1])))
+        x = masks.astype(jnp.float32)
+        x = jnp.einsum("...hw,ow->...ho", x, mw, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("...hw,oh->...ow", x, mh, precision=jax.lax.Precision.HIGHEST)
 
     def embed_image(self, x: jax.Array) -> jax.Array:
         """Resized uint8/float RGB [b, h, w, 3] with max(h, w) = img_size -> [b, 64, 64, 256]."""
