@@ -116,6 +116,9 @@ def guidance(source: str = "online") -> Config:
     return Config(
         source=source,  # "online" | "cached" | "boxes" | "none"
         cache_dir="",  # for "cached": written by `sarformer amg --dataset`
+        # for "boxes": <boxes_dir>/<split>/<stem>.json, detector rows [x1, y1, x2, y2, ...]
+        boxes_dir="",
+        max_boxes=32,  # fixed number of box slots per image (NaN rows where none)
         sam=Config(
             model_type="vit_b",
             checkpoint="",  # converted SAM params (.npz from `sarformer convert sam`)

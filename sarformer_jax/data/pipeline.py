@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import pathlib
 from typing import Any, Iterator
 
@@ -37,6 +38,35 @@ def _proposals_dir(cfg) -> str | None:
             raise ValueError("guidance.source='cached' needs guidance.cache_dir")
         return str(guidance.cache_dir)
     return None
+
+
+def _boxes_dir(cfg, split: str) -> str | None:
+    guidance = cfg.get("guidance")
+    if guidance is None or guidance.get("source") != "boxes":
+        return None
+    if not guidance.get("boxes_dir"):
+        raise ValueError("guidance.source='boxes' needs guidance.boxes_dir (one <stem>.json per "
+                         "image: a list of [x1, y1, x2, y2, ...] detector boxes in pixels)")
+    return str(pathlib.Path(guidance.boxes_dir) / split)
+
+
+def read_boxes(path: str) -> np.ndarray:
+    """Detector boxes of one image from `path` (JSON list of rows [x1, y1, x2, y2, ...]; extra
+    columns such as confidence and class are ignored) -> float32 [m, 4]."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no detector boxes for this image: {path}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable detector boxes file {path}: {e}") from None
+    try:
+        arr = np.asarray([r[:4] for r in rows], np.float32).reshape(-1, 4)
+    except (TypeError, ValueError):
+        raise DataError(f"detector boxes must be a list of [x1, y1, x2, y2, ...] rows: {path}") from None
+    if not np.isfinite(arr).all():
+        raise DataError(f"non-finite detector box coordinates: {path}")
+    return arr
 
 
 def _ensure_synthetic(cfg) -> None:
@@ -87,14 +117,17 @@ def build_source(cfg, split: str = "training"):
 class TrainRecord:
     """Reads record `index` of `source` and applies the training transforms (picklable)."""
 
-    def __init__(self, source, cfg):
+    def __init__(self, source, cfg, split: str = "training"):
         data = cfg.data
         self.source = source
+        self.boxes_dir = _boxes_dir(cfg, split)
+        max_boxes = int(cfg.guidance.get("max_boxes", 0)) if self.boxes_dir else 0
         self.kwargs = dict(
             crop_size=tuple(data.crop_size), scale=tuple(data.scale),
             ratio_range=tuple(data.ratio_range), cat_max_ratio=float(data.cat_max_ratio),
             flip_prob=float(data.flip_prob), photometric=bool(data.photometric),
-            mean=tuple(data.mean), std=tuple(data.std), ignore_index=int(data.ignore_index))
+            mean=tuple(data.mean), std=tuple(data.std), ignore_index=int(data.ignore_index),
+            max_boxes=max_boxes)
         self.num_queries = int(cfg.model.head.num_queries) if _proposals_dir(cfg) else None
         self.skip = data.get("on_error", "raise") == "skip"
         self.max_consecutive_skips = min(len(source), 1000)
@@ -104,6 +137,11 @@ class TrainRecord:
     def __call__(self, index: int, rng: np.random.Generator) -> dict | None:
         try:
             record = self.source[int(index)]
+            if self.boxes_dir is not None:
+                if "stem" not in record:
+                    raise ValueError("guidance.source='boxes' needs a file-based dataset "
+                                     "(ade20k / cityscapes / synthetic)")
+                record["boxes"] = read_boxes(os.path.join(self.boxes_dir, record["stem"] + ".json"))
         except DataError as e:
             if not self.skip:
                 raise

@@ -125,9 +125,11 @@ class PairedFileSource:
         cache = None
         if self.proposals_dir is not None:
             cache = os.path.join(self.proposals_dir, self.stems[index] + ".npz")
-        return finish_record(image, label, name=image_path, label_name=label_path,
-                             label_kind=self.label_kind, num_classes=self.num_classes,
-                             proposals_path=cache)
+        record = finish_record(image, label, name=image_path, label_name=label_path,
+                               label_kind=self.label_kind, num_classes=self.num_classes,
+                               proposals_path=cache)
+        record["stem"] = self.stems[index]
+        return record
 
 
 def pair_files(images: dict[str, pathlib.Path], labels: dict[str, pathlib.Path], *,

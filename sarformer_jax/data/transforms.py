@@ -138,15 +138,38 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
     return (image.astype(np.float32) - mean) * inv_std
 
 
+def warp_boxes(boxes: np.ndarray, src_hw: tuple[int, int], new_hw: tuple[int, int],
+               crop: tuple[int, int, int, int], flip: bool, max_boxes: int) -> np.ndarray:
+    """Detector boxes (xyxy, continuous pixel coordinates of the source image) through
+    RandomResize (scale by new/src per axis), RandomCrop (shift by the crop's corner, clip to it;
+    boxes left with no area are dropped) and the horizontal flip (x -> crop width - x).
+    Returns float32 [max_boxes, 4], NaN rows where there is no box."""
+    out = np.full((max_boxes, 4), np.nan, np.float32)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(b):
+        y1, y2, x1, x2 = crop
+        sy, sx = new_hw[0] / src_hw[0], new_hw[1] / src_hw[1]
+        b = b * np.array([sx, sy, sx, sy]) - np.array([x1, y1, x1, y1])
+        b[:, 0::2] = np.clip(b[:, 0::2], 0, x2 - x1)
+        b[:, 1::2] = np.clip(b[:, 1::2], 0, y2 - y1)
+        if flip:
+            b[:, [0, 2]] = (x2 - x1) - b[:, [2, 0]]
+        b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])][:max_boxes]
+        out[: len(b)] = b
+    return out
+
+
 # ------------------------------------------------------------------ the pipelines
 def train_transform(sample: dict, rng: np.random.Generator, *, crop_size, scale, ratio_range,
                     cat_max_ratio: float, flip_prob: float, photometric: bool, mean, std,
-                    ignore_index: int = IGNORE) -> dict:
+                    ignore_index: int = IGNORE, max_boxes: int = 0) -> dict:
     """RandomResize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> normalise -> pad.
 
     Returns image float32 [h, w, 3], label int32 [h, w] and, when present, proposals uint8
-    [N, h, w] (h, w = crop_size); the proposals undergo exactly the label's geometry."""
+    [N, h, w] (h, w = crop_size); the proposals undergo exactly the label's geometry; detector
+    `boxes` [m, 4] become float32 [max_boxes, 4] (`warp_boxes`)."""
     image, label = sample["image"], sample["label"]
+    label_hw = label.shape
     crop_size = tuple(crop_size)
     target = sample_resize_scale(rng, tuple(scale), tuple(ratio_range))
     new_hw = rescale_size(label.shape, target)
@@ -166,6 +189,9 @@ def train_transform(sample: dict, rng: np.random.Generator, *, crop_size, scale,
             xs = xs[::-1]
         warped = masks[:, ys[:, None], xs[None, :]]
         out["proposals"] = pad_to(warped.astype(np.uint8), crop_size, 0, axes=(1, 2))
+    if "boxes" in sample:
+        out["boxes"] = warp_boxes(sample["boxes"], label_hw, new_hw, (y1, y2, x1, x2), flip,
+                                  max_boxes)
     if photometric:
         image = photometric_distortion(np.ascontiguousarray(image), rng)
     out["image"] = pad_to(normalize(image, mean, std), crop_size, 0.0)
