@@ -97,3 +97,19 @@ def test_cityscapes_variants():
     assert cfg.data.crop_size == (512, 1024) and cfg.data.scale == (2048, 1024)
     assert cfg.model.head.num_classes == 19 and not cfg.data.reduce_zero_label
     assert load_config("cityscapes_sarformer_b:crop=896").data.crop_size == (896, 896)
+
+
+def test_baseline_repo640_variant_has_the_adapter_defaults():
+    """§6.3: `Beit+mask2former_adapter_640.py` ran the adapter's MSDeformAttn with its defaults
+    (6 heads, deform_ratio 1.0): the value projection keeps the full width and the offsets are
+    sized for 6 heads; the default baseline shares SARFormer-B's backbone."""
+    from sarformer_jax.convert.mmseg import expected_shapes
+
+    shapes = {}
+    for arg in ("", ":repo640"):
+        params, _ = expected_shapes(load_config("ade20k_mask2former_adapter_b" + arg, ["model.image_size=(64, 64)"]))
+        shapes[arg] = params
+    key = next(k for k in shapes[""] if "interactions.0.injector.attn.value_proj" in k and k.endswith("kernel"))
+    off = next(k for k in shapes[""] if "interactions.0.injector.attn.sampling_offsets" in k and k.endswith("kernel"))
+    assert shapes[""][key] == (768, 384) and shapes[":repo640"][key] == (768, 768)
+    assert shapes[""][off][-1] == 12 * 3 * 4 * 2 and shapes[":repo640"][off][-1] == 6 * 3 * 4 * 2
