@@ -57,6 +57,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     ops = hlo_op_names(hlo_text)
     by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
     total = 0.0
+    samples = []  # a few raw kernel events, to check the attribution against
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in gpu:
             continue
@@ -65,12 +66,15 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
         name = e.get("name", "?")
         op_name = _op_name(args, name, ops)
         scope = _scope(op_name)
+        if len(samples) < 8:
+            samples.append({"name": e.get("name"), "args": args, "op_name": op_name})
         by_scope[scope] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
         total += dur
     ms = lambda us: us / 1e3 / max(steps, 1)  # noqa: E731  per step
-    return {"trace": paths[-1], "gpu_kernel_ms_per_step": ms(total),
+    return {"trace": paths[-1], "gpu_kernel_ms_per_step": ms(total), "sample_events": samples,
+            "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
             "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
 
