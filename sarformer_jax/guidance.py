@@ -64,7 +64,13 @@ def denormalize(images: jax.Array, mean, std) -> jax.Array:
 
 
 def cached_masks(batch: dict[str, Any], num_queries: int) -> tuple[jax.Array, jax.Array]:
-    masks = batch["proposals"]
+    """The batch's cached proposals: `proposals` [B, N, H, W], or `proposals_packed` (the
+    loader's bit-packed form, unpacked here on the device)."""
+    if "proposals_packed" in batch:
+        width = batch["image"].shape[2]
+        masks = jnp.unpackbits(batch["proposals_packed"], axis=-1, count=width)
+    else:
+        masks = batch["proposals"]
     valid = jnp.arange(masks.shape[1])[None, :] < batch["num_proposals"][:, None]
     return masks, valid[:, :num_queries]
 

@@ -44,7 +44,15 @@ def test_batches(root):
     batch = next(pipeline.build_train_loader(cfg, seed=0))
     assert pipeline.describe(batch) == {
         "image": ((4, 64, 64, 3), "float32"), "label": ((4, 64, 64), "int32"),
-        "proposals": ((4, Q, 64, 64), "uint8"), "num_proposals": ((4,), "int32")}
+        "proposals_packed": ((4, Q, 64, 8), "uint8"), "num_proposals": ((4,), "int32")}
+    # bit-packed to the device; the step unpacks exactly what the host would
+    import jax.numpy as jnp
+
+    from sarformer_jax.guidance import cached_masks
+
+    on_device, _ = cached_masks({k: jnp.asarray(v) for k, v in batch.items()}, Q)
+    batch = pipeline.unpack_proposals(dict(batch), 64)
+    np.testing.assert_array_equal(np.asarray(on_device), batch["proposals"])
     assert set(np.unique(batch["label"])) <= set(range(8)) | {255}
     assert set(np.unique(batch["proposals"])) <= {0, 1}
     for p, n in zip(batch["proposals"], batch["num_proposals"]):
@@ -57,7 +65,7 @@ def test_batches(root):
 def test_more_proposals_than_queries_are_subsampled(root):
     cfg = _cfg(root)
     cfg.model.head.num_queries = 2
-    batch = next(pipeline.build_train_loader(cfg, seed=0))
+    batch = pipeline.unpack_proposals(next(pipeline.build_train_loader(cfg, seed=0)), 64)
     assert batch["proposals"].shape[1] == 2 and batch["num_proposals"].max() == 2
 
 

@@ -156,8 +156,9 @@ class TrainRecord:
         out = T.train_transform(record, rng, **self.kwargs)
         if self.num_queries is not None:
             masks, n = T.select_proposals(out.pop("proposals"), self.num_queries, rng)
-            # Bit-packed across the worker boundary: 8x less shared memory (Q=100 masks of a
-            # 640 crop are 41 MB as uint8); `_unpack_proposals` restores them after it.
+            # Bit-packed all the way to the device (unpacked there by `guidance.cached_masks`):
+            # Q=100 masks of a 640 crop are 41 MB as uint8, 5 MB packed -- unpacking on the host
+            # made the main process the loader's bottleneck (31 img/s with 16 workers).
             out["proposals_packed"] = np.packbits(masks, axis=-1)
             out["num_proposals"] = np.int32(n)
         return out
@@ -202,7 +203,10 @@ def _json_default(x):
     raise TypeError(f"data iterator state holds a {type(x).__name__}")
 
 
-def _unpack_proposals(record: dict, width: int) -> dict:
+def unpack_proposals(record: dict, width: int) -> dict:
+    """Host-side inverse of the loader's bit packing: `proposals_packed` [..., Q, h, ceil(w/8)]
+    -> `proposals` uint8 [..., Q, h, w] (for inspection; the train step unpacks on the
+    device)."""
     if "proposals_packed" in record:
         record = dict(record)
         record["proposals"] = np.unpackbits(record.pop("proposals_packed"), axis=-1, count=width)
@@ -226,8 +230,10 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
     """The training input stream of this process.
 
     Batches: image float32 [B, h, w, 3] (normalised, padded with 0), label int32 [B, h, w]
-    (255 ignore), and with cached guidance proposals uint8 [B, Q, h, w] and num_proposals int32
-    [B]; B = cfg.train.batch_size // process_count, (h, w) = cfg.data.crop_size."""
+    (255 ignore), and with cached guidance `proposals_packed` uint8 [B, Q, h, ceil(w/8)] (bits
+    of the masks along w, `np.packbits` order; `unpack_proposals` restores them) and
+    num_proposals int32 [B]; B = cfg.train.batch_size // process_count, (h, w) =
+    cfg.data.crop_size."""
     import grain
 
     if cfg.train.batch_size % process_count:
@@ -249,7 +255,6 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=local_batch))
     ds = (ds.filter(lambda record: record is not None)
-          .map(functools.partial(_unpack_proposals, width=int(cfg.data.crop_size[1])))
           .batch(local_batch, drop_remainder=True))
     return TrainLoader(ds, local_batch, start_state)
 
