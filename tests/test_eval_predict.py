@@ -85,3 +85,18 @@ def test_other_architecture_is_refused(trained, tmp_path, capsys):
     assert evaluate.run(args) == 1
     err = capsys.readouterr().err
     assert "decode_head.query_embed" in err and "(8, 32)" in err and "(6, 32)" in err
+
+
+def test_device_proposal_channels_equal_opencv_nearest():
+    """The eval path resizes the cached proposals on the device: the same channels as OpenCV's
+    INTER_NEAREST on the host (first Q by score, empty slots zero)."""
+    from sarformer_jax.evaluate import _proposal_channels, proposal_channels_on_device
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((5, 37, 53)) > 0.6
+    record = {"proposals": masks, "proposal_scores": rng.random(5)}
+    for size in ((64, 91), (20, 30), (37, 53)):
+        want = _proposal_channels(record, size, 7)
+        got = np.asarray(proposal_channels_on_device(record, size, 7))
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert not np.asarray(proposal_channels_on_device({}, (8, 8), 3)).any()
