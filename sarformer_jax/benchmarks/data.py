@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"config {args.config}: crop {crop}, scale {tuple(cfg.data.scale)}, proposals "
           f"{'Q=%d' % cfg.model.head.num_queries if args.proposals else 'off'}")
     print(f"per core: {per_core:.1f} train images/s (single process, {args.records} records)")
+    loader_rate = None
     if args.workers:
         loader = pipeline.build_train_loader(cfg, seed=0)
         next(loader)  # start-up (spawning workers) not timed
@@ -82,14 +83,18 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.batches):
             next(loader)
         rate = args.batches * loader.local_batch_size / (time.perf_counter() - t0)
+        loader_rate = rate
         print(f"loader, {args.workers} workers: {rate:.1f} images/s")
     if args.step_time and args.global_batch:
         need = args.global_batch / args.step_time / args.hosts
-        have = per_core * args.cores
+        # the verdict uses the loader's measured rate when there is one: per-core x cores is
+        # only an upper bound (the main process batches and hands over every record)
+        have = loader_rate if loader_rate is not None else per_core * args.cores
+        basis = (f"the {args.workers}-worker loader measured" if loader_rate is not None
+                 else f"{args.cores} cores x per-core rate (upper bound; no loader measured)")
         print(f"needed per host: {need:.1f} images/s ({args.global_batch} per "
-              f"{args.step_time} s step over {args.hosts} host(s)); available with "
-              f"{args.cores} cores ~ {have:.0f} images/s -> "
-              f"{'met' if have >= need else 'NOT met'} ({have / need:.1f}x)")
+              f"{args.step_time} s step over {args.hosts} host(s)); {basis}: {have:.0f} "
+              f"images/s -> {'met' if have >= need else 'NOT met'} ({have / need:.1f}x)")
     if tmp is not None:
         tmp.cleanup()
     return 0
