@@ -35,3 +35,15 @@ def test_unbuilt_benchmark_exits_2(monkeypatch, capsys):
 
     assert bench.run(argparse.Namespace(name="nosuch", bench_args=[])) == 2
     assert "not built yet" in capsys.readouterr().err
+
+
+def test_online_guidance_without_sam_weights_is_refused(tmp_path, capsys):
+    """SARFormer trains with online SAM guidance by default: without SAM's weights the command
+    says what to pass (or how to use a proposal cache) instead of failing later."""
+    assert cli.main(["train", "--config", "ade20k_sarformer_b", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "guidance.sam.checkpoint=SAM.npz" in err and "guidance.source=cached" in err
+    missing = str(tmp_path / "nope.npz")
+    assert cli.main(["eval", "--config", "ade20k_sarformer_b", "--checkpoint", str(tmp_path),
+                     "--set", f"guidance.sam.checkpoint={missing}"]) == 2
+    assert f"guidance.sam.checkpoint={missing}: no such file" in capsys.readouterr().err
