@@ -52,3 +52,12 @@ def test_kernel_names_map_to_fusion_instructions(tmp_path):
         json.dump(events, f)
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["by_scope_ms"] == pytest.approx({"pixel_decoder": 2.0})
+
+
+def test_median_time_runs_warmups_untimed_then_times_each_call():
+    from sarformer_jax.benchmarks.timing import median_time
+
+    calls = []
+    med, times = median_time(lambda: calls.append(1), steps=5, warmup=2)
+    assert len(calls) == 7 and len(times) == 5
+    assert med == sorted(times)[2]

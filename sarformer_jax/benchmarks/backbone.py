@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import time
 
 import numpy as np
+
+from sarformer_jax.benchmarks.timing import median_time
 
 # dense bf16 peak, TFLOP/s, by jax device_kind substring
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -57,14 +58,7 @@ def _config(args):
 
 def _time(fn, steps: int, warmup: int) -> float:
     """Median seconds per call; `fn` must block until its result is ready."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return median_time(fn, steps, warmup)[0]
 
 
 def _jax_step(model, x, *, train: bool, adapter: bool, lower_only: bool = False):

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import time
 
 import numpy as np
+
+from sarformer_jax.benchmarks.timing import median_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,14 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _time(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+    """Median milliseconds per call."""
+    return median_time(fn, iters, warmup)[0] * 1e3
 
 
 def _jax_encoder(model_type, dtype, iters, warmup):
@@ -104,7 +99,6 @@ def _torch_amg(model_type, dtype, size, batch, pps, iters, warmup):
     from segment_anything import SamAutomaticMaskGenerator
 
     sam = _torch_sam(model_type)
-    dev = next(sam.parameters()).device
     gen = SamAutomaticMaskGenerator(sam, points_per_side=pps)
     images = _images(size, batch)
 

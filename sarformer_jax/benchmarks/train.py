@@ -54,6 +54,8 @@ import time
 
 import numpy as np
 
+from sarformer_jax.benchmarks.timing import median_time
+
 MODELS = {
     "sarformer": "ade20k_sarformer_b",  # cached guidance
     "sarformer_online": "ade20k_sarformer_b",  # SAM ViT-B automatic masks inside the step
@@ -163,16 +165,7 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
-def _median_time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
-    """Median seconds per call; `fn` must block until its result is ready."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), times
+_median_time = median_time
 
 
 def matmul_ceiling(n: int, reps: int = 10, inner: int = 5) -> float:
