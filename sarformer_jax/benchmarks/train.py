@@ -133,7 +133,7 @@ def random_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     cells = 16
     label = np.empty((b, h, w), np.int32)
     for i in range(b):
-        classes = rng.choice(k, size=12, replace=False)
+        classes = rng.choice(k, size=min(12, k), replace=False)
         grid = classes[rng.integers(0, len(classes), (cells, cells))]
         ys = np.minimum(np.arange(h) * cells // h, cells - 1)
         xs = np.minimum(np.arange(w) * cells // w, cells - 1)

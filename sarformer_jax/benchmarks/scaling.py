@@ -1,0 +1,398 @@
+"""`sarformer bench scaling`: the sharded train step over 1..N GPUs of one host.
+
+Two questions, one run:
+
+* **Weak scaling.**  For every device count n in `--devices` (default 1, 2, 4, ... up to all
+  visible devices), the train step at `--batch-per-device` images per device (global batch
+  b·n), data parallel over n devices (`--fsdp n`: parameters and optimiser state split over all n,
+  the recipe for SARFormer-L).  Reported: median step time, images/s, peak memory per device,
+  and the weak-scaling efficiency img/s(n) / (n · img/s(1)).
+* **Equivalence.**  With the largest n, a fixed sequence of `--trajectory-steps` global batches
+  of b·n images (seeded by step) is trained from the same initial parameters by
+  (a) the n-device run,
+  (b) one device at the same global batch (`exact`: the same computation, only the reduction order
+      differs, so the trajectories agree to rounding), and
+  (c) one device with gradient accumulation over n micro-batches of b (`accum`: what a user with
+      one GPU runs; the micro-batches draw their own proposal placeholders, drop-path masks and
+      loss points and normalise the mask losses by their own match counts, and BatchNorm sees b
+      images at a time, so it agrees with (a) statistically, not to rounding).
+  Reported per step: each run's loss, and the relative L2 distance of the final parameters.
+
+Each run is a subprocess restricted to the first n devices.  All of them build and compile at the
+same time (XLA compilation is on the host: 2-4 minutes for SARFormer-B on an H100), then wait for
+each other and measure one at a time, so no run's timing shares the GPUs with another's compile
+or steps.  Inputs are `benchmarks.train.random_batch` batches (cached-guidance proposals as the
+loader sends them, bit-packed), resident on the devices while timed.
+
+Example (2 GPUs): `sarformer bench scaling --model sarformer_b --out $OUT/scaling.json`.
+Results go to docs/benchmarks.md with command, device, date and jax version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from sarformer_jax.benchmarks.timing import median_time
+
+MODELS = {
+    "sarformer_b": "ade20k_sarformer_b",
+    "sarformer_l": "ade20k_sarformer_l",
+    "mask2former_b": "ade20k_mask2former_adapter_b",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="sarformer_b",
+                        help=f"one of {', '.join(MODELS)} (cached guidance), or a config name "
+                             "with --config")
+    parser.add_argument("--config", default=None, help="config name/path instead of --model's")
+    parser.add_argument("--devices", default=None,
+                        help="comma list of device counts (default 1, 2, 4, ... all)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="split parameters and optimiser state over all n devices")
+    parser.add_argument("--batch-per-device", type=int, default=2)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--trajectory-steps", type=int, default=8,
+                        help="steps of the equivalence runs (0: no equivalence runs)")
+    parser.add_argument("--references", default="exact,accum",
+                        help="one-device references for the equivalence: exact, accum")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="results (json)")
+    parser.add_argument("--log-dir", default=None, help="per-run logs")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs
+
+
+def plan_runs(args, num_visible: int) -> list[dict]:
+    counts = _device_counts(args.devices, num_visible)
+    nmax = max(counts)
+    b = args.batch_per_device
+    runs = [dict(name=f"n{n}", devices=n, global_batch=b * n, accum=1,
+                 fsdp=n if args.fsdp else 1, timing=True,
+                 trajectory=(n == nmax and args.trajectory_steps > 0 and nmax > 1))
+            for n in counts]
+    if args.trajectory_steps > 0 and nmax > 1:
+        refs = [r.strip() for r in args.references.split(",") if r.strip()]
+        bad = [r for r in refs if r not in ("exact", "accum")]
+        if bad:
+            raise SystemExit(f"--references: unknown {bad}; choose from exact, accum")
+        if "exact" in refs:
+            runs.append(dict(name=f"n1_b{b * nmax}", devices=1, global_batch=b * nmax,
+                             accum=1, fsdp=1, timing=True, trajectory=True))
+        if "accum" in refs:
+            runs.append(dict(name=f"n1_b{b * nmax}_accum{nmax}", devices=1,
+                             global_batch=b * nmax, accum=nmax, fsdp=1, timing=True,
+                             trajectory=True))
+    return runs
+
+
+def _device_counts(spec: str | None, num_visible: int) -> list[int]:
+    if spec:
+        counts = sorted({int(s) for s in spec.split(",") if s.strip()})
+    else:
+        counts, n = [], 1
+        while n <= num_visible:
+            counts.append(n)
+            n *= 2
+    if not counts or counts[0] < 1 or counts[-1] > num_visible:
+        raise SystemExit(f"--devices {spec!r}: {num_visible} device(s) visible")
+    if 1 not in counts:
+        counts.insert(0, 1)  # the efficiency is relative to one device
+    return counts
+
+
+def run_config(args, run: dict):
+    from sarformer_jax.config import load_config
+
+    name = args.config or MODELS.get(args.model)
+    if name is None:
+        raise SystemExit(f"unknown --model {args.model!r}; choose from {', '.join(MODELS)}")
+    sets = [f"train.batch_size={run['global_batch']}", f"train.grad_accum={run['accum']}",
+            f"train.compute_dtype={args.dtype}", f"train.mesh.fsdp={run['fsdp']}",
+            "train.mesh.data=-1"]
+    if args.config is None and args.model != "mask2former_b":
+        sets.append("guidance.source=cached")
+    return load_config(name, sets + list(args.set))
+
+
+def trajectory_batch(cfg, step: int) -> dict[str, np.ndarray]:
+    """Global batch number `step` of the equivalence runs (the same for every run), as the loader
+    hands it over: proposals bit-packed along the width."""
+    from sarformer_jax.benchmarks.train import random_batch
+
+    batch = random_batch(cfg, seed=10_000 + step)
+    if "proposals" in batch:
+        batch["proposals_packed"] = np.packbits(batch.pop("proposals"), axis=-1)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker (one run, one subprocess)
+
+
+def _wait_for_all(rundir: str, names: list[str], timeout: float) -> None:
+    t0 = time.time()
+    while True:
+        done = [n for n in names if os.path.exists(os.path.join(rundir, f"ready.{n}"))
+                or os.path.exists(os.path.join(rundir, f"failed.{n}"))]
+        if len(done) == len(names):
+            return
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"runs {sorted(set(names) - set(done))} never became ready")
+        time.sleep(0.5)
+
+
+def _peak_bytes(devices) -> int | None:
+    peaks = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        if stats and stats.get("peak_bytes_in_use"):
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
+    import jax
+
+    from sarformer_jax.train import create_trainer, device_batch
+
+    tag = f"[{run['name']}]"
+    devices = jax.devices()[:run["devices"]]
+    cfg = run_config(args, run)
+    res = dict(run, device_kind=devices[0].device_kind, jax=jax.__version__,
+               date=datetime.date.today().isoformat(), config=cfg.name)
+    t0 = time.perf_counter()
+    trainer, state = create_trainer(cfg, devices=devices)
+    jax.block_until_ready(state)
+    res["init_s"] = time.perf_counter() - t0
+    batch = device_batch(trajectory_batch(cfg, -1), trainer.mesh)
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, trainer.guide).compile()
+    res["compile_s"] = time.perf_counter() - t0
+    print(f"{tag} built in {res['init_s']:.0f} s, step compiled in {res['compile_s']:.0f} s on "
+          f"{len(devices)} device(s); waiting for the other runs", flush=True)
+    traj_batches = ([trajectory_batch(cfg, s) for s in range(args.trajectory_steps)]
+                    if run["trajectory"] else [])
+    open(os.path.join(rundir, f"ready.{run['name']}"), "w").close()
+    _wait_for_all(rundir, names, timeout=args.timeout or 3600)
+
+    with open(os.path.join(rundir, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one run on the GPUs at a time
+        holder = {"state": state}
+        if traj_batches:
+            losses = []
+            for hb in traj_batches:
+                gb = device_batch(hb, trainer.mesh)
+                holder["state"], m = compiled(holder["state"], gb, trainer.guide)
+                losses.append(float(m["loss"]))
+            res["losses"] = losses
+            flat = np.concatenate([np.asarray(x, np.float32).ravel() for x in
+                                   jax.tree_util.tree_leaves(jax.device_get(
+                                       holder["state"]["params"]))])
+            res["params_file"] = os.path.join(rundir, f"params.{run['name']}.npy")
+            np.save(res["params_file"], flat)
+            print(f"{tag} trajectory losses {' '.join(f'{v:.4f}' for v in losses)}", flush=True)
+
+        def step():
+            holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
+            jax.block_until_ready((holder["state"], metrics))
+
+        sec, times = median_time(step, args.steps, args.warmup)
+        res.update(step_s=sec, step_times_s=times, images_per_s=run["global_batch"] / sec,
+                   peak_bytes=_peak_bytes(devices))
+        print(f"{tag} step median {sec * 1e3:.1f} ms, {res['images_per_s']:.2f} img/s, peak "
+              f"{(res['peak_bytes'] or 0) / 2**30:.1f} GiB per device", flush=True)
+        holder.clear()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def summarize(results: list[dict]) -> dict:
+    """Weak-scaling efficiencies and the equivalence distances (from the workers' results)."""
+    ok = {r["name"]: r for r in results if not r.get("failed")}
+    timing = sorted((r for r in ok.values() if r["name"] == f"n{r['devices']}"),
+                    key=lambda r: r["devices"])
+    one = next((r for r in timing if r["devices"] == 1), None)
+    for r in timing:
+        r["efficiency"] = (r["images_per_s"] / (r["devices"] * one["images_per_s"])
+                           if one and "images_per_s" in r and "images_per_s" in one else None)
+    traj = [r for r in ok.values() if r.get("losses")]
+    ref = max(traj, key=lambda r: r["devices"], default=None)
+    equiv = []
+    if ref is not None:
+        p_ref = np.load(ref["params_file"])
+        p0 = float(np.linalg.norm(p_ref))
+        for r in traj:
+            if r is ref:
+                continue
+            p = np.load(r["params_file"])
+            a, b = np.asarray(ref["losses"]), np.asarray(r["losses"])
+            equiv.append(dict(run=r["name"], reference=ref["name"],
+                              max_abs_loss_diff=float(np.max(np.abs(a - b))),
+                              max_rel_loss_diff=float(np.max(np.abs(a - b) / np.abs(a))),
+                              params_rel_l2=float(np.linalg.norm(p - p_ref) / p0)))
+    return dict(weak_scaling=[dict(devices=r["devices"], global_batch=r["global_batch"],
+                                   step_ms=r["step_s"] * 1e3, images_per_s=r["images_per_s"],
+                                   efficiency=r["efficiency"], peak_bytes=r.get("peak_bytes"))
+                              for r in timing if "step_s" in r],
+                equivalence=equiv, reference=ref["name"] if ref else None,
+                trajectories={r["name"]: r["losses"] for r in traj})
+
+
+def print_summary(summary: dict, results: list[dict]) -> None:
+    r0 = next((r for r in results if not r.get("failed")), None)
+    if r0:
+        print(f"\n{r0['config']} on {r0['device_kind']}, jax {r0['jax']}, {r0['date']}")
+    print("\n| devices | global batch | step ms | img/s | weak-scaling efficiency | peak GiB/device |")
+    print("|---|---|---|---|---|---|")
+    for w in summary["weak_scaling"]:
+        eff = "-" if w["efficiency"] is None else f"{100 * w['efficiency']:.1f} %"
+        peak = "-" if not w["peak_bytes"] else f"{w['peak_bytes'] / 2**30:.1f}"
+        print(f"| {w['devices']} | {w['global_batch']} | {w['step_ms']:.1f} | "
+              f"{w['images_per_s']:.2f} | {eff} | {peak} |")
+    others = [r for r in results if not r.get("failed") and "step_s" in r
+              and r["name"] != f"n{r['devices']}"]
+    for r in others:
+        peak = "-" if not r.get("peak_bytes") else f"{r['peak_bytes'] / 2**30:.1f}"
+        print(f"| 1 ({r['name']}) | {r['global_batch']} | {r['step_s'] * 1e3:.1f} | "
+              f"{r['images_per_s']:.2f} | - | {peak} |")
+    if summary["trajectories"]:
+        names = list(summary["trajectories"])
+        print(f"\nloss trajectory (same {len(summary['trajectories'][names[0]])} global batches, "
+              "same initial parameters)")
+        print("| step | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for i in range(len(summary["trajectories"][names[0]])):
+            print(f"| {i} | " + " | ".join(f"{summary['trajectories'][n][i]:.5f}"
+                                            for n in names) + " |")
+        for e in summary["equivalence"]:
+            print(f"{e['run']} vs {e['reference']}: max |Δloss| {e['max_abs_loss_diff']:.2e} "
+                  f"(relative {e['max_rel_loss_diff']:.2e}), final parameters relative L2 "
+                  f"distance {e['params_rel_l2']:.2e}")
+    for r in results:
+        if r.get("failed"):
+            print(f"run {r['name']} FAILED (rc {r.get('returncode')}): {r.get('error')}")
+
+
+def _spawn(args, run: dict, rundir: str, names: list[str], argv_tail: list[str]):
+    spec = json.dumps(dict(run=run, rundir=rundir, names=names))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # the device hosts require NVLink multicast off
+    log = open(os.path.join(args.log_dir, f"scaling_{run['name']}.log"), "w") \
+        if args.log_dir else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "sarformer_jax.cli", "bench", "scaling",
+                             *argv_tail, "--worker", spec],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=env)
+    return proc, log
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.worker:
+        spec = json.loads(args.worker)
+        run_ = spec["run"]
+        try:
+            res = worker(args, run_, spec["rundir"], spec["names"])
+        except BaseException:
+            open(os.path.join(spec["rundir"], f"failed.{run_['name']}"), "w").close()
+            raise
+        with open(os.path.join(spec["rundir"], f"result.{run_['name']}.json"), "w") as f:
+            json.dump(res, f)
+        return 0
+
+    import jax
+
+    runs = plan_runs(args, len(jax.devices()))
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    argv_tail = _argv_tail(args)
+    print(f"# sarformer bench scaling  {datetime.date.today()}  {args.config or args.model}  "
+          f"batch/device {args.batch_per_device}  fsdp {args.fsdp}  {args.dtype}  runs "
+          f"{[r['name'] for r in runs]}", flush=True)
+    names = [r["name"] for r in runs]
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="scaling.") as rundir:
+        procs = [(r, *_spawn(args, r, rundir, names, argv_tail)) for r in runs]
+        tails = {r["name"]: [] for r in runs}
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for r, p, log in procs:
+            sel.register(p.stdout, selectors.EVENT_READ, (r, p, log))
+        open_streams = len(procs)
+        while open_streams:
+            if args.timeout and time.time() - t_start > args.timeout:
+                for _, p, _ in procs:
+                    p.kill()
+                print(f"timeout after {args.timeout:.0f} s: runs killed", flush=True)
+                break
+            for key, _ in sel.select(timeout=1.0):
+                r, p, log = key.data
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                if log is not subprocess.DEVNULL:
+                    log.write(line)
+                    log.flush()
+                if line.startswith(f"[{r['name']}]"):
+                    print(line, end="", flush=True)
+                tails[r["name"]] = (tails[r["name"]] + [line.rstrip()])[-30:]
+        results = []
+        for r, p, log in procs:
+            rc = p.wait()
+            if log is not subprocess.DEVNULL:
+                log.close()
+            path = os.path.join(rundir, f"result.{r['name']}.json")
+            if rc == 0 and os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+            else:
+                tail = tails[r["name"]]
+                err = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln),
+                           tail[-1] if tail else None)
+                results.append(dict(r, failed=True, returncode=rc, error=err, tail=tail[-12:]))
+        summary = summarize(results)
+    print_summary(summary, results)
+    print(f"\nwall time {time.time() - t_start:.0f} s", flush=True)
+    if args.out:
+        for r in results:
+            r.pop("params_file", None)
+        with open(args.out, "w") as f:
+            json.dump(dict(results=results, summary=summary), f, indent=1)
+    return 0 if all(not r.get("failed") for r in results) else 1
+
+
+def _argv_tail(args) -> list[str]:
+    tail = ["--model", args.model, "--batch-per-device", str(args.batch_per_device),
+            "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--trajectory-steps", str(args.trajectory_steps), "--references", args.references]
+    if args.config:
+        tail += ["--config", args.config]
+    if args.fsdp:
+        tail.append("--fsdp")
+    if args.timeout:
+        tail += ["--timeout", str(args.timeout)]
+    for s in args.set:
+        tail += ["--set", s]
+    return tail
