@@ -53,6 +53,9 @@ def beit_adapter_b() -> Config:
         msda_init="trunc_normal",  # §8 #13: "trunc_normal" (faithful) | "deformable_detr" (clean)
         # BEiT relative position grid; inputs of other sizes interpolate (CHECKPOINTS §5.3)
         rel_pos_grid=(40, 40),
+        # attention: auto = cuDNN fused attention on a GPU in bf16 (padded to its shapes), else
+        # xla; "xla" / "cudnn" force one
+        attention="auto",
     )
 
 
@@ -132,6 +135,8 @@ def guidance(source: str = "online") -> Config:
             box_nms_thresh=0.7,
             max_masks=256,  # fixed-size output of the on-device generator
             dtype="bfloat16",  # SAM compute dtype inside the step (params stay float32)
+            # image-encoder attention: auto = cuDNN fused attention on a GPU in bf16, else xla
+            attention="auto",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

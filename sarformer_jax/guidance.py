@@ -93,15 +93,17 @@ def load_guidance_sam(cfg, sam=None):
     from sarformer_jax.sam.build import build_sam, load_sam
 
     dtype = jnp.dtype(cfg.guidance.sam.get("dtype", "float32"))
+    attention = cfg.guidance.sam.get("attention", "auto")
     if sam is None:
         ckpt = str(cfg.guidance.sam.checkpoint or "")
         if not ckpt:
             raise ValueError(f"guidance.source={cfg.guidance.source!r} needs guidance.sam.checkpoint "
                              "(converted SAM params, `sarformer convert sam`)")
         if ckpt.endswith(".npz"):
-            sam = load_sam(ckpt, dtype=dtype)
+            sam = load_sam(ckpt, dtype=dtype, attention_implementation=attention)
         else:
-            sam = build_sam(cfg.guidance.sam.model_type, checkpoint=ckpt, dtype=dtype)
+            sam = build_sam(cfg.guidance.sam.model_type, checkpoint=ckpt, dtype=dtype,
+                            attention_implementation=attention)
         want = int(cfg.guidance.sam.image_size)
         if sam.img_size != want:
             raise ValueError(f"{ckpt}: SAM input size {sam.img_size}, config says {want}")

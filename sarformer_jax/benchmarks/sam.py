@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--amg-model", default="vit_b", help="model for the generator benchmark")
     parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--attention", default="auto",
+                        help="comma list of image-encoder attention implementations to time "
+                             "(auto, xla, cudnn); the generator uses the first")
+    parser.add_argument("--no-amg", action="store_true", help="encoders only")
 
 
 def _time(fn, iters: int, warmup: int) -> float:
@@ -36,7 +40,7 @@ def _time(fn, iters: int, warmup: int) -> float:
     return median_time(fn, iters, warmup)[0] * 1e3
 
 
-def _jax_encoder(model_type, dtype, iters, warmup):
+def _jax_encoder(model_type, dtype, iters, warmup, attention=None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -44,7 +48,8 @@ def _jax_encoder(model_type, dtype, iters, warmup):
     from sarformer_jax.models.layers import init_rngs
     from sarformer_jax.sam import build_sam
 
-    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype))
+    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
+                    attention_implementation=attention)
     graphdef, state = nnx.split(sam)
     f = jax.jit(lambda st, x: nnx.merge(graphdef, st).image_encoder(x)[0])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)), jnp.float32)
@@ -81,14 +86,15 @@ def _images(size, batch):
     return np.stack([img if i % 2 == 0 else img[:, ::-1] for i in range(batch)])
 
 
-def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup):
+def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None):
     import jax.numpy as jnp
     from sarformer_jax.models.layers import init_rngs
 
     from sarformer_jax.sam import build_sam
     from sarformer_jax.sam.automatic_mask_generator import generate_masks
 
-    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype))
+    sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
+                    attention_implementation=attention)
     images = jnp.asarray(_images(size, batch))
     run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()
     return _time(run, iters, warmup) / batch
@@ -123,12 +129,15 @@ def run(args: argparse.Namespace) -> int:
         rows.append((name, j, t))
         print(f"[sam] {name}: JAX {j:.1f} ms, PyTorch {'-' if t is None else f'{t:.1f} ms'}", flush=True)
 
+    impls = [a.strip() for a in args.attention.split(",") if a.strip()]
     for m in args.models:
-        j = _jax_encoder(m, args.dtype, args.iters, args.warmup)
         t = None if args.no_torch else _torch_encoder(m, args.dtype, args.iters, args.warmup)
-        add(f"encoder {m} 1024^2 b1 ({args.dtype}; torch autocast)", j, t)
-    for size, batch in ((1024, 1), (640, 2)):
-        j = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters, args.warmup)
+        for impl in impls:
+            j = _jax_encoder(m, args.dtype, args.iters, args.warmup, impl)
+            add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}; torch autocast)", j, t)
+    for size, batch in (() if args.no_amg else ((1024, 1), (640, 2))):
+        j = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
+                     args.warmup, impls[0])
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
         add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sarformer_jax.models.layers import DropPath, trunc_normal_02
+from sarformer_jax.models.layers import DropPath, attention, resolve_attention, trunc_normal_02
 
 NUM_EXTRA = 3  # cls->patch, patch->cls, cls->cls rows at the end of every table
 
@@ -241,10 +241,8 @@ class BEiTAttention(nnx.Module):
             qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, n, c // n), 3, axis=2)  # [b, t, 1, n, d]
         bias = self.bias(grid)[None]
-        if self.implementation == "cudnn":
-            bias = bias.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias=bias,
-                                           implementation=self.implementation)
+        out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias,
+                        implementation=resolve_attention(self.implementation, q.dtype))
         return self.proj(out.reshape(b, t, c))
 
 
@@ -318,7 +316,7 @@ class BEiT(nnx.Module):
         init_values, with_cp, rel_pos_grid).
       image_size: int or (H, W); sets the table grid when `cfg.rel_pos_grid` is None.  Inputs of
         other sizes (multiples of the patch size) work; see the module docstring.
-      attention_implementation: passed to `jax.nn.dot_product_attention` (None = XLA).
+      attention_implementation: None / "auto" (cuDNN fused attention on a GPU in bf16 / fp16, else XLA), "xla" or "cudnn".
     """
 
     def __init__(self, cfg: Any, image_size: Sequence[int] | int = 640, *, dtype=None,

@@ -1,4 +1,5 @@
-"""Small shared layers: PyTorch-exact bilinear resize, DropPath, initialisers.
+"""Small shared layers: PyTorch-exact bilinear resize, DropPath, initialisers, and attention
+through `jax.nn.dot_product_attention` with cuDNN's constraints taken care of.
 
 Legend: b batch, h w spatial, c channels.
 """
@@ -98,3 +99,67 @@ class DropPath(nnx.Module):
 
 trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
 """PyTorch `trunc_normal_(std=0.02)` (cut at +-2 absolute, i.e. +-100 sigma: effectively normal)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
+
+
+def resolve_attention(implementation: str | None, dtype) -> str:
+    """`None` / "auto" -> "cudnn" (fused flash attention) on a CUDA GPU for bf16 / fp16 compute,
+    else "xla"; "xla" and "cudnn" are kept as given."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose from "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    if implementation in ("xla", "cudnn"):
+        return implementation
+    low = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if low and jax.default_backend() == "gpu" else "xla"
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pad_for_cudnn(q, k, v, bias=None):
+    """(q, k, v, bias) padded to what cuDNN's fused attention accepts: one head dim for q, k and
+    v (a multiple of 8), the bias in the compute dtype as [b|1, n|1, t, s], and even t and s when
+    there is a bias (its gradient needs them).  Extra head channels add nothing to the logits, an
+    extra query row is dropped by the caller, an extra key gets a large negative bias."""
+    b, t, n, d = q.shape
+    s, dv = k.shape[1], v.shape[-1]
+    dim = _round_up(max(d, dv), 8)
+    pad_t, pad_s = (t % 2, s % 2) if bias is not None else (0, 0)
+
+    def pad(x, rows, channels):
+        return jnp.pad(x, ((0, 0), (0, rows), (0, 0), (0, channels))) if rows or channels else x
+
+    q, k, v = pad(q, pad_t, dim - d), pad(k, pad_s, dim - d), pad(v, pad_s, dim - dv)
+    if bias is not None:
+        bias = jnp.asarray(bias, q.dtype)
+        while bias.ndim < 4:
+            bias = bias[None]
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, s))
+        if pad_t:
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 0)))
+        if pad_s:
+            neg = jnp.full(bias.shape[:-1] + (1,), -(2.0 ** 40), bias.dtype)
+            bias = jnp.concatenate([bias, neg], axis=-1)
+    return q, k, v, bias
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
+              scale: float | None = None, implementation: str | None = "xla") -> jax.Array:
+    """softmax(scale * q k^T + bias) v for q [b, t, n, d], k [b, s, n, d], v [b, s, n, dv],
+    bias broadcastable to [b, n, t, s] (default scale d^-0.5); returns [b, t, n, dv].
+    "cudnn" gets its operands through `pad_for_cudnn`, so any shapes work there too."""
+    if implementation != "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                            implementation=implementation)
+    t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    qp, kp, vp, bp = pad_for_cudnn(q, k, v, bias)
+    out = jax.nn.dot_product_attention(qp, kp, vp, bias=bp, scale=d ** -0.5 if scale is None else scale,
+                                       implementation="cudnn")
+    return out[:, :t, :, :dv]

@@ -32,7 +32,8 @@ class Segmentor(nnx.Module):
         impl = cfg_model.get("msda_implementation")
         bb = cfg_model.backbone
         self.backbone = BEiTAdapter(bb, tuple(cfg_model.image_size), dtype=dtype,
-                                    param_dtype=param_dtype, msda_implementation=impl, rngs=rngs)
+                                    param_dtype=param_dtype, msda_implementation=impl,
+                                    attention_implementation=bb.get("attention", "auto"), rngs=rngs)
         head_cfg = cfg_model.head
         self.uses_proposals = head_cfg.query_init == "sam_pooling"
         self.decode_head = Mask2FormerHead(head_cfg, [bb.embed_dim] * 4, num_classes=head_cfg.num_classes,

@@ -227,7 +227,7 @@ class BEiTAdapter(BEiT):
       image_size: int or (H, W); sets the relative-position table grid when `cfg.rel_pos_grid`
         is None.  Any input size divisible by 32 is accepted.
       msda_implementation: forwarded to `kernels.ms_deform_attn` (None = platform default).
-      attention_implementation: forwarded to `jax.nn.dot_product_attention` (None = XLA).
+      attention_implementation: None / "auto" (cuDNN fused attention on a GPU in bf16 / fp16, else XLA), "xla" or "cudnn".
     """
 
     def __init__(self, cfg: Any, image_size: Sequence[int] | int = 640, *, dtype=None,

@@ -62,7 +62,8 @@ class SamConfig:
         return dataclasses.replace(self, encoder_depth=depth, encoder_global_attn_indexes=tuple(global_attn_indexes))
 
 
-def build_sam_from_config(cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32) -> Sam:
+def build_sam_from_config(cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                          attention_implementation: str | None = None) -> Sam:
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     grid = cfg.image_size // cfg.patch_size
     return Sam(
@@ -70,7 +71,8 @@ def build_sam_from_config(cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, param_d
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.encoder_embed_dim,
             depth=cfg.encoder_depth, num_heads=cfg.encoder_num_heads, mlp_ratio=4.0,
             out_chans=cfg.prompt_embed_dim, qkv_bias=True, use_rel_pos=True, window_size=cfg.window_size,
-            global_attn_indexes=cfg.encoder_global_attn_indexes, **kw),
+            global_attn_indexes=cfg.encoder_global_attn_indexes,
+            attention_implementation=attention_implementation, **kw),
         prompt_encoder=PromptEncoder(embed_dim=cfg.prompt_embed_dim, image_embedding_size=(grid, grid),
                                      input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=16, **kw),
         mask_decoder=MaskDecoder(transformer_dim=cfg.prompt_embed_dim, num_multimask_outputs=3,
@@ -81,13 +83,16 @@ def build_sam_from_config(cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, param_d
 
 def build_sam(model_type: str = "vit_b", *, rngs: nnx.Rngs | None = None, dtype=None,
               param_dtype=jnp.float32, encoder_depth: int | None = None,
-              global_attn_indexes: tuple[int, ...] | None = None, checkpoint: str | None = None) -> Sam:
+              global_attn_indexes: tuple[int, ...] | None = None, checkpoint: str | None = None,
+              attention_implementation: str | None = None) -> Sam:
     """Builds SAM `model_type` (vit_b / vit_l / vit_h) with random weights, or loads `checkpoint`
     (an .npz from `sarformer convert sam`, or an official .pth converted on the fly).
 
-    `encoder_depth` / `global_attn_indexes` override the encoder depth (for tests)."""
+    `encoder_depth` / `global_attn_indexes` override the encoder depth (for tests);
+    `attention_implementation` is the image encoder's (see `ImageEncoderViT`)."""
     cfg = SamConfig.preset(model_type).with_depth(encoder_depth, global_attn_indexes)
-    sam = build_sam_from_config(cfg, rngs=rngs or init_rngs(0), dtype=dtype, param_dtype=param_dtype)
+    sam = build_sam_from_config(cfg, rngs=rngs or init_rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                attention_implementation=attention_implementation)
     if checkpoint is not None:
         from sarformer_jax.convert.common import update_module
 
@@ -107,7 +112,7 @@ def _read_params(path, model_type: str, cfg: SamConfig) -> dict:
     return convert_sam.convert(path, cfg=cfg)[0]
 
 
-def load_sam(path: str | pathlib.Path, *, dtype=None) -> Sam:
+def load_sam(path: str | pathlib.Path, *, dtype=None, attention_implementation: str | None = None) -> Sam:
     """Builds SAM from an .npz written by `sarformer convert sam` (sizes from its metadata)."""
     from sarformer_jax.convert.common import load_params, update_module
 
@@ -116,7 +121,8 @@ def load_sam(path: str | pathlib.Path, *, dtype=None) -> Sam:
         raise ValueError(f"{path}: no SAM metadata (was it written by `sarformer convert sam`?)")
     cfg = SamConfig.preset(meta["model_type"]).with_depth(meta.get("encoder_depth"),
                                                           meta.get("global_attn_indexes"))
-    sam = build_sam_from_config(cfg, rngs=init_rngs(0), dtype=dtype)
+    sam = build_sam_from_config(cfg, rngs=init_rngs(0), dtype=dtype,
+                                attention_implementation=attention_implementation)
     update_module(sam, flat)
     return sam
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sarformer_jax.models.layers import bilinear_matrix
+from sarformer_jax.models.layers import attention, bilinear_matrix, resolve_attention
 from sarformer_jax.sam.common import MLPBlock, layer_norm
 
 
@@ -63,8 +63,10 @@ class Attention(nnx.Module):
     """Multi-head self-attention over a 2-D token grid with decomposed relative positions."""
 
     def __init__(self, dim: int, *, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = True,
-                 input_size: tuple[int, int], rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 input_size: tuple[int, int], rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 implementation: str | None = None):
         self.num_heads = num_heads
+        self.implementation = implementation
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -81,6 +83,9 @@ class Attention(nnx.Module):
         n = self.num_heads
         qkv = self.qkv(x).reshape(b, h, w, 3, n, c // n)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [b, h, w, n, d]
+        impl = resolve_attention(self.implementation, q.dtype)
+        if impl == "cudnn":
+            return self.proj(self._fused(q, k, v).reshape(b, h, w, c))
         logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * self.scale, k)
         if self.use_rel_pos:
             rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # [h, x, d]
@@ -93,17 +98,41 @@ class Attention(nnx.Module):
         out = jnp.einsum("bnhwk,bknd->bhwnd", attn, v.reshape(b, h * w, n, c // n))
         return self.proj(out.reshape(b, h, w, c))
 
+    def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn"):
+        """The same attention as one fused (flash) attention call: the decomposed relative
+        positions become extra channels.  With rel_h[q, x] = q . Rh[row(q), x] and
+        rel_w[q, y] = q . Rw[col(q), y], the logit of key (x, y) is
+        [scale q, rel_h[q], rel_w[q]] . [k, onehot(x), onehot(y)], so queries carry
+        d + h + w channels and keys their one-hot row and column.  Returns [b, h, w, n, d]."""
+        b, h, w, n, d = q.shape
+        parts_q, parts_k = [q * jnp.asarray(self.scale, q.dtype)], [k]
+        if self.use_rel_pos:
+            rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # [h, x, d]
+            rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)  # [w, y, d]
+            parts_q += [jnp.einsum("bhwnd,hxd->bhwnx", q, rh), jnp.einsum("bhwnd,wyd->bhwny", q, rw)]
+            eye_h = jnp.broadcast_to(jnp.eye(h, dtype=k.dtype)[None, :, None, None, :], (b, h, w, n, h))
+            eye_w = jnp.broadcast_to(jnp.eye(w, dtype=k.dtype)[None, None, :, None, :], (b, h, w, n, w))
+            parts_k += [eye_h, eye_w]
+        qa = jnp.concatenate(parts_q, -1).reshape(b, h * w, n, -1)
+        ka = jnp.concatenate(parts_k, -1).reshape(b, h * w, n, -1)
+        va = v.reshape(b, h * w, n, d)
+        va = jnp.pad(va, ((0, 0), (0, 0), (0, 0), (0, qa.shape[-1] - d)))  # one head dim
+        out = attention(qa, ka, va, scale=1.0, implementation=implementation)
+        return out[..., :d].reshape(b, h, w, n, d)
+
 
 class Block(nnx.Module):
     """Pre-norm transformer block; `window_size` 0 means global attention."""
 
     def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  use_rel_pos: bool = True, window_size: int = 0, input_size: tuple[int, int],
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 attention_implementation: str | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(dim, 1e-6, **kw)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos,
-                              input_size=input_size if window_size == 0 else (window_size, window_size), **kw)
+                              input_size=input_size if window_size == 0 else (window_size, window_size),
+                              implementation=attention_implementation, **kw)
         self.norm2 = layer_norm(dim, 1e-6, **kw)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=functools.partial(jax.nn.gelu, approximate=False), **kw)
         self.window_size = window_size
@@ -142,13 +171,16 @@ class ImageEncoderViT(nnx.Module):
       out_chans: neck width (256).
       window_size: window side of the non-global blocks (14).
       global_attn_indexes: blocks with global attention.
+      attention_implementation: None / "auto" (cuDNN fused attention on a GPU in bf16 / fp16,
+        with the relative positions as extra channels), "xla" (explicit softmax), "cudnn".
     """
 
     def __init__(self, *, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  out_chans: int = 256, qkv_bias: bool = True, use_rel_pos: bool = True,
                  window_size: int = 14, global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+                 attention_implementation: str | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.img_size = img_size
         grid = img_size // patch_size
@@ -157,7 +189,7 @@ class ImageEncoderViT(nnx.Module):
         self.blocks = nnx.List([
             Block(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                   use_rel_pos=use_rel_pos, window_size=0 if i in global_attn_indexes else window_size,
-                  input_size=(grid, grid), **kw)
+                  input_size=(grid, grid), attention_implementation=attention_implementation, **kw)
             for i in range(depth)
         ])
         self.neck = nnx.List([
