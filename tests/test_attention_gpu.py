@@ -3,7 +3,8 @@ float32 XLA result on the same rounded inputs as the reference (rel err <= 1e-2)
 BEiT's attention with its relative position bias (odd token count, values and gradients, the
 bias table's included) and SAM's encoder attention with the relative positions as channels
 (windowed and global blocks, vit_b and vit_h head dims).
-Run on the device machine: `python3 -m pytest -q -m gpu tests/test_attention_gpu.py`."""
+Run on the device machine: `JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_attention_gpu.py`
+(tests/conftest.py defaults JAX_PLATFORMS to cpu)."""
 
 import jax
 import jax.numpy as jnp

@@ -162,6 +162,34 @@ def test_relative_position_index_and_bias():
     table = np.random.default_rng(0).normal(size=(table_rows((5, 7)), 3)).astype(np.float32)
     got = np.asarray(relative_position_bias(jnp.asarray(table), (5, 7)))
     np.testing.assert_array_equal(got, table[relative_position_index((5, 7))].transpose(2, 0, 1))
+    # bf16: each entry is one table value, so exactly the rounded table
+    got16 = relative_position_bias(jnp.asarray(table), (5, 7), jnp.bfloat16)
+    assert got16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got16.astype(jnp.float32)),
+                                  np.asarray(jnp.asarray(table[relative_position_index((5, 7))]
+                                                         .transpose(2, 0, 1), jnp.bfloat16)
+                                             .astype(jnp.float32)))
+
+
+def test_relative_position_bias_gradient_is_the_scatter_sum():
+    """d(sum(bias * ct)) / d table = ct summed over every pair with the table row's offset (the
+    gather's scatter-add), in float32 and within bf16 rounding in bf16."""
+    grid = (6, 4)
+    rng = np.random.default_rng(1)
+    table = jnp.asarray(rng.normal(size=(table_rows(grid), 3)), jnp.float32)
+    t = 1 + grid[0] * grid[1]
+    ct = rng.normal(size=(3, t, t)).astype(np.float32)
+    index = relative_position_index(grid)
+    expected = np.zeros((table_rows(grid), 3), np.float64)
+    np.add.at(expected, index, ct.transpose(1, 2, 0).astype(np.float64))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        got = jax.grad(lambda tb: jnp.sum(relative_position_bias(tb, grid, dtype).astype(jnp.float32)
+                                          * jnp.asarray(ct, dtype).astype(jnp.float32)))(table)
+        ref = np.zeros_like(expected)
+        np.add.at(ref, index, np.asarray(jnp.asarray(ct, dtype).astype(jnp.float32))
+                  .transpose(1, 2, 0).astype(np.float64))
+        err = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+        assert err <= tol, (dtype, err)
 
 
 def test_deform_inputs_640():

@@ -20,8 +20,9 @@ The three cls entries are kept as they are.  The spline here equals scipy's
 `RectBivariateSpline(kx=ky=3, s=0)` used by the converter (a tensor-product interpolating spline
 is separable); tests check the two agree.
 
-The bias itself is gathered with static slices rather than an index gather, so its gradient is
-a sum of shifted slices, not a scatter-add with heavy index collisions.  `relative_position_index`
+The bias itself is built by two matrix products with constant one-hot offset matrices rather
+than an index gather, so its gradient is two GEMMs, not a scatter-add with heavy index
+collisions (nor a sum of shifted slices, which cost ~15 ms of BEiT-B's backward on an H100).  `relative_position_index`
 is the reference definition (the persistent buffer of the original) and tests compare against it.
 
 Legend: b batch, h w token grid, t tokens (1 + h*w), c channels, n heads, d head dim.
@@ -165,23 +166,37 @@ def derive_table(table: jax.Array, table_grid: Sequence[int], grid: Sequence[int
     return jnp.concatenate([t.reshape(-1, n), table[-NUM_EXTRA:]], axis=0)
 
 
-def relative_position_bias(table: jax.Array, grid: Sequence[int]) -> jax.Array:
+@functools.lru_cache(maxsize=32)
+def offset_onehot(n: int) -> np.ndarray:
+    """[2n-1, n, n] one-hot: entry [a, i, j] is 1 where a = i - j + n - 1."""
+    a = np.arange(n)[:, None] - np.arange(n)[None, :] + n - 1
+    return (np.arange(2 * n - 1)[:, None, None] == a[None]).astype(np.float32)
+
+
+def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """[n, t, t] bias from a [(2h-1)(2w-1)+3, n] table; equals table[relative_position_index]
     transposed to heads first.
 
-    Built from static slices: with the offset axes flipped, the keys of query row r1 (column
-    c1) read a contiguous window of offsets starting at h-1-r1 (w-1-c1)."""
+    Built as two matrix products with constant one-hot offset matrices (rows, then columns):
+    bias[n, (r1, c1), (r2, c2)] = sum_ab g[a, b, n] Ay[a, r1, r2] Ax[b, c1, c2].  Every output is
+    one table entry times one, so the forward is exact in any dtype, and the gradient w.r.t. the
+    table (the sum over all pairs of one offset) is two GEMMs, not a scatter-add with heavy
+    index collisions or a sum of shifted slices.  `dtype` is the compute dtype (bf16 on the GPU:
+    the products accumulate in float32 and the bias comes back in `dtype`)."""
     h, w = grid
     n = table.shape[-1]
     hw = h * w
-    g = table[:-NUM_EXTRA].reshape(2 * h - 1, 2 * w - 1, n).transpose(2, 0, 1)  # [n, a, b]
-    gf = g[:, ::-1, ::-1]  # offsets flipped: gf[n, a', b'] = g[n, 2h-2-a', 2w-2-b']
-    # u[n, c1, a', c2] = gf[n, a', w-1-c1+c2] = g[n, 2h-2-a', c1-c2+w-1]
-    u = jnp.stack([gf[:, :, w - 1 - c1 : 2 * w - 1 - c1] for c1 in range(w)], axis=1)
-    # p[n, r1, c1, r2, c2] = u[n, c1, h-1-r1+r2, c2] = g[n, r1-r2+h-1, c1-c2+w-1]
-    p = jnp.stack([u[:, :, h - 1 - r1 : 2 * h - 1 - r1] for r1 in range(h)], axis=1)
+    dtype = jnp.dtype(dtype)
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    g = table[:-NUM_EXTRA].reshape(2 * h - 1, 2 * w - 1, n).astype(dtype)
+    ay = jnp.asarray(offset_onehot(h), dtype)
+    ax = jnp.asarray(offset_onehot(w), dtype)
+    rows = jnp.einsum("abn,ars->nrsb", g, ay, precision=prec,
+                      preferred_element_type=jnp.float32).astype(dtype)  # [n, h, h, 2w-1]
+    p = jnp.einsum("nrsb,bct->nrcst", rows, ax, precision=prec,
+                   preferred_element_type=jnp.float32).astype(dtype)  # [n, h, w, h, w]
     p = p.reshape(n, hw, hw)
-    extra = table[-NUM_EXTRA:].T  # [n, 3]: cls->patch, patch->cls, cls->cls
+    extra = table[-NUM_EXTRA:].T.astype(dtype)  # [n, 3]: cls->patch, patch->cls, cls->cls
     top = jnp.concatenate([extra[:, 2, None, None], jnp.broadcast_to(extra[:, 0, None, None], (n, 1, hw))], -1)
     body = jnp.concatenate([jnp.broadcast_to(extra[:, 1, None, None], (n, hw, 1)), p], -1)
     return jnp.concatenate([top, body], axis=1)
@@ -226,10 +241,10 @@ class BEiTAttention(nnx.Module):
             jnp.zeros((table_rows(self.table_grid), num_heads), param_dtype))
         self.proj = nnx.Linear(dim, dim, **lin)
 
-    def bias(self, grid: Sequence[int]) -> jax.Array:
-        """[n, t, t] float32 relative position bias for a token grid (h, w)."""
+    def bias(self, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        """[n, t, t] relative position bias for a token grid (h, w), in `dtype`."""
         table = derive_table(self.relative_position_bias_table[...], self.table_grid, grid)
-        return relative_position_bias(table.astype(jnp.float32), grid)
+        return relative_position_bias(table.astype(jnp.float32), grid, dtype)
 
     def __call__(self, x: jax.Array, grid: Sequence[int]) -> jax.Array:
         """x: [b, t, c] with t = 1 + h*w (cls first). Returns [b, t, c]."""
@@ -240,9 +255,10 @@ class BEiTAttention(nnx.Module):
             zeros = jnp.zeros_like(self.v_bias[...])
             qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, n, c // n), 3, axis=2)  # [b, t, 1, n, d]
-        bias = self.bias(grid)[None]
-        out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias,
-                        implementation=resolve_attention(self.implementation, q.dtype))
+        impl = resolve_attention(self.implementation, q.dtype)
+        # cuDNN takes the bias in the compute dtype; the XLA path adds a float32 bias
+        bias = self.bias(grid, q.dtype if impl == "cudnn" else jnp.float32)[None]
+        out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], bias, implementation=impl)
         return self.proj(out.reshape(b, t, c))
 
 
