@@ -6,7 +6,9 @@ the original size, argmax, and accumulate intersection/union totals (mmseg IoUMe
 
 The model runs on fixed-size window batches inside one jitted function (compiled once per
 window shape); cached proposals travel as extra image channels so the slide and flip geometry
-applies to them exactly as to the image.  Evaluation is deterministic by default: each image's
+applies to them exactly as to the image; detector boxes (`guidance.source="boxes"`) travel the
+same way, as one raster channel per box, and each window reads its boxes back from them.
+Evaluation is deterministic by default: each image's
 proposal slots come from a fixed key (`guidance.deterministic_eval`).
 """
 
@@ -46,6 +48,7 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
     deterministic = bool(cfg.guidance.get("deterministic_eval", True))
 
     online = uses_sam(cfg)
+    with_boxes = online and cfg.guidance.source == "boxes"
 
     @jax.jit
     def fn(params, stats, windows, key, guide):
@@ -53,7 +56,10 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
         image = windows[..., :3]
         proposals = None
         if online:
-            proposals = trainer.proposal_fn({"image": image}, key, deterministic, guide)
+            batch = {"image": image}
+            if with_boxes:  # box rasters -> the boxes in this window's frame
+                batch["boxes"] = boxes_from_channels(windows[..., 3:])
+            proposals = trainer.proposal_fn(batch, key, deterministic, guide)
         elif with_proposals:
             props = jnp.moveaxis(windows[..., 3:3 + q], -1, 1) >= 0.5  # [N, Q, h, w]
             valid = jnp.any(props, axis=(2, 3))  # a slot with no pixel in this window is empty
@@ -80,6 +86,46 @@ def cached_window_fn(cfg: Config, trainer, *, with_proposals: bool):
     if key not in cache:
         cache[key] = make_window_fn(cfg, trainer, with_proposals=with_proposals)
     return cache[key]
+
+
+def box_channels(boxes: np.ndarray, size: tuple[int, int], orig: tuple[int, int],
+                 max_boxes: int) -> np.ndarray:
+    """Detector boxes (float [m, 4] xyxy in the original image's pixels) -> float32 [h, w, M]
+    rasters at the eval size (h, w): channel j is 1 on the pixels whose centre lies inside box j
+    scaled to that size (the first M boxes; missing slots are empty).
+
+    The boxes travel as image channels so that every geometric step of inference (window crops,
+    multi-scale resize, flip, padding) applies to them as to the image; `boxes_from_channels`
+    reads each window's boxes back as the bounding boxes of its rasters (to the pixel)."""
+    h, w = size
+    h0, w0 = orig
+    out = np.zeros((h, w, max_boxes), np.float32)
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)[:max_boxes]
+    cy, cx = np.arange(h) + 0.5, np.arange(w) + 0.5
+    for j, (x1, y1, x2, y2) in enumerate(b):
+        ys = (cy > y1 * h / h0) & (cy < y2 * h / h0)
+        xs = (cx > x1 * w / w0) & (cx < x2 * w / w0)
+        out[..., j] = ys[:, None] & xs[None, :]
+    return out
+
+
+def boxes_from_channels(channels: jax.Array) -> jax.Array:
+    """[N, h, w, M] box rasters (any float, thresholded at 0.5) -> [N, M, 4] float32 xyxy
+    boxes (pixel edges: x2 = last column + 1), NaN rows for slots with no pixel in the window."""
+    on = channels >= 0.5
+    rows, cols = jnp.any(on, axis=2), jnp.any(on, axis=1)  # [N, h, M], [N, w, M]
+    h, w = channels.shape[1], channels.shape[2]
+
+    def span(mask, n):  # first index, last index + 1 along axis 1
+        first = jnp.argmax(mask, axis=1)
+        last = n - jnp.argmax(mask[:, ::-1], axis=1)
+        return first.astype(jnp.float32), last.astype(jnp.float32)
+
+    y1, y2 = span(rows, h)
+    x1, x2 = span(cols, w)
+    boxes = jnp.stack([x1, y1, x2, y2], axis=-1)
+    valid = jnp.any(rows, axis=1)
+    return jnp.where(valid[..., None], boxes, jnp.nan)
 
 
 def _proposal_channels(record: dict, size: tuple[int, int], q: int) -> np.ndarray:
@@ -138,6 +184,12 @@ def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: i
     if with_proposals:  # resized on the device from the bit-packed masks
         props = proposal_channels_on_device(record, x.shape[:2], int(cfg.model.head.num_queries))
         x = jnp.concatenate([x, props.astype(x.dtype)], -1)
+    if uses_sam(cfg) and cfg.guidance.source == "boxes":
+        if "boxes" not in record:
+            raise ValueError(f"{record.get('name', index)}: guidance.source='boxes' needs the "
+                             "image's detector boxes (guidance.boxes_dir/<split>/<stem>.json)")
+        boxes = box_channels(record["boxes"], x.shape[:2], (h0, w0), int(cfg.guidance.max_boxes))
+        x = jnp.concatenate([x, jnp.asarray(boxes, x.dtype)], -1)
     key = inference.eval_key(int(cfg.train.seed), index)
     k = int(cfg.model.head.num_classes)
     ev = cfg.eval
@@ -180,9 +232,6 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
     dataset = dataset if dataset is not None else build_eval_dataset(cfg, split)
     with_proposals = (cfg.model.head.query_init == "sam_pooling"
                       and cfg.guidance.source == "cached")
-    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "boxes":
-        raise ValueError("evaluation with guidance.source='boxes' needs detector boxes per window, "
-                         "which the evaluation loader does not read; use 'online' or 'cached'")
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     params, stats = state["params"], state["batch_stats"]
     acc = IoUAccumulator(int(cfg.model.head.num_classes), ignore_index=int(cfg.data.ignore_index))

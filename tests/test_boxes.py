@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from micro import micro_config
@@ -98,3 +99,60 @@ def test_sam_box_prompts_come_first_in_the_proposals(tmp_path):
     plain, plain_valid = jax.jit(lambda b: sam_masks(sam, b, micro_config(root=tmp_path, **ONLINE),
                                                      amg_settings(cfg)))({"image": x})
     assert valid[0].sum() <= 1 + plain_valid[0].sum()
+
+
+def test_box_rasters_carry_boxes_through_scale_window_and_flip():
+    """Eval: boxes drawn as channels at the eval scale, cut into a window (and flipped), come
+    back as that window's boxes to the pixel; boxes outside the window are empty slots."""
+    from sarformer_jax.evaluate import box_channels, boxes_from_channels
+
+    boxes = np.asarray([[10.0, 20.0, 50.0, 44.0], [0.0, 0.0, 8.0, 8.0], [70, 5, 79, 30]], np.float32)
+    ch = box_channels(boxes, (60, 120), (30, 80), max_boxes=4)  # 2x rows, 1.5x columns
+    assert ch.shape == (60, 120, 4) and not ch[..., 3].any()
+    full = np.asarray(boxes_from_channels(jnp.asarray(ch)[None]))[0]
+    want = np.minimum(boxes * np.asarray([1.5, 2.0, 1.5, 2.0], np.float32), [120, 60, 120, 60])
+    np.testing.assert_allclose(full[:3], want, atol=1.0)
+    assert np.isnan(full[3]).all()
+    # a window [y 0:60, x 40:110]: boxes 0 and 2 clipped to it, box 1 outside
+    cut = ch[0:60, 40:110]
+    win = np.asarray(boxes_from_channels(jnp.asarray(cut)[None]))[0]
+    np.testing.assert_allclose(win[0], [0, 40, 35, 60], atol=1.0)
+    assert np.isnan(win[1]).all()
+    np.testing.assert_allclose(win[2], [65, 10, 70, 60], atol=1.0)
+    # flipped window: x -> width - x
+    flip = np.asarray(boxes_from_channels(jnp.asarray(cut[:, ::-1])[None]))[0]
+    np.testing.assert_allclose(flip[[0, 2]][:, [0, 1, 2, 3]],
+                               np.stack([70 - win[[0, 2], 2], win[[0, 2], 1],
+                                         70 - win[[0, 2], 0], win[[0, 2], 3]], -1), atol=1e-6)
+
+
+def test_evaluation_with_detector_boxes_uses_them_per_window(data_root, tmp_path):
+    """guidance.source="boxes" evaluates (slide windows, SAM per window with the window's
+    boxes as prompts); the boxes change the prediction, and a missing box file is named."""
+    from test_guidance_online import ONLINE, tiny_sam
+
+    from sarformer_jax.data.pipeline import build_eval_dataset, build_source
+    from sarformer_jax.evaluate import cached_window_fn, evaluate_state, predict_scores
+    from sarformer_jax.train import create_trainer
+
+    stems = build_source(micro_config(root=data_root), "validation").stems
+    a = _write_boxes(tmp_path / "a", "validation", stems, [[4, 6, 40, 50, 0.9, 3], [30, 2, 70, 30]])
+    b = _write_boxes(tmp_path / "b", "validation", stems, [[50, 40, 79, 63]])
+    cfgs = [micro_config(root=data_root, **dict(ONLINE, **{
+        "guidance.source": "boxes", "guidance.boxes_dir": d, "guidance.max_boxes": 4,
+        "eval.mode": "slide"})) for d in (a, b)]
+    sam = tiny_sam()
+    trainer, state = create_trainer(cfgs[0], devices=jax.devices()[:1], sam=sam)
+    res = evaluate_state(cfgs[0], trainer, state, progress=False)
+    assert res["num_images"] == len(stems) and np.isfinite(res["aAcc"])
+    scores = []
+    for cfg in cfgs:
+        record = build_eval_dataset(cfg, "validation")[0]
+        assert record["boxes"].shape[1] == 4
+        fn = cached_window_fn(cfg, trainer, with_proposals=False)
+        scores.append(predict_scores(cfg, fn, state["params"], state["batch_stats"], record, 0,
+                                     mode="slide", aug_test=False, with_proposals=False))
+    assert scores[0].shape == scores[1].shape and not np.allclose(scores[0], scores[1])
+    (a / "validation" / f"{stems[0]}.json").unlink()
+    with pytest.raises(DataError, match=f"no detector boxes for this image: .*{stems[0]}.json"):
+        build_eval_dataset(cfgs[0], "validation")[0]

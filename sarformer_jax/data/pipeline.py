@@ -270,13 +270,15 @@ def _absl_flags_parsed() -> None:
 # ------------------------------------------------------------------ evaluation
 class EvalDataset:
     """Validation records at their original size: image uint8 [H, W, 3], label int32 [H, W]
-    (255 ignore), name, and proposals / proposal_scores when guidance is cached.
+    (255 ignore), name, proposals / proposal_scores when guidance is cached, and detector boxes
+    (float32 [m, 4] xyxy, pixels) when it is `boxes`.
 
     Indexing raises on a bad record; iteration follows `data.on_error` (skip logs and counts)."""
 
-    def __init__(self, source, on_error: str = "raise"):
+    def __init__(self, source, on_error: str = "raise", boxes_dir: str | None = None):
         self.source = source
         self.on_error = on_error
+        self.boxes_dir = boxes_dir
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -285,6 +287,11 @@ class EvalDataset:
     def __getitem__(self, index: int) -> dict:
         record = dict(self.source[index])
         record["label"] = record["label"].astype(np.int32)
+        if self.boxes_dir is not None:  # guidance.source="boxes": detector boxes, image frame
+            if "stem" not in record:
+                raise ValueError("guidance.source='boxes' needs a file-based dataset "
+                                 "(ade20k / cityscapes / synthetic)")
+            record["boxes"] = read_boxes(os.path.join(self.boxes_dir, record["stem"] + ".json"))
         return record
 
     def __iter__(self) -> Iterator[dict]:
@@ -299,7 +306,8 @@ class EvalDataset:
 
 
 def build_eval_dataset(cfg, split: str = "validation") -> EvalDataset:
-    return EvalDataset(build_source(cfg, split), cfg.data.get("on_error", "raise"))
+    return EvalDataset(build_source(cfg, split), cfg.data.get("on_error", "raise"),
+                       boxes_dir=_boxes_dir(cfg, split))
 
 
 def eval_scale(cfg) -> tuple[int, int]:
