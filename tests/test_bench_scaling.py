@@ -73,3 +73,32 @@ def test_summary_efficiency_and_distances(tmp_path):
     assert eq["n1_b4_accum2"]["max_abs_loss_diff"] == pytest.approx(0.1)
     assert eq["n1_b4_accum2"]["max_rel_loss_diff"] == pytest.approx(0.1 / 2.5)
     assert 1e-4 < eq["n1_b4_accum2"]["params_rel_l2"] < 1e-2
+
+
+def test_run_subsets_and_merge(tmp_path, capsys):
+    runs = scaling.plan_runs(_args(), num_visible=2)
+    assert [r["name"] for r in scaling.select_runs(runs, "n2,n1")] == ["n1", "n2"]
+    with pytest.raises(SystemExit, match="not planned"):
+        scaling.select_runs(runs, "n3")
+    # two calls' outputs merge into one summary; parameter distances are then unavailable
+    import json
+
+    a = dict(results=[dict(name="n2", devices=2, global_batch=4, accum=1, step_s=0.12,
+                           images_per_s=4 / 0.12, losses=[2.0, 1.5], params_file="/gone.npy",
+                           config="c", device_kind="d", jax="j", date="x")])
+    b = dict(results=[dict(name="n1", devices=1, global_batch=2, accum=1, step_s=0.1,
+                           images_per_s=20.0),
+                      dict(name="n1_b4_accum2", devices=1, global_batch=4, accum=2, step_s=0.2,
+                           images_per_s=20.0, losses=[2.1, 1.5])])
+    paths = []
+    for i, d in enumerate((a, b)):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(d, f)
+    out = tmp_path / "merged.json"
+    assert scaling.run(_args(merge=paths, out=str(out))) == 0
+    merged = json.loads(out.read_text())["summary"]
+    assert merged["weak_scaling"][1]["efficiency"] == pytest.approx((4 / 0.12) / 40.0)
+    (e,) = merged["equivalence"]
+    assert e["max_abs_loss_diff"] == pytest.approx(0.1) and e["params_rel_l2"] is None
+    assert "not available" in capsys.readouterr().out

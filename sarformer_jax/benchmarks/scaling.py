@@ -25,6 +25,9 @@ or steps.  Inputs are `benchmarks.train.random_batch` batches (cached-guidance p
 loader sends them, bit-packed), resident on the devices while timed.
 
 Example (2 GPUs): `sarformer bench scaling --model sarformer_b --out $OUT/scaling.json`.
+When the compiles do not fit one call (SARFormer-L), run a subset per call (`--runs n2`, then
+`--runs n1,n1_b4_accum2`, each with its own `--out`) and summarise them with `--merge A B`
+(losses and step times merge; parameter distances need the runs in one call).
 Results go to docs/benchmarks.md with command, device, date and jax version.
 """
 
@@ -68,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of the equivalence runs (0: no equivalence runs)")
     parser.add_argument("--references", default="exact,accum",
                         help="one-device references for the equivalence: exact, accum")
+    parser.add_argument("--runs", default=None,
+                        help="comma list: run only these of the planned runs (n1, n2, n1_b4, "
+                             "n1_b4_accum2, ...), e.g. one per call when compiles are long")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no runs: summarise the results of earlier --out files together "
+                             "(parameter distances need the runs in one call)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="results (json)")
     parser.add_argument("--log-dir", default=None, help="per-run logs")
@@ -100,6 +109,17 @@ def plan_runs(args, num_visible: int) -> list[dict]:
                              global_batch=b * nmax, accum=nmax, fsdp=1, timing=True,
                              trajectory=True))
     return runs
+
+
+def select_runs(runs: list[dict], spec: str | None) -> list[dict]:
+    """The planned runs named in `spec` (comma list), in plan order; all when `spec` is None."""
+    if not spec:
+        return runs
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = sorted(set(names) - {r["name"] for r in runs})
+    if unknown:
+        raise SystemExit(f"--runs: {unknown} not planned; planned: {[r['name'] for r in runs]}")
+    return [r for r in runs if r["name"] in names]
 
 
 def _device_counts(spec: str | None, num_visible: int) -> list[int]:
@@ -238,18 +258,24 @@ def summarize(results: list[dict]) -> dict:
     traj = [r for r in ok.values() if r.get("losses")]
     ref = max(traj, key=lambda r: r["devices"], default=None)
     equiv = []
+
+    def params(r):
+        f = r.get("params_file")
+        return np.load(f) if f and os.path.exists(f) else None
+
     if ref is not None:
-        p_ref = np.load(ref["params_file"])
-        p0 = float(np.linalg.norm(p_ref))
+        p_ref = params(ref)
         for r in traj:
             if r is ref:
                 continue
-            p = np.load(r["params_file"])
+            p = params(r)
             a, b = np.asarray(ref["losses"]), np.asarray(r["losses"])
+            dist = (float(np.linalg.norm(p - p_ref) / np.linalg.norm(p_ref))
+                    if p is not None and p_ref is not None else None)
             equiv.append(dict(run=r["name"], reference=ref["name"],
                               max_abs_loss_diff=float(np.max(np.abs(a - b))),
                               max_rel_loss_diff=float(np.max(np.abs(a - b) / np.abs(a))),
-                              params_rel_l2=float(np.linalg.norm(p - p_ref) / p0)))
+                              params_rel_l2=dist))
     return dict(weak_scaling=[dict(devices=r["devices"], global_batch=r["global_batch"],
                                    step_ms=r["step_s"] * 1e3, images_per_s=r["images_per_s"],
                                    efficiency=r["efficiency"], peak_bytes=r.get("peak_bytes"))
@@ -285,9 +311,11 @@ def print_summary(summary: dict, results: list[dict]) -> None:
             print(f"| {i} | " + " | ".join(f"{summary['trajectories'][n][i]:.5f}"
                                             for n in names) + " |")
         for e in summary["equivalence"]:
+            dist = ("not available (runs from different calls)" if e["params_rel_l2"] is None
+                    else f"{e['params_rel_l2']:.2e}")
             print(f"{e['run']} vs {e['reference']}: max |Δloss| {e['max_abs_loss_diff']:.2e} "
                   f"(relative {e['max_rel_loss_diff']:.2e}), final parameters relative L2 "
-                  f"distance {e['params_rel_l2']:.2e}")
+                  f"distance {dist}")
     for r in results:
         if r.get("failed"):
             print(f"run {r['name']} FAILED (rc {r.get('returncode')}): {r.get('error')}")
@@ -319,9 +347,21 @@ def run(args: argparse.Namespace) -> int:
             json.dump(res, f)
         return 0
 
+    if args.merge:
+        results = []
+        for path in args.merge:
+            with open(path) as f:
+                results += json.load(f)["results"]
+        summary = summarize(results)
+        print_summary(summary, results)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(results=results, summary=summary), f, indent=1)
+        return 0 if all(not r.get("failed") for r in results) else 1
+
     import jax
 
-    runs = plan_runs(args, len(jax.devices()))
+    runs = select_runs(plan_runs(args, len(jax.devices())), args.runs)
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
     argv_tail = _argv_tail(args)
