@@ -22,8 +22,9 @@ is separable); tests check the two agree.
 
 The bias itself is built by two matrix products with constant one-hot offset matrices rather
 than an index gather, so its gradient is two GEMMs, not a scatter-add with heavy index
-collisions (nor a sum of shifted slices, which cost ~15 ms of BEiT-B's backward on an H100).  `relative_position_index`
-is the reference definition (the persistent buffer of the original) and tests compare against it.
+collisions (nor a sum of shifted slices, which cost ~15 ms of BEiT-B's backward on an H100).
+`relative_position_index` is the reference definition (the persistent buffer of the original)
+and tests compare against it.
 
 Legend: b batch, h w token grid, t tokens (1 + h*w), c channels, n heads, d head dim.
 """
