@@ -3,7 +3,9 @@ overlay with the dataset palette and a legend of the classes present.
 
 With `guidance.source="cached"` each image's proposals are looked up in the cache by file stem
 (`<cache_dir>/<split>/<stem>.npz`, written by `sarformer amg --dataset` or the synthetic
-generator).  An image that cannot be decoded is reported by name and skipped.
+generator); with `guidance.source="boxes"` its detector boxes are `<boxes_dir>/<stem>.json` or
+`<boxes_dir>/<split>/<stem>.json` (`--boxes DIR` overrides `guidance.boxes_dir`).  An image that
+cannot be decoded, or whose proposals / boxes are missing, is reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def _find_proposals(cfg: Config, stem: str):
             f"no cached proposals for {stem!r} under {root} (write them with "
             f"`sarformer amg --dataset ...`)")
     return load_proposals(hits[0])
+
+
+def _find_boxes(boxes_dir: str | pathlib.Path, stem: str) -> np.ndarray:
+    """Detector boxes of image `stem`: `<boxes_dir>/<stem>.json`, else `<boxes_dir>/*/<stem>.json`."""
+    from sarformer_jax.data.pipeline import read_boxes
+
+    root = pathlib.Path(boxes_dir)
+    hits = [root / f"{stem}.json"] if (root / f"{stem}.json").is_file() else \
+        sorted(root.glob(f"*/{stem}.json"))
+    if not hits:
+        raise FileNotFoundError(f"no detector boxes for {stem!r} under {root} "
+                                f"(<dir>/{stem}.json or <dir>/<split>/{stem}.json)")
+    return read_boxes(str(hits[0]))
 
 
 def write_prediction(cfg: Config, record: dict, label: np.ndarray, out_dir: pathlib.Path
@@ -107,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="workdir or checkpoint directory")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--mode", choices=("whole", "slide"), default=None)
+    parser.add_argument("--boxes", default=None, metavar="DIR",
+                        help="detector boxes per image (guidance.source=boxes): DIR/<stem>.json "
+                             "(default: guidance.boxes_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -124,14 +142,23 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cached = cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "cached"
+    guided = cfg.model.head.query_init == "sam_pooling"
+    cached = guided and cfg.guidance.source == "cached"
+    boxes_dir = (args.boxes or str(cfg.guidance.get("boxes_dir", "") or "")) \
+        if guided and cfg.guidance.source == "boxes" else None
+    if boxes_dir == "":
+        print("error: guidance.source='boxes' needs --boxes DIR (or guidance.boxes_dir)",
+              file=sys.stderr)
+        return 2
     records, failed = [], 0
     for p in map(pathlib.Path, args.images):
         try:
             rec = {"image": _read_image(p), "name": p.name}
             if cached:
                 rec["proposals"], rec["proposal_scores"] = _find_proposals(cfg, p.stem)
-        except (OSError, ValueError, SyntaxError) as e:
+            if boxes_dir is not None:
+                rec["boxes"] = _find_boxes(boxes_dir, p.stem)
+        except (OSError, ValueError, SyntaxError) as e:  # DataError is a ValueError
             print(f"skipped {p}: {e}", file=sys.stderr)
             failed += 1
             continue

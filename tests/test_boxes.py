@@ -153,6 +153,21 @@ def test_evaluation_with_detector_boxes_uses_them_per_window(data_root, tmp_path
         scores.append(predict_scores(cfg, fn, state["params"], state["batch_stats"], record, 0,
                                      mode="slide", aug_test=False, with_proposals=False))
     assert scores[0].shape == scores[1].shape and not np.allclose(scores[0], scores[1])
+    # `sarformer predict`: boxes found as <dir>/<stem>.json or <dir>/<split>/<stem>.json
+    from sarformer_jax import predict
+
+    record = build_eval_dataset(cfgs[1], "validation")[0]
+    found = predict._find_boxes(b, stems[0])  # split layout
+    np.testing.assert_array_equal(found, record["boxes"])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / f"{stems[0]}.json").write_text(json.dumps([[1, 2, 30, 40]]))
+    np.testing.assert_array_equal(predict._find_boxes(flat, stems[0]), [[1, 2, 30, 40]])
+    with pytest.raises(FileNotFoundError, match="no detector boxes for 'nope'"):
+        predict._find_boxes(flat, "nope")
+    (overlay,) = predict.predict_records(cfgs[1], trainer, state,
+                                         [dict(record, boxes=found)], tmp_path / "pred")
+    assert overlay.exists()
     (a / "validation" / f"{stems[0]}.json").unlink()
     with pytest.raises(DataError, match=f"no detector boxes for this image: .*{stems[0]}.json"):
         build_eval_dataset(cfgs[0], "validation")[0]
