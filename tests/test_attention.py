@@ -93,3 +93,14 @@ def test_sam_relative_positions_as_channels(hw, d, n):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     a.rel_pos_h[...] = jnp.zeros_like(a.rel_pos_h[...])
     assert float(jnp.max(jnp.abs(a(x) - ref))) > 1e-3
+
+
+def test_xla_attention_takes_a_narrower_v():
+    rng = np.random.default_rng(2)
+    q, k = (jnp.asarray(rng.normal(size=(1, 6, 2, 16)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(1, 6, 2, 5)), jnp.float32)
+    out = attention(q, k, v, implementation="xla")
+    assert out.shape == (1, 6, 2, 5)
+    logits = jnp.einsum("btnd,bsnd->bnts", q, k) / 4.0
+    ref = jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, -1), v)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)

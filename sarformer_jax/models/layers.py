@@ -154,11 +154,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
               scale: float | None = None, implementation: str | None = "xla") -> jax.Array:
     """softmax(scale * q k^T + bias) v for q [b, t, n, d], k [b, s, n, d], v [b, s, n, dv],
     bias broadcastable to [b, n, t, s] (default scale d^-0.5); returns [b, t, n, dv].
-    "cudnn" gets its operands through `pad_for_cudnn`, so any shapes work there too."""
-    if implementation != "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
-                                            implementation=implementation)
+    "cudnn" gets its operands through `pad_for_cudnn`, so any shapes work there too; a v narrower
+    than q is zero-padded for the XLA implementation (it wants one head dim as well)."""
     t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    if implementation != "cudnn":
+        if dv < d:
+            v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, d - dv)))
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale,
+                                            implementation=implementation)[..., :dv]
     qp, kp, vp, bp = pad_for_cudnn(q, k, v, bias)
     out = jax.nn.dot_product_attention(qp, kp, vp, bias=bp, scale=d ** -0.5 if scale is None else scale,
                                        implementation="cudnn")

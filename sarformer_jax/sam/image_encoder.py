@@ -115,10 +115,8 @@ class Attention(nnx.Module):
             parts_k += [eye_h, eye_w]
         qa = jnp.concatenate(parts_q, -1).reshape(b, h * w, n, -1)
         ka = jnp.concatenate(parts_k, -1).reshape(b, h * w, n, -1)
-        va = v.reshape(b, h * w, n, d)
-        va = jnp.pad(va, ((0, 0), (0, 0), (0, 0), (0, qa.shape[-1] - d)))  # one head dim
-        out = attention(qa, ka, va, scale=1.0, implementation=implementation)
-        return out[..., :d].reshape(b, h, w, n, d)
+        out = attention(qa, ka, v.reshape(b, h * w, n, d), scale=1.0, implementation=implementation)
+        return out.reshape(b, h, w, n, d)
 
 
 class Block(nnx.Module):
