@@ -18,6 +18,7 @@ BENCHMARKS = {
     "train": "SARFormer-B and Mask2Former train steps: step time, img/s, memory, MFU",
     "eval": "slide inference images/s, SARFormer-B vs Mask2Former",
     "data": "input pipeline images/s per CPU core",
+    "matcher": "the step's Hungarian matchings on the device (while loops) vs scipy on the host",
     "scaling": "the sharded train step over 1..N GPUs: weak scaling and loss-trajectory equivalence",
 }
 

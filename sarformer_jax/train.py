@@ -31,6 +31,7 @@ from flax import nnx
 from sarformer_jax import checkpoint as ckpt_lib
 from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
+from sarformer_jax.data.pipeline import device_inputs
 from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
                                     guidance_refusal, uses_sam)
 from sarformer_jax.losses import loss_fn as segmentation_loss
@@ -86,7 +87,8 @@ class Trainer:
     def step(self, state, batch):
         """One training step with this trainer's guidance inputs."""
         if uses_sam(self.cfg) and self.cfg.guidance.seed_compat:
-            self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, batch["image"])
+            images = device_inputs(batch, self.cfg.data.mean, self.cfg.data.std)["image"]
+            self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, images)
         return self.train_step(state, batch, self.guide)
 
 
@@ -187,6 +189,7 @@ def make_grad_fn(trainer: Trainer):
     rest = trainer.rest
 
     def micro_loss(params, stats, batch, key, guide):
+        batch = device_inputs(batch, cfg.data.mean, cfg.data.std)  # the loader's uint8 image
         k_prop, k_drop, k_loss = jax.random.split(key, 3)
         # fresh Variables at this trace level (BatchNorm updates its statistics in place)
         stats, rest_ = jax.tree_util.tree_map(lambda x: x, (stats, rest))
@@ -409,6 +412,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
         checkpointer.close()
         if writer is not None:
             writer.close()
+        if hasattr(loader, "close"):
+            loader.close()
     return {"step": step, "curve": curve, "evals": evals, "state": state, "trainer": trainer,
             "best_mIoU": best}
 

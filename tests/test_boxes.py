@@ -60,7 +60,8 @@ def test_loader_yields_boxes_and_names_a_missing_file(data_root, tmp_path):
 
     cfg = micro_config(root=data_root, **{"guidance.source": "cached"})
     stems = build_source(cfg, "training").stems
-    boxes_dir = _write_boxes(tmp_path, "training", stems, [[4, 6, 40, 50, 0.9, 3], [0, 0, 2, 2, 0.5, 1]])
+    boxes_dir = _write_boxes(tmp_path, "training", stems, [[0, 0, 999, 999, 0.9, 3], [0, 0, 2, 2, 0.5, 1]])
+    # the first box covers every image, so every crop keeps a part of it
     cfg = micro_config(root=data_root, **{"guidance.source": "boxes", "guidance.boxes_dir": boxes_dir,
                                           "guidance.max_boxes": 5})
     batch = next(build_train_loader(cfg, seed=0))

@@ -22,6 +22,23 @@ def root(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _close_loaders(monkeypatch):
+    # Every loader a test opens is closed after it: read-ahead threads left running into the
+    # next tests (or pytest's exit) only cost time and make failures harder to read.
+    opened = []
+    build = pipeline.build_train_loader
+
+    def tracked(*args, **kwargs):
+        opened.append(build(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(pipeline, "build_train_loader", tracked)
+    yield
+    for loader in opened:
+        loader.close()
+
+
 def _cfg(root, **data):
     cfg = tiny.get_config()
     cfg.data.update(root=str(root), crop_size=(64, 64), scale=(256, 64), **data)
@@ -43,8 +60,9 @@ def test_batches(root):
     cfg = _cfg(root)
     batch = next(pipeline.build_train_loader(cfg, seed=0))
     assert pipeline.describe(batch) == {
-        "image": ((4, 64, 64, 3), "float32"), "label": ((4, 64, 64), "int32"),
-        "proposals_packed": ((4, Q, 64, 8), "uint8"), "num_proposals": ((4,), "int32")}
+        "image": ((4, 64, 64, 3), "uint8"), "image_hw": ((4, 2), "int32"),
+        "label": ((4, 64, 64), "uint8"), "proposals_packed": ((4, Q, 64, 8), "uint8"),
+        "num_proposals": ((4,), "int32")}
     # bit-packed to the device; the step unpacks exactly what the host would
     import jax.numpy as jnp
 
@@ -57,9 +75,37 @@ def test_batches(root):
     assert set(np.unique(batch["proposals"])) <= {0, 1}
     for p, n in zip(batch["proposals"], batch["num_proposals"]):
         assert 0 < n <= Q and p[:n].reshape(n, -1).any(-1).all() and not p[n:].any()
-    assert np.abs(batch["image"]).max() < 3.0  # normalised
+    assert (batch["image_hw"] <= 64).all() and (batch["image_hw"] > 0).all()
     cfg.guidance.source = "none"
-    assert set(next(pipeline.build_train_loader(cfg, seed=0))) == {"image", "label"}
+    assert set(next(pipeline.build_train_loader(cfg, seed=0))) == {"image", "image_hw", "label"}
+
+
+def test_device_inputs_equal_the_host_transform(root):
+    # The loader ships uint8 images and normalises on the device: the model must see exactly
+    # what transforms.train_transform computes on the host (normalised, 0 in the padding).
+    import jax.numpy as jnp
+
+    from sarformer_jax.data import transforms as T
+
+    cfg = _cfg(root)
+    cfg.data.scale = (48, 24)  # images smaller than the crop: padded on both axes
+    source = pipeline.build_source(cfg, "training")
+    compact = pipeline.TrainRecord(source, cfg, normalize_image=False, compact_label=True)
+    host = pipeline.TrainRecord(source, cfg)
+    a, b = (fn(3, np.random.default_rng(11)) for fn in (compact, host))
+    assert a["image"].dtype == np.uint8 and a["label"].dtype == np.uint8
+    assert (a["image_hw"] < 64).all() and not a["image"][a["image_hw"][0]:].any()
+    got = pipeline.device_inputs({k: jnp.asarray(v)[None] for k, v in a.items()},
+                                 cfg.data.mean, cfg.data.std)
+    assert "image_hw" not in got and got["label"].dtype == jnp.int32
+    np.testing.assert_allclose(np.asarray(got["image"][0]), b["image"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["label"][0]), b["label"])
+    # float images (benchmarks, callers' own batches) pass through unchanged
+    x = jnp.ones((1, 4, 4, 3))
+    assert pipeline.device_inputs({"image": x}, cfg.data.mean, cfg.data.std)["image"] is x
+    # a label that does not fit uint8 stays int32
+    cfg.model.head.num_classes = 300
+    assert pipeline.label_dtype(cfg) == np.int32
 
 
 def test_more_proposals_than_queries_are_subsampled(root):
@@ -105,6 +151,26 @@ def test_local_batch_per_process(root):
     assert not np.array_equal(b0["label"], b1["label"])
     with pytest.raises(ValueError, match="divisible"):
         pipeline.build_train_loader(cfg, seed=0, process_count=3)
+
+
+def test_skipped_record_is_replaced_by_the_next_readable_one(root, tmp_path, caplog):
+    data = tmp_path / "d"
+    shutil.copytree(root, data)
+    (data / "images" / "training" / "ADE_train_00000006.jpg").write_bytes(b"\xff\xd8junk")
+    cfg = _cfg(data, on_error="skip")
+    source = pipeline.build_source(cfg, "training")
+    assert source.stems[5] == "ADE_train_00000006"
+    make = pipeline.TrainBatch(pipeline.TrainRecord(source, cfg, normalize_image=False),
+                               len(source))
+    with caplog.at_level(logging.WARNING):
+        got = make(np.array([4, 5]), np.random.default_rng(0))
+    assert "ADE_train_00000006.jpg" in caplog.text
+    # slot 1 takes record 6 instead, with slot 1's own random draws
+    want = make(np.array([4, 6]), np.random.default_rng(0))
+    assert set(got) == set(want)
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert not np.array_equal(got["label"][0], got["label"][1])
 
 
 def test_workers_match_in_process_and_resume(root, tmp_path):

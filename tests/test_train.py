@@ -93,7 +93,8 @@ def _nan_at(monkeypatch, bad_index):
         def __next__(self):
             b = next(self.inner)
             if self.i == bad_index:
-                b = dict(b, image=np.full_like(b["image"], np.nan))
+                # a float image passes the step's uint8 normalisation unchanged
+                b = dict(b, image=np.full(b["image"].shape, np.nan, np.float32))
             self.i += 1
             return b
 

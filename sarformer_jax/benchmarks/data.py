@@ -1,8 +1,9 @@
 """`sarformer bench data`: training input throughput (images/s per CPU core) from full-size JPEGs.
 
 Per-core figure: one process, no read-ahead threads, timing `TrainRecord` (read + decode +
-RandomResize + RandomCrop(cat_max_ratio) + flip + PhotoMetricDistortion + normalise + pad, and
-the proposal warp when --proposals).  Loader figure: the grain loader with --workers processes.
+RandomResize + RandomCrop(cat_max_ratio) + flip + PhotoMetricDistortion + pad, and the proposal
+warp and bit packing when --proposals; the image stays uint8, as the loader ships it, and is
+normalised on the device).  Loader figure: the grain loader with --workers processes.
 The input never stalls training if  cores * per_core >= global_batch / step_time  per host.
 
   sarformer bench data                         # synthetic 512x683 JPEGs, the ADE20K-B config
@@ -49,6 +50,8 @@ def _config(args, root):
 
 
 def run(args: argparse.Namespace) -> int:
+    import cv2
+
     from sarformer_jax.data import pipeline, synthetic
 
     tmp = None
@@ -64,25 +67,30 @@ def run(args: argparse.Namespace) -> int:
               f"{time.perf_counter() - t0:.1f} s")
     cfg = _config(args, root)
     source = pipeline.build_source(cfg, "training")
-    record = pipeline.TrainRecord(source, cfg)
+    record = pipeline.TrainRecord(source, cfg, normalize_image=False, compact_label=True)
     rng = np.random.default_rng(0)
     record(0, rng)  # warm caches
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one core, as in a loader worker (OpenCV would use every core)
     t0 = time.perf_counter()
     for i in range(args.records):
         record(i % len(source), np.random.default_rng(i))
     per_core = args.records / (time.perf_counter() - t0)
+    cv2.setNumThreads(threads)
     crop = tuple(cfg.data.crop_size)
     print(f"config {args.config}: crop {crop}, scale {tuple(cfg.data.scale)}, proposals "
           f"{'Q=%d' % cfg.model.head.num_queries if args.proposals else 'off'}")
     print(f"per core: {per_core:.1f} train images/s (single process, {args.records} records)")
     loader_rate = None
     if args.workers:
-        loader = pipeline.build_train_loader(cfg, seed=0)
-        next(loader)  # start-up (spawning workers) not timed
-        t0 = time.perf_counter()
-        for _ in range(args.batches):
-            next(loader)
-        rate = args.batches * loader.local_batch_size / (time.perf_counter() - t0)
+        with pipeline.build_train_loader(cfg, seed=0) as loader:
+            # start-up (spawning workers) and their first round of batches are not timed
+            for _ in range(args.workers):
+                next(loader)
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                next(loader)
+            rate = args.batches * loader.local_batch_size / (time.perf_counter() - t0)
         loader_rate = rate
         print(f"loader, {args.workers} workers: {rate:.1f} images/s")
     if args.step_time and args.global_batch:

@@ -1,14 +1,20 @@
 """Input pipelines: the grain training loader, the evaluation dataset, and host -> device batches.
 
 Training (ARCHITECTURE §6.2): record indices of this process's shard are shuffled afresh every
-epoch (seeded), each record is read, decoded and transformed by `transforms.train_transform`
-with a generator derived from (seed, position), proposals are reduced to Q slots, and records are
-batched, all inside grain worker processes (`data.num_workers`; 0 = in this process).  Every
-random draw depends on the seed and the record's position only, so the stream does not depend on
-the number of workers, and `get_state()` / `start_state` resume it exactly.
+epoch (seeded) and cut into local batches; local batch j is built whole by one grain worker
+process (`data.num_workers`; 0 = this process, on demand): each of its records is read, decoded
+and transformed by `transforms.train_transform` with a generator derived from (seed, j, slot),
+and proposals are reduced to Q slots.  Batch j depends on the seed and j only, so the stream does
+not depend on the number of workers, and `get_state()` / `start_state` resume it exactly.
 
-Bad records raise a `DataError` naming the file, or with `data.on_error = "skip"` are dropped,
-logged and counted (per worker process).  grain and tensorflow_datasets are imported lazily.
+What travels to the device is small: the image as uint8 with its size before padding (the step
+normalises it: `device_inputs`), the label as uint8 when the classes and ignore index fit, the
+proposals bit-packed.  A batch is built in the worker and handed over in shared memory, so the
+main process copies nothing (stacking records there capped the loader at ~60 images/s).
+
+Bad records raise a `DataError` naming the file, or with `data.on_error = "skip"` are replaced by
+the next readable record of the dataset (logged and counted per worker process).  grain and
+tensorflow_datasets are imported lazily.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from sarformer_jax.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: whole batches per grain element
 
 
 # ------------------------------------------------------------------ sources from the config
@@ -117,7 +123,8 @@ def build_source(cfg, split: str = "training"):
 class TrainRecord:
     """Reads record `index` of `source` and applies the training transforms (picklable)."""
 
-    def __init__(self, source, cfg, split: str = "training"):
+    def __init__(self, source, cfg, split: str = "training", *, normalize_image: bool = True,
+                 compact_label: bool = False):
         data = cfg.data
         self.source = source
         self.boxes_dir = _boxes_dir(cfg, split)
@@ -127,7 +134,8 @@ class TrainRecord:
             ratio_range=tuple(data.ratio_range), cat_max_ratio=float(data.cat_max_ratio),
             flip_prob=float(data.flip_prob), photometric=bool(data.photometric),
             mean=tuple(data.mean), std=tuple(data.std), ignore_index=int(data.ignore_index),
-            max_boxes=max_boxes)
+            max_boxes=max_boxes, normalize_image=normalize_image,
+            label_dtype=label_dtype(cfg) if compact_label else np.int32)
         self.num_queries = int(cfg.model.head.num_queries) if _proposals_dir(cfg) else None
         self.skip = data.get("on_error", "raise") == "skip"
         self.max_consecutive_skips = min(len(source), 1000)
@@ -181,6 +189,19 @@ class TrainLoader:
     def __next__(self) -> dict:
         return next(self._iterator)
 
+    def close(self) -> None:
+        """Stops the read-ahead (threads, worker processes); idempotent.  A loader that is
+        dropped without it keeps building its buffered batches until it is collected."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def get_state(self) -> bytes:
         """JSON bytes; pass to `build_train_loader(..., start_state=...)` to resume."""
         return json.dumps({"version": _STATE_VERSION, "grain": self._iterator.get_state()},
@@ -201,6 +222,78 @@ def _json_default(x):
     if isinstance(x, bytes):
         return x.decode()
     raise TypeError(f"data iterator state holds a {type(x).__name__}")
+
+
+def label_dtype(cfg):
+    """uint8 when every class id and the ignore index fit in it, else int32."""
+    fits = int(cfg.model.head.num_classes) <= 255 and 0 <= int(cfg.data.ignore_index) <= 255
+    return np.uint8 if fits else np.int32
+
+
+class TrainBatch:
+    """grain random_map: record positions [B] of one local batch -> the batch, built here.
+
+    Slot i uses a generator seeded from the batch's generator, so the batch is a function of
+    (seed, batch index) alone.  A record that `TrainRecord` skips (`data.on_error=skip`) is
+    replaced by the next index of the dataset that reads; `TrainRecord` stops the run after too
+    many failures in a row."""
+
+    def __init__(self, record: TrainRecord, num_records: int, single_threaded: bool = False):
+        self.record = record
+        self.num_records = num_records
+        # In a worker process OpenCV must not start its own thread pool: N workers x N
+        # threads on N cores oversubscribe the machine.
+        self.single_threaded = single_threaded
+        self._threads_set = False
+
+    def __call__(self, indices: np.ndarray, rng: np.random.Generator) -> dict:
+        if self.single_threaded and not self._threads_set:
+            import cv2
+
+            cv2.setNumThreads(1)
+            self._threads_set = True
+        seeds = rng.integers(0, 2**63 - 1, size=len(indices))
+        out: dict[str, np.ndarray] = {}
+        for slot, (index, seed) in enumerate(zip(indices, seeds)):
+            index = int(index)
+            while True:
+                rec = self.record(index, np.random.default_rng(int(seed)))
+                if rec is not None:
+                    break
+                index = (index + 1) % self.num_records
+            for k, v in rec.items():
+                v = np.asarray(v)
+                if k not in out:
+                    out[k] = np.empty((len(indices),) + v.shape, v.dtype)
+                out[k][slot] = v
+        return out
+
+
+def device_inputs(batch: dict, mean, std) -> dict:
+    """On the device, inside the step: the loader's compact batch -> what the model takes.
+
+    uint8 `image` [B, h, w, 3] with `image_hw` [B, 2] -> float32 (x - mean) / std, 0 where
+    padded (as `transforms.train_transform` computes on the host); a uint8 `label` -> int32.
+    Batches that already hold a float image pass through (benchmarks, tests, callers' own)."""
+    import jax.numpy as jnp
+
+    batch = dict(batch)
+    image = batch["image"]
+    if image.dtype == jnp.uint8:
+        mean = jnp.asarray(mean, jnp.float32)
+        inv_std = 1.0 / jnp.asarray(std, jnp.float32)
+        x = (image.astype(jnp.float32) - mean) * inv_std
+        hw = batch.pop("image_hw", None)
+        if hw is not None:
+            _, h, w, _ = image.shape
+            inside = ((jnp.arange(h)[None, :, None] < hw[:, 0, None, None])
+                      & (jnp.arange(w)[None, None, :] < hw[:, 1, None, None]))
+            x = jnp.where(inside[..., None], x, 0.0)
+        batch["image"] = x
+    batch.pop("image_hw", None)
+    if "label" in batch and batch["label"].dtype != jnp.int32:
+        batch["label"] = batch["label"].astype(jnp.int32)
+    return batch
 
 
 def unpack_proposals(record: dict, width: int) -> dict:
@@ -229,11 +322,12 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
                        start_state=None) -> TrainLoader:
     """The training input stream of this process.
 
-    Batches: image float32 [B, h, w, 3] (normalised, padded with 0), label int32 [B, h, w]
-    (255 ignore), and with cached guidance `proposals_packed` uint8 [B, Q, h, ceil(w/8)] (bits
-    of the masks along w, `np.packbits` order; `unpack_proposals` restores them) and
-    num_proposals int32 [B]; B = cfg.train.batch_size // process_count, (h, w) =
-    cfg.data.crop_size."""
+    Batches: image uint8 [B, h, w, 3] (padded with 0) with image_hw int32 [B, 2] (its size
+    before padding), label [B, h, w] (uint8 or int32: `label_dtype`; 255 ignore), and with
+    cached guidance `proposals_packed` uint8 [B, Q, h, ceil(w/8)] (bits of the masks along w,
+    `np.packbits` order; `unpack_proposals` restores them) and num_proposals int32 [B];
+    B = cfg.train.batch_size // process_count, (h, w) = cfg.data.crop_size.  The train step
+    turns them into the model's inputs with `device_inputs`."""
     import grain
 
     if cfg.train.batch_size % process_count:
@@ -242,20 +336,19 @@ def build_train_loader(cfg, *, seed: int, process_index: int = 0, process_count:
     local_batch = cfg.train.batch_size // process_count
     source = build_source(cfg, "training")
     workers = int(cfg.data.get("num_workers", 0))
+    record = TrainRecord(source, cfg, normalize_image=False, compact_label=True)
     ds = (train_indices(len(source), seed, process_index, process_count)
-          .random_map(TrainRecord(source, cfg))
-          # Skipped records stay as None until after the workers: each worker takes records
-          # round-robin and the prefetcher interleaves them back in order, so filtering and
-          # batching here give the same stream for any number of workers.
-          .to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
-                                             prefetch_buffer_size=2 * local_batch),
-                           allow_nones=True))
+          .batch(local_batch, drop_remainder=True)
+          .random_map(TrainBatch(record, len(source), single_threaded=workers > 0))
+          # In this process (no workers) a batch is built when asked for: read-ahead threads
+          # would outlive an abandoned loader, and the step's asynchronous dispatch already
+          # overlaps building the next batch with the device's work.
+          .to_iter_dataset(grain.ReadOptions(num_threads=0 if workers == 0 else 1,
+                                             prefetch_buffer_size=2)))
     if workers > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=local_batch))
-    ds = (ds.filter(lambda record: record is not None)
-          .batch(local_batch, drop_remainder=True))
+                                                         per_worker_buffer_size=2))
     return TrainLoader(ds, local_batch, start_state)
 
 

@@ -162,12 +162,17 @@ def warp_boxes(boxes: np.ndarray, src_hw: tuple[int, int], new_hw: tuple[int, in
 # ------------------------------------------------------------------ the pipelines
 def train_transform(sample: dict, rng: np.random.Generator, *, crop_size, scale, ratio_range,
                     cat_max_ratio: float, flip_prob: float, photometric: bool, mean, std,
-                    ignore_index: int = IGNORE, max_boxes: int = 0) -> dict:
+                    ignore_index: int = IGNORE, max_boxes: int = 0,
+                    normalize_image: bool = True, label_dtype=np.int32) -> dict:
     """RandomResize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> normalise -> pad.
 
-    Returns image float32 [h, w, 3], label int32 [h, w] and, when present, proposals uint8
-    [N, h, w] (h, w = crop_size); the proposals undergo exactly the label's geometry; detector
-    `boxes` [m, 4] become float32 [max_boxes, 4] (`warp_boxes`)."""
+    Returns image float32 [h, w, 3], label [h, w] (`label_dtype`, ignore_index in the padding)
+    and, when present, proposals uint8 [N, h, w] (h, w = crop_size); the proposals undergo
+    exactly the label's geometry; detector `boxes` [m, 4] become float32 [max_boxes, 4]
+    (`warp_boxes`).  With `normalize_image=False` the image stays uint8 (padded with 0) and
+    `image_hw` int32 [2] holds its size before padding: the training loader ships that (a
+    quarter of the bytes) and the step normalises on the device (`pipeline.device_inputs`),
+    which gives exactly this function's float32 image."""
     image, label = sample["image"], sample["label"]
     label_hw = label.shape
     crop_size = tuple(crop_size)
@@ -194,8 +199,12 @@ def train_transform(sample: dict, rng: np.random.Generator, *, crop_size, scale,
                                   max_boxes)
     if photometric:
         image = photometric_distortion(np.ascontiguousarray(image), rng)
-    out["image"] = pad_to(normalize(image, mean, std), crop_size, 0.0)
-    out["label"] = pad_to(label.astype(np.int32), crop_size, ignore_index)
+    if normalize_image:
+        out["image"] = pad_to(normalize(image, mean, std), crop_size, 0.0)
+    else:
+        out["image"] = pad_to(np.ascontiguousarray(image), crop_size, 0)
+        out["image_hw"] = np.asarray(image.shape[:2], np.int32)
+    out["label"] = pad_to(label.astype(label_dtype), crop_size, ignore_index)
     return out
 
 
