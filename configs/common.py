@@ -105,11 +105,6 @@ def loss() -> Config:
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
         aux_weight=0.4,
-        # Where the Hungarian matchings run: "device" (jittable while loops) or "host" (scipy's
-        # linear_sum_assignment through a callback, as the original does; identical
-        # assignments).  On an H200 the device solver takes 3.2 ms of the SARFormer-B step and
-        # "host" made the step 1.6x slower (the callback stalls the device): docs/benchmarks.md.
-        matcher="device",
     )
 
 

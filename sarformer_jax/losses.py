@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from sarformer_jax.matcher import host_hungarian_assign, hungarian_assign
+from sarformer_jax.matcher import hungarian_assign
 from sarformer_jax.models.layers import resize_bilinear
 
 IGNORE_INDEX = 255
@@ -147,21 +147,13 @@ def _image_match(cost, present):
         return hungarian_assign(cost, None, present)
 
 
-def _match_all(cost, present, cfg_loss):
+def _match_all(cost, present):
     """Assignments of a batch of cost matrices [..., Q, K] with present [..., K] (broadcast
-    over leading axes): the device solver vmapped, or scipy on the host (`loss.matcher`)."""
-    where = cfg_loss.get("matcher", "device") if hasattr(cfg_loss, "get") else "device"
-    if where == "host":
-        with jax.named_scope("hungarian_host"):
-            present = jnp.broadcast_to(present, cost.shape[:-2] + cost.shape[-1:])
-            return host_hungarian_assign(cost, present)
-    if where != "device":
-        raise ValueError(f"loss.matcher must be 'device' or 'host', got {where!r}")
+    over the leading axes): the device solver, vmapped over them (one loop for all)."""
     fn = _image_match
     for _ in range(cost.ndim - 2):
         fn = jax.vmap(fn)
-    present = jnp.broadcast_to(present, cost.shape[:-2] + cost.shape[-1:])
-    return fn(cost, present)
+    return fn(cost, jnp.broadcast_to(present, cost.shape[:-2] + cost.shape[-1:]))
 
 
 def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes):
@@ -218,7 +210,7 @@ def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Arra
     instead; identical for one image per device only when the weight sums agree)."""
     cost = jax.vmap(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes))(
         cls, mask, gt, pts["match"])
-    col4row, row4col = _match_all(cost, present, cfg_loss)
+    col4row, row4col = _match_all(cost, present)
     terms = jax.vmap(lambda c, m, g, p, a, b: _image_losses(c, m, g, p, a, b, cfg_loss, num_classes))(
         cls, mask, gt, pts, col4row, row4col)
     return _reduce_terms(*terms, cfg_loss), col4row
@@ -233,7 +225,7 @@ def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, pres
     over_b = lambda f: jax.vmap(f, in_axes=(0, 0, 0, 0))  # noqa: E731
     cost = jax.vmap(over_b(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes)),
                     in_axes=(0, 0, None, 0))(cls, mask, gt, pts["match"])  # [L, B, Q, K]
-    col4row, row4col = _match_all(cost, present[None], cfg_loss)
+    col4row, row4col = _match_all(cost, present[None])
 
     def layer(c, m, p, a, b):
         terms = jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(

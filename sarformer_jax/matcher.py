@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _BIG = 1e30
 
@@ -158,38 +157,3 @@ def hungarian_match(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jnp.arange(nr, dtype=jnp.int32), col4row
     row_ind = jnp.nonzero(col4row >= 0, size=nc, fill_value=0)[0].astype(jnp.int32)
     return row_ind, col4row[row_ind]
-
-
-def _scipy_assign(cost: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Host side of `host_hungarian_assign`: one scipy call per matrix."""
-    from scipy.optimize import linear_sum_assignment
-
-    cost = np.asarray(cost, np.float64)
-    present = np.broadcast_to(np.asarray(present, bool), cost.shape[:-2] + cost.shape[-1:])
-    nr, nc = cost.shape[-2:]
-    flat_c, flat_p = cost.reshape(-1, nr, nc), present.reshape(-1, nc)
-    col4row = np.full((len(flat_c), nr), -1, np.int32)
-    row4col = np.full((len(flat_c), nc), -1, np.int32)
-    for i, (c, p) in enumerate(zip(flat_c, flat_p)):
-        cols = np.flatnonzero(p)
-        if cols.size == 0:
-            continue
-        sub = np.nan_to_num(c[:, cols], nan=_BIG, posinf=_BIG, neginf=-_BIG)
-        r, k = linear_sum_assignment(sub)
-        col4row[i, r] = cols[k]
-        row4col[i, cols[k]] = r
-    return (col4row.reshape(cost.shape[:-1]),
-            row4col.reshape(cost.shape[:-2] + (nc,)))
-
-
-def host_hungarian_assign(cost: jax.Array, col_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`hungarian_assign(cost, None, col_valid)` solved by scipy on the host (a callback):
-    cost [..., R, C], col_valid [..., C] -> (col4row [..., R], row4col [..., C]) int32, -1 =
-    unmatched.  Works under jit and vmap (one callback for the whole batch); every call waits for
-    its inputs, so the device idles for the callback's duration instead of for each iteration of
-    the device loops."""
-    cost = jax.lax.stop_gradient(jnp.asarray(cost, jnp.float32))
-    col_valid = jnp.asarray(col_valid, bool)
-    out = (jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32),
-           jax.ShapeDtypeStruct(cost.shape[:-2] + cost.shape[-1:], jnp.int32))
-    return jax.pure_callback(_scipy_assign, out, cost, col_valid, vmap_method="broadcast_all")
