@@ -152,14 +152,11 @@ def run_config(args, run: dict):
 
 
 def trajectory_batch(cfg, step: int) -> dict[str, np.ndarray]:
-    """Global batch number `step` of the equivalence runs (the same for every run), as the loader
-    hands it over: proposals bit-packed along the width."""
+    """Global batch number `step` of the equivalence runs (the same for every run), in the
+    loader's format (`benchmarks.train.random_batch`)."""
     from sarformer_jax.benchmarks.train import random_batch
 
-    batch = random_batch(cfg, seed=10_000 + step)
-    if "proposals" in batch:
-        batch["proposals_packed"] = np.packbits(batch.pop("proposals"), axis=-1)
-    return batch
+    return random_batch(cfg, seed=10_000 + step)
 
 
 # ----------------------------------------------------------------------------------------------

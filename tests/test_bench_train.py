@@ -1,0 +1,38 @@
+"""`sarformer bench train` pieces that run on the CPU: its batch is in the loader's format, and
+its table carries both the blocking and the pipelined step time.  (Speed is never asserted.)"""
+
+import numpy as np
+
+from sarformer_jax.benchmarks import train as bench_train
+from sarformer_jax.config import load_config
+from sarformer_jax.data.pipeline import device_inputs
+
+
+def test_random_batch_is_in_the_loaders_format():
+    cfg = load_config("tiny", ["data.crop_size=(32, 48)", "train.batch_size=2"])
+    batch = bench_train.random_batch(cfg)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 32, 48, 3)
+    assert batch["label"].dtype == np.uint8 and (batch["image_hw"] == [32, 48]).all()
+    q = int(cfg.model.head.num_queries)
+    assert batch["proposals_packed"].shape == (2, q, 32, 6)
+    x = device_inputs(batch, cfg.data.mean, cfg.data.std)["image"]
+    assert x.dtype == np.float32 and abs(float(x.mean())) < 1.0
+
+
+def test_table_has_blocking_and_pipelined_step_times(capsys):
+    # (the step itself is exercised by the train tests; compiling it again here costs minutes)
+    res = dict(model="sarformer", global_batch=2, trace_lower_s=10.0, compile_s=150.0,
+               step_s=0.0986, pipelined_step_s=0.0912, images_per_s=20.3, peak_bytes=9.47 * 2**30,
+               flops=4.952e12, achieved_flops_per_s=50.2e12, matmul_flops_per_s=672.4e12,
+               mfu_measured=0.075, mfu_nominal=0.051, proposal_s=0.00062)
+    old = dict(res)
+    del old["pipelined_step_s"]  # results written before the column existed
+    bench_train.print_table([res, old, dict(model="mask2former", failed=True, returncode=1,
+                                            timed_out=False, error="boom")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:4]]
+    assert header[3:5] == ["step ms (median)", "pipelined ms"]
+    assert all(len(r) == len(header) for r in rows)
+    assert rows[0][3:5] == ["98.6", "91.2"] and rows[1][4] == "-"
+    assert "FAILED" in lines[4]
