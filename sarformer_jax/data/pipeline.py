@@ -10,7 +10,8 @@ not depend on the number of workers, and `get_state()` / `start_state` resume it
 What travels to the device is small: the image as uint8 with its size before padding (the step
 normalises it: `device_inputs`), the label as uint8 when the classes and ignore index fit, the
 proposals bit-packed.  A batch is built in the worker and handed over in shared memory, so the
-main process copies nothing (stacking records there capped the loader at ~60 images/s).
+main process does not stack records, and each worker runs OpenCV on one thread (16 workers with
+16 OpenCV threads each held a 16-core host to ~60 images/s; docs/benchmarks.md).
 
 Bad records raise a `DataError` naming the file, or with `data.on_error = "skip"` are replaced by
 the next readable record of the dataset (logged and counted per worker process).  grain and
