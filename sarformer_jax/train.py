@@ -86,7 +86,8 @@ class Trainer:
 
     def step(self, state, batch):
         """One training step with this trainer's guidance inputs."""
-        if uses_sam(self.cfg) and self.cfg.guidance.seed_compat:
+        if (uses_sam(self.cfg) and self.cfg.guidance.seed_compat
+                and self.guide.get("stale_embedding") is None):  # the first step only
             images = device_inputs(batch, self.cfg.data.mean, self.cfg.data.std)["image"]
             self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, images)
         return self.train_step(state, batch, self.guide)

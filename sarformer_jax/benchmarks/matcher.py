@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from sarformer_jax.benchmarks.timing import median_time
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=10, help="deep-supervision layers")
@@ -43,16 +45,6 @@ def _problems(args, seed: int = 0):
         cls = rng.choice(args.classes, k, replace=False)
         present[b :: args.batch, cls] = True  # every layer of image b sees its classes
     return cost, present
-
-
-def _time(fn, iters: int) -> float:
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         if not np.array_equal(np.asarray(col4row)[i][rows], got):
             raise AssertionError(f"problem {i}: device and scipy assignments differ")
 
-    dev_ms = 1e3 * _time(device, args.iters)
-    host_ms = 1e3 * _time(host, args.iters)
+    dev_ms = 1e3 * median_time(device, args.iters, 1)[0]
+    host_ms = 1e3 * median_time(host, args.iters, 1)[0]
     res = dict(device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                problems=int(cost.shape[0]), queries=args.queries, classes=args.classes,
