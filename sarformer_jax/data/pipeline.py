@@ -280,18 +280,17 @@ def device_inputs(batch: dict, mean, std) -> dict:
 
     batch = dict(batch)
     image = batch["image"]
+    hw = batch.pop("image_hw", None)
     if image.dtype == jnp.uint8:
         mean = jnp.asarray(mean, jnp.float32)
         inv_std = 1.0 / jnp.asarray(std, jnp.float32)
         x = (image.astype(jnp.float32) - mean) * inv_std
-        hw = batch.pop("image_hw", None)
         if hw is not None:
             _, h, w, _ = image.shape
             inside = ((jnp.arange(h)[None, :, None] < hw[:, 0, None, None])
                       & (jnp.arange(w)[None, None, :] < hw[:, 1, None, None]))
             x = jnp.where(inside[..., None], x, 0.0)
         batch["image"] = x
-    batch.pop("image_hw", None)
     if "label" in batch and batch["label"].dtype != jnp.int32:
         batch["label"] = batch["label"].astype(jnp.int32)
     return batch
