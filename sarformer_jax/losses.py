@@ -175,7 +175,9 @@ def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes):
     # importance sampling: most uncertain (-|logit|) candidates, then fresh uniform points
     cand_logits = point_sample(jax.lax.stop_gradient(maps), pts["candidates"])
     k = num_importance_points(cfg_loss)
-    _, top = jax.lax.top_k(-jnp.abs(cand_logits), k)
+    # the k smallest |logit| (lax.top_k's order and ties): a stable sort, which XLA partitions
+    # over the batch, where top_k made the sharded step gather every image's candidates
+    top = jnp.argsort(jnp.abs(cand_logits), axis=-1, stable=True)[..., :k]
     chosen = jnp.take_along_axis(pts["candidates"], top[..., None], axis=1)
     coords = jax.lax.stop_gradient(jnp.concatenate([chosen, pts["extra"]], axis=1))  # [M, P, 2]
     logits = point_sample(maps, coords)

@@ -61,3 +61,29 @@ def test_median_time_runs_warmups_untimed_then_times_each_call():
     med, times = median_time(lambda: calls.append(1), steps=5, warmup=2)
     assert len(calls) == 7 and len(times) == 5
     assert med == sorted(times)[2]
+
+
+def test_two_gpus_overlapping_streams_and_nccl(tmp_path):
+    """Per-device figures over two GPUs; kernels overlapping on two streams count once in the busy
+    time; NCCL kernels are their own scope."""
+    hlo = ('  %fusion.1 = f32[8]{0} fusion(%p), kind=kLoop, calls=%c, '
+           'metadata={op_name="jit(step)/jvp(backbone)/add"}\n')
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:1"}}]
+    for pid in (1, 2):
+        events += [
+            {"ph": "X", "pid": pid, "tid": 1, "name": "fusion_1", "ts": 0.0, "dur": 4000.0,
+             "args": {"hlo_op": "fusion.1"}},
+            # all-reduce on a second stream, half of it under the fusion
+            {"ph": "X", "pid": pid, "tid": 2, "name": "ncclDevKernel_AllReduce_Sum_f32_RING_LL",
+             "ts": 2000.0, "dur": 4000.0, "args": {}},
+        ]
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+    s = summarize(str(tmp_path), hlo, steps=2)
+    assert s["gpus"] == 2
+    assert s["gpu_kernel_ms_per_step"] == pytest.approx(4.0)  # (4 + 4) ms per device / 2 steps
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(3.0)  # [0, 6) ms covered / 2 steps
+    assert s["by_scope_ms"] == pytest.approx({"backbone": 2.0, "collectives (nccl)": 2.0})

@@ -40,11 +40,26 @@ def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
     return ""
 
 
-def _scope(op_name: str) -> str:
+def _scope(op_name: str, kernel: str = "") -> str:
+    if "nccl" in kernel.lower():  # NCCL's kernels carry no HLO name: the collectives
+        return "collectives (nccl)"
     return next((s for s in SCOPES if s in op_name), "other")
 
 
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) spans (kernels of several streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
+    """Kernel time per step and device (summed over the GPUs in the trace, divided by their
+    number), by scope and by kernel."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     if not paths:
         return {"error": f"no *.trace.json.gz under {trace_dir}"}
@@ -58,22 +73,27 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
     total = 0.0
     samples = []  # a few raw kernel events, to check the attribution against
+    intervals = collections.defaultdict(list)  # pid -> [(start, end)] of kernels
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in gpu:
             continue
         dur = float(e.get("dur", 0.0))
+        intervals[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + dur))
         args = e.get("args", {}) or {}
         name = e.get("name", "?")
         op_name = _op_name(args, name, ops)
-        scope = _scope(op_name)
+        scope = _scope(op_name, name)
         if len(samples) < 8:
             samples.append({"name": e.get("name"), "args": args, "op_name": op_name})
         by_scope[scope] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
         total += dur
-    ms = lambda us: us / 1e3 / max(steps, 1)  # noqa: E731  per step
-    return {"trace": paths[-1], "gpu_kernel_ms_per_step": ms(total), "sample_events": samples,
+    n_gpu = max(len({e.get("pid") for e in events if e.get("ph") == "X" and e.get("pid") in gpu}), 1)
+    ms = lambda us: us / 1e3 / max(steps, 1) / n_gpu  # noqa: E731  per step and device
+    return {"trace": paths[-1], "gpus": n_gpu, "gpu_kernel_ms_per_step": ms(total),
+            "gpu_busy_ms_per_step": ms(sum(_covered(v) for v in intervals.values())),
+            "sample_events": samples,
             "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
             "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
@@ -84,9 +104,9 @@ def print_summary(s: dict, tag: str) -> None:
         print(f"[{tag}] profile: {s['error']}", flush=True)
         return
     idle = s.get("idle_ms_per_step")
-    print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step"
-          + (f" ({idle:.1f} ms of the step without a kernel running)" if idle is not None else ""),
-          flush=True)
+    print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step and "
+          f"device, {s['gpu_busy_ms_per_step']:.1f} ms with a kernel running"
+          + (f" ({idle:.1f} ms without)" if idle is not None else ""), flush=True)
     for k, v in s["by_scope_ms"].items():
         print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="no runs: summarise the results of earlier --out files together "
                              "(parameter distances need the runs in one call)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, trace 5 steps of each timed run into DIR/<run> and "
+                             "print its kernel time per device by scope (NCCL collectives apart)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="results (json)")
     parser.add_argument("--log-dir", default=None, help="per-run logs")
@@ -235,8 +238,28 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
                    peak_bytes=_peak_bytes(devices))
         print(f"{tag} step median {sec * 1e3:.1f} ms, {res['images_per_s']:.2f} img/s, peak "
               f"{(res['peak_bytes'] or 0) / 2**30:.1f} GiB per device", flush=True)
+        if args.profile:
+            res["profile"] = _profile(args.profile, run["name"], step, compiled, sec)
         holder.clear()
     return res
+
+
+def _profile(root: str, name: str, step, compiled, step_s: float) -> dict:
+    import jax
+
+    from sarformer_jax.benchmarks import profile as prof
+
+    trace_dir = os.path.join(root, name)
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(5):
+        step()
+    jax.profiler.stop_trace()
+    summary = prof.summarize(trace_dir, compiled.as_text(), steps=5)
+    if "gpu_kernel_ms_per_step" in summary:
+        summary["idle_ms_per_step"] = step_s * 1e3 - summary["gpu_busy_ms_per_step"]
+    summary.pop("sample_events", None)
+    prof.print_summary(summary, name)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +453,8 @@ def _argv_tail(args) -> list[str]:
         tail.append("--fsdp")
     if args.timeout:
         tail += ["--timeout", str(args.timeout)]
+    if args.profile:
+        tail += ["--profile", args.profile]
     for s in args.set:
         tail += ["--set", s]
     return tail
