@@ -49,6 +49,9 @@ def beit_adapter_b() -> Config:
         with_cffn=True,
         add_vit_feature=True,
         with_cp=False,  # activation checkpointing (jax.checkpoint); no numeric effect
+        # each interaction's BEiT layers as one lax.scan: a fraction of the compile time; same
+        # numbers (only the stochastic-depth draws differ from the unrolled layers')
+        scan_layers=True,
         carry_cls=False,  # §2.7 / §8 #5: the original resets cls at every stage
         msda_init="trunc_normal",  # §8 #13: "trunc_normal" (faithful) | "deformable_detr" (clean)
         # BEiT relative position grid; inputs of other sizes interpolate (CHECKPOINTS §5.3)

@@ -133,6 +133,58 @@ def test_remat_same_gradients(rng):
         assert rel_err(g2[k], g1[k]) <= RTOL["float32"], k
 
 
+SCAN_GROUPS = dict(depth=6, interaction_indexes=((0, 1), (2, 3), (4, 4), (5, 5)))
+
+
+@pytest.mark.parametrize("with_cp", [False, True])
+def test_scanned_layer_groups_equal_unrolled(rng, with_cp):
+    """`scan_layers` runs each interaction's BEiT layers as one lax.scan over parameters stacked
+    on the fly: the same outputs and the same gradients, per layer, as the unrolled layers
+    (groups of 2 here, the first holding layer 0, which has no stochastic-depth stream)."""
+    x = jnp.asarray(rng.normal(size=(2, 32, 64, 3)).astype(np.float32))
+    plain = BEiTAdapter(small_cfg(scan_layers=False, **SCAN_GROUPS), 128, rngs=nnx.Rngs(0))
+    scan = BEiTAdapter(small_cfg(scan_layers=True, with_cp=with_cp, **SCAN_GROUPS), 128,
+                       rngs=nnx.Rngs(0))
+    proj = _proj(plain, x, rng)
+    for a, b in zip(_forward(plain, x, False), _forward(scan, x, False)):
+        for fa, fb in zip(a, b):
+            assert rel_err(fb, fa) <= RTOL["float32"]
+    g1 = _flat(_grad(plain, x, False, proj))
+    g2 = _flat(_grad(scan, x, False, proj))
+    assert set(g1) == set(g2) and any(k.startswith("layers.1.") for k in g2)
+    for k in g1:
+        assert rel_err(g2[k], g1[k]) <= RTOL["float32"], k
+    # the scan is really there (and the unrolled model has none)
+    jaxpr = lambda m: str(jax.make_jaxpr(lambda m, x: m(x, train=False)[0])(m, x))  # noqa: E731
+    assert "scan[" in jaxpr(scan) and "scan[" not in jaxpr(plain)
+
+
+def test_scanned_layers_apply_stochastic_depth_per_layer_and_sample():
+    """Training through a scanned group: layer 0 (rate 0) never drops; each sample's layer-1
+    branches are each either dropped or kept and rescaled by 1/keep, and the draws differ
+    between samples."""
+    from sarformer_jax.models.beit import BEiT
+
+    cfg = small_cfg(depth=2, drop_path_rate=0.6, scan_layers=True, rel_pos_grid=(2, 2))
+    beit = BEiT(cfg, 32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 64)).astype(np.float32))
+    xs = jnp.broadcast_to(x, (48, 5, 64))
+    out = np.asarray(beit.run_layers(xs, (2, 2), 0, 1, train=True))
+    h = beit.layers[0](x, (2, 2), train=False)
+    keep = 1.0 - 0.6
+    combos = {}
+    for m0 in (0.0, 1.0):
+        for m1 in (0.0, 1.0):
+            drop = lambda y, i, m=(m0, m1): y * m[i] / keep  # noqa: E731
+            combos[(m0, m1)] = np.asarray(beit.layers[1](h, (2, 2), train=True, drop=drop))[0]
+    seen = set()
+    for o in out:
+        match = [c for c, v in combos.items() if np.allclose(o, v, rtol=1e-5, atol=1e-5)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) >= 3  # 48 samples over combinations of probability .16, .24, .24, .36
+
+
 def test_cls_flag(rng):
     x = jnp.asarray(rng.normal(size=(2, 32, 64, 3)).astype(np.float32))
     plain = BEiTAdapter(small_cfg(), 128, rngs=nnx.Rngs(0))

@@ -201,12 +201,13 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
     trainer, state = create_trainer(cfg, devices=devices)
     jax.block_until_ready(state)
     res["init_s"] = time.perf_counter() - t0
+    print(f"{tag} built in {res['init_s']:.0f} s; compiling the step", flush=True)
     batch = device_batch(trajectory_batch(cfg, -1), trainer.mesh)
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch, trainer.guide).compile()
     res["compile_s"] = time.perf_counter() - t0
-    print(f"{tag} built in {res['init_s']:.0f} s, step compiled in {res['compile_s']:.0f} s on "
-          f"{len(devices)} device(s); waiting for the other runs", flush=True)
+    print(f"{tag} step compiled in {res['compile_s']:.0f} s on {len(devices)} device(s); "
+          "waiting for the other runs", flush=True)
     traj_batches = ([trajectory_batch(cfg, s) for s in range(args.trajectory_steps)]
                     if run["trajectory"] else [])
     open(os.path.join(rundir, f"ready.{run['name']}"), "w").close()

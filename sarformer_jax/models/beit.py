@@ -295,15 +295,20 @@ class BEiTLayer(nnx.Module):
             self.gamma_1 = self.gamma_2 = None
         self.drop_path = DropPath(drop_path, rngs=rngs)
 
-    def __call__(self, x: jax.Array, grid: Sequence[int], *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, grid: Sequence[int], *, train: bool = False,
+                 drop=None) -> jax.Array:
+        """`drop(y, i)` replaces this layer's DropPath on residual branch i (0 attention, 1 FFN);
+        the scanned layer groups pass one (`BEiT.run_layers`)."""
+        if drop is None:
+            drop = lambda y, _: self.drop_path(y, deterministic=not train)  # noqa: E731
         y = self.attn(self.ln1(x), grid)
         if self.gamma_1 is not None:
             y = y * self.gamma_1[...].astype(y.dtype)
-        x = x + self.drop_path(y, deterministic=not train)
+        x = x + drop(y, 0)
         y = self.ffn(self.ln2(x))
         if self.gamma_2 is not None:
             y = y * self.gamma_2[...].astype(y.dtype)
-        return x + self.drop_path(y, deterministic=not train)
+        return x + drop(y, 1)
 
 
 def _apply_layer(layer: BEiTLayer, x: jax.Array, grid: tuple[int, int], train: bool) -> jax.Array:
@@ -344,6 +349,7 @@ class BEiT(nnx.Module):
         self.patch_size = int(cfg.patch_size)
         self.table_grid = table_grid_of(cfg, image_size)
         self.with_cp = bool(cfg.get("with_cp", False))
+        self.scan_layers = bool(cfg.get("scan_layers", False))
         self.patch_embed = PatchEmbed(c, self.patch_size, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, c), param_dtype))
@@ -369,12 +375,55 @@ class BEiT(nnx.Module):
 
     def run_layers(self, t: jax.Array, grid: tuple[int, int], start: int, stop: int, *,
                    train: bool = False) -> jax.Array:
-        """Runs layers[start..stop] (inclusive) on tokens [b, 1 + h*w, c]."""
+        """Runs layers[start..stop] (inclusive) on tokens [b, 1 + h*w, c]: one `lax.scan` over
+        the group when `cfg.scan_layers` (XLA compiles one layer instead of stop - start + 1),
+        else unrolled."""
+        if self.scan_layers and stop > start:
+            return self._scan_layers(t, tuple(grid), start, stop, bool(train))
         for i in range(start, stop + 1):
             if self.with_cp:
                 t = _apply_layer_remat(self.layers[i], t, tuple(grid), bool(train))
             else:
                 t = self.layers[i](t, grid, train=train)
+        return t
+
+    def _scan_layers(self, t: jax.Array, grid: tuple[int, int], start: int, stop: int,
+                     train: bool) -> jax.Array:
+        """layers[start..stop] as one scan.  The layers' parameters are stacked on the fly (the
+        parameter tree keeps one entry per layer, as checkpoints name them) and their gradients
+        flow back through the stack.  Stochastic depth is applied here with each layer's own
+        rate: a key per layer split from one draw of the group's first dropping layer's stream
+        (the same distribution as the unrolled layers' own streams, other random numbers)."""
+        layers = [self.layers[i] for i in range(start, stop + 1)]
+        splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+        graphdef, _, rest = splits[-1]
+        params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p for _, p, _ in splits])
+        rates = np.asarray([layer.drop_path.rate for layer in layers], np.float32)
+        dropping = train and bool((rates > 0).any())
+        if dropping:
+            first = next(layer for layer in layers if layer.drop_path.rngs is not None)
+            keys = jax.random.split(first.drop_path.rngs.dropout(), len(layers))
+        else:
+            keys = jnp.zeros((len(layers),), jnp.uint32)  # unused
+
+        def body(x, xs):
+            p, rate, key = xs
+            layer = nnx.merge(graphdef, p, rest)
+            if not dropping:
+                return layer(x, grid, train=False), None
+            branch_keys = jax.random.split(key)
+
+            def drop(y, i):
+                keep = 1.0 - rate
+                mask = jax.random.bernoulli(branch_keys[i], keep,
+                                            (y.shape[0],) + (1,) * (y.ndim - 1))
+                return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
+            return layer(x, grid, train=True, drop=drop), None
+
+        if self.with_cp:
+            body = jax.checkpoint(body, prevent_cse=False)
+        t, _ = jax.lax.scan(body, t, (params, jnp.asarray(rates), keys))
         return t
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
