@@ -186,6 +186,9 @@ def original_optimizer(num_steps: int = 160_000) -> Config:
         warmup_steps=0,
         layer_decay=None,  # upstream ViT-Adapter recipe: 0.9
         no_decay_norm_embed=False,  # upstream: True
+        # parameters laid end to end per hyper-parameter group for the update (same numbers);
+        # auto = unless parameters are split over fsdp
+        flat_optimizer="auto",
         num_steps=num_steps,
     )
 

@@ -9,6 +9,7 @@ warmup (`warmup_steps`) and no weight decay on norms, biases and embeddings
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -101,12 +102,90 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def build_optimizer(cfg, params: Any, *, num_layers: int | None = None) -> tuple[
-        optax.GradientTransformation, Callable]:
-    """Returns (optax transformation, lr schedule) for `cfg` = config.train."""
+class FlatGroups:
+    """A static plan laying the leaves of a parameter tree end to end in a few flat vectors, one
+    per group (leaves with equal `key_fn(path, leaf)` and dtype, in tree order)."""
+
+    def __init__(self, params: Any, key_fn: Callable[[Any, Any], Any]):
+        with_path, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.shapes = [tuple(leaf.shape) for _, leaf in with_path]
+        self.sizes = [int(math.prod(sh)) for sh in self.shapes]
+        groups: dict[Any, list[int]] = {}
+        for i, (path, leaf) in enumerate(with_path):
+            groups.setdefault((key_fn(path, leaf), str(jnp.dtype(leaf.dtype))), []).append(i)
+        self.keys = [k for k, _ in groups.items()]
+        self.members = [v for _, v in groups.items()]
+
+    def flatten(self, tree: Any) -> tuple[jax.Array, ...]:
+        leaves = self.treedef.flatten_up_to(tree)
+        return tuple(jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for idx in self.members)
+
+    def unflatten(self, flats: tuple[jax.Array, ...]) -> Any:
+        leaves: list[Any] = [None] * len(self.shapes)
+        for flat, idx in zip(flats, self.members):
+            start = 0
+            for i in idx:
+                leaves[i] = flat[start:start + self.sizes[i]].reshape(self.shapes[i])
+                start += self.sizes[i]
+        return self.treedef.unflatten(leaves)
+
+
+def _per_group(txs: list[optax.GradientTransformation]) -> optax.GradientTransformation:
+    """Transformation i applied to element i of a tuple of arrays."""
+
+    def init(params):
+        return tuple(tx.init(p) for tx, p in zip(txs, params))
+
+    def update(updates, state, params=None):
+        params = params if params is not None else (None,) * len(txs)
+        out = [tx.update(u, s, p) for tx, u, s, p in zip(txs, updates, state, params)]
+        return tuple(o[0] for o in out), tuple(o[1] for o in out)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _on_flat_groups(inner: optax.GradientTransformation,
+                    groups: FlatGroups) -> optax.GradientTransformation:
+    """`inner` (acting on the tuple of flat group vectors) as a transformation of trees."""
+
+    def init(params):
+        return inner.init(groups.flatten(params))
+
+    def update(updates, state, params=None):
+        flat_params = None if params is None else groups.flatten(params)
+        flat, state = inner.update(groups.flatten(updates), state, flat_params)
+        return groups.unflatten(flat), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def use_flat_optimizer(cfg, fsdp: int) -> bool:
+    """`train.flat_optimizer`: "auto" (flat unless parameters are split over fsdp), or a bool."""
+    flag = cfg.get("flat_optimizer", "auto")
+    if flag == "auto":
+        return fsdp <= 1
+    if isinstance(flag, bool):
+        return flag
+    raise ValueError(f"train.flat_optimizer must be auto, True or False, got {flag!r}")
+
+
+def build_optimizer(cfg, params: Any, *, num_layers: int | None = None,
+                    flat: bool = False) -> tuple[optax.GradientTransformation, Callable]:
+    """Returns (optax transformation, lr schedule) for `cfg` = config.train.
+
+    `flat=True` gives the same updates (up to the summation order of the clipping norm) with
+    the parameters laid end to end in one vector per group of equal hyper-parameters (weight
+    decay on or off, layer-wise lr scale): a handful of large element-wise kernels per step
+    instead of ~20 small ones per parameter leaf, and a fraction of the compile time.  The
+    Adam moments are then stored flat.  Use it when parameters are replicated (with fsdp the
+    leaves are split along different axes, and flattening them would move data)."""
     if cfg.optimizer != "adamw":
         raise ValueError(f"unknown train.optimizer {cfg.optimizer!r} (adamw)")
     schedule = lr_schedule(cfg)
+    if cfg.get("layer_decay") and num_layers is None:
+        raise ValueError("layer_decay needs the backbone depth")
+    if flat:
+        return _build_flat(cfg, params, schedule, num_layers), schedule
     parts = []
     if cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
@@ -116,7 +195,33 @@ def build_optimizer(cfg, params: Any, *, num_layers: int | None = None) -> tuple
         parts.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=mask))
     parts.append(optax.scale_by_learning_rate(schedule))
     if cfg.get("layer_decay"):
-        if num_layers is None:
-            raise ValueError("layer_decay needs the backbone depth")
         parts.append(_scale_by_tree(layer_scales(params, float(cfg.layer_decay), num_layers)))
     return optax.chain(*parts), schedule
+
+
+def _build_flat(cfg, params: Any, schedule, num_layers: int | None) -> optax.GradientTransformation:
+    masked = bool(cfg.weight_decay) and bool(cfg.get("no_decay_norm_embed"))
+    decay = cfg.get("layer_decay")
+
+    def key(path, leaf):
+        name = _path_str(path)
+        decayed = bool(cfg.weight_decay) and (
+            not masked or (jnp.ndim(leaf) >= 2 and not _NO_DECAY_NAMES.search(name)))
+        scale = (float(decay) ** (num_layers + 1 - layer_id(name, num_layers))
+                 if decay else 1.0)
+        return decayed, scale
+
+    groups = FlatGroups(params, key)
+    txs = []
+    for (decayed, scale), _ in groups.keys:
+        parts = [optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps))]
+        if decayed:
+            parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
+        parts.append(optax.scale_by_learning_rate(schedule))
+        if scale != 1.0:
+            parts.append(optax.scale(scale))
+        txs.append(optax.chain(*parts))
+    inner = _per_group(txs)
+    if cfg.grad_clip_norm:
+        inner = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), inner)
+    return _on_flat_groups(inner, groups)

@@ -37,7 +37,7 @@ from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, mak
 from sarformer_jax.losses import loss_fn as segmentation_loss
 from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
-from sarformer_jax.optim import build_optimizer
+from sarformer_jax.optim import build_optimizer, use_flat_optimizer
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "TPU_WORKER_HOSTNAMES")
@@ -138,13 +138,16 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
     seed = int(cfg.train.seed)
 
-    def make():
-        return build_model(cfg, rngs=init_rngs(seed, seed + 1))
+    def make(keys=None):
+        if keys is None:
+            return build_model(cfg, rngs=init_rngs(seed, seed + 1))
+        return build_model(cfg, rngs=init_rngs(keys[0], keys[1]))
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
     num_layers = int(cfg.model.backbone.depth)
-    tx, schedule = build_optimizer(cfg.train, abs_params, num_layers=num_layers)
+    tx, schedule = build_optimizer(cfg.train, abs_params, num_layers=num_layers,
+                                   flat=use_flat_optimizer(cfg.train, mesh.shape["fsdp"]))
     abs_opt = jax.eval_shape(tx.init, abs_params)
     abs_state = jax.eval_shape(
         lambda: train_state(abs_params, abs_stats, abs_opt, jnp.zeros((), jnp.int32),
@@ -152,17 +155,20 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     shardings = shard_lib.tree_shardings(
         mesh, abs_state, int(cfg.train.mesh.get("fsdp_min_size", shard_lib.MIN_FSDP_SIZE)))
 
-    def _init():
-        _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
-        key = jax.random.key_data(jax.random.key(seed + 2))
-        return train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32), key), rest
+    def _init(key_data):
+        keys = jax.random.wrap_key_data(key_data)  # = key(seed), key(seed + 1), key(seed + 2)
+        _, params, stats, rest = nnx.split(make(keys), nnx.Param, nnx.BatchStat, ...)
+        return (train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
+                            jax.random.key_data(keys[2])), rest)
 
-    # one traced build gives both the train state (born sharded) and the RNG-stream state
+    # One traced build gives both the train state (born sharded) and the RNG-stream state.  The
+    # seeds enter as an argument: as constants, XLA constant-folded the parameter initialisers.
     init_all = jax.jit(_init, out_shardings=(shardings, shard_lib.replicated(mesh)))
-    state, rest = init_all()
+    seeds = jnp.stack([jax.random.key_data(jax.random.key(seed + i)) for i in range(3)])
+    state, rest = init_all(seeds)
 
     def init():
-        return init_all()[0]
+        return init_all(seeds)[0]
 
     sam_graphdef, guide = None, {}
     if uses_sam(cfg):

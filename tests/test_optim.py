@@ -27,15 +27,17 @@ def test_warmup_option():
     assert float(sched(10)) == pytest.approx(2e-5 * (1 - 10 / 160_000) ** 0.9, rel=1e-6)
 
 
-def test_adamw_clip_matches_torch():
-    """Three steps of clip(0.01) + AdamW(wd 0.05 on every parameter) + poly lr vs torch."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_adamw_clip_matches_torch(flat):
+    """Three steps of clip(0.01) + AdamW(wd 0.05 on every parameter) + poly lr vs torch, per
+    leaf and with the parameters laid end to end (`flat`)."""
     cfg = load_config("ade20k_sarformer_b", ["train.lr=0.01", "train.num_steps=10"]).train
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
               "b": rng.normal(size=(3,)).astype(np.float32)}
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
              for _ in range(3)]
-    tx, _ = build_optimizer(cfg, params)
+    tx, _ = build_optimizer(cfg, params, flat=flat)
     p = jax.tree_util.tree_map(jnp.asarray, params)
     state = tx.init(p)
     for g in grads:
@@ -80,3 +82,48 @@ def test_upstream_recipe_masks_and_layer_ids():
     u0 = float(upd["backbone"]["cls_token"].ravel()[0])
     u_head = float(upd["decode_head"]["cls_embed"]["kernel"].ravel()[0])
     assert u0 / u_head == pytest.approx(0.9 ** 3, rel=1e-5)
+
+
+def _model_like_tree(rng):
+    shapes = {"backbone": {"cls_token": (1, 1, 4), "patch_embed": {"projection": {"kernel": (2, 2, 3, 4)}},
+                           "layers": {str(i): {"attn": {"qkv": {"kernel": (4, 12)}, "q_bias": (4,),
+                                                        "relative_position_bias_table": (7, 2)},
+                                               "ln1": {"scale": (4,), "bias": (4,)}}
+                                      for i in range(3)}},
+              "decode_head": {"cls_embed": {"kernel": (4, 5), "bias": (5,)}}}
+    return jax.tree_util.tree_map(lambda sh: jnp.asarray(rng.normal(size=sh).astype(np.float32)),
+                                  shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.mark.parametrize("sets,num_groups", [
+    ([], 1),
+    # lr scales: embeddings, layers 0..2, head; each split by decayed / not (the cls token only not)
+    (["train.layer_decay=0.9", "train.no_decay_norm_embed=True"], 10),
+    (["train.grad_clip_norm=0", "train.layer_decay=0.8"], 5),
+    (["train.weight_decay=0"], 1),
+])
+def test_flat_optimizer_equals_per_leaf(sets, num_groups):
+    """The flat optimizer (one vector per group of equal weight decay and lr scale) gives the
+    per-leaf optimizer's parameters over 4 steps, with a few large moment vectors."""
+    from sarformer_jax.optim import use_flat_optimizer
+
+    cfg = load_config("ade20k_sarformer_b", ["train.lr=0.01", "train.num_steps=10"] + sets).train
+    rng = np.random.default_rng(0)
+    params = _model_like_tree(rng)
+    grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                                    params) for _ in range(4)]
+    out = []
+    for flat in (False, True):
+        tx, _ = build_optimizer(cfg, params, num_layers=3, flat=flat)
+        p, st = params, tx.init(params)
+        for g in grads:
+            u, st = tx.update(g, st, p)
+            p = optax.apply_updates(p, u)
+        out.append((p, st))
+    (p0, st0), (p1, st1) = out
+    for a, b in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(p1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=1e-7)
+    n_params = len(jax.tree_util.tree_leaves(params))
+    assert len(jax.tree_util.tree_leaves(st0)) > n_params  # mu, nu per leaf
+    assert len([x for x in jax.tree_util.tree_leaves(st1) if x.ndim == 1]) == 2 * num_groups
+    assert use_flat_optimizer(cfg, 1) and not use_flat_optimizer(cfg, 2)

@@ -71,10 +71,17 @@ class _HostCountedStream(nnx.RngStream):
         return key
 
 
-def init_rngs(params: int = 0, dropout: int | None = None) -> nnx.Rngs:
+def init_rngs(params: int | jax.Array = 0, dropout: int | jax.Array | None = None) -> nnx.Rngs:
     """`nnx.Rngs(params=..., dropout=...)` for building models: same parameters, cheap to trace
-    (the `params` stream is host-counted, see `_HostCountedStream`)."""
-    rngs = nnx.Rngs(dropout=params + 1 if dropout is None else dropout)
+    (the `params` stream is host-counted, see `_HostCountedStream`).  Seeds are ints or PRNG
+    keys; under `jit`, pass keys as arguments (`jax.random.key(seed)` gives the int's
+    parameters): built from an int, every initialiser is a compile-time constant that XLA
+    tries to constant-fold, which took minutes for SARFormer-L."""
+    if dropout is None:
+        if not isinstance(params, int):
+            raise ValueError("init_rngs: with a key for `params`, give `dropout` too")
+        dropout = params + 1
+    rngs = nnx.Rngs(dropout=dropout)
     rngs.params = _HostCountedStream(params, tag="params")
     return rngs
 
