@@ -89,6 +89,7 @@ def mask2former_head(d: int = 256, *, pd_heads: int = 8, pd_ffn: int = 1024, dec
         pixel_decoder=Config(
             num_layers=6, num_heads=pd_heads, n_levels=3, n_points=4, ffn_dim=pd_ffn,
             num_feats=num_feats, gn_groups=32, norm_eps=1e-5,
+            scan_layers=True,  # the encoder layers as one lax.scan (compile time; same numbers)
         ),
         decoder=Config(num_layers=9, num_heads=dec_heads, ffn_dim=dec_ffn, num_feats=num_feats,
                        norm_eps=1e-5),

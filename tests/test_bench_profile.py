@@ -87,3 +87,20 @@ def test_two_gpus_overlapping_streams_and_nccl(tmp_path):
     assert s["gpu_kernel_ms_per_step"] == pytest.approx(4.0)  # (4 + 4) ms per device / 2 steps
     assert s["gpu_busy_ms_per_step"] == pytest.approx(3.0)  # [0, 6) ms covered / 2 steps
     assert s["by_scope_ms"] == pytest.approx({"backbone": 2.0, "collectives (nccl)": 2.0})
+
+
+def test_gaps_are_attributed_to_the_kernels_around_them(tmp_path):
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    spans = [("a", 0, 10), ("b", 10, 5), ("c", 40, 10), ("d", 45, 20), ("a", 100, 10)]
+    for name, ts, dur in spans:  # gaps: b->c 25 us, d->a 35 us (c and d overlap: no gap)
+        events.append({"ph": "X", "pid": 1, "tid": 1 if name != "d" else 2, "name": name,
+                       "ts": float(ts), "dur": float(dur), "args": {}})
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+    s = summarize(str(tmp_path), "", steps=1)
+    assert s["gaps_per_step"] == 2
+    assert dict(s["top_gaps_ms"]) == pytest.approx({"d -> a": 0.035, "b -> c": 0.025})
+    assert s["gap_ms_by_next_scope"] == pytest.approx({"other": 0.060})
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(0.015 + 0.025 + 0.010)

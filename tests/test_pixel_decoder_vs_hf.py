@@ -122,10 +122,12 @@ def pd_pair():
     torch.manual_seed(0)
     hf_pd = hf.Mask2FormerPixelDecoder(hf_config(), feature_channels=[C_IN] * 4).eval()
     randomize_(hf_pd, 1)
-    ours = MSDeformAttnPixelDecoder([C_IN] * 4, feat_channels=D, num_layers=ENC_LAYERS, num_heads=HEADS,
-                                    n_points=4, ffn_dim=96, num_feats=D // 2, gn_groups=32,
-                                    rngs=nnx.Rngs(0))
-    update_module(ours, hf_pixel_decoder_to_ours(hf_pd.state_dict()))
+    ours = {}
+    for scan in (False, True):  # the encoder layers unrolled / as one lax.scan
+        ours[scan] = MSDeformAttnPixelDecoder(
+            [C_IN] * 4, feat_channels=D, num_layers=ENC_LAYERS, num_heads=HEADS, n_points=4,
+            ffn_dim=96, num_feats=D // 2, gn_groups=32, scan_layers=scan, rngs=nnx.Rngs(0))
+        update_module(ours[scan], hf_pixel_decoder_to_ours(hf_pd.state_dict()))
     return hf_pd, ours
 
 
@@ -135,9 +137,11 @@ def test_sine_encoding_matches_hf():
     assert rel_err(_sine_table(5, 7, 16, 10000.0, True, 2 * np.pi), _t(ref)) <= RTOL["float32"]
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("size", [(128, 96), (64, 64)])
-def test_pixel_decoder_matches_hf(pd_pair, size):
+def test_pixel_decoder_matches_hf(pd_pair, size, scan):
     hf_pd, ours = pd_pair
+    ours = ours[scan]
     feats = random_features(2, 2, *size)
     with torch.no_grad():
         ref = hf_pd(feats)

@@ -57,6 +57,17 @@ def _covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+def _gaps(spans: list[tuple[float, float, str, str]], min_gap_us: float = 2.0):
+    """(name of the last kernel before, the span after, gap length) for every stretch of at
+    least `min_gap_us` with no kernel running (spans of several streams merged)."""
+    end, last = None, None
+    for span in sorted(spans):
+        if end is not None and span[0] - end >= min_gap_us:
+            yield last, span, span[0] - end
+        if end is None or span[1] > end:
+            end, last = span[1], span[2]
+
+
 def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     """Kernel time per step and device (summed over the GPUs in the trace, divided by their
     number), by scope and by kernel."""
@@ -74,6 +85,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     total = 0.0
     samples = []  # a few raw kernel events, to check the attribution against
     intervals = collections.defaultdict(list)  # pid -> [(start, end)] of kernels
+    named = collections.defaultdict(list)  # pid -> [(start, end, kernel name, scope)]
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in gpu:
             continue
@@ -85,14 +97,26 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
         scope = _scope(op_name, name)
         if len(samples) < 8:
             samples.append({"name": e.get("name"), "args": args, "op_name": op_name})
+        named[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + dur, name,
+                                scope))
         by_scope[scope] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
         total += dur
     n_gpu = max(len({e.get("pid") for e in events if e.get("ph") == "X" and e.get("pid") in gpu}), 1)
     ms = lambda us: us / 1e3 / max(steps, 1) / n_gpu  # noqa: E731  per step and device
+    gap_pairs, gap_next_scope, gap_count = collections.Counter(), collections.Counter(), 0
+    for spans in named.values():
+        for prev, nxt, gap in _gaps(spans):
+            gap_pairs[f"{prev[:60]} -> {nxt[2][:60]}"] += gap
+            gap_next_scope[nxt[3]] += gap
+            gap_count += 1
     return {"trace": paths[-1], "gpus": n_gpu, "gpu_kernel_ms_per_step": ms(total),
             "gpu_busy_ms_per_step": ms(sum(_covered(v) for v in intervals.values())),
+            # time with no kernel running on a GPU, by the kernel that ends the gap
+            "gaps_per_step": gap_count / max(steps, 1) / n_gpu,
+            "gap_ms_by_next_scope": {k: ms(v) for k, v in gap_next_scope.most_common()},
+            "top_gaps_ms": [(k, ms(v)) for k, v in gap_pairs.most_common(top)],
             "sample_events": samples,
             "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
@@ -111,3 +135,8 @@ def print_summary(s: dict, tag: str) -> None:
         print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:
         print(f"[{tag}]   kernel {v:8.2f} ms  [{scope}] {name[:110]}", flush=True)
+    if s.get("top_gaps_ms"):
+        print(f"[{tag}]   {s['gaps_per_step']:.0f} gaps per step and device with no kernel "
+              "running; the largest totals, by the kernels around them:", flush=True)
+        for pair, v in s["top_gaps_ms"][:15]:
+            print(f"[{tag}]   gap {v:8.2f} ms  {pair}", flush=True)

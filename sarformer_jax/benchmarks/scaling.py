@@ -258,7 +258,6 @@ def _profile(root: str, name: str, step, compiled, step_s: float) -> dict:
     summary = prof.summarize(trace_dir, compiled.as_text(), steps=5)
     if "gpu_kernel_ms_per_step" in summary:
         summary["idle_ms_per_step"] = step_s * 1e3 - summary["gpu_busy_ms_per_step"]
-    summary.pop("sample_events", None)
     prof.print_summary(summary, name)
     return summary
 

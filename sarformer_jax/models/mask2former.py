@@ -225,7 +225,8 @@ class Mask2FormerHead(nnx.Module):
             in_channels, feat_channels=d, num_layers=pd.num_layers, num_heads=pd.num_heads,
             n_points=pd.n_points, ffn_dim=pd.ffn_dim, num_encoder_levels=pd.n_levels,
             num_feats=pd.num_feats, gn_groups=pd.gn_groups, norm_eps=pd.norm_eps,
-            msda_implementation=msda_implementation, **kw)
+            msda_implementation=msda_implementation, scan_layers=bool(pd.get("scan_layers", False)),
+            **kw)
         self.transformer_decoder = Mask2FormerTransformerDecoder(
             dec.num_layers, d, dec.num_heads, dec.ffn_dim, eps=dec.norm_eps, **kw)
         self.decoder_positional_encoding = SinePositionalEncoding(dec.num_feats, normalize=True)

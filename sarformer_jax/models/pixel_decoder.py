@@ -120,12 +120,27 @@ class DeformableEncoderLayer(nnx.Module):
 
 
 class DeformableEncoder(nnx.Module):
-    def __init__(self, num_layers: int, **layer_kw):
+    """`num_layers` encoder layers; with `scan` they run as one `lax.scan` over their parameters
+    stacked on the fly (XLA compiles one layer; the parameter tree keeps one entry per layer)."""
+
+    def __init__(self, num_layers: int, *, scan: bool = False, **layer_kw):
         self.layers = nnx.List([DeformableEncoderLayer(**layer_kw) for _ in range(num_layers)])
+        self.scan = scan
 
     def __call__(self, q, pos, ref, shapes):
-        for layer in self.layers:
-            q = layer(q, pos, ref, shapes)
+        shapes = tuple(tuple(int(v) for v in hw) for hw in shapes)
+        if not self.scan or len(self.layers) < 2:
+            for layer in self.layers:
+                q = layer(q, pos, ref, shapes)
+            return q
+        splits = [nnx.split(layer, nnx.Param, ...) for layer in self.layers]
+        graphdef, _, rest = splits[0]
+        params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p for _, p, _ in splits])
+
+        def body(x, p):
+            return nnx.merge(graphdef, p, rest)(x, pos, ref, shapes), None
+
+        q, _ = jax.lax.scan(body, q, params)
         return q
 
 
@@ -152,8 +167,8 @@ class MSDeformAttnPixelDecoder(nnx.Module):
     def __init__(self, in_channels: Sequence[int], *, feat_channels: int = 256, num_layers: int = 6,
                  num_heads: int = 8, n_points: int = 4, ffn_dim: int = 1024, num_encoder_levels: int = 3,
                  num_feats: int = 128, gn_groups: int = 32, norm_eps: float = 1e-5,
-                 msda_implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 msda_implementation: str | None = None, scan_layers: bool = False, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         in_channels = list(in_channels)
         if 2 * num_feats != feat_channels:
             raise ValueError(f"pixel decoder: 2 * num_feats ({num_feats}) must equal feat_channels "
@@ -169,7 +184,8 @@ class MSDeformAttnPixelDecoder(nnx.Module):
             for i in range(num_encoder_levels)])
         self.encoder = DeformableEncoder(num_layers, dim=d, num_heads=num_heads, n_levels=num_encoder_levels,
                                          n_points=n_points, ffn_dim=ffn_dim, eps=norm_eps,
-                                         msda_implementation=msda_implementation, **kw)
+                                         msda_implementation=msda_implementation,
+                                         scan=scan_layers, **kw)
         self.postional_encoding = SinePositionalEncoding(num_feats, normalize=True)
         self.level_encoding = nnx.Embed(num_encoder_levels, d, embedding_init=nnx.initializers.normal(1.0),
                                         **kw)
