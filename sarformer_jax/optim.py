@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,10 +144,18 @@ def _per_group(txs: list[optax.GradientTransformation]) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def _on_flat_groups(inner: optax.GradientTransformation,
-                    groups: FlatGroups) -> optax.GradientTransformation:
-    """`inner` (acting on the tuple of flat group vectors) as a transformation of trees."""
+class FlatTransformation(NamedTuple):
+    """A transformation of trees (`init`, `update`, as optax's) that runs `inner` on the tuple of
+    flat group vectors of `groups`; the train step uses the two parts directly to compute the
+    gradient norm and apply the update on the flat vectors too."""
 
+    init: Callable
+    update: Callable
+    groups: FlatGroups
+    inner: optax.GradientTransformation
+
+
+def _on_flat_groups(inner: optax.GradientTransformation, groups: FlatGroups) -> FlatTransformation:
     def init(params):
         return inner.init(groups.flatten(params))
 
@@ -156,7 +164,7 @@ def _on_flat_groups(inner: optax.GradientTransformation,
         flat, state = inner.update(groups.flatten(updates), state, flat_params)
         return groups.unflatten(flat), state
 
-    return optax.GradientTransformation(init, update)
+    return FlatTransformation(init, update, groups, inner)
 
 
 def use_flat_optimizer(cfg, fsdp: int) -> bool:

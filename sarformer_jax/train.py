@@ -37,7 +37,7 @@ from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, mak
 from sarformer_jax.losses import loss_fn as segmentation_loss
 from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
-from sarformer_jax.optim import build_optimizer, use_flat_optimizer
+from sarformer_jax.optim import FlatTransformation, build_optimizer, use_flat_optimizer
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "TPU_WORKER_HOSTNAMES")
@@ -262,14 +262,25 @@ def make_train_step(trainer: Trainer):
             grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
             loss = loss / accum
             parts = jax.tree_util.tree_map(lambda p: p / accum, parts)
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                 for g in jax.tree_util.tree_leaves(grads)))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        with jax.named_scope("optimizer"):
-            updates, new_opt = tx.update(grads, state["opt_state"], params)
-        new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         new_state = dict(state)
-        new_state["params"] = _tree_where(finite, new_params, params)
+        if isinstance(tx, FlatTransformation):  # norm, update and guard on the flat vectors
+            with jax.named_scope("optimizer"):
+                flat_g, flat_p = tx.groups.flatten(grads), tx.groups.flatten(params)
+                grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                         for g in flat_g))
+                finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                flat_u, new_opt = tx.inner.update(flat_g, state["opt_state"], flat_p)
+                new_state["params"] = tx.groups.unflatten(tuple(
+                    jnp.where(finite, (p + u).astype(p.dtype), p) for p, u in zip(flat_p, flat_u)))
+        else:
+            grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                     for g in jax.tree_util.tree_leaves(grads)))
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            with jax.named_scope("optimizer"):
+                updates, new_opt = tx.update(grads, state["opt_state"], params)
+            new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params,
+                                                updates)
+            new_state["params"] = _tree_where(finite, new_params, params)
         new_state["opt_state"] = _tree_where(finite, new_opt, state["opt_state"])
         new_state["batch_stats"] = _tree_where(finite, new_stats, stats)
         new_state["step"] = state["step"] + 1
