@@ -109,6 +109,9 @@ def loss() -> Config:
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
         aux_weight=0.4,
+        # importance-sampling selection: top_k | sort (same points); auto = sort when the batch
+        # is split over devices (XLA partitions the sort, it gathered the batch for top_k)
+        point_select="auto",
     )
 
 

@@ -194,6 +194,9 @@ def make_grad_fn(trainer: Trainer):
     num_classes = int(cfg.model.head.num_classes)
     invert = bool(cfg.guidance.invert_first_mask)
     rest = trainer.rest
+    cfg_loss = cfg.model.loss.copy()
+    if cfg_loss.get("point_select", "auto") == "auto":
+        cfg_loss.point_select = "sort" if trainer.mesh.size > 1 else "top_k"
 
     def micro_loss(params, stats, batch, key, guide):
         batch = device_inputs(batch, cfg.data.mean, cfg.data.std)  # the loader's uint8 image
@@ -210,7 +213,7 @@ def make_grad_fn(trainer: Trainer):
                                      invert_first_mask=invert)
         with jax.named_scope("loss"):
             total, parts = segmentation_loss(preds, batch["label"], aux_logits, key=k_loss,
-                                             cfg_loss=cfg.model.loss, num_classes=num_classes)
+                                             cfg_loss=cfg_loss, num_classes=num_classes)
         new_stats = nnx.state(model, nnx.BatchStat)
         return total, (parts, new_stats)
 

@@ -4,6 +4,7 @@ equal the sum of per-layer `layer_loss` calls on the points `draw_points` gives.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sarformer_jax.config import load_config
 from sarformer_jax.losses import draw_points, gt_present, layer_loss, loss_fn
@@ -31,3 +32,20 @@ def test_scanned_deep_supervision_equals_unrolled_layers():
             expected += float(v)
     np.testing.assert_allclose(float(total), expected, rtol=2e-6)
     assert len(parts) == 3 * n
+
+
+def test_smallest_k_methods_agree_with_ties():
+    """top_k and the stable sort pick the same indices in the same order, ties included (the
+    train step switches between them by mesh size)."""
+    from sarformer_jax.losses import smallest_k
+
+    x = np.abs(np.random.default_rng(0).normal(size=(3, 4, 300))).astype(np.float32)
+    x[..., 5] = x[..., 9]
+    x[..., 17] = x[..., 2]
+    x[0, 0, :50] = 0.0  # a long run of ties
+    a = np.asarray(smallest_k(jnp.asarray(x), 100, "top_k"))
+    b = np.asarray(smallest_k(jnp.asarray(x), 100, "sort"))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[0, 0, :50], np.arange(50))
+    with pytest.raises(ValueError, match="point_select"):
+        smallest_k(jnp.asarray(x), 3, "heap")
