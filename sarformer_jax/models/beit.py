@@ -40,7 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sarformer_jax.models.layers import DropPath, attention, resolve_attention, trunc_normal_02
+from sarformer_jax.models.layers import (
+    DropPath,
+    attention,
+    resolve_attention,
+    stacked_layers,
+    trunc_normal_02,
+)
 
 NUM_EXTRA = 3  # cls->patch, patch->cls, cls->cls rows at the end of every table
 
@@ -395,9 +401,7 @@ class BEiT(nnx.Module):
         rate: a key per layer split from one draw of the group's first dropping layer's stream
         (the same distribution as the unrolled layers' own streams, other random numbers)."""
         layers = [self.layers[i] for i in range(start, stop + 1)]
-        splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
-        graphdef, _, rest = splits[-1]
-        params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p for _, p, _ in splits])
+        graphdef, params, rest = stacked_layers(layers)
         rates = np.asarray([layer.drop_path.rate for layer in layers], np.float32)
         dropping = train and bool((rates > 0).any())
         if dropping:

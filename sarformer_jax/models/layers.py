@@ -7,6 +7,7 @@ Legend: b batch, h w spatial, c channels.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,18 @@ def init_rngs(params: int | jax.Array = 0, dropout: int | jax.Array | None = Non
     rngs = nnx.Rngs(dropout=dropout)
     rngs.params = _HostCountedStream(params, tag="params")
     return rngs
+
+
+def stacked_layers(layers) -> tuple[Any, Any, Any]:
+    """(graphdef, parameters stacked along a new leading axis, the rest of the last layer's
+    state) of modules with identical parameter structure, for a `lax.scan` whose body runs
+    `nnx.merge(graphdef, params_i, rest)`.  The stack is built at trace time from the layers'
+    own parameters, so the parameter tree (and checkpoints) keep one entry per layer and the
+    gradients flow back through the stack."""
+    splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+    graphdef, _, rest = splits[-1]
+    params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p for _, p, _ in splits])
+    return graphdef, params, rest
 
 
 class DropPath(nnx.Module):

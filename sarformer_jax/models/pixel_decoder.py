@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sarformer_jax.models.layers import resize_bilinear
+from sarformer_jax.models.layers import resize_bilinear, stacked_layers
 from sarformer_jax.models.ms_deform_attn import MSDeformAttn
 
 
@@ -133,9 +133,7 @@ class DeformableEncoder(nnx.Module):
             for layer in self.layers:
                 q = layer(q, pos, ref, shapes)
             return q
-        splits = [nnx.split(layer, nnx.Param, ...) for layer in self.layers]
-        graphdef, _, rest = splits[0]
-        params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[p for _, p, _ in splits])
+        graphdef, params, rest = stacked_layers(list(self.layers))
 
         def body(x, p):
             return nnx.merge(graphdef, p, rest)(x, pos, ref, shapes), None
