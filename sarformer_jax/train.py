@@ -162,7 +162,8 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
                             jax.random.key_data(keys[2])), rest)
 
     # One traced build gives both the train state (born sharded) and the RNG-stream state.  The
-    # seeds enter as an argument: as constants, XLA constant-folded the parameter initialisers.
+    # seeds enter as an argument, so XLA has no constant initialisers to try to fold (suspected
+    # cause of SARFormer-L's init not finishing on the GPU host; not yet verified).
     init_all = jax.jit(_init, out_shardings=(shardings, shard_lib.replicated(mesh)))
     seeds = jnp.stack([jax.random.key_data(jax.random.key(seed + i)) for i in range(3)])
     state, rest = init_all(seeds)
