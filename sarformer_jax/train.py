@@ -138,10 +138,8 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
     seed = int(cfg.train.seed)
 
-    def make(keys=None):
-        if keys is None:
-            return build_model(cfg, rngs=init_rngs(seed, seed + 1))
-        return build_model(cfg, rngs=init_rngs(keys[0], keys[1]))
+    def make():
+        return build_model(cfg, rngs=init_rngs(seed, seed + 1))
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
@@ -155,21 +153,22 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     shardings = shard_lib.tree_shardings(
         mesh, abs_state, int(cfg.train.mesh.get("fsdp_min_size", shard_lib.MIN_FSDP_SIZE)))
 
-    def _init(key_data):
-        keys = jax.random.wrap_key_data(key_data)  # = key(seed), key(seed + 1), key(seed + 2)
-        _, params, stats, rest = nnx.split(make(keys), nnx.Param, nnx.BatchStat, ...)
-        return (train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
-                            jax.random.key_data(keys[2])), rest)
-
-    # One traced build gives both the train state (born sharded) and the RNG-stream state.  The
-    # seeds enter as an argument, so XLA has no constant initialisers to try to fold (suspected
-    # cause of SARFormer-L's init not finishing on the GPU host; not yet verified).
-    init_all = jax.jit(_init, out_shardings=(shardings, shard_lib.replicated(mesh)))
-    seeds = jnp.stack([jax.random.key_data(jax.random.key(seed + i)) for i in range(3)])
-    state, rest = init_all(seeds)
+    host = jax.devices("cpu")[0]
 
     def init():
-        return init_all(seeds)[0]
+        """The seeded build, on the host's CPU (op by op), then placed on the mesh.  A jitted
+        build would be one XLA program with an initialiser per parameter: its compile took
+        minutes (SARFormer-B 157 s on a GPU host; SARFormer-L did not finish in 480 s), where
+        the eager build takes seconds.  Built on the host, the initial parameters are the same
+        whatever the accelerator or the mesh."""
+        with jax.default_device(host):
+            _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+            state = train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
+                                jax.random.key_data(jax.random.key(seed + 2)))
+        return (jax.device_put(state, shardings),
+                jax.device_put(rest, shard_lib.replicated(mesh)))
+
+    state, rest = init()
 
     sam_graphdef, guide = None, {}
     if uses_sam(cfg):
@@ -179,7 +178,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
                       schedule=schedule, proposal_fn=make_proposal_fn(cfg, sam_graphdef),
                       state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef)
     trainer.train_step = make_train_step(trainer)
-    _TRAINERS[cache_key] = (trainer, init)
+    _TRAINERS[cache_key] = (trainer, lambda: init()[0])
     return trainer, state
 
 

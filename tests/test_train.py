@@ -76,10 +76,11 @@ def test_sharded_step_equals_single_device(data_root):
     assert mu and all("fsdp" in str(x.sharding.spec) for x in mu)
 
 
-def test_initial_parameters_are_the_seeded_build(data_root):
-    """The jitted initialisation (seeds passed in as keys, so XLA has no constants to fold)
-    gives exactly the parameters of a jitted build from the integer seeds (an eager build
-    differs in the last bit of some initialisers' arithmetic)."""
+def test_initial_state_is_the_seeded_host_build_on_any_mesh(data_root):
+    """The initial parameters are the model built op by op on the host's CPU from the config's
+    seeds (no jitted init program: its compile took minutes for the large models), and then
+    placed: one device and a 4 x 2 (data x fsdp) mesh hold the same values, bit for bit; the
+    optimiser starts at zero and the step key is key(seed + 2)."""
     from flax import nnx
 
     from sarformer_jax.models.layers import init_rngs
@@ -87,10 +88,23 @@ def test_initial_parameters_are_the_seeded_build(data_root):
 
     cfg = micro_config(root=data_root, **{"train.seed": 3})
     _, state = create_trainer(cfg, devices=jax.devices()[:1])
-    built = jax.jit(lambda: nnx.state(build_model(cfg, rngs=init_rngs(3, 4)), nnx.Param))()
+    cfg8 = micro_config(root=data_root, **{"train.seed": 3, "train.mesh.fsdp": 2,
+                                           "train.mesh.fsdp_min_size": 512})
+    _, state8 = create_trainer(cfg8)
+    with jax.default_device(jax.devices("cpu")[0]):
+        built = nnx.state(build_model(cfg, rngs=init_rngs(3, 4)), nnx.Param)
     assert jax.tree_util.tree_structure(built) == jax.tree_util.tree_structure(state["params"])
-    for a, b in zip(_leaves(built), _leaves(state["params"])):
+    for a, b, c in zip(_leaves(built), _leaves(state["params"]), _leaves(state8["params"])):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree_util.tree_leaves(state8["params"]))
+    assert all(not np.any(x) for x in _leaves(state["opt_state"]) if x.dtype.kind == "f")
+    np.testing.assert_array_equal(np.asarray(state["key"]),
+                                  np.asarray(jax.random.key_data(jax.random.key(5))))
+    # a different seed is a different model
+    _, other = create_trainer(micro_config(root=data_root, **{"train.seed": 4}),
+                              devices=jax.devices()[:1])
+    assert not all(np.array_equal(a, b) for a, b in zip(_leaves(built), _leaves(other["params"])))
 
 
 def test_kill_and_resume_is_bit_identical(data_root, tmp_path):

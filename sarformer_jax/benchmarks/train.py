@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import subprocess
@@ -92,7 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flops", type=float, default=None, metavar="TFLOP",
                         help="FLOPs per step for the MFU when the device's lowered cost analysis "
                              "gives none (count them on CPU with --lower-only)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                        help="a named set of overrides, repeatable; every model runs once per "
+                             "variant, all compile at once and measure one at a time (A/B "
+                             "in one call). KEY is a config key, or env.VAR for an environment "
+                             "variable of that run, e.g. 'cmdbuf:env.XLA_FLAGS=--xla_gpu_...' "
+                             "or 'noscan:model.backbone.scan_layers=False'")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sync-names", default=None, help=argparse.SUPPRESS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,15 +209,33 @@ def _peak_bytes(device) -> int | None:
     return int(stats.get("peak_bytes_in_use", 0)) or None
 
 
+def _wait_and_lock(args: argparse.Namespace, tag: str):
+    """With --sync-dir (variants): say this run is compiled, wait until every run is compiled
+    (or failed), then hold the measuring lock, so no timing shares the GPU with a compile, an
+    initialisation or another run's steps.  Returns the open lock file (closing releases it)."""
+    if not args.sync_dir:
+        return None
+    from sarformer_jax.benchmarks.scaling import _wait_for_all
+
+    open(os.path.join(args.sync_dir, f"ready.{tag}"), "w").close()
+    print(f"[{tag}] waiting for the other variants to compile", flush=True)
+    _wait_for_all(args.sync_dir, args.sync_names.split(","), timeout=args.worker_timeout or 3600)
+    lock = open(os.path.join(args.sync_dir, "lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
 def bench_model(model: str, args: argparse.Namespace) -> dict:
     import jax
 
     from sarformer_jax.train import create_trainer, device_batch
 
+    tag = args.tag or model
     devices = jax.devices()
     dev = devices[0]
     cfg = make_config(model, args, len(devices))
-    res = dict(model=model, config=args.config or MODELS[model], devices=len(devices),
+    res = dict(model=model, variant=tag.partition("@")[2] or None, overrides=list(args.set),
+               config=args.config or MODELS[model], devices=len(devices),
                device_kind=dev.device_kind, global_batch=int(cfg.train.batch_size),
                size=list(cfg.data.crop_size), dtype=args.dtype, jax=jax.__version__,
                date=datetime.date.today().isoformat(), guidance=cfg.guidance.source)
@@ -224,7 +252,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     jax.block_until_ready(state)
     res["init_s"] = time.perf_counter() - t0
     res["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    print(f"[{model}] trainer built and state initialised in {res['init_s']:.1f} s", flush=True)
+    print(f"[{tag}] trainer built and state initialised in {res['init_s']:.1f} s", flush=True)
     res["params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(state["params"])))
     batch = device_batch(random_batch(cfg), trainer.mesh)
 
@@ -235,7 +263,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     cost = _cost(lowered)
     res["flops"] = float(cost.get("flops", float("nan")))
     res["bytes_accessed_lowered"] = float(cost.get("bytes accessed", float("nan")))
-    print(f"[{model}] step traced and lowered in {t1 - t0:.1f} s, {res['flops'] / 1e12:.3f} "
+    print(f"[{tag}] step traced and lowered in {t1 - t0:.1f} s, {res['flops'] / 1e12:.3f} "
           f"TFLOP/step (lowered program){'' if args.lower_only else '; compiling'}", flush=True)
     if args.lower_only:
         return res
@@ -244,10 +272,11 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     cost = _cost(compiled)
     res["flops_compiled"] = float(cost.get("flops", float("nan")))
     res["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
-    print(f"[{model}] compiled in {res['compile_s']:.1f} s; the compiled program's cost analysis "
+    print(f"[{tag}] compiled in {res['compile_s']:.1f} s; the compiled program's cost analysis "
           f"says {res['flops_compiled'] / 1e12:.3f} TFLOP/step", flush=True)
 
     holder = {"state": state}
+    lock = _wait_and_lock(args, tag)  # variants compiled at once measure one at a time
 
     def step():
         holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
@@ -272,21 +301,21 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()  # the step is warm: the blocking median above ran it
     pipelined()
     res["pipelined_step_s"] = (time.perf_counter() - t0) / args.steps
-    print(f"[{model}] pipelined: {res['pipelined_step_s'] * 1e3:.1f} ms/step over "
+    print(f"[{tag}] pipelined: {res['pipelined_step_s'] * 1e3:.1f} ms/step over "
           f"{args.steps} steps dispatched back to back (blocking median {sec * 1e3:.1f} ms)",
           flush=True)
     m = jax.device_get(holder["metrics"])
     res["loss"] = float(m["loss"])
     res["finite"] = bool(m["finite"])
     res["peak_bytes"] = _peak_bytes(dev)
-    print(f"[{model}] step median {sec * 1e3:.1f} ms (min {res['step_min_s'] * 1e3:.1f}, "
+    print(f"[{tag}] step median {sec * 1e3:.1f} ms (min {res['step_min_s'] * 1e3:.1f}, "
           f"max {res['step_max_s'] * 1e3:.1f}), loss {res['loss']:.3f}, finite {res['finite']}, "
           f"peak {(res['peak_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
 
     if args.profile:
         from sarformer_jax.benchmarks import profile as prof
 
-        trace_dir = os.path.join(args.profile, model)
+        trace_dir = os.path.join(args.profile, tag.replace("@", "_"))
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         for _ in range(5):
             step()
@@ -298,7 +327,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         if "gpu_kernel_ms_per_step" in summary:  # time the GPU waits (host syncs, launches)
             summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_busy_ms_per_step"]
         res["profile"] = summary
-        prof.print_summary(summary, model)
+        prof.print_summary(summary, tag)
 
     # the guidance alone: cached preparation, or SAM's automatic masks + preparation (online)
     res["proposal_s"] = None
@@ -311,7 +340,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         jax.block_until_ready(prop(batch, key, trainer.guide))
         res["proposal_s"], _ = _median_time(
             lambda: jax.block_until_ready(prop(batch, key, trainer.guide)), args.steps, args.warmup)
-        print(f"[{model}] proposal preparation alone {res['proposal_s'] * 1e3:.2f} ms "
+        print(f"[{tag}] proposal preparation alone {res['proposal_s'] * 1e3:.2f} ms "
               f"({100 * res['proposal_s'] / sec:.1f} % of the step)", flush=True)
 
     holder.clear()  # the train state's buffers are freed before the matmul
@@ -326,7 +355,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     res["mfu_measured"] = res["achieved_flops_per_s"] / ceiling
     res["mfu_nominal"] = (res["achieved_flops_per_s"] / res["nominal_flops_per_s"]
                           if nominal else None)
-    print(f"[{model}] {res['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s achieved; "
+    if lock is not None:
+        lock.close()
+    print(f"[{tag}] {res['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s achieved; "
           f"{args.matmul_size}³ bf16 matmul {ceiling / 1e12:.1f} TFLOP/s -> MFU "
           f"{100 * res['mfu_measured']:.1f} %", flush=True)
     return res
@@ -336,7 +367,26 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
 # Driver
 
 
-def _worker_argv(args: argparse.Namespace, model: str, json_path: str) -> list[str]:
+def parse_variant(spec: str) -> tuple[str, list[str], dict[str, str]]:
+    """'NAME:KEY=VALUE;KEY=VALUE' -> (name, config overrides, environment).  KEY env.VAR sets
+    the run's environment variable VAR (e.g. XLA_FLAGS); a bare NAME is the unchanged config."""
+    name, _, rest = spec.partition(":")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--variant {spec!r}: the name before ':' must be letters, digits, _ or -")
+    sets, env = [], {}
+    for item in filter(None, (x.strip() for x in rest.split(";"))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
+        if key.startswith("env."):
+            env[key[4:]] = value
+        else:
+            sets.append(item)
+    return name, sets, env
+
+
+def _worker_argv(args: argparse.Namespace, model: str, json_path: str,
+                 variant=None, sync=None) -> list[str]:
     argv = [sys.executable, "-m", "sarformer_jax.cli", "bench", "train", "--models", model,
             "--batch-per-device", str(args.batch_per_device), "--size", *map(str, args.size),
             "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -349,20 +399,30 @@ def _worker_argv(args: argparse.Namespace, model: str, json_path: str) -> list[s
         argv.append("--lower-only")
     if args.config:
         argv += ["--config", args.config]
-    for s in args.set:
+    if args.worker_timeout is not None:
+        argv += ["--worker-timeout", str(args.worker_timeout)]
+    for s in args.set + (variant[1] if variant else []):
         argv += ["--set", s]
+    if variant:
+        argv += ["--tag", f"{model}@{variant[0]}"]
+    if sync:
+        argv += ["--sync-dir", sync[0], "--sync-names", ",".join(sync[1])]
     return argv
 
 
-def _run_isolated(model: str, args: argparse.Namespace) -> dict:
-    fd, json_path = tempfile.mkstemp(suffix=f".{model}.json")
+def _run_isolated(model: str, args: argparse.Namespace, variant=None, sync=None) -> dict:
+    tag = f"{model}@{variant[0]}" if variant else model
+    fd, json_path = tempfile.mkstemp(suffix=f".{tag}.json")
     os.close(fd)
-    log_path = os.path.join(args.log_dir, f"train_{model}.log") if args.log_dir else None
+    log_path = os.path.join(args.log_dir, f"train_{tag}.log") if args.log_dir else None
     log = open(log_path, "w") if log_path else None
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if variant:
+        env.update(variant[2])
     try:
-        proc = subprocess.Popen(_worker_argv(args, model, json_path), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(_worker_argv(args, model, json_path, variant, sync),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env=env)
         tail: list[str] = []
         timer = None
         if args.worker_timeout is not None:  # kills the worker even when it prints nothing
@@ -372,13 +432,15 @@ def _run_isolated(model: str, args: argparse.Namespace) -> dict:
             if log:
                 log.write(line)
                 log.flush()
-            if line.startswith(f"[{model}]"):
+            if line.startswith(f"[{tag}]"):
                 print(line, end="", flush=True)
             tail = (tail + [line.rstrip()])[-40:]
         rc = proc.wait()
         timed_out = timer is not None and not timer.is_alive() and rc < 0
         if timer is not None:
             timer.cancel()
+        if sync and rc != 0:  # the others stop waiting for this run
+            open(os.path.join(sync[0], f"failed.{tag}"), "w").close()
         try:
             with open(json_path) as f:
                 text = f.read()
@@ -387,12 +449,36 @@ def _run_isolated(model: str, args: argparse.Namespace) -> dict:
         except OSError:
             pass
         error = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), None)
-        return dict(model=model, config=MODELS[model], failed=True, returncode=rc,
-                    timed_out=timed_out, error=error, tail=tail[-15:], log=log_path)
+        return dict(model=model, variant=variant[0] if variant else None, config=MODELS[model],
+                    failed=True, returncode=rc, timed_out=timed_out, error=error,
+                    tail=tail[-15:], log=log_path)
     finally:
         if log:
             log.close()
         os.unlink(json_path)
+
+
+def _run_variants(models: list[str], args: argparse.Namespace) -> list[dict]:
+    """Every (model, variant) in its own subprocess, all started at once; each measures only
+    when all are compiled, one at a time (`_wait_and_lock`)."""
+    variants = [parse_variant(v) for v in args.variant]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--variant names repeat: {names}")
+    jobs = [(m, v) for m in models for v in variants]
+    sync_dir = tempfile.mkdtemp(prefix="bench_train_sync.")
+    sync = (sync_dir, [f"{m}@{v[0]}" for m, v in jobs])
+    results: list[dict | None] = [None] * len(jobs)
+
+    def work(i, m, v):
+        results[i] = _run_isolated(m, args, v, sync)
+
+    threads = [threading.Thread(target=work, args=(i, m, v)) for i, (m, v) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def _fmt(x, scale=1.0, spec=".1f", none="-"):
@@ -400,23 +486,27 @@ def _fmt(x, scale=1.0, spec=".1f", none="-"):
         format(x * scale, spec)
 
 
+def _label(r: dict) -> str:
+    return f"{r['model']} @{r['variant']}" if r.get("variant") else r["model"]
+
+
 def print_table(results: list[dict]) -> None:
-    print("\n| model | batch | compile s | step ms (median) | pipelined ms | img/s | peak GiB "
-          "| TFLOP/step (XLA, lowered) | TFLOP/s | matmul TFLOP/s | MFU (measured) "
+    print("\n| model | batch | build + init s | compile s | step ms (median) | pipelined ms | img/s "
+          "| peak GiB | TFLOP/step (XLA, lowered) | TFLOP/s | matmul TFLOP/s | MFU (measured) "
           "| MFU (nominal) | proposal prep ms (share) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.get("failed"):
-            print(f"| {r['model']} | FAILED (rc {r.get('returncode')}, "
+            print(f"| {_label(r)} | FAILED (rc {r.get('returncode')}, "
                   f"timed out {r.get('timed_out')}): {r.get('error')} |")
             continue
         prop = "-" if r.get("proposal_s") is None else \
             f"{r['proposal_s'] * 1e3:.2f} ({100 * r['proposal_s'] / r['step_s']:.1f} %)"
         if "step_s" not in r:  # --lower-only
-            print(f"| {r['model']} | {r['global_batch']} | - | - | - | - | - | "
+            print(f"| {_label(r)} | {r['global_batch']} | - | - | - | - | - | - | "
                   f"{_fmt(r['flops'], 1e-12, '.3f')} | - | - | - | - | - |")
             continue
-        print(f"| {r['model']} | {r['global_batch']} | "
+        print(f"| {_label(r)} | {r['global_batch']} | {_fmt(r.get('init_s'), 1, '.0f')} | "
               f"{r['trace_lower_s'] + r['compile_s']:.0f} | {r['step_s'] * 1e3:.1f} | "
               f"{_fmt(r.get('pipelined_step_s'), 1e3)} | "
               f"{r['images_per_s']:.2f} | {_fmt(r.get('peak_bytes'), 2**-30, '.2f')} | "
@@ -441,6 +531,16 @@ def run(args: argparse.Namespace) -> int:
           f"{args.batch_per_device}  size {_size(args)}  {args.dtype}  steps {args.steps}  "
           f"overrides {args.set}", flush=True)
     results = []
+    if args.variant:
+        if args.in_process:
+            raise SystemExit("--variant runs every variant in its own subprocess: drop --in-process")
+        results = _run_variants(models, args)
+        models = []
+        for r in results:
+            if r.get("failed"):
+                print(f"[{r['model']}@{r.get('variant')}] FAILED: {r.get('error')}", flush=True)
+                for line in r.get("tail", []):
+                    print(f"    {line}")
     for model in models:
         if args.in_process:
             try:
