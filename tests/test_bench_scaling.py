@@ -54,8 +54,10 @@ def test_summary_efficiency_and_distances(tmp_path):
         files[name] = str(tmp_path / f"{name}.npy")
         np.save(files[name], p + noise * rng.normal(size=p.shape).astype(np.float32))
     results = [
-        dict(name="n1", devices=1, global_batch=2, accum=1, step_s=0.100, images_per_s=20.0),
+        dict(name="n1", devices=1, global_batch=2, accum=1, step_s=0.100, images_per_s=20.0,
+             pipelined_step_s=0.080, pipelined_images_per_s=25.0),
         dict(name="n2", devices=2, global_batch=4, accum=1, step_s=0.110, images_per_s=4 / 0.11,
+             pipelined_step_s=0.085, pipelined_images_per_s=4 / 0.085,
              losses=[3.0, 2.5], params_file=files["n2"]),
         dict(name="n1_b4", devices=1, global_batch=4, accum=1, step_s=0.2, images_per_s=20.0,
              losses=[3.0, 2.5], params_file=files["n1_b4"]),
@@ -66,6 +68,8 @@ def test_summary_efficiency_and_distances(tmp_path):
     s = scaling.summarize(results)
     assert [w["devices"] for w in s["weak_scaling"]] == [1, 2]
     assert s["weak_scaling"][1]["efficiency"] == pytest.approx((4 / 0.11) / 40.0)
+    assert s["weak_scaling"][1]["pipelined_efficiency"] == pytest.approx(0.080 / 0.085)
+    assert s["weak_scaling"][1]["pipelined_step_ms"] == pytest.approx(85.0)
     assert s["reference"] == "n2"
     eq = {e["run"]: e for e in s["equivalence"]}
     assert eq["n1_b4"]["max_abs_loss_diff"] == 0.0

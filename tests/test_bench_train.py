@@ -1,6 +1,7 @@
 """`sarformer bench train` pieces that run on the CPU: its batch is in the loader's format, and
 its table carries both the blocking and the pipelined step time.  (Speed is never asserted.)"""
 
+import pytest
 import numpy as np
 
 from sarformer_jax.benchmarks import train as bench_train
@@ -21,7 +22,7 @@ def test_random_batch_is_in_the_loaders_format():
 
 def test_table_has_blocking_and_pipelined_step_times(capsys):
     # (the step itself is exercised by the train tests; compiling it again here costs minutes)
-    res = dict(model="sarformer", global_batch=2, trace_lower_s=10.0, compile_s=150.0,
+    res = dict(model="sarformer", global_batch=2, init_s=22.0, trace_lower_s=10.0, compile_s=150.0,
                step_s=0.0986, pipelined_step_s=0.0912, images_per_s=20.3, peak_bytes=9.47 * 2**30,
                flops=4.952e12, achieved_flops_per_s=50.2e12, matmul_flops_per_s=672.4e12,
                mfu_measured=0.075, mfu_nominal=0.051, proposal_s=0.00062)
@@ -32,7 +33,31 @@ def test_table_has_blocking_and_pipelined_step_times(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:4]]
-    assert header[3:5] == ["step ms (median)", "pipelined ms"]
+    assert header[2:6] == ["build + init s", "compile s", "step ms (median)", "pipelined ms"]
     assert all(len(r) == len(header) for r in rows)
-    assert rows[0][3:5] == ["98.6", "91.2"] and rows[1][4] == "-"
+    assert rows[0][2:6] == ["22", "160", "98.6", "91.2"] and rows[1][5] == "-"
     assert "FAILED" in lines[4]
+
+
+def test_variant_specs():
+    assert bench_train.parse_variant("base:") == ("base", [], {})
+    assert bench_train.parse_variant("base") == ("base", [], {})
+    name, sets, env = bench_train.parse_variant(
+        "cmdbuf:env.XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL;"
+        "model.backbone.scan_layers=False; train.flat_optimizer=False")
+    assert name == "cmdbuf"
+    assert sets == ["model.backbone.scan_layers=False", "train.flat_optimizer=False"]
+    assert env == {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"}
+    for bad in ("a b:x=1", ":x=1", "v:novalue"):
+        with pytest.raises(SystemExit):
+            bench_train.parse_variant(bad)
+    # the variant reaches the worker as overrides and a tag; variants wait for each other
+    args = bench_train.argparse.Namespace(
+        batch_per_device=2, size=[640], dtype="bfloat16", steps=3, warmup=1, matmul_size=256,
+        profile=None, flops=None, lower_only=False, config=None, worker_timeout=None,
+        set=["train.seed=1"])
+    argv = bench_train._worker_argv(args, "sarformer", "/tmp/x.json", (name, sets, env),
+                                    ("/tmp/sync", ["sarformer@cmdbuf", "sarformer@base"]))
+    assert argv[argv.index("--tag") + 1] == "sarformer@cmdbuf"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == ["train.seed=1"] + sets
+    assert argv[argv.index("--sync-names") + 1] == "sarformer@cmdbuf,sarformer@base"

@@ -235,9 +235,19 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
             jax.block_until_ready((holder["state"], metrics))
 
         sec, times = median_time(step, args.steps, args.warmup)
+        # as the training loop runs: dispatched back to back, one wait at the end, so the host's
+        # dispatch of step n+1 overlaps the devices' step n
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
+        jax.block_until_ready((holder["state"], metrics))
+        pipelined = (time.perf_counter() - t0) / args.steps
+        res.update(pipelined_step_s=pipelined,
+                   pipelined_images_per_s=run["global_batch"] / pipelined)
         res.update(step_s=sec, step_times_s=times, images_per_s=run["global_batch"] / sec,
                    peak_bytes=_peak_bytes(devices))
-        print(f"{tag} step median {sec * 1e3:.1f} ms, {res['images_per_s']:.2f} img/s, peak "
+        print(f"{tag} step median {sec * 1e3:.1f} ms (pipelined {pipelined * 1e3:.1f}), "
+              f"{res['images_per_s']:.2f} img/s, peak "
               f"{(res['peak_bytes'] or 0) / 2**30:.1f} GiB per device", flush=True)
         if args.profile:
             res["profile"] = _profile(args.profile, run["name"], step, compiled, sec)
@@ -275,6 +285,10 @@ def summarize(results: list[dict]) -> dict:
     for r in timing:
         r["efficiency"] = (r["images_per_s"] / (r["devices"] * one["images_per_s"])
                            if one and "images_per_s" in r and "images_per_s" in one else None)
+        r["pipelined_efficiency"] = (
+            r["pipelined_images_per_s"] / (r["devices"] * one["pipelined_images_per_s"])
+            if one and "pipelined_images_per_s" in r and "pipelined_images_per_s" in one
+            else None)
     traj = [r for r in ok.values() if r.get("losses")]
     ref = max(traj, key=lambda r: r["devices"], default=None)
     equiv = []
@@ -298,7 +312,10 @@ def summarize(results: list[dict]) -> dict:
                               params_rel_l2=dist))
     return dict(weak_scaling=[dict(devices=r["devices"], global_batch=r["global_batch"],
                                    step_ms=r["step_s"] * 1e3, images_per_s=r["images_per_s"],
-                                   efficiency=r["efficiency"], peak_bytes=r.get("peak_bytes"))
+                                   efficiency=r["efficiency"], peak_bytes=r.get("peak_bytes"),
+                                   pipelined_step_ms=(r["pipelined_step_s"] * 1e3
+                                                      if "pipelined_step_s" in r else None),
+                                   pipelined_efficiency=r.get("pipelined_efficiency"))
                               for r in timing if "step_s" in r],
                 equivalence=equiv, reference=ref["name"] if ref else None,
                 trajectories={r["name"]: r["losses"] for r in traj})
@@ -308,19 +325,25 @@ def print_summary(summary: dict, results: list[dict]) -> None:
     r0 = next((r for r in results if not r.get("failed")), None)
     if r0:
         print(f"\n{r0['config']} on {r0['device_kind']}, jax {r0['jax']}, {r0['date']}")
-    print("\n| devices | global batch | step ms | img/s | weak-scaling efficiency | peak GiB/device |")
-    print("|---|---|---|---|---|---|")
+    print("\n| devices | global batch | step ms (blocking) | img/s | weak-scaling efficiency "
+          "| pipelined step ms | pipelined efficiency | peak GiB/device |")
+    print("|---|---|---|---|---|---|---|---|")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f} %"  # noqa: E731
     for w in summary["weak_scaling"]:
-        eff = "-" if w["efficiency"] is None else f"{100 * w['efficiency']:.1f} %"
         peak = "-" if not w["peak_bytes"] else f"{w['peak_bytes'] / 2**30:.1f}"
+        pms = w.get("pipelined_step_ms")
         print(f"| {w['devices']} | {w['global_batch']} | {w['step_ms']:.1f} | "
-              f"{w['images_per_s']:.2f} | {eff} | {peak} |")
+              f"{w['images_per_s']:.2f} | {pct(w['efficiency'])} | "
+              f"{'-' if pms is None else format(pms, '.1f')} | "
+              f"{pct(w.get('pipelined_efficiency'))} | {peak} |")
     others = [r for r in results if not r.get("failed") and "step_s" in r
               and r["name"] != f"n{r['devices']}"]
     for r in others:
         peak = "-" if not r.get("peak_bytes") else f"{r['peak_bytes'] / 2**30:.1f}"
+        pms = r.get("pipelined_step_s")
         print(f"| 1 ({r['name']}) | {r['global_batch']} | {r['step_s'] * 1e3:.1f} | "
-              f"{r['images_per_s']:.2f} | - | {peak} |")
+              f"{r['images_per_s']:.2f} | - | {'-' if pms is None else format(pms * 1e3, '.1f')} "
+              f"| - | {peak} |")
     if summary["trajectories"]:
         names = list(summary["trajectories"])
         print(f"\nloss trajectory (same {len(summary['trajectories'][names[0]])} global batches, "

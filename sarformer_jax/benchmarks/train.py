@@ -414,9 +414,12 @@ def _run_isolated(model: str, args: argparse.Namespace, variant=None, sync=None)
     tag = f"{model}@{variant[0]}" if variant else model
     fd, json_path = tempfile.mkstemp(suffix=f".{tag}.json")
     os.close(fd)
-    log_path = os.path.join(args.log_dir, f"train_{tag}.log") if args.log_dir else None
+    log_path = (os.path.join(args.log_dir, f"train_{tag.replace('@', '__')}.log")
+                if args.log_dir else None)
     log = open(log_path, "w") if log_path else None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if sync:  # several processes share the GPU: none may take 75 % of its memory up front
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if variant:
         env.update(variant[2])
     try:
