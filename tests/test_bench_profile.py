@@ -104,3 +104,29 @@ def test_gaps_are_attributed_to_the_kernels_around_them(tmp_path):
     assert dict(s["top_gaps_ms"]) == pytest.approx({"d -> a": 0.035, "b -> c": 0.025})
     assert s["gap_ms_by_next_scope"] == pytest.approx({"other": 0.060})
     assert s["gpu_busy_ms_per_step"] == pytest.approx(0.015 + 0.025 + 0.010)
+
+
+def test_command_buffer_kernels_and_library_kernels(tmp_path):
+    """As traced on an H200 (jax 0.11.2): kernels launched from a CUDA-graph command buffer carry
+    `hlo_op` = the command buffer and `tf_op` = "XlaModule:"; the kernel's own name still maps to
+    its fusion.  Library kernels (cuDNN, Pallas) map to nothing and take the scope of the kernel
+    before them on the same stream; one with no kernel before it stays "other"."""
+    hlo = ('  %wrapped_concatenate.1 = bf16[768,144]{1,0} fusion(%a, %b), kind=kLoop, calls=%c, '
+           'metadata={op_name="jit(step)/jvp(backbone)/convert_element_type" '
+           'scheduling_name="wrapped_concatenate.1" stack_frame_id=827}\n'
+           '  %loop_slice_fusion.75 = f32[8]{0} fusion(%p), kind=kLoop, calls=%d, '
+           'metadata={op_name="jit(step)/transpose(jvp(loss))/slice"}\n')
+    cb = {"hlo_module": "jit_step", "hlo_op": "command_buffer_89", "tf_op": "XlaModule:"}
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    for i, (name, dur) in enumerate([("msda_fwd", 500.0), ("wrapped_concatenate_1", 1000.0),
+                                     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 3000.0),
+                                     ("loop_slice_fusion_75", 2000.0), ("msda_bwd", 4000.0)]):
+        events.append({"ph": "X", "pid": 1, "tid": 14, "ts": 10000.0 * i, "dur": dur,
+                       "name": name, "args": cb})
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = summarize(str(tmp_path), hlo, steps=1)
+    assert s["by_scope_ms"] == pytest.approx({"backbone": 4.0, "loss": 6.0, "other": 0.5})
+    assert s["scope_from_previous_kernel_ms"] == pytest.approx(7.0)

@@ -25,11 +25,11 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 
 def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
-    """The jax name stack of a kernel event: from the trace's own annotations when present, else
-    through the HLO instruction it came from (XLA names a fusion's kernel after the instruction,
-    `loop_add_fusion.173` -> `loop_add_fusion_173`)."""
-    if args.get("tf_op"):
-        return str(args["tf_op"])
+    """The jax name stack of a kernel event, through the HLO instruction it came from: the
+    event's `hlo_op` when that is an instruction (inside a CUDA-graph command buffer it names the
+    command buffer instead), else the kernel's name (XLA names a fusion's kernel after the
+    instruction, `loop_add_fusion.173` -> `loop_add_fusion_173`); last, the trace's own `tf_op`
+    when it is a name stack (on the GPU it is usually just "XlaModule:")."""
     for key in ("hlo_op", "long_name", "name"):
         v = str(args.get(key, "") or "")
         if v in ops:
@@ -37,7 +37,8 @@ def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
     for cand in (kernel, re.sub(r"_(\d+)$", r".\1", kernel), kernel.split("__")[0]):
         if cand in ops:
             return ops[cand]
-    return ""
+    tf_op = str(args.get("tf_op", "") or "")
+    return tf_op if "/" in tf_op else ""
 
 
 def _scope(op_name: str, kernel: str = "") -> str:
@@ -86,15 +87,26 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     samples = []  # a few raw kernel events, to check the attribution against
     intervals = collections.defaultdict(list)  # pid -> [(start, end)] of kernels
     named = collections.defaultdict(list)  # pid -> [(start, end, kernel name, scope)]
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu:
-            continue
+    inferred = 0.0  # kernel time attributed through the kernel before it (see below)
+    last_scope: dict = {}
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu),
+                     key=lambda e: (e["pid"], e.get("tid"), float(e.get("ts", 0.0))))
+    for e in kernels:
         dur = float(e.get("dur", 0.0))
         intervals[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + dur))
         args = e.get("args", {}) or {}
         name = e.get("name", "?")
         op_name = _op_name(args, name, ops)
         scope = _scope(op_name, name)
+        stream = (e["pid"], e.get("tid"))
+        if op_name:
+            last_scope[stream] = scope
+        elif scope == "other" and stream in last_scope:
+            # library kernels (cuDNN, cuBLAS, Pallas custom calls, copies) launched from a
+            # CUDA-graph command buffer carry no instruction name: they take the scope of the
+            # kernel before them on their stream
+            scope = last_scope[stream]
+            inferred += dur
         if len(samples) < 8:
             samples.append({"name": e.get("name"), "args": args, "op_name": op_name})
         named[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + dur, name,
@@ -118,6 +130,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
             "gap_ms_by_next_scope": {k: ms(v) for k, v in gap_next_scope.most_common()},
             "top_gaps_ms": [(k, ms(v)) for k, v in gap_pairs.most_common(top)],
             "sample_events": samples,
+            "scope_from_previous_kernel_ms": ms(inferred),
             "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
             "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
@@ -131,6 +144,9 @@ def print_summary(s: dict, tag: str) -> None:
     print(f"[{tag}] profile: {s['gpu_kernel_ms_per_step']:.1f} ms of GPU kernels per step and "
           f"device, {s['gpu_busy_ms_per_step']:.1f} ms with a kernel running"
           + (f" ({idle:.1f} ms without)" if idle is not None else ""), flush=True)
+    if s.get("scope_from_previous_kernel_ms"):
+        print(f"[{tag}]   ({s['scope_from_previous_kernel_ms']:.1f} ms of library kernels with no "
+              "HLO name take the scope of the kernel before them)", flush=True)
     for k, v in s["by_scope_ms"].items():
         print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:
