@@ -47,3 +47,36 @@ def test_online_guidance_without_sam_weights_is_refused(tmp_path, capsys):
     assert cli.main(["eval", "--config", "ade20k_sarformer_b", "--checkpoint", str(tmp_path),
                      "--set", f"guidance.sam.checkpoint={missing}"]) == 2
     assert f"guidance.sam.checkpoint={missing}: no such file" in capsys.readouterr().err
+
+
+def test_default_xla_flags_add_to_the_users_and_can_be_turned_off():
+    from sarformer_jax.cli import DEFAULT_XLA_FLAGS, apply_default_xla_flags
+
+    env = {}
+    assert apply_default_xla_flags(env) == " ".join(DEFAULT_XLA_FLAGS)
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    assert apply_default_xla_flags(env).split() == ["--xla_dump_to=/tmp/d", *DEFAULT_XLA_FLAGS]
+    # a flag the user set keeps the user's value
+    env = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="}
+    assert apply_default_xla_flags(env) == "--xla_gpu_enable_command_buffer="
+    env = {"SARFORMER_JAX_XLA_DEFAULTS": "0"}
+    assert apply_default_xla_flags(env) == "" and "XLA_FLAGS" not in env
+
+
+def test_default_xla_flags_are_accepted_by_this_jax():
+    """XLA aborts on a flag it does not know: the defaults must parse on the installed jax."""
+    import os
+    import subprocess
+    import sys
+
+    from sarformer_jax.cli import DEFAULT_XLA_FLAGS
+
+    code = ("import jax, jax.numpy as jnp\n"
+            "f = jax.jit(lambda x: jax.lax.while_loop(lambda c: c[0] < 3,"
+            " lambda c: (c[0] + 1, c[1] * 2), (0, x)))\n"
+            "print(int(f(jnp.ones(2))[1][0]))\n")
+    env = dict(os.environ, XLA_FLAGS=" ".join(DEFAULT_XLA_FLAGS), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "8"
