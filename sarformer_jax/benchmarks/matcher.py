@@ -7,8 +7,9 @@ condition can cost a round trip to the host, so this benchmark times it alone, w
 XLA_FLAGS the environment sets (run it twice to compare flags), next to the original's way
 (scipy's linear_sum_assignment on the host, one call per matrix, transfer included).
 
-  sarformer bench matcher
-  XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL sarformer bench matcher
+  sarformer bench matcher                                  (the command's default XLA flags:
+                                                           loops in CUDA-graph command buffers)
+  SARFORMER_JAX_XLA_DEFAULTS=0 sarformer bench matcher     (XLA's own defaults)
 """
 
 from __future__ import annotations

@@ -98,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "variant, all compile at once and measure one at a time (A/B "
                              "in one call). KEY is a config key, or env.VAR for an environment "
                              "variable of that run, e.g. 'cmdbuf:env.XLA_FLAGS=--xla_gpu_...' "
-                             "or 'noscan:model.backbone.scan_layers=False'")
+                             "or 'noscan:model.backbone.scan_layers=False' "
+                             "('xla:env.SARFORMER_JAX_XLA_DEFAULTS=0': without the command's "
+                             "default XLA flags)")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
