@@ -130,3 +130,24 @@ def test_command_buffer_kernels_and_library_kernels(tmp_path):
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["by_scope_ms"] == pytest.approx({"backbone": 4.0, "loss": 6.0, "other": 0.5})
     assert s["scope_from_previous_kernel_ms"] == pytest.approx(7.0)
+
+
+def test_pipelined_time_is_the_median_window_of_back_to_back_dispatches():
+    import time
+
+    from sarformer_jax.benchmarks.timing import pipelined_time
+
+    log = []
+    slow = iter([0.0, 0.0, 0.2] + [0.0] * 100)  # one slow step, in the first window
+
+    def dispatch():
+        log.append("d")
+        time.sleep(next(slow))
+
+    def wait():
+        log.append("w")
+
+    sec, windows = pipelined_time(dispatch, wait, steps=4, windows=3)
+    assert "".join(log) == "ddddw" * 3  # one wait per window, after its dispatches
+    assert len(windows) == 3 and windows[0] >= 0.05  # 0.2 s over 4 steps
+    assert sec == sorted(windows)[1] and sec < 0.02  # the slow window does not set the figure

@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time
+from sarformer_jax.benchmarks.timing import median_time, pipelined_time
 
 MODELS = {
     "sarformer_b": "ade20k_sarformer_b",
@@ -237,12 +237,13 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
         sec, times = median_time(step, args.steps, args.warmup)
         # as the training loop runs: dispatched back to back, one wait at the end, so the host's
         # dispatch of step n+1 overlaps the devices' step n
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
-        jax.block_until_ready((holder["state"], metrics))
-        pipelined = (time.perf_counter() - t0) / args.steps
-        res.update(pipelined_step_s=pipelined,
+        def dispatch():
+            holder["state"], holder["metrics"] = compiled(holder["state"], batch, trainer.guide)
+
+        pipelined, windows = pipelined_time(
+            dispatch, lambda: jax.block_until_ready((holder["state"], holder["metrics"])),
+            args.steps)
+        res.update(pipelined_step_s=pipelined, pipelined_windows_s=windows,
                    pipelined_images_per_s=run["global_batch"] / pipelined)
         res.update(step_s=sec, step_times_s=times, images_per_s=run["global_batch"] / sec,
                    peak_bytes=_peak_bytes(devices))

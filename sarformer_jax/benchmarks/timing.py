@@ -19,3 +19,19 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int) -> tuple[floa
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times)), times
+
+
+def pipelined_time(dispatch: Callable[[], object], wait: Callable[[], object], steps: int,
+                   windows: int = 3) -> tuple[float, list[float]]:
+    """Seconds per step as a training loop runs: `steps` calls of `dispatch` back to back (it
+    must not block), then one `wait`; the median over `windows` such windows of the per-step
+    time, and every window's.  One slow step (a command-buffer re-recording, a host hiccup)
+    moves one window, not the figure."""
+    per_step = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        for _ in range(steps):
+            dispatch()
+        wait()
+        per_step.append((time.perf_counter() - t) / steps)
+    return float(np.median(per_step)), per_step
