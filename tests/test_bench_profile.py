@@ -151,3 +151,31 @@ def test_pipelined_time_is_the_median_window_of_back_to_back_dispatches():
     assert "".join(log) == "ddddw" * 3  # one wait per window, after its dispatches
     assert len(windows) == 3 and windows[0] >= 0.05  # 0.2 s over 4 steps
     assert sec == sorted(windows)[1] and sec < 0.02  # the slow window does not set the figure
+
+
+def test_measuring_turn_waits_for_every_run_ready_or_failed(tmp_path):
+    """Runs compiled at once measure one at a time: a run's turn comes only once every run is
+    ready (or its driver marked it failed), and the lock is exclusive between processes."""
+    import fcntl
+    import threading
+
+    from sarformer_jax.benchmarks.timing import measuring_turn, wait_for_all
+
+    with pytest.raises(TimeoutError, match="b"):
+        wait_for_all(str(tmp_path), ["a", "b"], timeout=0.0)
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        measuring_turn(str(tmp_path), "a", ["a", "b", "c"], timeout=30)))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not got  # b and c are not ready yet
+    (tmp_path / "ready.b").touch()
+    (tmp_path / "failed.c").touch()
+    t.join(30)
+    assert got and (tmp_path / "ready.a").exists()
+    other = open(tmp_path / "lock", "w")
+    with pytest.raises(BlockingIOError):  # a holds the turn
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    got[0].close()
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now free
+    other.close()

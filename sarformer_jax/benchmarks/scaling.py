@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import os
 import subprocess
@@ -45,7 +44,7 @@ import time
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time, pipelined_time
+from sarformer_jax.benchmarks.timing import measuring_turn, median_time, pipelined_time
 
 MODELS = {
     "sarformer_b": "ade20k_sarformer_b",
@@ -166,18 +165,6 @@ def trajectory_batch(cfg, step: int) -> dict[str, np.ndarray]:
 # Worker (one run, one subprocess)
 
 
-def _wait_for_all(rundir: str, names: list[str], timeout: float) -> None:
-    t0 = time.time()
-    while True:
-        done = [n for n in names if os.path.exists(os.path.join(rundir, f"ready.{n}"))
-                or os.path.exists(os.path.join(rundir, f"failed.{n}"))]
-        if len(done) == len(names):
-            return
-        if time.time() - t0 > timeout:
-            raise TimeoutError(f"runs {sorted(set(names) - set(done))} never became ready")
-        time.sleep(0.5)
-
-
 def _peak_bytes(devices) -> int | None:
     peaks = []
     for d in devices:
@@ -210,11 +197,8 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
           "waiting for the other runs", flush=True)
     traj_batches = ([trajectory_batch(cfg, s) for s in range(args.trajectory_steps)]
                     if run["trajectory"] else [])
-    open(os.path.join(rundir, f"ready.{run['name']}"), "w").close()
-    _wait_for_all(rundir, names, timeout=args.timeout or 3600)
-
-    with open(os.path.join(rundir, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one run on the GPUs at a time
+    # one run on the GPUs at a time
+    with measuring_turn(rundir, run["name"], names, timeout=args.timeout or 3600):
         holder = {"state": state}
         if traj_batches:
             losses = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from collections.abc import Callable
 
@@ -35,3 +37,28 @@ def pipelined_time(dispatch: Callable[[], object], wait: Callable[[], object], s
         wait()
         per_step.append((time.perf_counter() - t) / steps)
     return float(np.median(per_step)), per_step
+
+
+def wait_for_all(sync_dir: str, names: list[str], timeout: float) -> None:
+    """Waits until every run in `names` has written `ready.<name>` or its driver
+    `failed.<name>` in `sync_dir`."""
+    t0 = time.time()
+    while True:
+        done = [n for n in names if os.path.exists(os.path.join(sync_dir, f"ready.{n}"))
+                or os.path.exists(os.path.join(sync_dir, f"failed.{n}"))]
+        if len(done) == len(names):
+            return
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"runs {sorted(set(names) - set(done))} never became ready")
+        time.sleep(0.5)
+
+
+def measuring_turn(sync_dir: str, name: str, names: list[str], timeout: float):
+    """For runs that compile at once and measure one at a time: marks `name` ready, waits for
+    all `names` (`wait_for_all`), then takes the exclusive measuring lock.  Returns the open
+    lock file: closing it (or the process ending) gives the turn to the next run."""
+    open(os.path.join(sync_dir, f"ready.{name}"), "w").close()
+    wait_for_all(sync_dir, names, timeout)
+    lock = open(os.path.join(sync_dir, "lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock

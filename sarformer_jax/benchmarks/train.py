@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import json
 import os
 import subprocess
@@ -55,7 +54,7 @@ import time
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time, pipelined_time
+from sarformer_jax.benchmarks.timing import measuring_turn, median_time, pipelined_time
 
 MODELS = {
     "sarformer": "ade20k_sarformer_b",  # cached guidance
@@ -212,19 +211,14 @@ def _peak_bytes(device) -> int | None:
 
 
 def _wait_and_lock(args: argparse.Namespace, tag: str):
-    """With --sync-dir (variants): say this run is compiled, wait until every run is compiled
-    (or failed), then hold the measuring lock, so no timing shares the GPU with a compile, an
-    initialisation or another run's steps.  Returns the open lock file (closing releases it)."""
+    """With --sync-dir (variants): wait until every run is compiled (or failed), then hold the
+    measuring lock, so no timing shares the GPU with a compile, an initialisation or another
+    run's steps.  Returns the open lock file (closing releases it), or None."""
     if not args.sync_dir:
         return None
-    from sarformer_jax.benchmarks.scaling import _wait_for_all
-
-    open(os.path.join(args.sync_dir, f"ready.{tag}"), "w").close()
     print(f"[{tag}] waiting for the other variants to compile", flush=True)
-    _wait_for_all(args.sync_dir, args.sync_names.split(","), timeout=args.worker_timeout or 3600)
-    lock = open(os.path.join(args.sync_dir, "lock"), "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return lock
+    return measuring_turn(args.sync_dir, tag, args.sync_names.split(","),
+                          timeout=args.worker_timeout or 3600)
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict:
