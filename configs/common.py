@@ -50,8 +50,9 @@ def beit_adapter_b() -> Config:
         add_vit_feature=True,
         with_cp=False,  # activation checkpointing (jax.checkpoint); no numeric effect
         # each interaction's BEiT layers as one lax.scan: a fraction of the compile time; same
-        # numbers (only the stochastic-depth draws differ from the unrolled layers')
-        scan_layers=True,
+        # numbers (only the stochastic-depth draws differ from the unrolled layers'). "auto":
+        # scanned on the CPU, unrolled on an accelerator (faster steps there; models.beit)
+        scan_layers="auto",
         carry_cls=False,  # §2.7 / §8 #5: the original resets cls at every stage
         msda_init="trunc_normal",  # §8 #13: "trunc_normal" (faithful) | "deformable_detr" (clean)
         # BEiT relative position grid; inputs of other sizes interpolate (CHECKPOINTS §5.3)
@@ -74,6 +75,9 @@ def beit_adapter_l() -> Config:
         interaction_indexes=((0, 5), (6, 11), (12, 17), (18, 23)),
         deform_num_heads=16,
         with_cp=True,
+        # 24 rematerialised layers: L keeps the scan everywhere (its unrolled GPU compile time is
+        # not measured; the B measurement that made "auto" unroll is in models.beit)
+        scan_layers=True,
     )
     return cfg
 

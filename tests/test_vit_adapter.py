@@ -328,3 +328,14 @@ def test_conv_ffn_vs_torch(rng):
         t = F.gelu(torch.cat(parts, 1))
         ref = F.linear(t, _torch(np.asarray(ffn.fc2.kernel[...]).T), _torch(ffn.fc2.bias[...])).numpy()
     assert rel_err(got, ref) <= RTOL["float32"]
+
+
+def test_scan_layers_auto_resolves_by_backend():
+    """"auto" scans on the CPU (compile time) and unrolls on an accelerator (step time); anything
+    but a bool or "auto" is refused by name."""
+    from sarformer_jax.models.beit import resolve_scan_layers
+
+    assert resolve_scan_layers("auto") is (jax.default_backend() == "cpu")
+    assert resolve_scan_layers(False) is False and resolve_scan_layers(1) is True
+    with pytest.raises(ValueError, match="scan_layers.*'yes'"):
+        resolve_scan_layers("yes")

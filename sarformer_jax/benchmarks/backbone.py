@@ -6,7 +6,13 @@ loss (mean of the outputs in float32) and the backward pass w.r.t. every paramet
 statistics are updated for the adapter (train mode).  Ours runs with bfloat16 compute and float32
 parameters; timm runs under `torch.autocast(bfloat16)` with float32 parameters (the usual AMP
 setup).  FLOPs come from XLA's cost analysis of the lowered step (the compiled GPU program counts
-its cuBLAS GEMMs as 0 FLOPs); MFU = FLOPs / time / peak.
+its cuBLAS GEMMs as 0 FLOPs; where the accelerator's lowered program gives no count, the same
+model is lowered for the host CPU with XLA attention and MSDA); MFU = FLOPs / time / peak.
+
+Two times per model: the blocking median (each call waits for its result, so the host's
+dispatch latency is inside) and the pipelined time (calls dispatched back to back, one wait at
+the end, as a training loop runs), for timm too.  `--scan-layers on,off` times the BEiT layers
+as a `lax.scan` and unrolled.
 
 Example (on the device): `sarformer bench backbone --batch 2 --size 640`.
 Results go to docs/benchmarks.md with command, device, date and jax version.
@@ -16,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time
+from sarformer_jax.benchmarks.timing import median_time, pipelined_time
 
 # dense bf16 peak, TFLOP/s, by jax device_kind substring
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -42,16 +49,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also trace 5 steps of each JAX model into DIR and print its top kernels")
     parser.add_argument("--msda-implementation", default=None, help="kernels.ms_deform_attn implementation")
     parser.add_argument("--remat", action="store_true", help="activation checkpointing on the BEiT layers")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak for MFU")
+    parser.add_argument("--scan-layers", default="config",
+                        help="comma list of: on (the BEiT layers of a group as one lax.scan), off "
+                             "(unrolled), config (the config's default); each is timed")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="override the peak for MFU (default: the nominal dense bf16 peak)")
     parser.add_argument("--lower-only", action="store_true",
                         help="only count FLOPs (lowered program, no compile, no timing; runs on CPU)")
 
 
-def _config(args):
+def _config(args, scan: str = "config"):
     from sarformer_jax.configs.common import beit_adapter_b, beit_adapter_l
 
     cfg = beit_adapter_b() if args.variant == "b" else beit_adapter_l()
     cfg.with_cp = bool(args.remat)
+    if scan not in ("config", "on", "off"):
+        raise SystemExit(f"--scan-layers: {scan!r} is not one of config, on, off")
+    if scan != "config":
+        cfg.scan_layers = scan == "on"
     if args.depth:
         per = max(args.depth // 4, 1)
         depth = 4 * per
@@ -64,8 +79,13 @@ def _time(fn, steps: int, warmup: int) -> float:
     return median_time(fn, steps, warmup)[0]
 
 
-def _jax_step(model, x, *, train: bool, adapter: bool, lower_only: bool = False):
-    """Returns (step() -> blocks, flops per step); step is None when `lower_only`."""
+def _pipelined(run, steps: int) -> float:
+    """Seconds per call with calls dispatched back to back (as a training loop runs)."""
+    return pipelined_time(run.dispatch, run.wait, steps)[0]
+
+
+def _step_fn(model, *, train: bool, adapter: bool):
+    """(jitted step(params, rest, x) -> (loss, grads, rest), params, rest) for `model`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -85,22 +105,54 @@ def _jax_step(model, x, *, train: bool, adapter: bool, lower_only: bool = False)
         loss, grads = nnx.value_and_grad(loss_fn)(m, x)
         return loss, grads, nnx.state(m, nnx.Not(nnx.Param))
 
+    return step, params, rest
+
+
+def _flops(lowered) -> float:
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def cpu_lowered_flops(build, x_shape, *, train: bool, adapter: bool) -> float:
+    """FLOPs of the same step lowered for the host CPU, with XLA attention and the XLA MSDA
+    reference (the same arithmetic): `build(attention_implementation, msda_implementation)`
+    makes the model.  Used where the accelerator's lowered program gives no count (jax 0.11.2
+    on the H200 returned none)."""
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        model = build("xla", "xla")
+        step, params, rest = _step_fn(model, train=train, adapter=adapter)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, rest))
+        return _flops(step.lower(*abstract, jax.ShapeDtypeStruct(x_shape, jax.numpy.float32)))
+
+
+def _jax_step(model, x, *, train: bool, adapter: bool, lower_only: bool = False):
+    """Returns (step() -> blocks, flops per step); step is None when `lower_only`."""
+    import jax
+
+    step, params, rest = _step_fn(model, train=train, adapter=adapter)
     lowered = step.lower(params, rest, x)
     # FLOPs of the lowered (pre-optimisation) program: in the compiled GPU program the GEMMs are
     # cuBLAS custom calls, which XLA's cost analysis counts as 0 FLOPs (seen on the H100).
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = _flops(lowered)
     if lower_only:
         return None, flops
     compiled = lowered.compile()
     state = {"rest": rest}
 
-    def run():
+    def dispatch():
         loss, grads, state["rest"] = compiled(params, state["rest"], x)
-        jax.block_until_ready((loss, grads))
+        state["last"] = (loss, grads)
+
+    def run():
+        dispatch()
+        jax.block_until_ready(state["last"])
 
     run.compiled = compiled
+    run.dispatch = dispatch
+    run.wait = lambda: jax.block_until_ready(state["last"])
     return run, flops
 
 
@@ -129,14 +181,21 @@ def _timm_step(args, size, device):
     x = torch.randn(args.batch, 3, *size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-    def run():
+    def dispatch():
         model.zero_grad(set_to_none=True)
         with autocast:
             loss = model.forward_features(x).float().mean()
         loss.backward()
+
+    def wait():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    def run():
+        dispatch()
+        wait()
+
+    run.dispatch, run.wait = dispatch, wait
     return run
 
 
@@ -150,30 +209,47 @@ def run(args: argparse.Namespace) -> int:
     size = tuple(args.size) if len(args.size) == 2 else (args.size[0], args.size[0])
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    cfg = _config(args)
+    scans = [a.strip() for a in args.scan_layers.split(",") if a.strip()] or ["config"]
+    cfg = _config(args, scans[0])  # validates; the header's depth
     dev = jax.devices()[0]
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, *size, 3)), jnp.float32)
     print(f"# sarformer bench backbone  {datetime.date.today()}  jax {jax.__version__}  "
           f"device {dev.device_kind}  batch {args.batch}  size {size[0]}x{size[1]}  {args.dtype}  "
-          f"depth {cfg.depth}  attention {args.attention_implementation}  remat {args.remat}")
+          f"depth {cfg.depth}  attention {args.attention_implementation}  remat {args.remat}  scan {args.scan_layers}")
     results = {}
     impls = [a.strip() for a in args.attention_implementation.split(",") if a.strip()]
-    runs = [(m, impl) for m in models for impl in (impls if m in ("beit", "adapter") else [None])]
-    for name, impl in runs:
-        tag = name if impl is None or len(impls) == 1 else f"{name}/{impl}"
+    runs = [(m, impl, scan) for m in models
+            for impl in (impls if m in ("beit", "adapter") else [None])
+            for scan in (scans if m in ("beit", "adapter") else [None])]
+    for name, impl, scan in runs:
+        tag = name
+        if impl is not None and len(impls) > 1:
+            tag += f"/{impl}"
+        if scan is not None and len(scans) > 1:
+            tag += f"/scan-{scan}"
+        pipe = float("nan")
         if name in ("beit", "adapter"):
             cls = BEiT if name == "beit" else BEiTAdapter
-            kw = dict(attention_implementation=impl)
-            if name == "adapter":
-                kw["msda_implementation"] = args.msda_implementation
-            model = cls(cfg, size, dtype=dtype, param_dtype=jnp.float32, rngs=init_rngs(0), **kw)
+
+            def build(attention, msda, scan=scan, cls=cls, name=name):
+                extra = {"msda_implementation": msda} if name == "adapter" else {}
+                return cls(_config(args, scan), size, dtype=dtype, param_dtype=jnp.float32,
+                           rngs=init_rngs(0), attention_implementation=attention, **extra)
+
+            model = build(impl, args.msda_implementation)
             step, flops = _jax_step(model, x, train=True, adapter=name == "adapter",
                                     lower_only=args.lower_only)
+            if model.scan_layers:
+                flops = float("nan")  # a while loop's body is counted once, not per trip
+            if not np.isfinite(flops):
+                flops = cpu_lowered_flops(functools.partial(build, scan="off"), x.shape,
+                                          train=True, adapter=name == "adapter")
             if args.lower_only:
-                print(f"| {tag:8s} | {flops / 1e12:7.3f} TFLOP/step (lowered program) |")
+                print(f"| {tag:8s} | {flops / 1e12:9.6f} TFLOP/step (lowered program) |")
                 continue
             sec = _time(step, args.steps, args.warmup)
+            pipe = _pipelined(step, args.steps)
             if args.profile:
                 import os
 
@@ -184,16 +260,23 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            sec = _time(_timm_step(args, size, device), args.steps, args.warmup)
-            flops = results.get("beit", (None, float("nan")))[1]
+            timm_run = _timm_step(args, size, device)
+            sec = _time(timm_run, args.steps, args.warmup)
+            pipe = _pipelined(timm_run, args.steps)
+            flops = results.get("beit", (None, None, float("nan")))[2]
         else:
             raise SystemExit(f"unknown model {name!r}; choose from beit, adapter, timm")
-        results.setdefault(name, (sec, flops))
-        if sec < results[name][0]:
-            results[name] = (sec, flops)
-        mfu = flops / sec / (peak * 1e12) if peak and np.isfinite(flops) else float("nan")
-        print(f"| {tag:8s} | fwd+bwd {sec * 1e3:8.2f} ms | {flops / 1e12:7.3f} TFLOP/step | "
-              f"MFU {100 * mfu:5.1f}% |")
+        best = results.get(name)
+        if best is None or pipe < best[1] or (np.isnan(pipe) and sec < best[0]):
+            results[name] = (sec, pipe, flops)
+
+        def mfu(t):
+            return 100 * flops / t / (peak * 1e12) if peak and np.isfinite(flops) else float("nan")
+
+        print(f"| {tag:8s} | fwd+bwd {sec * 1e3:8.2f} ms | pipelined {pipe * 1e3:8.2f} ms | "
+              f"{flops / 1e12:7.3f} TFLOP/step | MFU {mfu(sec):5.1f}% blocking, "
+              f"{mfu(pipe):5.1f}% pipelined (of {peak} TFLOP/s) |")
     if "beit" in results and "timm" in results:
-        print(f"timm / ours (BEiT): {results['timm'][0] / results['beit'][0]:.2f}x")
+        (ts, tp, _), (os_, op, _) = results["timm"], results["beit"]
+        print(f"timm / ours (BEiT): {ts / os_:.2f}x blocking, {tp / op:.2f}x pipelined")
     return 0

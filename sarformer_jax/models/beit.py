@@ -334,6 +334,18 @@ def table_grid_of(cfg: Any, image_size: Sequence[int] | int) -> tuple[int, int]:
     return (int(grid[0]), int(grid[1]))
 
 
+def resolve_scan_layers(flag) -> bool:
+    """`scan_layers`: True / False, or "auto" = scan on the CPU (it cuts compile time there) and
+    unrolled on an accelerator, where the scan's per-iteration parameter stacking and gradient
+    updates cost step time (H200, SARFormer-B 640² b2 train step: 84.5 ms pipelined with the
+    backbone scanned, 81.8 ms unrolled; docs/benchmarks.md, train run 6)."""
+    if isinstance(flag, str):
+        if flag != "auto":
+            raise ValueError(f"scan_layers must be True, False or 'auto', got {flag!r}")
+        return jax.default_backend() == "cpu"
+    return bool(flag)
+
+
 class BEiT(nnx.Module):
     """BEiT encoder: patch embedding, cls token, `depth` layers.  No final norm (SARFormer and
     the adapter use the raw tokens).
@@ -355,7 +367,7 @@ class BEiT(nnx.Module):
         self.patch_size = int(cfg.patch_size)
         self.table_grid = table_grid_of(cfg, image_size)
         self.with_cp = bool(cfg.get("with_cp", False))
-        self.scan_layers = bool(cfg.get("scan_layers", False))
+        self.scan_layers = resolve_scan_layers(cfg.get("scan_layers", False))
         self.patch_embed = PatchEmbed(c, self.patch_size, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, c), param_dtype))
