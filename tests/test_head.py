@@ -275,3 +275,108 @@ def test_aux_converter_round_trip():
     back = _flat_values(dst, (nnx.Param, nnx.BatchStat))
     for k in ours:
         np.testing.assert_array_equal(back[k], ours[k], err_msg=k)
+
+
+def _full_size_head_cfg(variant):
+    """The SARFormer head config of `variant` and its in-channels, as in
+    `test_shapes_and_dtypes_full_size`."""
+    if variant == "B":
+        return common.mask2former_head(), 768
+    return common.mask2former_head(1024, pd_heads=32, pd_ffn=4096, dec_heads=32, dec_ffn=4096,
+                                   num_feats=512), 1024
+
+
+@pytest.mark.parametrize("variant,size,reduced", [
+    pytest.param("B", (640, 640), True, id="B-640x640-reduced-depth"),
+    pytest.param("B", (640, 640), False, id="B-640x640", marks=pytest.mark.gpu),
+    pytest.param("B", (512, 1024), False, id="B-512x1024", marks=pytest.mark.gpu),
+    pytest.param("L", (640, 640), False, id="L-640x640", marks=pytest.mark.gpu),
+    pytest.param("L", (512, 1024), False, id="L-512x1024", marks=pytest.mark.gpu),
+])
+def test_full_size_gradients_reach_every_parameter(variant, size, reduced):
+    """Real (not abstract) gradients of the full loss (default `common.loss()`: 12544 points)
+    through the full-width SARFormer heads at the training sizes, bf16 compute, fp32 params and
+    gradients, batch 1.
+
+    The full-depth cases are marked gpu (the device machine: `JAX_PLATFORMS=cuda python3 -m
+    pytest -q -m gpu tests/test_head.py -k full_size_gradients`, 67-92 s each there, mostly
+    compile).  On the CPU, B at 640x640 runs with one pixel-decoder layer and three decoder
+    layers (each of the three feature levels once): every parameter kind is there, the deeper
+    stacks only repeat them.  The CPU takes the XLA reference of deformable attention, which
+    keeps its gathered corners, f32[B, heads, tokens, 48, 32] per pixel-decoder layer and pass,
+    for the backward: the full-depth B at 640x640 peaks at 16.5 GB and takes 80-95 s on 2
+    cores, and L at 512x1024 needs 26 GB of temporaries."""
+    k, b, h, w = 150, 1, *size
+    cfg, c = _full_size_head_cfg(variant)
+    if reduced:
+        cfg.pixel_decoder.num_layers = 1
+        cfg.decoder.num_layers = 3
+    n_preds = cfg.decoder.num_layers + 1
+    head = Mask2FormerHead(cfg, [c] * 4, num_classes=k, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    models = [head]
+    if variant == "B":  # SARFormer-B trains with the auxiliary FCN head (configs/ade20k_sarformer_b.py)
+        models.append(AdapterFCNHead(common.aux_head(True, c, num_classes=k), dtype=jnp.bfloat16,
+                                     rngs=nnx.Rngs(1)))
+    models = tuple(models)
+    params = jax.tree.leaves(nnx.state(models, nnx.Param))
+    assert params and all(p.dtype == jnp.float32 for p in params)
+    rng = np.random.default_rng(0)
+    # move off the Deformable-DETR init (zero offset / attention kernels make the query, hence
+    # the positional and level encodings, inert at step 0), as in the reduced-config test
+    state = nnx.state(head, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    nnx.update(head, jax.tree.unflatten(treedef, [
+        x + jnp.asarray(0.02 * rng.standard_normal(x.shape, np.float32)) for x in leaves]))
+    feats = [jnp.asarray(rng.standard_normal((b, h // s, w // s, c), np.float32), jnp.bfloat16)
+             for s in (4, 8, 16, 32)]
+    raw = [(f * 3.0 + 1.0).astype(jnp.bfloat16) for f in feats]
+    n = 64  # ~45 valid proposals (16x16-pixel blocks): the other slots are Bernoulli placeholders
+    masks = np.repeat(np.repeat(rng.random((b, n, h // 16, w // 16)) > 0.5, 16, 2), 16, 3)
+    props = jax.jit(prepare_proposals, static_argnums=3)(
+        jax.random.key(3), jnp.asarray(masks), jnp.asarray(rng.random((b, n)) > 0.3), cfg.num_queries)
+    # blocky labels from 20 of the classes (segments, not salt-and-pepper), an ignored band
+    labels = rng.choice(k, 20, replace=False)[rng.integers(0, 20, size=(b, h // 32, w // 32))]
+    gt = np.repeat(np.repeat(labels, 32, 1), 32, 2).astype(np.int32)
+    gt[:, : h // 10] = 255
+    loss_cfg = common.loss()
+
+    def run(models, feats, raw, props, gt):
+        preds, _ = models[0](feats, raw, props, invert_first_mask=True, train=True)
+        aux_logits = models[1](feats, train=True)[0] if len(models) > 1 else None
+        total, parts = loss_fn(preds, gt, aux_logits, key=jax.random.key(1), cfg_loss=loss_cfg,
+                               num_classes=k)
+        return total, (parts, preds)
+
+    @nnx.jit  # the inputs are arguments, not closed-over constants (as those, ~50 s more)
+    def grads(models, feats, raw, props, gt):
+        diff = nnx.DiffState(0, nnx.Param)
+        (total, (parts, preds)), g = nnx.value_and_grad(run, argnums=diff, has_aux=True)(
+            models, feats, raw, props, gt)
+        return total, parts, preds, g
+
+    total, parts, preds, g = grads(models, feats, raw, props, jnp.asarray(gt))
+    assert np.isfinite(float(total)) and float(total) > 0
+    assert all(np.isfinite(float(v)) for v in parts.values())
+    assert len(parts) == 3 * n_preds + (1 if variant == "B" else 0)
+    assert len(preds) == n_preds
+    for p in preds:
+        assert p["cls"].dtype == jnp.bfloat16 and p["mask"].dtype == jnp.bfloat16
+        assert p["cls"].shape == (b, 100, k + 1) and p["mask"].shape == (b, 100, h // 4, w // 4)
+    flat = _flat_grads(g)
+    assert len(flat) == len(params)
+    for name, value in flat.items():
+        assert value.dtype == np.float32, name
+        assert np.all(np.isfinite(value)), name
+    dead = [name for name in flat if "enc_output" in name]
+    assert len(dead) == 4
+    # The key bias of softmax attention is inert: it adds q . b_k to every logit of a row, which
+    # the softmax cancels, so its gradient is 0 up to rounding (~1e-7 of the query bias's in
+    # fp32, ~1e-2 in bf16 on the CPU, and exactly 0 for L's decoder layer 4 cross-attention on
+    # the GPU).  Bounded against the query bias of the same attention instead of asserted nonzero.
+    key_biases = [name for name in flat if name.endswith("attn.k_proj.bias")]
+    assert len(key_biases) == 2 * cfg.decoder.num_layers  # self- and cross-attention per layer
+    for name in key_biases:
+        q_bias = flat[name.replace("k_proj", "q_proj")]
+        assert np.linalg.norm(flat[name]) <= 0.1 * np.linalg.norm(q_bias), name
+    zero = [name for name, value in flat.items() if not np.any(value != 0) and name not in key_biases]
+    assert zero == dead, f"no gradient reaches {sorted(set(zero) - set(dead))}"
