@@ -376,3 +376,31 @@ def test_full_width_gradients_at_real_sizes(variant, size, rng):
     again = _flat(_grad(model, x, True, proj))
     for name in grads:
         np.testing.assert_array_equal(np.asarray(grads[name]), np.asarray(again[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_strided_conv_transpose_equals_flax_conv_transpose(dtype, rng):
+    """`up` as a GEMM + depth-to-space gives nnx.ConvTranspose's parameters (same seed, same
+    draws) and outputs, values and gradients; torch's layout is pinned by
+    test_spm_and_up_vs_torch."""
+    from sarformer_jax.models.beit import torch_bias_init, torch_conv_init
+    from sarformer_jax.models.vit_adapter import StridedConvTranspose
+
+    c_in, c_out = 12, 8
+    ours = StridedConvTranspose(c_in, c_out, 2, kernel_init=torch_conv_init,
+                                bias_init=torch_bias_init(4 * c_in), dtype=dtype, rngs=nnx.Rngs(3))
+    ref = nnx.ConvTranspose(c_in, c_out, (2, 2), strides=(2, 2), padding="VALID",
+                            kernel_init=torch_conv_init, bias_init=torch_bias_init(4 * c_in),
+                            dtype=dtype, rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(ours.kernel[...], ref.kernel[...])
+    np.testing.assert_array_equal(ours.bias[...], ref.bias[...])
+    x = jnp.asarray(rng.normal(size=(2, 5, 7, c_in)).astype(np.float32))
+    y, y_ref = ours(x), ref(x)
+    assert y.shape == y_ref.shape == (2, 10, 14, c_out) and y.dtype == y_ref.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    assert rel_err(y.astype(jnp.float32), y_ref.astype(jnp.float32)) < tol
+    proj = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+    loss = lambda m: jnp.sum(m(x).astype(jnp.float32) * proj)  # noqa: E731
+    g, g_ref = nnx.grad(loss)(ours), nnx.grad(loss)(ref)
+    for name in ("kernel", "bias"):
+        assert rel_err(getattr(g, name)[...], getattr(g_ref, name)[...]) < tol, name
