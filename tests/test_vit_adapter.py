@@ -384,7 +384,7 @@ def test_strided_conv_transpose_equals_flax_conv_transpose(dtype, rng):
     draws) and outputs, values and gradients; torch's layout is pinned by
     test_spm_and_up_vs_torch."""
     from sarformer_jax.models.beit import torch_bias_init, torch_conv_init
-    from sarformer_jax.models.vit_adapter import StridedConvTranspose
+    from sarformer_jax.models.layers import StridedConvTranspose
 
     c_in, c_out = 12, 8
     ours = StridedConvTranspose(c_in, c_out, 2, kernel_init=torch_conv_init,

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from sarformer_jax.models.beit import BEiT, torch_bias_init, torch_conv_init
-from sarformer_jax.models.layers import DropPath, resize_bilinear, trunc_normal_02
+from sarformer_jax.models.layers import (DropPath, StridedConvTranspose, resize_bilinear,
+                                         trunc_normal_02)
 from sarformer_jax.models.ms_deform_attn import MSDeformAttn
 
 LN_EPS = 1e-6
@@ -217,34 +218,6 @@ def deform_inputs(height: int, width: int):
     ref1 = _centres(*grid)[None, :, None]
     ref2 = np.concatenate([_centres(h, w) for h, w in levels])[None, :, None]
     return (jnp.asarray(ref1), tuple(levels)), (jnp.asarray(ref2), (grid,))
-
-
-class StridedConvTranspose(nnx.Module):
-    """ConvTranspose2d whose kernel equals its stride (no overlap, VALID), as a matrix product and
-    a depth-to-space reshape: out[2i + a, 2j + b] = x[i, j] @ W[a, b] + bias for stride 2.
-
-    Same parameters, layout and initialisation order as `nnx.ConvTranspose(..., padding="VALID",
-    transpose_kernel=False)` (kernel (kh, kw, I, O), spatially flipped against torch's; the
-    converters' `conv_transpose_kernel`), and the same sums.  It exists for speed: XLA's CPU
-    backend runs the kernel gradient of the dilated convolution that `nnx.ConvTranspose` lowers
-    to through a naive loop (62 s of a 78 s ViT-Adapter-B gradient at 640², 2 cores), while
-    this is one GEMM on every backend."""
-
-    def __init__(self, in_features: int, out_features: int, stride: int, *, kernel_init,
-                 bias_init, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.stride = int(stride)
-        self.dtype = dtype
-        shape = (self.stride, self.stride, in_features, out_features)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
-        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-        k = self.kernel[...].astype(dtype)[::-1, ::-1]  # flax's transposed-conv flip
-        b, h, w, _ = x.shape
-        s = self.stride
-        y = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(dtype), k)
-        return y.reshape(b, h * s, w * s, -1) + self.bias[...].astype(dtype)
 
 
 class BEiTAdapter(BEiT):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sarformer_jax.models.layers import StridedConvTranspose
 from sarformer_jax.sam.common import GELU, layer_norm
 from sarformer_jax.sam.transformer import TwoWayTransformer
 
@@ -56,13 +57,14 @@ class MaskDecoder(nnx.Module):
         self.iou_token = nnx.Embed(1, transformer_dim, param_dtype=param_dtype, rngs=rngs)
         self.mask_tokens = nnx.Embed(self.num_mask_tokens, transformer_dim, param_dtype=param_dtype, rngs=rngs)
         c = transformer_dim
-        # ConvTranspose kernels are (kh, kw, in, out) used without kernel transposition; the
-        # converter flips torch's (in, out, kh, kw) weights spatially (CHECKPOINTS §5.1).
+        # ConvTranspose2d(k=2, s=2) as a GEMM + depth-to-space (models.layers): kernels are
+        # (kh, kw, in, out) as flax's ConvTranspose keeps them; the converter flips torch's
+        # (in, out, kh, kw) weights spatially (CHECKPOINTS §5.1).
         self.output_upscaling = nnx.List([
-            nnx.ConvTranspose(c, c // 4, (2, 2), strides=(2, 2), padding="VALID", **kw),
+            StridedConvTranspose(c, c // 4, 2, **kw),
             layer_norm(c // 4, 1e-6, **kw),
             GELU(),
-            nnx.ConvTranspose(c // 4, c // 8, (2, 2), strides=(2, 2), padding="VALID", **kw),
+            StridedConvTranspose(c // 4, c // 8, 2, **kw),
             GELU(),
         ])
         self.output_hypernetworks_mlps = nnx.List([MLP(c, c, c // 8, 3, **kw) for _ in range(self.num_mask_tokens)])
