@@ -217,7 +217,10 @@ def train(batch_size: int = 4, num_steps: int = 160_000) -> Config:
         nan_policy="stop",  # "stop" | "skip"
         # fsdp > 1 splits params / optimiser state with >= fsdp_min_size elements over `fsdp`
         mesh=Config(data=-1, fsdp=1, fsdp_min_size=2**14),
-        profile=False,
+        # a directory: trace `profile_window` = (steps of this run to skip, steps to trace) with
+        # jax.profiler into it (TensorBoard / Perfetto); "" = off
+        profile="",
+        profile_window=(10, 5),
     )
     return cfg
 

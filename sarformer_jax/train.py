@@ -109,7 +109,7 @@ def shape_fingerprint(params) -> dict[str, list[int]]:
 
 _TRAINERS: dict[tuple, tuple[Trainer, Any]] = {}
 _HOST_ONLY_TRAIN_KEYS = ("nan_policy", "ckpt_every", "eval_every", "log_every",
-                         "keep_checkpoints", "keep_best", "profile")
+                         "keep_checkpoints", "keep_best", "profile", "profile_window")
 
 
 def _compiled_part(cfg: Config) -> dict:
@@ -345,6 +345,39 @@ def _check_resume_shapes(saved: dict, current: dict) -> None:
             + "; ".join(diffs[:12]))
 
 
+class _StepTracer:
+    """`train.profile`: traces steps [skip, skip + count) of this invocation with jax.profiler
+    into the directory (the step before the window and the last traced one are waited for, so
+    the trace holds whole steps)."""
+
+    def __init__(self, directory, window):
+        self.directory = str(directory or "")
+        skip, count = (int(v) for v in window)
+        if skip < 0 or count < 1:
+            raise ValueError(f"train.profile_window must be (steps to skip >= 0, steps to trace "
+                             f">= 1), got {tuple(window)}")
+        self.start, self.end = skip, skip + count
+        self.active = False
+
+    def before_step(self, done_here: int, state) -> None:
+        if not self.directory:
+            return
+        if done_here == self.start and not self.active:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+        elif done_here == self.end and self.active:
+            self.stop(state)
+
+    def stop(self, state) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"profile of steps {self.start + 1}-{self.end} of this run written to "
+                  f"{self.directory}", flush=True)
+
+
 def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = None,
           progress: bool = True, devices=None) -> dict[str, Any]:
     """Trains (or resumes) in `workdir`.  `stop_after` ends the loop after that many steps of
@@ -381,8 +414,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
     done_here = 0
     pbar = _progress(total=num_steps, initial=step, enabled=progress)
     t0, imgs = time.perf_counter(), 0
+    tracer = _StepTracer(cfg.train.get("profile", ""), cfg.train.get("profile_window", (10, 5)))
     try:
         while step < num_steps and (stop_after is None or done_here < stop_after):
+            tracer.before_step(done_here, state)
             batch = device_batch(next(loader), trainer.mesh)
             state, metrics = trainer.step(state, batch)
             step += 1
@@ -428,6 +463,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                     checkpointer.save_best(step, state, {"shapes": fingerprint, "step": step,
                                                          "mIoU": miou}, miou)
     finally:
+        tracer.stop(state)
         pbar.close()
         checkpointer.wait()
         checkpointer.close()

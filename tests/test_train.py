@@ -184,3 +184,17 @@ def test_resume_with_other_shapes_names_them(data_root, tmp_path):
     other = micro_config(root=data_root, **{"model.head.num_queries": 6})
     with pytest.raises(ConfigMismatchError, match="query_embed"):
         train(other, tmp_path / "w", progress=False)
+
+
+def test_profile_traces_the_configured_steps(data_root, tmp_path, capsys):
+    """`train.profile` writes a jax.profiler trace of the window's steps; a bad window is named."""
+    cfg = micro_config(root=data_root, **{"train.profile": str(tmp_path / "prof"),
+                                          "train.profile_window": "(1, 1)"})
+    train(cfg, tmp_path / "p", progress=False, stop_after=3)
+    traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert "profile of steps 2-2 of this run written to" in capsys.readouterr().out
+    bad = micro_config(root=data_root, **{"train.profile": str(tmp_path / "prof2"),
+                                          "train.profile_window": "(0, 0)"})
+    with pytest.raises(ValueError, match=r"train.profile_window .*\(0, 0\)"):
+        train(bad, tmp_path / "q", progress=False, stop_after=1)
