@@ -133,3 +133,29 @@ def test_full_vit_b_embedding(tmp_path):
         ref = tsam.image_encoder(tsam.preprocess(torch.from_numpy(x.transpose(0, 3, 1, 2)))).numpy()
     out = jax.jit(lambda m, x: m.embed_image(x))(jsam, jnp.asarray(x))
     assert rel_err(np.asarray(out).transpose(0, 3, 1, 2), ref) <= RTOL["float32"]
+
+
+@pytest.mark.parametrize("input_size,original_size", [((1024, 1024), (640, 640)),
+                                                      ((768, 1024), (480, 640)),
+                                                      ((1024, 683), (1024, 683))])
+def test_postprocess_masks_both_implementations_match_torch(input_size, original_size):
+    """Upstream's `Sam.postprocess_masks` (F.interpolate to 1024, crop, F.interpolate to the
+    original size) against ours as dense matrices ("matmul") and as gathered taps ("taps")."""
+    import torch
+    import torch.nn.functional as F
+
+    from sarformer_jax.sam.build import build_sam
+
+    low = np.random.default_rng(0).normal(size=(2, 3, 256, 256)).astype(np.float32) * 4.0
+    t = F.interpolate(torch.from_numpy(low), (1024, 1024), mode="bilinear", align_corners=False)
+    t = t[..., : input_size[0], : input_size[1]]
+    want = F.interpolate(t, original_size, mode="bilinear", align_corners=False).numpy()
+    sam = build_sam("vit_b", encoder_depth=1, global_attn_indexes=(0,))
+    for impl in ("matmul", "taps"):
+        sam.postprocess_implementation = impl
+        got = np.asarray(sam.postprocess_masks(jnp.asarray(low), input_size, original_size))
+        assert got.shape == want.shape
+        assert rel_err(got, want) < RTOL["float32"], impl
+    sam.postprocess_implementation = "dense"
+    with pytest.raises(ValueError, match="'dense'"):
+        sam.postprocess_masks(jnp.asarray(low), input_size, original_size)

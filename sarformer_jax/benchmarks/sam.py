@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of image-encoder attention implementations to time "
                              "(auto, xla, cudnn); the generator uses the first")
     parser.add_argument("--no-amg", action="store_true", help="encoders only")
+    parser.add_argument("--postprocess", default="matmul",
+                        help="comma list of mask post-processing implementations to time in the "
+                             "generator (matmul, taps: see Sam.postprocess_implementation)")
 
 
 def _time(fn, iters: int, warmup: int) -> float:
@@ -86,7 +89,8 @@ def _images(size, batch):
     return np.stack([img if i % 2 == 0 else img[:, ::-1] for i in range(batch)])
 
 
-def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None):
+def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
+             postprocess="matmul"):
     import jax.numpy as jnp
     from sarformer_jax.models.layers import init_rngs
 
@@ -95,6 +99,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None)
 
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
+    sam.postprocess_implementation = postprocess
     images = jnp.asarray(_images(size, batch))
     run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()
     return _time(run, iters, warmup) / batch
@@ -135,13 +140,15 @@ def run(args: argparse.Namespace) -> int:
         for impl in impls:
             j = _jax_encoder(m, args.dtype, args.iters, args.warmup, impl)
             add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}; torch autocast)", j, t)
+    posts = [a.strip() for a in args.postprocess.split(",") if a.strip()]
     for size, batch in (() if args.no_amg else ((1024, 1), (640, 2))):
-        j = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                     args.warmup, impls[0])
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
-        add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
-            f"(JAX {args.dtype}, torch float32)", j, t)
+        for post in posts:
+            j = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
+                         args.warmup, impls[0], post)
+            add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
+                f"(JAX {args.dtype}, post-processing {post}; torch float32)", j, t)
     dev = jax.devices()[0]
     print(f"# sarformer bench sam  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"dtype {args.dtype}  host {platform.node()}")

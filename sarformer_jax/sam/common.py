@@ -106,3 +106,20 @@ def postprocess_matrix(low: int, img_size: int, crop: int, out: int) -> np.ndarr
 
     up = interp(low, img_size)[:crop]
     return (interp(crop, out) @ up).astype(np.float32)
+
+
+def postprocess_taps(low: int, img_size: int, crop: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """`postprocess_matrix` as per-output taps: (indices [out, k] int32, weights [out, k]
+    float32), the k <= 4 nonzero entries of each row (padded with weight 0).  The same weights,
+    so the same sums up to their order, without multiplying the zeros of a dense matrix."""
+    m = postprocess_matrix(low, img_size, crop, out)
+    nz = m != 0
+    k = max(int(nz.sum(axis=1).max()), 1)
+    idx = np.zeros((out, k), np.int32)
+    w = np.zeros((out, k), np.float32)
+    for o in range(out):
+        cols = np.flatnonzero(nz[o])
+        idx[o, : len(cols)] = cols
+        w[o, : len(cols)] = m[o, cols]
+    return idx, w
+

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sarformer_jax.sam.common import postprocess_matrix
+from sarformer_jax.sam.common import postprocess_matrix, postprocess_taps
 from sarformer_jax.sam.image_encoder import ImageEncoderViT
 from sarformer_jax.sam.mask_decoder import MaskDecoder
 from sarformer_jax.sam.prompt_encoder import PromptEncoder
@@ -25,6 +25,10 @@ class Sam(nnx.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    # how `postprocess_masks` applies its per-axis linear maps: "matmul" (dense float32 GEMMs at
+    # HIGHEST precision) or "taps" (the <= 4 nonzero weights of each output, gathered); same
+    # weights, sums in another order.  Set on an instance to change it.
+    postprocess_implementation: str = "matmul"
 
     def __init__(self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
         self.image_encoder = image_encoder
@@ -51,9 +55,18 @@ class Sam(nnx.Module):
         thousands of candidates."""
         s = self.img_size
         lh, lw = masks.shape[-2:]
+        x = masks.astype(jnp.float32)
+        if self.postprocess_implementation == "taps":
+            ih, wh = postprocess_taps(lh, s, int(input_size[0]), int(original_size[0]))
+            iw, ww = postprocess_taps(lw, s, int(input_size[1]), int(original_size[1]))
+            x = jnp.sum(jnp.take(x, jnp.asarray(iw), axis=-1) * jnp.asarray(ww), axis=-1)
+            x = jnp.take(x, jnp.asarray(ih), axis=-2)  # [..., out_h, k, out_w]
+            return jnp.sum(x * jnp.asarray(wh)[..., None], axis=-2)
+        if self.postprocess_implementation != "matmul":
+            raise ValueError(f"postprocess_implementation must be 'matmul' or 'taps', got "
+                             f"{self.postprocess_implementation!r}")
         mh = jnp.asarray(postprocess_matrix(lh, s, int(input_size[0]), int(original_size[0])))
         mw = jnp.asarray(postprocess_matrix(lw, s, int(input_size[1]), int(original_size[1])))
-        x = masks.astype(jnp.float32)
         x = jnp.einsum("...hw,ow->...ho", x, mw, precision=jax.lax.Precision.HIGHEST)
         return jnp.einsum("...hw,oh->...ow", x, mh, precision=jax.lax.Precision.HIGHEST)
 
