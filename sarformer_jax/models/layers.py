@@ -196,9 +196,9 @@ class StridedConvTranspose(nnx.Module):
     transpose_kernel=False)` (kernel (kh, kw, I, O), spatially flipped against torch's; the
     converters' `conv_transpose_kernel`), and the same sums.  It exists for speed: XLA's CPU
     backend runs the kernel gradient of the dilated convolution that `nnx.ConvTranspose` lowers
-    to through a naive loop (62 s of a 78 s ViT-Adapter-B gradient at 640², 2 cores; SAM's mask decoder runs its forward
-    for every prompt), while
-    this is one GEMM on every backend."""
+    to through a naive loop (62 s of a 78 s ViT-Adapter-B gradient at 640², 2 cores), while this
+    is one GEMM on every backend.  SAM's mask decoder uses it too (its upscaling runs once per
+    prompt)."""
 
     def __init__(self, in_features: int, out_features: int, stride: int, *,
                  kernel_init=nnx.initializers.lecun_normal(),
