@@ -240,8 +240,10 @@ def run(args: argparse.Namespace) -> int:
             model = build(impl, args.msda_implementation)
             step, flops = _jax_step(model, x, train=True, adapter=name == "adapter",
                                     lower_only=args.lower_only)
-            if model.scan_layers:
-                flops = float("nan")  # a while loop's body is counted once, not per trip
+            if name == "adapter" and model.scan_layers:
+                # a while loop's body is counted once, not per trip (the standalone BEiT runs
+                # its layers one by one whatever the flag, so its count stands)
+                flops = float("nan")
             if not np.isfinite(flops):
                 flops = cpu_lowered_flops(functools.partial(build, scan="off"), x.shape,
                                           train=True, adapter=name == "adapter")
