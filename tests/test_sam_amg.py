@@ -125,6 +125,33 @@ def test_nms_matches_torchvision():
         np.testing.assert_array_equal(amg.nms_numpy(boxes[valid], scores[valid], 0.5), sub)
 
 
+@pytest.mark.parametrize("case", ["chain_by_score", "chain_shuffled", "none_valid", "empty_boxes"])
+def test_nms_chains_and_edge_cases_match_torchvision(case):
+    """A 60-box chain (each box overlaps its neighbours, not the next but one): with scores
+    falling along the chain the greedy result alternates, which the round-by-round solution
+    reaches only after ~60 rounds; shuffled scores, no valid entry, zero-area boxes."""
+    from torchvision.ops import nms
+
+    rng = np.random.default_rng(3)
+    n = 60
+    x0 = np.arange(n, dtype=np.float32) * 2.0  # IoU 0.67 with a neighbour, 0.43 with the next
+    boxes = np.stack([x0, np.zeros(n), x0 + 10.0, np.full(n, 10.0)], 1).astype(np.float32)
+    scores = np.linspace(1.0, 0.1, n).astype(np.float32)
+    valid = np.ones(n, bool)
+    if case == "chain_shuffled":
+        scores = rng.permutation(scores)
+    elif case == "none_valid":
+        valid[:] = False
+    elif case == "empty_boxes":
+        boxes[::3, 2] = boxes[::3, 0]  # zero width: IoU 0 (or NaN with another empty box)
+    ref = np.flatnonzero(valid)[nms(torch.from_numpy(boxes[valid]), torch.from_numpy(scores[valid]), 0.5).numpy()]
+    keep, n_keep = amg.box_nms(jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(valid), 0.5, n)
+    np.testing.assert_array_equal(np.asarray(keep)[: int(n_keep)], ref)
+    assert not np.asarray(keep)[int(n_keep):].any()
+    if case == "chain_by_score":
+        np.testing.assert_array_equal(ref, np.arange(0, n, 2))  # the case is what it says
+
+
 def test_mask_helpers_match_upstream():
     from segment_anything.utils import amg as up
 

@@ -97,6 +97,45 @@ def test_mask_prompt(pair):
     assert rel_err(low3, rlow3) <= RTOL["float32"] and rel_err(iou3, riou3) <= RTOL["float32"]
 
 
+@pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
+                         ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
+def test_decode_grouped_prompts(pair, groups, per_image, with_masks):
+    """Several images, several prompts each, in one call (each embedding passed once; its tokens
+    shared by its prompts in the first two-way block) = upstream's decoder called per image."""
+    tsam, jsam, _, _, _ = pair
+    rng = np.random.default_rng(5)
+    b = groups * per_image
+    emb = rng.normal(size=(groups, 64, 64, 256)).astype(np.float32)
+    coords = rng.uniform(0, 1024, size=(b, 2, 2)).astype(np.float32)
+    labels = rng.integers(0, 2, size=(b, 2)).astype(np.int32)
+    masks = rng.normal(size=(b, 256, 256, 1)).astype(np.float32) * 4 if with_masks else None
+    low, iou = jax.jit(lambda m, e, c, l, mk: m.decode(e, (c, l), mask_input=mk, multimask_output=True))(
+        jsam, jnp.asarray(emb), jnp.asarray(coords), jnp.asarray(labels),
+        None if masks is None else jnp.asarray(masks))
+    with torch.no_grad():
+        t_masks = None if masks is None else torch.from_numpy(masks.transpose(0, 3, 1, 2))
+        sparse, dense = tsam.prompt_encoder(points=(torch.from_numpy(coords), torch.from_numpy(labels)),
+                                            boxes=None, masks=t_masks)
+        # upstream's decoder takes one image and repeats it for every prompt: call it per image
+        outs = [tsam.mask_decoder(image_embeddings=torch.from_numpy(emb[i:i + 1].transpose(0, 3, 1, 2)),
+                                  image_pe=tsam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse[i * per_image:(i + 1) * per_image],
+                                  dense_prompt_embeddings=dense[i * per_image:(i + 1) * per_image],
+                                  multimask_output=True) for i in range(groups)]
+        rlow, riou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    assert low.shape == tuple(rlow.shape) == (b, 3, 256, 256)
+    assert rel_err(low, rlow.numpy()) <= RTOL["float32"]
+    assert rel_err(iou, riou.numpy()) <= RTOL["float32"]
+
+
+def test_decode_rejects_ungroupable_batch(pair):
+    _, jsam, _, _, _ = pair
+    emb = jnp.zeros((2, 64, 64, 256))
+    pts = (jnp.zeros((3, 1, 2)), jnp.ones((3, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"\(2, 64, 64, 256\).*3 prompts"):
+        jsam.decode(emb, pts)
+
+
 @pytest.mark.parametrize("length,size", [(27, 14), (127, 64), (27, 20), (127, 40), (15, 10)])
 def test_get_rel_pos(length, size):
     from segment_anything.modeling.image_encoder import get_rel_pos as torch_get_rel_pos

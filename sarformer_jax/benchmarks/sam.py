@@ -36,6 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess", default="matmul",
                         help="comma list of mask post-processing implementations to time in the "
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
+    parser.add_argument("--points-per-batch", default="64",
+                        help="comma list of generator chunk sizes (prompts per image decoded at "
+                             "once; the results do not depend on it, the memory does)")
+    parser.add_argument("--amg-cases", default="1024x1,640x2",
+                        help="comma list of generator cases SIZExBATCH (square images)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time the generator's stages separately (encoder; decoding "
+                             "with post-processing, stability and boxes; NMS and the kept "
+                             "masks), each as its own jit")
 
 
 def _time(fn, iters: int, warmup: int) -> float:
@@ -90,19 +99,53 @@ def _images(size, batch):
 
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
-             postprocess="matmul"):
+             postprocess="matmul", ppb=64, stages=False):
+    """Median ms per image of `generate_masks`; with `stages`, also a dict of per-stage ms per
+    image (each stage jitted alone, so their sum includes extra dispatches and copies)."""
+    import jax
     import jax.numpy as jnp
-    from sarformer_jax.models.layers import init_rngs
+    from flax import nnx
 
-    from sarformer_jax.sam import build_sam
-    from sarformer_jax.sam.automatic_mask_generator import generate_masks
+    from sarformer_jax.models.layers import init_rngs
+    from sarformer_jax.sam import amg, build_sam
+    from sarformer_jax.sam import automatic_mask_generator as gen
+    from sarformer_jax.sam.transforms import get_preprocess_shape, resize_uint8
 
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
     sam.postprocess_implementation = postprocess
     images = jnp.asarray(_images(size, batch))
-    run = lambda: generate_masks(sam, images, points_per_side=pps)["masks"].block_until_ready()
-    return _time(run, iters, warmup) / batch
+    run = lambda: gen.generate_masks(sam, images, points_per_side=pps,
+                                     points_per_batch=ppb)["masks"].block_until_ready()
+    total = _time(run, iters, warmup) / batch
+    if not stages:
+        return total, None
+    graphdef, state = nnx.split(sam)
+    s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)
+    input_size = get_preprocess_shape(size, size, sam.img_size)
+    grid = amg.build_point_grid(pps)
+    enc = jax.jit(lambda st, im: nnx.merge(graphdef, st).embed_image(resize_uint8(im, input_size)))
+    cand = jax.jit(lambda st, e: gen._candidates(nnx.merge(graphdef, st), images, grid, s, emb=e))
+
+    def select(st, c):
+        m = nnx.merge(graphdef, st)
+        out = gen._select(m, c, s, (size, size), s.max_masks)
+        return m.postprocess_masks(out["low_res"], input_size, (size, size)) > m.mask_threshold
+
+    select = jax.jit(select)
+    emb = enc(state, images)
+    c = cand(state, emb)
+    times = {
+        "encoder": _time(lambda: enc(state, images).block_until_ready(), iters, warmup),
+        "decode + post-process + stability + boxes": _time(
+            lambda: jax.block_until_ready(cand(state, emb)), iters, warmup),
+        "NMS + kept masks": _time(lambda: select(state, c).block_until_ready(), iters, warmup),
+    }
+    kept = float(jnp.mean(jnp.sum(c["valid"], axis=1)))
+    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}; candidates passing the "
+          f"thresholds per image: {kept:.0f} of {c['valid'].shape[1]}): "
+          + ", ".join(f"{k} {v / batch:.1f} ms/img" for k, v in times.items()), flush=True)
+    return total, {k: v / batch for k, v in times.items()}
 
 
 def _torch_amg(model_type, dtype, size, batch, pps, iters, warmup):
@@ -141,18 +184,29 @@ def run(args: argparse.Namespace) -> int:
             j = _jax_encoder(m, args.dtype, args.iters, args.warmup, impl)
             add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}; torch autocast)", j, t)
     posts = [a.strip() for a in args.postprocess.split(",") if a.strip()]
-    for size, batch in (() if args.no_amg else ((1024, 1), (640, 2))):
+    ppbs = [int(a) for a in args.points_per_batch.split(",") if a.strip()]
+    cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.amg_cases.split(",") if c.strip()]
+    stage_rows = []
+    for size, batch in (() if args.no_amg else cases):
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
         for post in posts:
-            j = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                         args.warmup, impls[0], post)
-            add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
-                f"(JAX {args.dtype}, post-processing {post}; torch float32)", j, t)
+            for ppb in ppbs:
+                j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
+                                 args.warmup, impls[0], post, ppb, args.stages)
+                add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
+                    f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch; torch float32)", j, t)
+                if st:
+                    stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}", st))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"dtype {args.dtype}  host {platform.node()}")
     print("| case | JAX ms | PyTorch ms | speed-up |\n|---|---|---|---|")
     for name, j, t in rows:
         print(f"| {name} | {j:.1f} | {'-' if t is None else f'{t:.1f}'} | {'-' if t is None else f'{t / j:.1f}x'} |")
+    if stage_rows:
+        names = list(stage_rows[0][1])
+        print("\n| generator stages, ms per image | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for name, st in stage_rows:
+            print(f"| {name} | " + " | ".join(f"{st[k]:.1f}" for k in names) + " |")
     return 0

@@ -44,45 +44,52 @@ def batched_mask_to_box(masks: jax.Array) -> jax.Array:
     return jnp.where(empty[..., None], 0, box)
 
 
-def box_iou_one_to_many(box: jax.Array, boxes: jax.Array) -> jax.Array:
-    """torchvision's IoU of xyxy `box` [4] with `boxes` [n, 4] (areas (x2-x1)(y2-y1), no +1)."""
-    area = (box[2] - box[0]) * (box[3] - box[1])
+def box_iou_matrix(boxes: jax.Array) -> jax.Array:
+    """torchvision's pairwise IoU [n, n] of xyxy boxes [n, 4]: areas (x2-x1)(y2-y1), no +1;
+    NaN where both boxes are empty, which no threshold test passes."""
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    iw = jnp.maximum(jnp.minimum(box[2], boxes[:, 2]) - jnp.maximum(box[0], boxes[:, 0]), 0.0)
-    ih = jnp.maximum(jnp.minimum(box[3], boxes[:, 3]) - jnp.maximum(box[1], boxes[:, 1]), 0.0)
-    inter = iw * ih
-    return inter / (area + areas - inter)
+    lo = jnp.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    hi = jnp.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    wh = jnp.maximum(hi - lo, 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (areas[:, None] + areas[None, :] - inter)
 
 
 def box_nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: float,
             max_keep: int) -> tuple[jax.Array, jax.Array]:
     """Greedy NMS over the valid entries of boxes [n, 4] / scores [n] (one image).
 
-    Visits candidates by decreasing score (ties by index, a stable order) and keeps one unless a
-    kept box overlaps it with IoU > `iou_threshold`, as torchvision's `nms`.  The loop runs
-    only over valid candidates and stops after `max_keep` kept.  Returns (kept indices [max_keep],
+    The result is torchvision's `nms`: candidates visited by decreasing score (ties by index, a
+    stable order), each kept unless an already kept box overlaps it with IoU > `iou_threshold`;
+    the first `max_keep` kept are returned.  Computed without visiting candidates one by one:
+    with the candidates in that order and S[i, j] = (j before i and IoU > threshold), the greedy
+    result is the one solution of keep[i] = valid[i] and not any_j(S[i, j] and keep[j]) (keep[i]
+    depends only on earlier entries).  Iterating that equation from keep = valid fixes at least
+    one more leading entry per round, so it reaches the solution in at most n rounds; it stops
+    when a round changes nothing, typically after a handful (the longest chain of boxes that
+    suppress each other), each round one [n, n] reduction.  Returns (kept indices [max_keep]
     sorted by score, padded with 0; number kept)."""
     n = boxes.shape[0]
     boxes = boxes.astype(jnp.float32)
     order = jnp.argsort(jnp.where(valid, -scores, jnp.inf), stable=True)
-    sorted_boxes = boxes[order]
-    n_valid = jnp.sum(valid)
+    sorted_valid = valid[order]
+    pos = jnp.arange(n)
+    suppresses = (box_iou_matrix(boxes[order]) > iou_threshold) & (pos[None, :] < pos[:, None])
 
     def cond(state):
-        i, _, _, n_keep = state
-        return (i < n_valid) & (n_keep < max_keep)
+        keep, changed = state
+        return changed
 
     def body(state):
-        i, suppressed, keep, n_keep = state
-        take = ~suppressed[i]
-        keep = jnp.where(take, keep.at[n_keep].set(order[i]), keep)
-        overlap = box_iou_one_to_many(sorted_boxes[i], sorted_boxes) > iou_threshold
-        suppressed = jnp.where(take, suppressed | overlap, suppressed)
-        return i + 1, suppressed, keep, n_keep + take.astype(jnp.int32)
+        keep, _ = state
+        new = sorted_valid & ~jnp.any(suppresses & keep[None, :], axis=1)
+        return new, jnp.any(new != keep)
 
-    init = (jnp.int32(0), jnp.zeros((n,), bool), jnp.zeros((max_keep,), jnp.int32), jnp.int32(0))
-    _, _, keep, n_keep = jax.lax.while_loop(cond, body, init)
-    return keep, n_keep
+    keep, _ = jax.lax.while_loop(cond, body, (sorted_valid, jnp.bool_(True)))
+    (first,) = jnp.nonzero(keep, size=max_keep, fill_value=0)
+    n_keep = jnp.minimum(jnp.sum(keep, dtype=jnp.int32), max_keep)
+    kept = jnp.where(jnp.arange(max_keep) < n_keep, order[first], 0)
+    return kept.astype(jnp.int32), n_keep
 
 
 def is_box_near_crop_edge(boxes: jax.Array, crop_box: tuple[int, int, int, int],

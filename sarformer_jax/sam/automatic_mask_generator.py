@@ -63,7 +63,7 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
     def chunk(c):  # c [ppb, 1, 2] -> per-image results for ppb points
         pts = jnp.broadcast_to(c[None], (b,) + c.shape).reshape(b * ppb, 1, 2)
         labels = jnp.ones((b * ppb, 1), jnp.int32)
-        low, iou = sam.decode(jnp.repeat(emb, ppb, axis=0), (pts, labels), multimask_output=True)
+        low, iou = sam.decode(emb, (pts, labels), multimask_output=True)  # ppb prompts per image
         logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
         stab = amg.calculate_stability_score(logits, sam.mask_threshold, s.stability_score_offset)
         boxes = amg.batched_mask_to_box(logits > sam.mask_threshold)
@@ -137,7 +137,7 @@ def _decode_boxes(sam: Sam, images, boxes, input_size, emb: jax.Array | None = N
     bx = jnp.where(present[..., None], boxes, 0.0) * scale
     if emb is None:
         emb = sam.embed_image(resize_uint8(images, input_size))
-    low, iou = sam.decode(jnp.repeat(emb, m, axis=0), boxes=bx.reshape(b * m, 4), multimask_output=False)
+    low, iou = sam.decode(emb, boxes=bx.reshape(b * m, 4), multimask_output=False)  # m per image
     masks = sam.postprocess_masks(low[:, 0], input_size, (h, w)).reshape(b, m, h, w) > sam.mask_threshold
     return dict(box_masks=masks & present[..., None, None], box_scores=jnp.where(present, iou.reshape(b, m), 0.0),
                 box_valid=present)

@@ -73,7 +73,8 @@ class MaskDecoder(nnx.Module):
     def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
                  dense_prompt_embeddings: jax.Array, multimask_output: bool) -> tuple[jax.Array, jax.Array]:
         """Args:
-          image_embeddings: [1 or b, h, w, c] (one image is shared by all b prompts).
+          image_embeddings: [g, h, w, c] with g dividing b: prompts grouped by image, image
+            i's b/g prompts contiguous (g = 1: one image for all prompts; g = b: one each).
           image_pe: [1, h, w, c].
           sparse_prompt_embeddings: [b, t, c]; dense_prompt_embeddings: [b or 1, h, w, c].
           multimask_output: the 3 ambiguity-aware masks (True) or the single one (False).
@@ -91,9 +92,14 @@ class MaskDecoder(nnx.Module):
         out_tokens = jnp.concatenate([self.iou_token.embedding[...], self.mask_tokens.embedding[...]], axis=0)
         out_tokens = jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape).astype(sparse_prompt_embeddings.dtype)
         tokens = jnp.concatenate([out_tokens, sparse_prompt_embeddings], axis=1)
-        src = image_embeddings + dense_prompt_embeddings
-        src = jnp.broadcast_to(src, (b,) + src.shape[1:])
-        _, h, w, c = src.shape
+        g = image_embeddings.shape[0]
+        if b % g:
+            raise ValueError(f"image_embeddings {image_embeddings.shape}: batch must divide the {b} prompts")
+        _, h, w, c = image_embeddings.shape
+        if dense_prompt_embeddings.shape[0] == 1:  # no mask prompts: one image per group
+            src = (image_embeddings + dense_prompt_embeddings)[:, None]
+        else:  # per-prompt mask prompts
+            src = image_embeddings[:, None] + dense_prompt_embeddings.reshape(g, b // g, h, w, c)
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]

@@ -117,7 +117,9 @@ class PromptEncoder(nnx.Module):
           boxes: [b, 4] xyxy in the 1024 frame, or None.
           masks: [b, 256, 256, 1] mask logits, or None.
         Returns:
-          sparse [b, t, c] and dense [b, h, w, c] embeddings."""
+          sparse [b, t, c] and dense [b, h, w, c] embeddings; without mask prompts dense is
+          [1, h, w, c], the same no-mask embedding for every prompt (upstream expands it to b),
+          so that the mask decoder can share the image tokens among prompts."""
         if points is not None:
             bs = points[0].shape[0]
         elif boxes is not None:
@@ -137,5 +139,5 @@ class PromptEncoder(nnx.Module):
             dense = self._embed_masks(masks)
         else:
             h, w = self.image_embedding_size
-            dense = jnp.broadcast_to(self.no_mask_embed.embedding[0], (bs, h, w, self.embed_dim))
+            dense = jnp.broadcast_to(self.no_mask_embed.embedding[0], (1, h, w, self.embed_dim))
         return sparse, dense

@@ -77,7 +77,11 @@ class Sam(nnx.Module):
     def decode(self, image_embeddings: jax.Array, points: tuple[jax.Array, jax.Array] | None = None,
                boxes: jax.Array | None = None, mask_input: jax.Array | None = None,
                multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
-        """Prompts in the img_size frame -> (low-res logits [b, m, 256, 256], IoU [b, m])."""
+        """Prompts in the img_size frame -> (low-res logits [b, m, 256, 256], IoU [b, m]).
+
+        `image_embeddings` [g, 64, 64, c] with g dividing the b prompts: image i serves the
+        i-th run of b/g contiguous prompts (pass each image once, not repeated per prompt:
+        the decoder then projects its tokens once for all of them)."""
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output)

@@ -31,15 +31,36 @@ class Attention(nnx.Module):
         self.out_proj = nnx.Linear(self.internal_dim, embedding_dim, **kw)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """q [..., g, pq, lq, c], k and v [..., g, pk, lk, c] with pq, pk in {1, p}: prompts
+        grouped by image (g images, p prompts each).  A side with one entry per group (the
+        image tokens before any prompt has updated them) is projected once and shared by the
+        group's p prompts; the result is [..., g, max(pq, pk), lq, c].  Rank-3 inputs
+        [b, l, c] are the ungrouped case."""
+        if q.ndim == 3:
+            return self(q[:, None], k[:, None], v[:, None])[:, 0]
         n = self.num_heads
         d = self.internal_dim // n
         q = self.q_proj(q).reshape(*q.shape[:-1], n, d)
         k = self.k_proj(k).reshape(*k.shape[:-1], n, d)
         v = self.v_proj(v).reshape(*v.shape[:-1], n, d)
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / math.sqrt(d)
+        g, pq, lq = q.shape[:3]
+        pk = k.shape[1]
+        if pk == 1 and pq > 1:  # shared keys: every prompt's queries in one batched product
+            out = self._attend(q.reshape(g, 1, pq * lq, n, d), k, v).reshape(g, pq, lq, n * d)
+        elif pq == 1 and pk > 1:  # shared queries against each prompt's own keys
+            logits = jnp.einsum("gqnd,gpknd->gpnqk", q[:, 0], k) / math.sqrt(d)
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = jnp.einsum("gpnqk,gpknd->gpqnd", attn, v).reshape(g, pk, lq, n * d)
+        else:
+            out = self._attend(q, k, v).reshape(g, pq, lq, n * d)
+        return self.out_proj(out)
+
+    @staticmethod
+    def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Softmax attention over matching leading dims: q [g, p, lq, n, d], k v [g, p, lk, n, d]."""
+        logits = jnp.einsum("gpqnd,gpknd->gpnqk", q, k) / math.sqrt(q.shape[-1])
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bnqk,bknd->bqnd", attn, v)
-        return self.out_proj(out.reshape(*out.shape[:2], self.internal_dim))
+        return jnp.einsum("gpnqk,gpknd->gpqnd", attn, v)
 
 
 class TwoWayAttentionBlock(nnx.Module):
@@ -96,12 +117,30 @@ class TwoWayTransformer(nnx.Module):
 
     def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
                  point_embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
-        b, h, w, c = image_embedding.shape
-        keys = image_embedding.reshape(b, h * w, c)
-        key_pe = jnp.broadcast_to(image_pe, (b, h, w, c)).reshape(b, h * w, c)
+        """image_embedding [g, h, w, c] or [g, p or 1, h, w, c], image_pe [1, h, w, c],
+        point_embedding [g * p, t, c] (prompts grouped by image, image i's p prompts
+        contiguous, as `jnp.repeat(embeddings, p, axis=0)` would pair them).  Returns
+        (tokens [g * p, t, c], image tokens [g * p, h * w, c]).
+
+        Until the first image-to-token attention the image tokens are the same for every
+        prompt of an image, so their projections run once per image rather than once per
+        prompt (the upstream code repeats the embedding for each prompt)."""
+        if image_embedding.ndim == 4:
+            image_embedding = image_embedding[:, None]
+        g, ps, h, w, c = image_embedding.shape
+        b, t = point_embedding.shape[:2]
+        if b % g:
+            raise ValueError(f"{b} prompts cannot be grouped over {g} image embeddings")
+        p = b // g
+        if ps not in (1, p):
+            raise ValueError(f"image tokens per group must be 1 or {p}, got {ps}")
+        keys = image_embedding.reshape(g, ps, h * w, c)
+        key_pe = jnp.broadcast_to(image_pe, (1, h, w, c)).reshape(1, 1, h * w, c)
+        point_embedding = point_embedding.reshape(g, p, t, c)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn)
-        return queries, keys
+        keys = jnp.broadcast_to(keys, (g, p, h * w, c))
+        return queries.reshape(b, t, c), keys.reshape(b, h * w, c)
