@@ -148,6 +148,9 @@ def guidance(source: str = "online") -> Config:
             dtype="bfloat16",  # SAM compute dtype inside the step (params stay float32)
             # image-encoder attention: auto = cuDNN fused attention on a GPU in bf16, else xla
             attention="auto",
+            # how the candidates' logits are resized to the image (Sam.postprocess_implementation):
+            # "matmul" (float32 GEMMs) or "taps" (the few nonzero weights per pixel, gathered)
+            postprocess="matmul",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

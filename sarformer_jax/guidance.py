@@ -107,6 +107,10 @@ def load_guidance_sam(cfg, sam=None):
         want = int(cfg.guidance.sam.image_size)
         if sam.img_size != want:
             raise ValueError(f"{ckpt}: SAM input size {sam.img_size}, config says {want}")
+    post = str(cfg.guidance.sam.get("postprocess", "matmul"))
+    if post not in ("matmul", "taps"):
+        raise ValueError(f"guidance.sam.postprocess must be 'matmul' or 'taps', got {post!r}")
+    sam.postprocess_implementation = post
     return nnx.split(sam)
 
 

@@ -179,3 +179,21 @@ def test_measuring_turn_waits_for_every_run_ready_or_failed(tmp_path):
     got[0].close()
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # now free
     other.close()
+
+
+def test_measuring_turn_also_takes_the_shared_lock_named_by_the_environment(tmp_path, monkeypatch):
+    """Two benches started side by side share SARFORMER_MEASURE_LOCK: a turn holds that lock
+    too, and releases both when closed."""
+    import fcntl
+
+    from sarformer_jax.benchmarks.timing import MEASURE_LOCK_ENV, measuring_turn
+
+    shared = tmp_path / "shared.lock"
+    monkeypatch.setenv(MEASURE_LOCK_ENV, str(shared))
+    (tmp_path / "one").mkdir()
+    with measuring_turn(str(tmp_path / "one"), "a", ["a"], timeout=5):
+        other = open(shared, "a")
+        with pytest.raises(BlockingIOError):  # the other bench must wait for this turn
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving the block
+    other.close()

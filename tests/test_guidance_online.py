@@ -55,6 +55,18 @@ def test_online_proposals_are_the_generators_masks_prepared(tmp_path):
     assert got.shape == (2, 8, 64, 64)
 
 
+def test_guidance_postprocess_key_selects_the_implementation(tmp_path):
+    from flax import nnx
+
+    for post in ("taps", "matmul"):
+        cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": post})
+        graphdef, state = load_guidance_sam(cfg, tiny_sam())
+        assert nnx.merge(graphdef, state).postprocess_implementation == post
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
+    with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
+        load_guidance_sam(cfg, tiny_sam())
+
+
 def test_online_training_and_evaluation_end_to_end(data_root, tmp_path, monkeypatch):
     from sarformer_jax.evaluate import evaluate_state
     from sarformer_jax.train import train

@@ -53,12 +53,39 @@ def wait_for_all(sync_dir: str, names: list[str], timeout: float) -> None:
         time.sleep(0.5)
 
 
-def measuring_turn(sync_dir: str, name: str, names: list[str], timeout: float):
+MEASURE_LOCK_ENV = "SARFORMER_MEASURE_LOCK"
+
+
+class _Turn:
+    """Held measuring locks; `close()` (or leaving the `with` block) releases them."""
+
+    def __init__(self, files):
+        self._files = files
+
+    def close(self) -> None:
+        for f in reversed(self._files):
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def measuring_turn(sync_dir: str, name: str, names: list[str], timeout: float) -> _Turn:
     """For runs that compile at once and measure one at a time: marks `name` ready, waits for
-    all `names` (`wait_for_all`), then takes the exclusive measuring lock.  Returns the open
-    lock file: closing it (or the process ending) gives the turn to the next run."""
+    all `names` (`wait_for_all`), then takes the exclusive measuring lock.  When the
+    environment names a file in SARFORMER_MEASURE_LOCK, that lock is taken too, so that
+    benches started side by side (say the scaling bench of two models) never time their runs
+    at the same time.  Returns the held turn: closing it (or the process ending) gives the
+    turn to the next run."""
     open(os.path.join(sync_dir, f"ready.{name}"), "w").close()
     wait_for_all(sync_dir, names, timeout)
-    lock = open(os.path.join(sync_dir, "lock"), "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return lock
+    files = []
+    for path in (os.path.join(sync_dir, "lock"), os.environ.get(MEASURE_LOCK_ENV)):
+        if path:
+            f = open(path, "a")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            files.append(f)
+    return _Turn(files)
