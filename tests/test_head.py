@@ -385,5 +385,25 @@ def test_full_size_gradients_reach_every_parameter(variant, size, reduced):
     for name in key_biases:
         q_bias = flat[name.replace("k_proj", "q_proj")]
         assert np.linalg.norm(flat[name]) <= 0.1 * np.linalg.norm(q_bias), name
+    # A decoder layer whose attention mask (the previous prediction, sigmoid >= 0.5 at the
+    # layer's level) leaves exactly one key visible in every row attends one-hot: its
+    # cross-attention output cannot depend on the query or key projections, which then get no
+    # gradient, correctly.  Random weights do this: L at 512x1024, layer 4 (seen on the GPU and
+    # the CPU: every query's mask is positive at one of 2048 keys).  Only such layers may lose
+    # those gradients; every other parameter must get one.
+    from sarformer_jax.models.layers import resize_bilinear
+
+    n_lvl = 3
+    level_sizes = [(h // s, w // s) for s in (32, 16, 8)]
+    one_hot_layers = []
+    for i in range(1, cfg.decoder.num_layers):  # layer 0's mask comes from the proposals
+        small = resize_bilinear(preds[i]["mask"], level_sizes[i % n_lvl], axes=(2, 3))
+        visible = np.asarray(jnp.sum(jax.nn.sigmoid(small.astype(jnp.float32)) >= 0.5, axis=(2, 3)))
+        if np.all(visible == 1):
+            one_hot_layers.append(i)
+    explained = {f"0.transformer_decoder.layers.{i}.cross_attn.attn.{p}" for i in one_hot_layers
+                 for p in ("q_proj.kernel", "q_proj.bias", "k_proj.kernel")}
     zero = [name for name, value in flat.items() if not np.any(value != 0) and name not in key_biases]
-    assert zero == dead, f"no gradient reaches {sorted(set(zero) - set(dead))}"
+    unexplained = sorted(set(zero) - set(dead) - explained)
+    assert not unexplained, f"no gradient reaches {unexplained}"
+    assert set(dead) <= set(zero)

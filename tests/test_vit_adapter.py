@@ -349,8 +349,9 @@ def test_scan_layers_auto_resolves_by_backend():
 ])
 def test_full_width_gradients_at_real_sizes(variant, size, rng):
     """Real (not abstract) gradients of the full-width B and L backbones at the sizes the model
-    trains on: every parameter gets a finite, non-zero fp32 gradient, and the computation is
-    deterministic.  One BEiT layer per interaction (depth 4) keeps the cost down: every
+    trains on: every parameter gets a finite, non-zero fp32 gradient; the outputs are the same
+    bit for bit on a second run, the gradients too on the CPU and to bf16 rounding on the GPU,
+    where the backward accumulates with atomic adds.  One BEiT layer per interaction (depth 4) keeps the cost down: every
     parameter kind of the full model is there (the full depth only repeats layers; its shapes
     are checked above).  GPU cases (`JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu
     tests/test_vit_adapter.py -k full_width`), in bf16 compute as training runs.  On 2 CPU
@@ -373,9 +374,20 @@ def test_full_width_gradients_at_real_sizes(variant, size, rng):
         assert params[name].dtype == jnp.float32 and g.dtype == np.float32, name
         assert np.isfinite(g).all(), name
         assert np.any(g != 0), f"no gradient reaches {name}"
+    first, again_out = _forward(model, x, False), _forward(model, x, False)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again_out)):  # outputs: bit for bit
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     again = _flat(_grad(model, x, True, proj))
-    for name in grads:
-        np.testing.assert_array_equal(np.asarray(grads[name]), np.asarray(again[name]), err_msg=name)
+    if not on_gpu:
+        for name in grads:
+            np.testing.assert_array_equal(np.asarray(grads[name]), np.asarray(again[name]), err_msg=name)
+        return
+    # On the GPU the backward accumulates with atomic adds (the deformable-attention kernel's
+    # value gradient, XLA's scatter-adds), whose order varies from run to run: the gradients
+    # agree to bf16 rounding, not bit for bit (seen: one bf16 ulp, 12.4375 vs 12.5).
+    worst = max((float(np.linalg.norm(np.asarray(grads[n]) - np.asarray(again[n]))
+                       / np.linalg.norm(np.asarray(grads[n]))), n) for n in grads)
+    assert worst[0] <= 1e-2, f"gradients of two identical runs differ by {worst[0]:.2e} (rel L2) at {worst[1]}"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
