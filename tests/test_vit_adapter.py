@@ -384,10 +384,14 @@ def test_full_width_gradients_at_real_sizes(variant, size, rng):
         return
     # On the GPU the backward accumulates with atomic adds (the deformable-attention kernel's
     # value gradient, XLA's scatter-adds), whose order varies from run to run: the gradients
-    # agree to bf16 rounding, not bit for bit (seen: one bf16 ulp, 12.4375 vs 12.5).
+    # agree to bf16 rounding, not bit for bit.  Seen on an H200 (2026-11-30): single elements
+    # one bf16 ulp apart (12.4375 vs 12.5); per tensor at most 1.5e-2 relative L2, in biases
+    # whose gradient is a sum over every token with cancellation (B: the injector's
+    # attention-weight bias, the extractor's fc1 bias), <= 1e-2 for L.  A race or a stale
+    # buffer would differ by O(1).
     worst = max((float(np.linalg.norm(np.asarray(grads[n]) - np.asarray(again[n]))
                        / np.linalg.norm(np.asarray(grads[n]))), n) for n in grads)
-    assert worst[0] <= 1e-2, f"gradients of two identical runs differ by {worst[0]:.2e} (rel L2) at {worst[1]}"
+    assert worst[0] <= 5e-2, f"gradients of two identical runs differ by {worst[0]:.2e} (rel L2) at {worst[1]}"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
