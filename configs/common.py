@@ -149,8 +149,10 @@ def guidance(source: str = "online") -> Config:
             # image-encoder attention: auto = cuDNN fused attention on a GPU in bf16, else xla
             attention="auto",
             # how the candidates' logits are resized to the image (Sam.postprocess_implementation):
-            # "matmul" (float32 GEMMs) or "taps" (the few nonzero weights per pixel, gathered)
-            postprocess="matmul",
+            # "taps" (the few nonzero weights per pixel, gathered) or "matmul" (float32 GEMMs);
+            # taps: 81.6 vs 100.7 ms per 640² image for the whole generator on an H200
+            # (docs/benchmarks.md, SAM run 4)
+            postprocess="taps",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

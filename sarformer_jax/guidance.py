@@ -87,7 +87,8 @@ def amg_settings(cfg):
 def load_guidance_sam(cfg, sam=None):
     """(graphdef, state) of the guidance SAM in `guidance.sam.dtype`: `sam` if given (an
     `nnx` SAM, e.g. random weights for benchmarks and tests), else `guidance.sam.checkpoint`
-    (.npz from `sarformer convert sam`, or an official .pth converted on the fly)."""
+    (.npz from `sarformer convert sam`, or an official .pth converted on the fly).  Sets the
+    model's `postprocess_implementation` to `guidance.sam.postprocess` (on `sam` too)."""
     from flax import nnx
 
     from sarformer_jax.sam.build import build_sam, load_sam
