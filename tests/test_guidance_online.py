@@ -130,3 +130,20 @@ def test_detector_boxes_drop_contained_sam_masks_and_come_first():
     np.testing.assert_array_equal(np.asarray(valid[0]), [True, True, False, False, False])
     assert bool(masks[0, 0, 0, 0]) and int(masks[0, 0].sum()) == 1
     assert bool(masks[0, 1].all())
+
+
+def test_generator_stages_are_named_for_the_profiler():
+    """The profile summary (benchmarks.profile.SCOPES) attributes kernels to the generator's
+    stages through these scopes in the compiled program's metadata."""
+    from flax import nnx
+
+    from sarformer_jax.benchmarks.profile import SCOPES, hlo_op_names
+    from sarformer_jax.sam.automatic_mask_generator import AmgSettings, _generate
+
+    graphdef, state = nnx.split(tiny_sam())
+    s = AmgSettings(points_per_side=4, points_per_batch=8, max_masks=6)
+    hlo = _generate.lower(graphdef, state, jnp.zeros((1, 64, 64, 3), jnp.uint8), None, s,
+                          False).compile().as_text()
+    names = " ".join(hlo_op_names(hlo).values())
+    for scope in ("sam_encoder", "sam_mask_decoder", "sam_postprocess", "sam_nms"):
+        assert scope in SCOPES and scope in names, scope

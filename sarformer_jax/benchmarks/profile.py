@@ -13,7 +13,8 @@ import os
 import re
 
 # most specific first: a kernel is attributed to the first scope its op name contains
-SCOPES = ("hungarian", "guidance", "pixel_decoder_second_pass", "pixel_decoder",
+SCOPES = ("hungarian", "sam_encoder", "sam_mask_decoder", "sam_postprocess", "sam_nms", "guidance",
+          "pixel_decoder_second_pass", "pixel_decoder",
           "auxiliary_head", "loss", "optimizer", "backbone", "decode_head")
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"", re.M)

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "once; the results do not depend on it, the memory does)")
     parser.add_argument("--amg-cases", default="1024x1,640x2",
                         help="comma list of generator cases SIZExBATCH (square images)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="trace 3 calls of each generator case into DIR and print its GPU "
+                             "kernels by SAM scope (encoder, mask decoder, post-processing, NMS)")
     parser.add_argument("--stages", action="store_true",
                         help="also time the generator's stages separately (encoder; decoding "
                              "with post-processing, stability and boxes; NMS and the kept "
@@ -99,7 +102,7 @@ def _images(size, batch):
 
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
-             postprocess="matmul", ppb=64, stages=False):
+             postprocess="matmul", ppb=64, stages=False, profile=None):
     """Median ms per image of `generate_masks`; with `stages`, also a dict of per-stage ms per
     image (each stage jitted alone, so their sum includes extra dispatches and copies)."""
     import jax
@@ -118,10 +121,23 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     run = lambda: gen.generate_masks(sam, images, points_per_side=pps,
                                      points_per_batch=ppb)["masks"].block_until_ready()
     total = _time(run, iters, warmup) / batch
-    if not stages:
-        return total, None
     graphdef, state = nnx.split(sam)
     s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)
+    if profile:
+        import os
+
+        from sarformer_jax.benchmarks import profile as prof
+
+        name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}"
+        hlo = gen._generate.lower(graphdef, state, images, None, s, False).compile().as_text()
+        trace_dir = os.path.join(profile, name)
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        for _ in range(3):
+            run()
+        jax.profiler.stop_trace()
+        prof.print_summary(prof.summarize(trace_dir, hlo, steps=3), name)
+    if not stages:
+        return total, None
     input_size = get_preprocess_shape(size, size, sam.img_size)
     grid = amg.build_point_grid(pps)
     enc = jax.jit(lambda st, im: nnx.merge(graphdef, st).embed_image(resize_uint8(im, input_size)))
@@ -193,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         for post in posts:
             for ppb in ppbs:
                 j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                                 args.warmup, impls[0], post, ppb, args.stages)
+                                 args.warmup, impls[0], post, ppb, args.stages, args.profile)
                 add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
                     f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch; torch float32)", j, t)
                 if st:

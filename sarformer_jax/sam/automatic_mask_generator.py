@@ -49,7 +49,8 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
     b, h, w, _ = images.shape
     input_size = get_preprocess_shape(h, w, sam.img_size)
     if emb is None:
-        emb = sam.embed_image(resize_uint8(images, input_size))  # [b, 64, 64, c]
+        with jax.named_scope("sam_encoder"):
+            emb = sam.embed_image(resize_uint8(images, input_size))  # [b, 64, 64, c]
     n_pts = points.shape[0]
     ppb = s.points_per_batch
     n_chunks = -(-n_pts // ppb)
@@ -63,10 +64,12 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
     def chunk(c):  # c [ppb, 1, 2] -> per-image results for ppb points
         pts = jnp.broadcast_to(c[None], (b,) + c.shape).reshape(b * ppb, 1, 2)
         labels = jnp.ones((b * ppb, 1), jnp.int32)
-        low, iou = sam.decode(emb, (pts, labels), multimask_output=True)  # ppb prompts per image
-        logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
-        stab = amg.calculate_stability_score(logits, sam.mask_threshold, s.stability_score_offset)
-        boxes = amg.batched_mask_to_box(logits > sam.mask_threshold)
+        with jax.named_scope("sam_mask_decoder"):
+            low, iou = sam.decode(emb, (pts, labels), multimask_output=True)  # ppb prompts per image
+        with jax.named_scope("sam_postprocess"):
+            logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
+            stab = amg.calculate_stability_score(logits, sam.mask_threshold, s.stability_score_offset)
+            boxes = amg.batched_mask_to_box(logits > sam.mask_threshold)
         m = low.shape[1]
         return dict(low_res=low.reshape(b, ppb * m, *low.shape[2:]), iou=iou.reshape(b, ppb * m),
                     stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
@@ -92,8 +95,9 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
 
 def _select(sam: Sam, cand: dict[str, jax.Array], s: AmgSettings, image_hw: tuple[int, int],
             max_keep: int) -> dict[str, jax.Array]:
-    keep, n_keep = jax.vmap(lambda bx, sc, v: amg.box_nms(bx, sc, v, s.box_nms_thresh, max_keep))(
-        cand["boxes"], cand["iou"], cand["valid"])
+    with jax.named_scope("sam_nms"):
+        keep, n_keep = jax.vmap(lambda bx, sc, v: amg.box_nms(bx, sc, v, s.box_nms_thresh, max_keep))(
+            cand["boxes"], cand["iou"], cand["valid"])
     valid = jnp.arange(max_keep)[None, :] < n_keep[:, None]
     take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
     return dict(keep=keep, valid=valid, scores=jnp.where(valid, take(cand["iou"]), 0.0),
@@ -111,7 +115,8 @@ def automatic_masks(sam: Sam, images, s: AmgSettings, emb: jax.Array | None = No
     cand = _candidates(sam, images, amg.build_point_grid(s.points_per_side), s, emb=emb)
     out = _select(sam, cand, s, (h, w), s.max_masks)
     low = out.pop("low_res")
-    masks = sam.postprocess_masks(low, input_size, (h, w)) > sam.mask_threshold
+    with jax.named_scope("sam_postprocess"):
+        masks = sam.postprocess_masks(low, input_size, (h, w)) > sam.mask_threshold
     out["masks"] = masks & out["valid"][..., None, None]
     out.pop("keep")
     return out
