@@ -153,6 +153,9 @@ def guidance(source: str = "online") -> Config:
             # taps: 81.6 vs 100.7 ms per 640² image for the whole generator on an H200
             # (docs/benchmarks.md, SAM run 4)
             postprocess="taps",
+            # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "upstream"
+            # or "folded" (same values; the mask product before the last interleave); unmeasured
+            upscale="upstream",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

@@ -55,7 +55,7 @@ def test_online_proposals_are_the_generators_masks_prepared(tmp_path):
     assert got.shape == (2, 8, 64, 64)
 
 
-def test_guidance_postprocess_key_selects_the_implementation(tmp_path):
+def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_path):
     from flax import nnx
 
     for post in ("taps", "matmul"):
@@ -64,6 +64,12 @@ def test_guidance_postprocess_key_selects_the_implementation(tmp_path):
         assert nnx.merge(graphdef, state).postprocess_implementation == post
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
+        load_guidance_sam(cfg, tiny_sam())
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "folded"})
+    graphdef, state = load_guidance_sam(cfg, tiny_sam())
+    assert nnx.merge(graphdef, state).mask_decoder.upscale_implementation == "folded"
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "bicubic"})
+    with pytest.raises(ValueError, match=r"guidance.sam.upscale.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())
 
 

@@ -10,6 +10,7 @@ pytest.importorskip("segment_anything")
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from conftest import RTOL, rel_err
 from sam_oracle import natural_image, sam_pair, save_and_convert, torch_sam  # noqa: F401
 
@@ -97,12 +98,16 @@ def test_mask_prompt(pair):
     assert rel_err(low3, rlow3) <= RTOL["float32"] and rel_err(iou3, riou3) <= RTOL["float32"]
 
 
+@pytest.mark.parametrize("upscale", ["upstream", "folded"])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
-def test_decode_grouped_prompts(pair, groups, per_image, with_masks):
+def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale):
     """Several images, several prompts each, in one call (each embedding passed once; its tokens
-    shared by its prompts in the first two-way block) = upstream's decoder called per image."""
+    shared by its prompts in the first two-way block) = upstream's decoder called per image;
+    with both upscaling implementations of the mask decoder."""
     tsam, jsam, _, _, _ = pair
+    jsam = nnx.clone(jsam)
+    jsam.mask_decoder.upscale_implementation = upscale
     rng = np.random.default_rng(5)
     b = groups * per_image
     emb = rng.normal(size=(groups, 64, 64, 256)).astype(np.float32)
@@ -128,12 +133,16 @@ def test_decode_grouped_prompts(pair, groups, per_image, with_masks):
     assert rel_err(iou, riou.numpy()) <= RTOL["float32"]
 
 
-def test_decode_rejects_ungroupable_batch(pair):
+def test_decode_rejects_ungroupable_batch_and_unknown_upscaling(pair):
     _, jsam, _, _, _ = pair
     emb = jnp.zeros((2, 64, 64, 256))
     pts = (jnp.zeros((3, 1, 2)), jnp.ones((3, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"\(2, 64, 64, 256\).*3 prompts"):
         jsam.decode(emb, pts)
+    jsam = nnx.clone(jsam)
+    jsam.mask_decoder.upscale_implementation = "nearest"
+    with pytest.raises(ValueError, match="upscale_implementation.*'nearest'"):
+        jsam.decode(emb[:1], pts)
 
 
 @pytest.mark.parametrize("length,size", [(27, 14), (127, 64), (27, 20), (127, 40), (15, 10)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import platform
 
 import numpy as np
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postprocess", default="matmul",
                         help="comma list of mask post-processing implementations to time in the "
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
+    parser.add_argument("--upscale", default="upstream",
+                        help="comma list of mask-decoder upscaling implementations to time in the "
+                             "generator (upstream, folded: see MaskDecoder.upscale_implementation)")
     parser.add_argument("--points-per-batch", default="64",
                         help="comma list of generator chunk sizes (prompts per image decoded at "
                              "once; the results do not depend on it, the memory does)")
@@ -102,7 +106,7 @@ def _images(size, batch):
 
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
-             postprocess="matmul", ppb=64, stages=False, profile=None):
+             postprocess="matmul", ppb=64, stages=False, profile=None, upscale="upstream"):
     """Median ms per image of `generate_masks`; with `stages`, also a dict of per-stage ms per
     image (each stage jitted alone, so their sum includes extra dispatches and copies)."""
     import jax
@@ -117,6 +121,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
     sam.postprocess_implementation = postprocess
+    sam.mask_decoder.upscale_implementation = upscale
     images = jnp.asarray(_images(size, batch))
     run = lambda: gen.generate_masks(sam, images, points_per_side=pps,
                                      points_per_batch=ppb)["masks"].block_until_ready()
@@ -128,7 +133,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
 
         from sarformer_jax.benchmarks import profile as prof
 
-        name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}"
+        name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}_{upscale}"
         hlo = gen._generate.lower(graphdef, state, images, None, s, False).compile().as_text()
         trace_dir = os.path.join(profile, name)
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -158,7 +163,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
         "NMS + kept masks": _time(lambda: select(state, c).block_until_ready(), iters, warmup),
     }
     kept = float(jnp.mean(jnp.sum(c["valid"], axis=1)))
-    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}; candidates passing the "
+    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}, upscale {upscale}; candidates passing the "
           f"thresholds per image: {kept:.0f} of {c['valid'].shape[1]}): "
           + ", ".join(f"{k} {v / batch:.1f} ms/img" for k, v in times.items()), flush=True)
     return total, {k: v / batch for k, v in times.items()}
@@ -201,19 +206,20 @@ def run(args: argparse.Namespace) -> int:
             add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}; torch autocast)", j, t)
     posts = [a.strip() for a in args.postprocess.split(",") if a.strip()]
     ppbs = [int(a) for a in args.points_per_batch.split(",") if a.strip()]
+    ups = [a.strip() for a in args.upscale.split(",") if a.strip()]
     cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.amg_cases.split(",") if c.strip()]
     stage_rows = []
     for size, batch in (() if args.no_amg else cases):
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
-        for post in posts:
-            for ppb in ppbs:
-                j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                                 args.warmup, impls[0], post, ppb, args.stages, args.profile)
-                add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
-                    f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch; torch float32)", j, t)
-                if st:
-                    stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}", st))
+        for post, ppb, up in itertools.product(posts, ppbs, ups):
+            j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
+                             args.warmup, impls[0], post, ppb, args.stages, args.profile, up)
+            add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
+                f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch, upscaling {up}; "
+                f"torch float32)", j, t)
+            if st:
+                stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}, upscaling {up}", st))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"dtype {args.dtype}  host {platform.node()}")

@@ -37,12 +37,20 @@ class MLP(nnx.Module):
 class MaskDecoder(nnx.Module):
     """Predicts masks from image and prompt embeddings.
 
+    `upscale_implementation` (set on an instance): "upstream" upscales the image tokens 4x
+    (two 2x2 transposed convs) and then takes each mask token's product with them; "folded"
+    takes the product with the second transposed conv's 2x2 blocks before they are interleaved
+    into the 4x grid, so the [prompts, 4h, 4w, c/8] tensor is never laid out (same values, same
+    sums; the masks are interleaved instead, 8x smaller).
+
     Args:
       transformer_dim: token width (256).
       num_multimask_outputs: masks for ambiguous prompts (3); one more token gives the single mask.
       iou_head_depth, iou_head_hidden_dim: the IoU MLP.
       transformer_depth, transformer_heads, transformer_mlp_dim: the TwoWayTransformer.
     """
+
+    upscale_implementation: str = "upstream"
 
     def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,
@@ -104,9 +112,19 @@ class MaskDecoder(nnx.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
         x = src.reshape(b, h, w, c)
-        for layer in self.output_upscaling:
-            x = layer(x)
         hyper_in = jnp.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
                              axis=1)  # [b, m, c/8]
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
+        if self.upscale_implementation == "folded":
+            up1, norm, act1, up2, act2 = self.output_upscaling
+            x = act1(norm(up1(x)))  # [b, 2h, 2w, c/4]
+            y = act2(up2.blocks(x))  # [b, 2h, 2w, 2, 2, c/8]
+            masks = jnp.einsum("bmc,bhwxyc->bmhxwy", hyper_in, y)
+            masks = masks.reshape(b, masks.shape[1], 4 * h, 4 * w)
+        elif self.upscale_implementation == "upstream":
+            for layer in self.output_upscaling:
+                x = layer(x)
+            masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
+        else:
+            raise ValueError(f"upscale_implementation must be 'upstream' or 'folded', got "
+                             f"{self.upscale_implementation!r}")
         return masks, self.iou_prediction_head(iou_token_out)
