@@ -31,11 +31,11 @@ class Attention(nnx.Module):
         self.out_proj = nnx.Linear(self.internal_dim, embedding_dim, **kw)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """q [..., g, pq, lq, c], k and v [..., g, pk, lk, c] with pq, pk in {1, p}: prompts
-        grouped by image (g images, p prompts each).  A side with one entry per group (the
-        image tokens before any prompt has updated them) is projected once and shared by the
-        group's p prompts; the result is [..., g, max(pq, pk), lq, c].  Rank-3 inputs
-        [b, l, c] are the ungrouped case."""
+        """q [g, pq, lq, c], k and v [g, pk, lk, c] with pq, pk in {1, p}: prompts grouped by
+        image (g images, p prompts each).  A side with one entry per group (the image tokens
+        before any prompt has updated them) is projected once and shared by the group's p
+        prompts; the result is [g, max(pq, pk), lq, c].  Rank-3 inputs [b, l, c] are the
+        ungrouped case."""
         if q.ndim == 3:
             return self(q[:, None], k[:, None], v[:, None])[:, 0]
         n = self.num_heads
