@@ -129,6 +129,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     graphdef, state = nnx.split(sam)
     s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)
     if profile:
+        import gzip
         import os
 
         from sarformer_jax.benchmarks import profile as prof
@@ -136,6 +137,9 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
         name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}_{upscale}"
         hlo = gen._generate.lower(graphdef, state, images, None, s, False).compile().as_text()
         trace_dir = os.path.join(profile, name)
+        os.makedirs(trace_dir, exist_ok=True)
+        with gzip.open(os.path.join(trace_dir, "compiled_hlo.txt.gz"), "wt") as f:
+            f.write(hlo)  # to map the profile's fusion names back to ops
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         for _ in range(3):
             run()
