@@ -154,8 +154,11 @@ def guidance(source: str = "online") -> Config:
             # (docs/benchmarks.md, SAM run 4)
             postprocess="taps",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "upstream"
-            # or "folded" (same values; the mask product before the last interleave); unmeasured
+            # or "blocks" (same values; convs kept as blocks, only the masks interleaved)
             upscale="upstream",
+            # the mask decoder's cross-attentions (TwoWayTransformer.attention_implementation):
+            # "upstream" or "absorbed" (image-token projections moved to the prompt side)
+            decoder_attention="upstream",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

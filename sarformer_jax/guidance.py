@@ -88,8 +88,9 @@ def load_guidance_sam(cfg, sam=None):
     """(graphdef, state) of the guidance SAM in `guidance.sam.dtype`: `sam` if given (an
     `nnx` SAM, e.g. random weights for benchmarks and tests), else `guidance.sam.checkpoint`
     (.npz from `sarformer convert sam`, or an official .pth converted on the fly).  Sets the
-    model's `postprocess_implementation` to `guidance.sam.postprocess` and its mask decoder's
-    `upscale_implementation` to `guidance.sam.upscale` (on `sam` too)."""
+    model's `postprocess_implementation` to `guidance.sam.postprocess`, its mask decoder's
+    `upscale_implementation` to `guidance.sam.upscale` and the decoder transformer's
+    `attention_implementation` to `guidance.sam.decoder_attention` (on `sam` too)."""
     from flax import nnx
 
     from sarformer_jax.sam.build import build_sam, load_sam
@@ -114,9 +115,13 @@ def load_guidance_sam(cfg, sam=None):
         raise ValueError(f"guidance.sam.postprocess must be 'matmul' or 'taps', got {post!r}")
     sam.postprocess_implementation = post
     up = str(cfg.guidance.sam.get("upscale", "upstream"))
-    if up not in ("upstream", "folded"):
-        raise ValueError(f"guidance.sam.upscale must be 'upstream' or 'folded', got {up!r}")
+    if up not in ("upstream", "blocks"):
+        raise ValueError(f"guidance.sam.upscale must be 'upstream' or 'blocks', got {up!r}")
     sam.mask_decoder.upscale_implementation = up
+    att = str(cfg.guidance.sam.get("decoder_attention", "upstream"))
+    if att not in ("upstream", "absorbed"):
+        raise ValueError(f"guidance.sam.decoder_attention must be 'upstream' or 'absorbed', got {att!r}")
+    sam.mask_decoder.transformer.attention_implementation = att
     return nnx.split(sam)
 
 

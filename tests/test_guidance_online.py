@@ -65,11 +65,17 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())
-    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "folded"})
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "blocks",
+                                                   "guidance.sam.decoder_attention": "absorbed"})
     graphdef, state = load_guidance_sam(cfg, tiny_sam())
-    assert nnx.merge(graphdef, state).mask_decoder.upscale_implementation == "folded"
+    decoder = nnx.merge(graphdef, state).mask_decoder
+    assert decoder.upscale_implementation == "blocks"
+    assert decoder.transformer.attention_implementation == "absorbed"
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.upscale.*'bicubic'"):
+        load_guidance_sam(cfg, tiny_sam())
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.decoder_attention": "flash"})
+    with pytest.raises(ValueError, match=r"guidance.sam.decoder_attention.*'flash'"):
         load_guidance_sam(cfg, tiny_sam())
 
 

@@ -98,16 +98,18 @@ def test_mask_prompt(pair):
     assert rel_err(low3, rlow3) <= RTOL["float32"] and rel_err(iou3, riou3) <= RTOL["float32"]
 
 
-@pytest.mark.parametrize("upscale", ["upstream", "folded"])
+@pytest.mark.parametrize("upscale,attention", [("upstream", "upstream"), ("blocks", "upstream"),
+                                               ("upstream", "absorbed"), ("blocks", "absorbed")])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
-def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale):
+def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale, attention):
     """Several images, several prompts each, in one call (each embedding passed once; its tokens
     shared by its prompts in the first two-way block) = upstream's decoder called per image;
-    with both upscaling implementations of the mask decoder."""
+    with every upscaling and two-way attention implementation of the mask decoder."""
     tsam, jsam, _, _, _ = pair
     jsam = nnx.clone(jsam)
     jsam.mask_decoder.upscale_implementation = upscale
+    jsam.mask_decoder.transformer.attention_implementation = attention
     rng = np.random.default_rng(5)
     b = groups * per_image
     emb = rng.normal(size=(groups, 64, 64, 256)).astype(np.float32)
@@ -133,7 +135,7 @@ def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale):
     assert rel_err(iou, riou.numpy()) <= RTOL["float32"]
 
 
-def test_decode_rejects_ungroupable_batch_and_unknown_upscaling(pair):
+def test_decode_rejects_ungroupable_batch_and_unknown_implementations(pair):
     _, jsam, _, _, _ = pair
     emb = jnp.zeros((2, 64, 64, 256))
     pts = (jnp.zeros((3, 1, 2)), jnp.ones((3, 1), jnp.int32))
@@ -142,6 +144,10 @@ def test_decode_rejects_ungroupable_batch_and_unknown_upscaling(pair):
     jsam = nnx.clone(jsam)
     jsam.mask_decoder.upscale_implementation = "nearest"
     with pytest.raises(ValueError, match="upscale_implementation.*'nearest'"):
+        jsam.decode(emb[:1], pts)
+    jsam.mask_decoder.upscale_implementation = "upstream"
+    jsam.mask_decoder.transformer.attention_implementation = "flash"
+    with pytest.raises(ValueError, match="attention_implementation.*'flash'"):
         jsam.decode(emb[:1], pts)
 
 

@@ -39,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="upstream",
                         help="comma list of mask-decoder upscaling implementations to time in the "
-                             "generator (upstream, folded: see MaskDecoder.upscale_implementation)")
+                             "generator (upstream, blocks: see MaskDecoder.upscale_implementation)")
+    parser.add_argument("--decoder-attention", default="upstream",
+                        help="comma list of mask-decoder cross-attention implementations to time in "
+                             "the generator (upstream, absorbed: see "
+                             "TwoWayTransformer.attention_implementation)")
     parser.add_argument("--points-per-batch", default="64",
                         help="comma list of generator chunk sizes (prompts per image decoded at "
                              "once; the results do not depend on it, the memory does)")
@@ -106,7 +110,8 @@ def _images(size, batch):
 
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
-             postprocess="matmul", ppb=64, stages=False, profile=None, upscale="upstream"):
+             postprocess="matmul", ppb=64, stages=False, profile=None, upscale="upstream",
+             decoder_attention="upstream"):
     """Median ms per image of `generate_masks`; with `stages`, also a dict of per-stage ms per
     image (each stage jitted alone, so their sum includes extra dispatches and copies)."""
     import jax
@@ -122,6 +127,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
                     attention_implementation=attention)
     sam.postprocess_implementation = postprocess
     sam.mask_decoder.upscale_implementation = upscale
+    sam.mask_decoder.transformer.attention_implementation = decoder_attention
     images = jnp.asarray(_images(size, batch))
     run = lambda: gen.generate_masks(sam, images, points_per_side=pps,
                                      points_per_batch=ppb)["masks"].block_until_ready()
@@ -134,7 +140,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
 
         from sarformer_jax.benchmarks import profile as prof
 
-        name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}_{upscale}"
+        name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}_{upscale}_{decoder_attention}"
         hlo = gen._generate.lower(graphdef, state, images, None, s, False).compile().as_text()
         trace_dir = os.path.join(profile, name)
         os.makedirs(trace_dir, exist_ok=True)
@@ -167,7 +173,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
         "NMS + kept masks": _time(lambda: select(state, c).block_until_ready(), iters, warmup),
     }
     kept = float(jnp.mean(jnp.sum(c["valid"], axis=1)))
-    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}, upscale {upscale}; candidates passing the "
+    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}, upscale {upscale}, attention {decoder_attention}; candidates passing the "
           f"thresholds per image: {kept:.0f} of {c['valid'].shape[1]}): "
           + ", ".join(f"{k} {v / batch:.1f} ms/img" for k, v in times.items()), flush=True)
     return total, {k: v / batch for k, v in times.items()}
@@ -211,19 +217,20 @@ def run(args: argparse.Namespace) -> int:
     posts = [a.strip() for a in args.postprocess.split(",") if a.strip()]
     ppbs = [int(a) for a in args.points_per_batch.split(",") if a.strip()]
     ups = [a.strip() for a in args.upscale.split(",") if a.strip()]
+    dec_atts = [a.strip() for a in args.decoder_attention.split(",") if a.strip()]
     cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.amg_cases.split(",") if c.strip()]
     stage_rows = []
     for size, batch in (() if args.no_amg else cases):
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
-        for post, ppb, up in itertools.product(posts, ppbs, ups):
+        for post, ppb, up, da in itertools.product(posts, ppbs, ups, dec_atts):
             j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                             args.warmup, impls[0], post, ppb, args.stages, args.profile, up)
+                             args.warmup, impls[0], post, ppb, args.stages, args.profile, up, da)
             add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
-                f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch, upscaling {up}; "
-                f"torch float32)", j, t)
+                f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch, upscaling {up}, "
+                f"decoder attention {da}; torch float32)", j, t)
             if st:
-                stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}, upscaling {up}", st))
+                stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}, upscaling {up}, attention {da}", st))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"dtype {args.dtype}  host {platform.node()}")

@@ -38,10 +38,11 @@ class MaskDecoder(nnx.Module):
     """Predicts masks from image and prompt embeddings.
 
     `upscale_implementation` (set on an instance): "upstream" upscales the image tokens 4x
-    (two 2x2 transposed convs) and then takes each mask token's product with them; "folded"
-    takes the product with the second transposed conv's 2x2 blocks before they are interleaved
-    into the 4x grid, so the [prompts, 4h, 4w, c/8] tensor is never laid out (same values, same
-    sums; the masks are interleaved instead, 8x smaller).
+    (two 2x2 transposed convs, each interleaved into its grid) and then takes each mask token's
+    product with them; "blocks" keeps both convs' outputs as blocks of their input token
+    ([prompts, h, w, 2, 2, 2, 2, c/8]: the LayerNorm and GELUs act on the last axis, nothing is
+    transposed) and interleaves only the masks at the end (same values, same sums, m/(c/8) of
+    the bytes).  Only the requested masks are computed (3 of the 4 for multimask output).
 
     Args:
       transformer_dim: token width (256).
@@ -88,14 +89,16 @@ class MaskDecoder(nnx.Module):
           multimask_output: the 3 ambiguity-aware masks (True) or the single one (False).
         Returns:
           low-res mask logits [b, m, 4h, 4w] and IoU predictions [b, m]."""
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                             dense_prompt_embeddings)
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                             dense_prompt_embeddings, sl)
+        return masks, iou_pred[:, sl]
 
     def predict_masks(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
-                      dense_prompt_embeddings: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """All `num_mask_tokens` masks [b, m, 4h, 4w] and IoU predictions [b, m]."""
+                      dense_prompt_embeddings: jax.Array,
+                      mask_tokens: slice = slice(None)) -> tuple[jax.Array, jax.Array]:
+        """The masks of the `mask_tokens` slice of the `num_mask_tokens` tokens [b, m, 4h, 4w]
+        (all by default) and every token's IoU prediction [b, num_mask_tokens]."""
         b = sparse_prompt_embeddings.shape[0]
         out_tokens = jnp.concatenate([self.iou_token.embedding[...], self.mask_tokens.embedding[...]], axis=0)
         out_tokens = jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape).astype(sparse_prompt_embeddings.dtype)
@@ -112,19 +115,22 @@ class MaskDecoder(nnx.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
         x = src.reshape(b, h, w, c)
-        hyper_in = jnp.stack([mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+        wanted = range(self.num_mask_tokens)[mask_tokens]
+        hyper_in = jnp.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted],
                              axis=1)  # [b, m, c/8]
-        if self.upscale_implementation == "folded":
+        if self.upscale_implementation == "blocks":
             up1, norm, act1, up2, act2 = self.output_upscaling
-            x = act1(norm(up1(x)))  # [b, 2h, 2w, c/4]
-            y = act2(up2.blocks(x))  # [b, 2h, 2w, 2, 2, c/8]
-            masks = jnp.einsum("bmc,bhwxyc->bmhxwy", hyper_in, y)
-            masks = masks.reshape(b, masks.shape[1], 4 * h, 4 * w)
+            y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]
+            y = act2(up2.blocks(y.reshape(b, h, w * 4, -1)))  # [b, h, 4w, 2, 2, c/8]
+            y = y.reshape(b, h, w, 2, 2, 2, 2, -1)  # token (i, j), first block (x, y), second (X, Y)
+            # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
+            masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
+            masks = masks.reshape(b, len(wanted), 4 * h, 4 * w)
         elif self.upscale_implementation == "upstream":
             for layer in self.output_upscaling:
                 x = layer(x)
             masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
         else:
-            raise ValueError(f"upscale_implementation must be 'upstream' or 'folded', got "
+            raise ValueError(f"upscale_implementation must be 'upstream' or 'blocks', got "
                              f"{self.upscale_implementation!r}")
         return masks, self.iou_prediction_head(iou_token_out)

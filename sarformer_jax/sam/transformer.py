@@ -55,6 +55,80 @@ class Attention(nnx.Module):
             out = self._attend(q, k, v).reshape(g, pq, lq, n * d)
         return self.out_proj(out)
 
+    def _weights(self, dtype) -> tuple[jax.Array, ...]:
+        """Projection kernels per head: q, k, v [c, n, d], out [n, d, c], and the q, v, out biases."""
+        n = self.num_heads
+        d = self.internal_dim // n
+        kern = lambda lin: lin.kernel[...].astype(dtype)
+        bias = lambda lin: lin.bias[...].astype(dtype)
+        c = self.q_proj.kernel.shape[0]
+        return (kern(self.q_proj).reshape(c, n, d), kern(self.k_proj).reshape(c, n, d),
+                kern(self.v_proj).reshape(c, n, d), kern(self.out_proj).reshape(n, d, -1),
+                bias(self.q_proj).reshape(n, d), bias(self.v_proj).reshape(n, d), bias(self.out_proj))
+
+    def tokens_to_image(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """`self(q, k, v)` for few queries (prompt tokens q [g, p, t, c]) and many keys (image
+        tokens k, v [g, pk, l, c], pk in {1, p}), with the key and value projections moved to
+        the query side ("absorbed"):
+
+          logits[n, t, l] = (W_k,n q'[n, t]) . k[l] / sqrt(d)   (+ q'.b_k, the same for every l:
+                                                                 it cancels in the softmax)
+          out[t] = W_o (W_v,n^T (sum_l a[n, t, l] v[l]) + b_v) + b_o     (sum_l a = 1)
+
+        so no [l, c] projection of the image tokens is formed: two products of the image tokens
+        with [c, n*t] matrices per prompt instead of two [l, c] x [c, c/2] projections and the
+        attention (with pk = 1, one product per image for all its prompts).  Same values as
+        `self(q, k, v)` up to rounding."""
+        dtype = self.q_proj.dtype or jnp.result_type(q, self.q_proj.kernel[...])
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        n = self.num_heads
+        d = self.internal_dim // n
+        g, p, t, _ = q.shape
+        _, wk, wv, _, _, bv, _ = self._weights(dtype)
+        qh = self.q_proj(q).reshape(g, p, t, n, d)
+        m = jnp.einsum("gptnd,cnd->gpntc", qh, wk) / jnp.asarray(math.sqrt(d), dtype)
+        if k.shape[1] == 1:  # image tokens shared by the group's prompts: one product per image
+            logits = jnp.einsum("glc,gpntc->gpntl", k[:, 0], m, preferred_element_type=jnp.float32)
+            attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            pooled = jnp.einsum("gpntl,glc->gpntc", attn, v[:, 0])
+        else:
+            logits = jnp.einsum("gplc,gpntc->gpntl", k, m, preferred_element_type=jnp.float32)
+            attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            pooled = jnp.einsum("gpntl,gplc->gpntc", attn, v)
+        out = jnp.einsum("gpntc,cnd->gptnd", pooled, wv) + bv
+        return self.out_proj(out.reshape(g, p, t, n * d))
+
+    def image_to_tokens(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """`self(q, k, v)` for many queries (image tokens q [g, pq, l, c], pq in {1, p}) and few
+        keys (prompt tokens k, v [g, p, t, c]), with the query and output projections moved to
+        the key side ("absorbed"):
+
+          logits[l, n, t] = q[l] . (W_q,n k'[n, t]) / sqrt(d) + b_q,n . k'[n, t] / sqrt(d)
+          out[l] = sum_{n,t} a[l, n, t] (W_o,n v'[n, t]) + b_o
+
+        one [l, c] x [c, n*t] product and one [l, n*t] x [n*t, c] product per prompt (the first
+        one per image when pq = 1), instead of the [l, c] x [c, c/2] query and [l, c/2] x
+        [c/2, c] output projections and a softmax over the t-wide minor axis of [l, n, t]
+        batched products.  Returns [g, p, l, c]; same values as `self(q, k, v)` up to rounding."""
+        dtype = self.q_proj.dtype or jnp.result_type(q, self.q_proj.kernel[...])
+        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        n = self.num_heads
+        d = self.internal_dim // n
+        g, p, t, _ = k.shape
+        wq, _, _, wo, bq, _, bo = self._weights(dtype)
+        kh = self.k_proj(k).reshape(g, p, t, n, d)
+        vh = self.v_proj(v).reshape(g, p, t, n, d)
+        scale = jnp.asarray(math.sqrt(d), dtype)
+        m = jnp.einsum("gptnd,cnd->gpcnt", kh, wq) / scale
+        bias = jnp.einsum("gptnd,nd->gpnt", kh, bq, preferred_element_type=jnp.float32) / math.sqrt(d)
+        if q.shape[1] == 1:
+            logits = jnp.einsum("glc,gpcnt->gplnt", q[:, 0], m, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("gplc,gpcnt->gplnt", q, m, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits + bias[:, :, None], axis=-1).astype(dtype)
+        u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
+        return jnp.einsum("gplnt,gpntc->gplc", attn, u) + bo
+
     @staticmethod
     def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Softmax attention over matching leading dims: q [g, p, lq, n, d], k v [g, p, lk, n, d]."""
@@ -81,7 +155,9 @@ class TwoWayAttentionBlock(nnx.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 key_pe: jax.Array, absorbed: bool = False) -> tuple[jax.Array, jax.Array]:
+        """queries [g, p, t, c], keys [g, p or 1, l, c]; `absorbed`: the cross-attentions as
+        `Attention.tokens_to_image` / `image_to_tokens` (same values up to rounding)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -89,10 +165,12 @@ class TwoWayAttentionBlock(nnx.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
         q, k = queries + query_pe, keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        t2i = self.cross_attn_token_to_image.tokens_to_image if absorbed else self.cross_attn_token_to_image
+        queries = self.norm2(queries + t2i(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
         q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        i2t = self.cross_attn_image_to_token.image_to_tokens if absorbed else self.cross_attn_image_to_token
+        keys = self.norm4(keys + i2t(k, q, queries))
         return queries, keys
 
 
@@ -100,7 +178,14 @@ class TwoWayTransformer(nnx.Module):
     """`depth` two-way blocks, then a final token->image attention and LayerNorm.
 
     Call with image_embedding [b, h, w, c], image_pe [b, h, w, c], point_embedding [b, q, c];
-    returns (tokens [b, q, c], image tokens [b, h*w, c])."""
+    returns (tokens [b, q, c], image tokens [b, h*w, c]).
+
+    `attention_implementation` (set on an instance): "upstream" projects the image tokens in
+    every cross-attention as segment-anything does; "absorbed" moves those projections to the
+    prompt-token side (`Attention.tokens_to_image`, `Attention.image_to_tokens`): same values
+    up to rounding, far less work per prompt when thousands of prompts share an image."""
+
+    attention_implementation: str = "upstream"
 
     def __init__(self, *, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
                  mlp_dim: int = 2048, attention_downsample_rate: int = 2, rngs: nnx.Rngs, dtype=None,
@@ -137,10 +222,15 @@ class TwoWayTransformer(nnx.Module):
         keys = image_embedding.reshape(g, ps, h * w, c)
         key_pe = jnp.broadcast_to(image_pe, (1, h, w, c)).reshape(1, 1, h * w, c)
         point_embedding = point_embedding.reshape(g, p, t, c)
+        if self.attention_implementation not in ("upstream", "absorbed"):
+            raise ValueError(f"attention_implementation must be 'upstream' or 'absorbed', got "
+                             f"{self.attention_implementation!r}")
+        absorbed = self.attention_implementation == "absorbed"
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, absorbed)
+        final = self.final_attn_token_to_image
+        attn = (final.tokens_to_image if absorbed else final)(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn)
         keys = jnp.broadcast_to(keys, (g, p, h * w, c))
         return queries.reshape(b, t, c), keys.reshape(b, h * w, c)
