@@ -160,6 +160,13 @@ def test_mask_helpers_match_upstream():
     logits[2] = -5  # empty mask
     np.testing.assert_allclose(amg.calculate_stability_score(jnp.asarray(logits), 0.0, 1.0),
                                up.calculate_stability_score(torch.from_numpy(logits), 0.0, 1.0).numpy(), rtol=1e-6)
+    for t, off in ((0.0, 1.0), (0.5, 0.25), (0.0, -1.0), (-2.0, 0.0)):  # the generator's bit form
+        bits = amg.mask_bits(jnp.asarray(logits), t, off)
+        assert bits.dtype == jnp.uint8
+        np.testing.assert_allclose(amg.stability_from_bits(bits),
+                                   up.calculate_stability_score(torch.from_numpy(logits), t, off).numpy(),
+                                   rtol=1e-6)
+        np.testing.assert_array_equal((np.asarray(bits) & 4) != 0, logits > t)
     masks = logits > 0
     np.testing.assert_array_equal(amg.batched_mask_to_box(jnp.asarray(masks)),
                                   up.batched_mask_to_box(torch.from_numpy(masks)).numpy())

@@ -28,6 +28,24 @@ def calculate_stability_score(logits: jax.Array, mask_threshold: float, threshol
     return high.astype(jnp.float32) / low.astype(jnp.float32)
 
 
+def mask_bits(logits: jax.Array, mask_threshold: float, threshold_offset: float) -> jax.Array:
+    """uint8 [..., h, w]: bit 0 = logits > threshold + offset, bit 1 = logits > threshold -
+    offset, bit 2 = logits > threshold: everything the generator needs from the full-size
+    logits (`stability_from_bits`, the box of bit 2) in a quarter of float32's bytes, so the
+    upscaled logits are compared where they are computed and never stored."""
+    bit = lambda cond, k: cond.astype(jnp.uint8) << k
+    return (bit(logits > mask_threshold + threshold_offset, 0)
+            | bit(logits > mask_threshold - threshold_offset, 1)
+            | bit(logits > mask_threshold, 2))
+
+
+def stability_from_bits(bits: jax.Array) -> jax.Array:
+    """`calculate_stability_score` from `mask_bits`: count(bit 0) / count(bit 1)."""
+    high = jnp.sum((bits & 1) != 0, axis=(-2, -1), dtype=jnp.int32)
+    low = jnp.sum((bits & 2) != 0, axis=(-2, -1), dtype=jnp.int32)
+    return high.astype(jnp.float32) / low.astype(jnp.float32)
+
+
 def batched_mask_to_box(masks: jax.Array) -> jax.Array:
     """Inclusive xyxy pixel boxes [..., 4] (int32) of boolean masks [..., h, w]; [0, 0, 0, 0]
     for an empty mask."""

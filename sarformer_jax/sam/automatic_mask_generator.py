@@ -68,8 +68,9 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
             low, iou = sam.decode(emb, (pts, labels), multimask_output=True)  # ppb prompts per image
         with jax.named_scope("sam_postprocess"):
             logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
-            stab = amg.calculate_stability_score(logits, sam.mask_threshold, s.stability_score_offset)
-            boxes = amg.batched_mask_to_box(logits > sam.mask_threshold)
+            bits = amg.mask_bits(logits, sam.mask_threshold, s.stability_score_offset)
+            stab = amg.stability_from_bits(bits)
+            boxes = amg.batched_mask_to_box((bits & 4) != 0)
         m = low.shape[1]
         return dict(low_res=low.reshape(b, ppb * m, *low.shape[2:]), iou=iou.reshape(b, ppb * m),
                     stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
