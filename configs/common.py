@@ -153,12 +153,14 @@ def guidance(source: str = "online") -> Config:
             # taps: 81.6 vs 100.7 ms per 640² image for the whole generator on an H200
             # (docs/benchmarks.md, SAM run 4)
             postprocess="taps",
-            # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "upstream"
-            # or "blocks" (same values; convs kept as blocks, only the masks interleaved)
-            upscale="upstream",
-            # the mask decoder's cross-attentions (TwoWayTransformer.attention_implementation):
-            # "upstream" or "absorbed" (image-token projections moved to the prompt side)
-            decoder_attention="upstream",
+            # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
+            # (convs kept as blocks, only the masks interleaved) or "upstream"; and its
+            # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
+            # (image-token projections moved to the prompt side) or "upstream".  Same values up
+            # to rounding; blocks + absorbed: online train step 202.4 vs 228.6 ms, generator
+            # 73.3 vs 80.7 ms per 640² image on an H200 (docs/benchmarks.md, SAM run 5)
+            upscale="blocks",
+            decoder_attention="absorbed",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

@@ -114,11 +114,11 @@ def load_guidance_sam(cfg, sam=None):
     if post not in ("matmul", "taps"):
         raise ValueError(f"guidance.sam.postprocess must be 'matmul' or 'taps', got {post!r}")
     sam.postprocess_implementation = post
-    up = str(cfg.guidance.sam.get("upscale", "upstream"))
+    up = str(cfg.guidance.sam.get("upscale", "blocks"))
     if up not in ("upstream", "blocks"):
         raise ValueError(f"guidance.sam.upscale must be 'upstream' or 'blocks', got {up!r}")
     sam.mask_decoder.upscale_implementation = up
-    att = str(cfg.guidance.sam.get("decoder_attention", "upstream"))
+    att = str(cfg.guidance.sam.get("decoder_attention", "absorbed"))
     if att not in ("upstream", "absorbed"):
         raise ValueError(f"guidance.sam.decoder_attention must be 'upstream' or 'absorbed', got {att!r}")
     sam.mask_decoder.transformer.attention_implementation = att

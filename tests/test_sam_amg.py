@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from sam_oracle import natural_image, sam_pair  # noqa: F401
 
 from sarformer_jax.sam import amg
-from sarformer_jax.sam.automatic_mask_generator import SamAutomaticMaskGenerator, generate_masks
+from sarformer_jax.sam.automatic_mask_generator import SamAutomaticMaskGenerator, generate_masks, mask_generator
 
 # Random weights give IoU predictions in about [-0.2, 0.7] and stability scores (offset 1) in
 # about [0, 0.7]; these thresholds keep roughly a third of the candidates.
@@ -83,6 +83,10 @@ def test_generate_masks_batched(sam_pair, loose_pair):
     out = generate_masks(jsam, jnp.asarray(np.stack([image, flipped])), max_masks=48, boxes=jnp.asarray(boxes), **kw)
     out = {k: np.asarray(v) for k, v in out.items()}
     assert out["masks"].shape == (2, 48, 400, 600) and out["valid"].shape == (2, 48)
+    again = mask_generator(jsam, max_masks=48, **kw)(jnp.asarray(np.stack([image, flipped])), jnp.asarray(boxes))
+    assert sorted(again) == sorted(out) and all(np.array_equal(again[k], out[k]) for k in out)
+    with pytest.raises(TypeError, match="unknown settings.*crop_n_layers"):
+        mask_generator(jsam, crop_n_layers=1)
     for b, records in ((0, ref), (1, SamAutomaticMaskGenerator(jsam, **kw).generate(flipped))):
         n = int(out["valid"][b].sum())
         assert n == min(len(records), 48) and out["valid"][b, :n].all()

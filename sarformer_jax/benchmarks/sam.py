@@ -34,13 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of image-encoder attention implementations to time "
                              "(auto, xla, cudnn); the generator uses the first")
     parser.add_argument("--no-amg", action="store_true", help="encoders only")
-    parser.add_argument("--postprocess", default="matmul",
+    parser.add_argument("--postprocess", default="taps",
                         help="comma list of mask post-processing implementations to time in the "
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
-    parser.add_argument("--upscale", default="upstream",
+    parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
                              "generator (upstream, blocks: see MaskDecoder.upscale_implementation)")
-    parser.add_argument("--decoder-attention", default="upstream",
+    parser.add_argument("--decoder-attention", default="absorbed",
                         help="comma list of mask-decoder cross-attention implementations to time in "
                              "the generator (upstream, absorbed: see "
                              "TwoWayTransformer.attention_implementation)")
@@ -129,8 +129,8 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     sam.mask_decoder.upscale_implementation = upscale
     sam.mask_decoder.transformer.attention_implementation = decoder_attention
     images = jnp.asarray(_images(size, batch))
-    run = lambda: gen.generate_masks(sam, images, points_per_side=pps,
-                                     points_per_batch=ppb)["masks"].block_until_ready()
+    generate = gen.mask_generator(sam, points_per_side=pps, points_per_batch=ppb)  # split once
+    run = lambda: generate(images)["masks"].block_until_ready()
     total = _time(run, iters, warmup) / batch
     graphdef, state = nnx.split(sam)
     s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)

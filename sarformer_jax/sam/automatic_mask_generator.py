@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -172,6 +173,28 @@ def generate_masks(sam: Sam, images: jax.Array, *, params: nnx.State | None = No
         state = params
     s = AmgSettings(points_per_side, points_per_batch, float(pred_iou_thresh), float(stability_score_thresh),
                     float(stability_score_offset), float(box_nms_thresh), int(max_masks))
+    return _call_generate(graphdef, state, images, boxes, s)
+
+
+def mask_generator(sam: Sam, **settings) -> Callable[..., dict[str, jax.Array]]:
+    """`generate_masks` with the model split once: returns `f(images, boxes=None)` taking the
+    other arguments from `settings` (the keyword arguments of `generate_masks`).  The model's
+    state is captured now (make a new function after changing its weights); each call then
+    skips `nnx.split`'s traversal of the model, which for vit_b costs ~10-25 ms of host time,
+    as much as a few images' device time."""
+    params = settings.pop("params", None)
+    graphdef, state = nnx.split(sam)
+    state = state if params is None else params
+    unknown = set(settings) - {"points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
+                               "stability_score_offset", "box_nms_thresh", "max_masks"}
+    if unknown:
+        raise TypeError(f"mask_generator: unknown settings {sorted(unknown)}")
+    s = AmgSettings(**{k: (float(v) if isinstance(getattr(AmgSettings, k), float) else int(v))
+                       for k, v in settings.items()})
+    return functools.partial(_call_generate, graphdef, state, s=s)
+
+
+def _call_generate(graphdef, state, images, boxes=None, s: AmgSettings = None):
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"generate_masks expects images [b, H, W, 3], got {images.shape}")
     if boxes is not None:

@@ -39,7 +39,7 @@ class MaskDecoder(nnx.Module):
 
     `upscale_implementation` (set on an instance): "upstream" upscales the image tokens 4x
     (two 2x2 transposed convs, each interleaved into its grid) and then takes each mask token's
-    product with them; "blocks" keeps both convs' outputs as blocks of their input token
+    product with them; "blocks" (the default) keeps both convs' outputs as blocks of their input token
     ([prompts, h, w, 2, 2, 2, 2, c/8]: the LayerNorm and GELUs act on the last axis, nothing is
     transposed) and interleaves only the masks at the end (same values, same sums, m/(c/8) of
     the bytes).  Only the requested masks are computed (3 of the 4 for multimask output).
@@ -51,7 +51,7 @@ class MaskDecoder(nnx.Module):
       transformer_depth, transformer_heads, transformer_mlp_dim: the TwoWayTransformer.
     """
 
-    upscale_implementation: str = "upstream"
+    upscale_implementation: str = "blocks"
 
     def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,

@@ -181,11 +181,11 @@ class TwoWayTransformer(nnx.Module):
     returns (tokens [b, q, c], image tokens [b, h*w, c]).
 
     `attention_implementation` (set on an instance): "upstream" projects the image tokens in
-    every cross-attention as segment-anything does; "absorbed" moves those projections to the
+    every cross-attention as segment-anything does; "absorbed" (the default) moves those projections to the
     prompt-token side (`Attention.tokens_to_image`, `Attention.image_to_tokens`): same values
     up to rounding, far less work per prompt when thousands of prompts share an image."""
 
-    attention_implementation: str = "upstream"
+    attention_implementation: str = "absorbed"
 
     def __init__(self, *, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
                  mlp_dim: int = 2048, attention_downsample_rate: int = 2, rngs: nnx.Rngs, dtype=None,
