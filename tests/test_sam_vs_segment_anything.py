@@ -99,7 +99,8 @@ def test_mask_prompt(pair):
 
 
 @pytest.mark.parametrize("upscale,attention", [("upstream", "upstream"), ("blocks", "upstream"),
-                                               ("upstream", "absorbed"), ("blocks", "absorbed")])
+                                               ("upstream", "absorbed"), ("blocks", "absorbed"),
+                                               ("pallas_interpret", "absorbed")])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
 def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale, attention):

@@ -42,7 +42,10 @@ class MaskDecoder(nnx.Module):
     product with them; "blocks" (the default) keeps both convs' outputs as blocks of their input token
     ([prompts, h, w, 2, 2, 2, 2, c/8]: the LayerNorm and GELUs act on the last axis, nothing is
     transposed) and interleaves only the masks at the end (same values, same sums, m/(c/8) of
-    the bytes).  Only the requested masks are computed (3 of the 4 for multimask output).
+    the bytes); "pallas" runs the upscaling and the mask product as one GPU kernel
+    (`sarformer_jax.kernels.sam_upscale`: per prompt only its image tokens are read and its
+    masks written; "pallas_interpret" runs it in the Pallas interpreter, for CPU tests).  Only
+    the requested masks are computed (3 of the 4 for multimask output).
 
     Args:
       transformer_dim: token width (256).
@@ -126,11 +129,20 @@ class MaskDecoder(nnx.Module):
             # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
             masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
             masks = masks.reshape(b, len(wanted), 4 * h, 4 * w)
+        elif self.upscale_implementation in ("pallas", "pallas_interpret"):
+            from sarformer_jax.kernels.sam_upscale import upscale_masks
+
+            up1, norm, _, up2, _ = self.output_upscaling
+            dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
+            masks = upscale_masks(x.astype(dtype), up1.kernel[...][::-1, ::-1], up1.bias[...], norm.scale[...],
+                                  norm.bias[...], up2.kernel[...][::-1, ::-1], up2.bias[...], hyper_in,
+                                  eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret")
         elif self.upscale_implementation == "upstream":
             for layer in self.output_upscaling:
                 x = layer(x)
             masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
         else:
-            raise ValueError(f"upscale_implementation must be 'upstream' or 'blocks', got "
+            raise ValueError(f"upscale_implementation must be 'upstream', 'blocks', 'pallas' or "
+                             f"'pallas_interpret', got "
                              f"{self.upscale_implementation!r}")
         return masks, self.iou_prediction_head(iou_token_out)

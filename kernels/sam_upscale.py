@@ -1,0 +1,133 @@
+"""Pallas (Triton backend) kernel for the end of SAM's mask decoder: the 4x upscaling of each
+prompt's image tokens and the product with its mask tokens, fused.
+
+Per prompt, the decoder upscales its 64 x 64 x 256 image tokens with a 2x2 stride-2 transposed
+conv (to 64 channels), a channel LayerNorm and a GELU, a second 2x2 transposed conv (to 32
+channels) and a GELU, and takes the dot product of every upscaled pixel with each mask token's
+32-vector.  In XLA those steps write and read a [prompts, 128, 128, 64] and a [prompts, 256,
+256, 32] tensor per chunk; here one program instance keeps `block_l` image tokens on chip from
+the first product to the masks, so per prompt only its image tokens are read and its masks
+written (the automatic mask generator runs this for 1024 prompts per image).
+
+Layout: every output pixel belongs to one image token (i, j) and two sub-positions, s1 = 2x + y
+of the first conv and s2 = 2X + Y of the second: row 4i + 2x + X, column 4j + 2y + Y.  The
+kernel writes masks[b, m, 4 * s1 + s2, i * w + j]; `upscale_masks` interleaves them (a tensor of
+the masks' size).
+
+Grid: (prompts, tokens / block_l).  Per program: 4 products [block_l, 256] x [256, 64] (one per
+s1), LayerNorm and GELU in float32 on the result, then per s1 4 products [block_l, 64] x
+[64, 32] (one per s2), GELU, and the mask-token dots as float32 multiply-adds (3 masks: too few
+columns for a tensor-core product).  Products take the inputs' dtype with float32 accumulation;
+the GELU outputs are rounded to that dtype where the XLA path stores them.
+
+GELU is exact (erf) as in SAM; Triton has no erf lowering in Pallas, so erf is the
+Abramowitz-Stegun 7.1.26 rational approximation (absolute error <= 1.5e-7 in exact arithmetic,
+<= 6e-7 in float32, where 1 - poly * exp(-x^2) cancels near 0; GELU multiplies it by x / 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _erf(x: jax.Array) -> jax.Array:
+    """float32 erf (Abramowitz-Stegun 7.1.26; |error| <= 6e-7 in float32)."""
+    ax = jnp.abs(x)
+    t = 1.0 / (1.0 + _AS_P * ax)
+    poly = _AS_A[4]
+    for a in _AS_A[3::-1]:
+        poly = poly * t + a
+    y = 1.0 - poly * t * jnp.exp(-ax * ax)
+    return jnp.where(x < 0, -y, y)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    return 0.5 * x * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _i(k: int) -> jax.Array:
+    return jnp.int32(k)  # static indices as int32 scalars (as the MSDA kernel: interpreter-safe)
+
+
+def _kernel(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_l: int,
+            eps: float, n_masks: int):
+    b, lb = pl.program_id(0), pl.program_id(1)
+    # float32 products in full precision (not TF32), so that the float32 path matches SAM's
+    prec = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    ls = pl.ds(lb * block_l, block_l)
+    x = x_ref[b, ls, :]  # [block_l, c]
+    c1 = w1_ref.shape[-1]
+    b1 = b1_ref[...].astype(jnp.float32)[None, :]
+    g = g_ref[...].astype(jnp.float32)[None, :]
+    be = be_ref[...].astype(jnp.float32)[None, :]
+    b2 = b2_ref[...].astype(jnp.float32)[None, :]
+    hyper = [h_ref[b, _i(k), :].astype(jnp.float32)[None, :] for k in range(n_masks)]
+    for s1 in range(4):
+        y = jnp.dot(x, w1_ref[_i(s1), :, :], preferred_element_type=jnp.float32, precision=prec) + b1  # [block_l, c1]
+        mu = jnp.sum(y, axis=1)[:, None] * (1.0 / c1)
+        d = y - mu
+        var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c1)
+        y = d * jax.lax.rsqrt(var + eps) * g + be
+        y = _gelu(y).astype(x.dtype)
+        for s2 in range(4):
+            z = jnp.dot(y, w2_ref[_i(s2), :, :], preferred_element_type=jnp.float32, precision=prec) + b2  # [block_l, c2]
+            z = _gelu(z).astype(x.dtype).astype(jnp.float32)
+            for k in range(n_masks):
+                o_ref[b, _i(k), _i(4 * s1 + s2), ls] = jnp.sum(z * hyper[k], axis=1).astype(o_ref.dtype)
+
+
+def default_block_l(num_tokens: int) -> int:
+    """Image tokens per program: 64 (register budget of the [block_l, 64] float32 LayerNorm
+    input and the [block_l, 32] GELU output with 4 warps), or fewer for small maps."""
+    for bl in (64, 32, 16):
+        if num_tokens % bl == 0:
+            return bl
+    raise ValueError(f"sam upscale kernel: {num_tokens} image tokens are not a multiple of 16")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps"))
+def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array,
+                  w2: jax.Array, b2: jax.Array, hyper: jax.Array, *, eps: float = 1e-6,
+                  block_l: int | None = None, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+    """Masks [b, m, 4h, 4w] of SAM's upscaling head.
+
+    Args:
+      x: image tokens [b, h, w, c] (one map per prompt), the products' dtype.
+      w1: first transposed conv as blocks [2, 2, c, c1] (`StridedConvTranspose.blocks`' kernel:
+        w1[x, y] maps a token to sub-position (x, y)); b1 [c1].
+      ln_scale, ln_bias: the channel LayerNorm [c1] (epsilon `eps`).
+      w2: second transposed conv as blocks [2, 2, c1, c2]; b2 [c2].
+      hyper: the mask tokens' hypernetwork outputs [b, m, c2].
+    Same values as the XLA path up to rounding (float32 LayerNorm input, erf approximation)."""
+    bsz, h, w, c = x.shape
+    c1, c2 = w1.shape[-1], w2.shape[-1]
+    m = hyper.shape[1]
+    if w1.shape != (2, 2, c, c1) or w2.shape != (2, 2, c1, c2) or hyper.shape != (bsz, m, c2):
+        raise ValueError(f"sam upscale kernel: x {x.shape}, w1 {w1.shape}, w2 {w2.shape}, hyper {hyper.shape} "
+                         "do not fit [b,h,w,c], [2,2,c,c1], [2,2,c1,c2], [b,m,c2]")
+    n = h * w
+    block_l = block_l or default_block_l(n)
+    if n % block_l:
+        raise ValueError(f"sam upscale kernel: block_l={block_l} must divide the {n} image tokens")
+    dtype = x.dtype
+    kernel = functools.partial(_kernel, block_l=block_l, eps=float(eps), n_masks=m)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((bsz, m, 16, n), dtype),
+        grid=(bsz, n // block_l),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sam_upscale_masks",
+    )(x.reshape(bsz, n, c), w1.reshape(4, c, c1).astype(dtype), b1, ln_scale, ln_bias,
+      w2.reshape(4, c1, c2).astype(dtype), b2, hyper.astype(dtype))
+    out = out.reshape(bsz, m, 2, 2, 2, 2, h, w)  # (x, y, X, Y) of s1 = 2x + y, s2 = 2X + Y
+    return out.transpose(0, 1, 6, 2, 4, 7, 3, 5).reshape(bsz, m, 4 * h, 4 * w)

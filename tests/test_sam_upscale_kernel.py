@@ -1,0 +1,67 @@
+"""The fused SAM upscaling kernel (kernels/sam_upscale.py) on the CPU, in the Pallas interpreter:
+its erf against XLA's, its shape checks, and its masks against an independent numpy evaluation
+of SAM's upscaling head (two stride-2 transposed convs written as explicit pixel loops, LayerNorm,
+exact GELU from math.erf).  The decoder-level parity with segment-anything is in
+test_sam_vs_segment_anything.py (upscale "pallas_interpret")."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import RTOL, rel_err
+from sarformer_jax.kernels.sam_upscale import _erf, default_block_l, upscale_masks
+
+
+def test_erf_approximation_is_within_its_bound():
+    x = np.linspace(-6, 6, 200001, dtype=np.float32)
+    err = np.abs(np.asarray(_erf(jnp.asarray(x))) - np.asarray(jax.lax.erf(jnp.asarray(x))))
+    assert err.max() <= 6e-7
+
+
+def _numpy_head(x, w1, b1, g, be, w2, b2, hyper, eps):
+    """x [b,h,w,c]; w1 [2,2,c,c1] with out[2i+p, 2j+q] = x[i,j] @ w1[p,q]; same for w2."""
+    b, h, w, _ = x.shape
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+    y = np.zeros((b, 2 * h, 2 * w, w1.shape[-1]))
+    for p in range(2):
+        for q in range(2):
+            y[:, p::2, q::2] = x @ w1[p, q] + b1
+    mu = y.mean(-1, keepdims=True)
+    var = ((y - mu) ** 2).mean(-1, keepdims=True)
+    y = gelu((y - mu) / np.sqrt(var + eps) * g + be)
+    z = np.zeros((b, 4 * h, 4 * w, w2.shape[-1]))
+    for p in range(2):
+        for q in range(2):
+            z[:, p::2, q::2] = y @ w2[p, q] + b2
+    z = gelu(z)
+    return np.einsum("bmc,bhwc->bmhw", hyper, z)
+
+
+@pytest.mark.parametrize("h,w,masks,block_l", [(4, 8, 3, None), (8, 8, 1, 16), (4, 4, 4, 16)])
+def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l):
+    rng = np.random.default_rng(h * w + masks)
+    b, c, c1, c2 = 3, 32, 16, 16
+    args = [rng.normal(size=s).astype(np.float32) for s in
+            [(b, h, w, c), (2, 2, c, c1), (c1,), (c1,), (c1,), (2, 2, c1, c2), (c2,), (b, masks, c2)]]
+    args[1] /= math.sqrt(c)
+    args[5] /= math.sqrt(c1)
+    args[3] = 1.0 + 0.1 * args[3]
+    ref = _numpy_head(*[a.astype(np.float64) for a in args], eps=1e-6)
+    out = upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=block_l, interpret=True)
+    assert out.shape == (b, masks, 4 * h, 4 * w)
+    assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
+
+
+def test_kernel_rejects_bad_shapes():
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    with pytest.raises(ValueError, match=r"w1 \(2, 2, 8, 16\).*\[2,2,c,c1\]"):
+        upscale_masks(z(1, 4, 4, 32), z(2, 2, 8, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
+                      interpret=True)
+    with pytest.raises(ValueError, match="block_l=32 must divide the 16 image tokens"):
+        upscale_masks(z(1, 4, 4, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
+                      block_l=32, interpret=True)
+    with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
+        default_block_l(12)
