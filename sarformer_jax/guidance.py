@@ -115,8 +115,8 @@ def load_guidance_sam(cfg, sam=None):
         raise ValueError(f"guidance.sam.postprocess must be 'matmul' or 'taps', got {post!r}")
     sam.postprocess_implementation = post
     up = str(cfg.guidance.sam.get("upscale", "blocks"))
-    if up not in ("upstream", "blocks"):
-        raise ValueError(f"guidance.sam.upscale must be 'upstream' or 'blocks', got {up!r}")
+    if up not in ("upstream", "blocks", "pallas"):
+        raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks' or 'pallas', got {up!r}")
     sam.mask_decoder.upscale_implementation = up
     att = str(cfg.guidance.sam.get("decoder_attention", "absorbed"))
     if att not in ("upstream", "absorbed"):

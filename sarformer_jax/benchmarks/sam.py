@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
-                             "generator (upstream, blocks: see MaskDecoder.upscale_implementation)")
+                             "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")
     parser.add_argument("--decoder-attention", default="absorbed",
                         help="comma list of mask-decoder cross-attention implementations to time in "
                              "the generator (upstream, absorbed: see "
