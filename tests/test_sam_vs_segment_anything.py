@@ -146,6 +146,10 @@ def test_decode_rejects_ungroupable_batch_and_unknown_implementations(pair):
     jsam.mask_decoder.upscale_implementation = "nearest"
     with pytest.raises(ValueError, match="upscale_implementation.*'nearest'"):
         jsam.decode(emb[:1], pts)
+    if jax.default_backend() != "gpu":
+        jsam.mask_decoder.upscale_implementation = "pallas"
+        with pytest.raises(ValueError, match="'pallas' is a GPU kernel.*'pallas_interpret'"):
+            jsam.decode(emb[:1], pts)
     jsam.mask_decoder.upscale_implementation = "upstream"
     jsam.mask_decoder.transformer.attention_implementation = "flash"
     with pytest.raises(ValueError, match="attention_implementation.*'flash'"):

@@ -132,6 +132,9 @@ class MaskDecoder(nnx.Module):
         elif self.upscale_implementation in ("pallas", "pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import upscale_masks
 
+            if self.upscale_implementation == "pallas" and jax.default_backend() != "gpu":
+                raise ValueError(f"upscale_implementation 'pallas' is a GPU kernel (backend here: "
+                                 f"{jax.default_backend()}); use 'blocks', or 'pallas_interpret' for tests")
             up1, norm, _, up2, _ = self.output_upscaling
             dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
             masks = upscale_masks(x.astype(dtype), up1.kernel[...][::-1, ::-1], up1.bias[...], norm.scale[...],
