@@ -65,3 +65,16 @@ def test_kernel_rejects_bad_shapes():
                       block_l=32, interpret=True)
     with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
         default_block_l(12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_to_triton_for_a_gpu(dtype):
+    """Lowering for CUDA on this CPU machine runs the Pallas Triton lowering of every primitive
+    in the kernel (an unsupported one, e.g. lax.erf, raises here); the GPU run is the gpu test."""
+    s = jax.ShapeDtypeStruct
+    b, h, w, c, c1, c2, m = 2, 64, 64, 256, 64, 32, 3
+    f32 = jnp.float32
+    args = [s((b, h, w, c), dtype), s((2, 2, c, c1), f32), s((c1,), f32), s((c1,), f32), s((c1,), f32),
+            s((2, 2, c1, c2), f32), s((c2,), f32), s((b, m, c2), dtype)]
+    lowered = jax.jit(lambda *a: upscale_masks(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
