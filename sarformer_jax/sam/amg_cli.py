@@ -52,9 +52,13 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, seed: int 
 
 
 def _read_image(path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    return np.asarray(Image.open(path).convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _single(args, sam) -> int:
@@ -78,8 +82,9 @@ def _single(args, sam) -> int:
 
 def _dataset(args, sam) -> int:
     import jax.numpy as jnp
+    from tqdm.auto import tqdm
 
-    from sarformer_jax.sam.automatic_mask_generator import generate_masks
+    from sarformer_jax.sam.automatic_mask_generator import mask_generator
 
     root = pathlib.Path(args.dataset)
     images = sorted(p for p in (root / "images" / args.split).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -88,20 +93,20 @@ def _dataset(args, sam) -> int:
         return 2
     out_dir = pathlib.Path(args.out) / args.split
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(images):
+    generate = mask_generator(sam, max_masks=args.max_masks, **_settings(args))  # the model split once
+    todo = [p for p in images if not (out_dir / f"{p.stem}.npz").exists()]
+    print(f"sarformer amg: {len(images)} images in {root / 'images' / args.split}, "
+          f"{len(images) - len(todo)} already cached in {out_dir}", flush=True)
+    for path in tqdm(todo, desc="sarformer amg", unit="img"):
         dst = out_dir / f"{path.stem}.npz"
-        if dst.exists():
-            continue
         image = _read_image(path)
-        res = generate_masks(sam, jnp.asarray(image)[None], max_masks=args.max_masks, **_settings(args))
+        res = generate(jnp.asarray(image)[None])
         n = int(np.asarray(res["valid"][0]).sum())
         masks = np.asarray(res["masks"][0, :n])
         tmp = dst.with_suffix(".tmp.npz")
         np.savez(tmp, masks=np.packbits(masks, axis=-1), shape=np.asarray(masks.shape, np.int64),
                  scores=np.asarray(res["scores"][0, :n], np.float32))
         tmp.replace(dst)
-        if (i + 1) % 50 == 0 or i + 1 == len(images):
-            print(f"{i + 1}/{len(images)} images, last {path.name}: {n} masks", flush=True)
     return 0
 
 
@@ -112,4 +117,8 @@ def run(args: argparse.Namespace) -> int:
         print("sarformer amg: give either IMAGE or --dataset ROOT", file=sys.stderr)
         return 2
     sam = load_sam(args.sam_checkpoint)
-    return _single(args, sam) if args.image else _dataset(args, sam)
+    try:
+        return _single(args, sam) if args.image else _dataset(args, sam)
+    except ValueError as e:  # a bad input image: one line; the images cached before it stay
+        print(f"sarformer amg: {e}", file=sys.stderr)
+        return 2
