@@ -218,10 +218,15 @@ class StridedConvTranspose(nnx.Module):
         y = jnp.einsum("bhwc,xyco->bhxwyo", x.astype(dtype), k)
         return y.reshape(b, h * s, w * s, -1) + self.bias[...].astype(dtype)
 
+    def block_kernel(self) -> jax.Array:
+        """[s, s, in, out] (parameter dtype): block (a, c) maps an input pixel to output pixel
+        (s*i + a, s*j + c) -- the stored kernel with flax's transposed-conv flip undone."""
+        return self.kernel[...][::-1, ::-1]
+
     def blocks(self, x: jax.Array) -> jax.Array:
         """The output before the depth-to-space step: [b, h, w, s, s, out] with
         `blocks(x)[:, i, j, a, c] == self(x)[:, s*i + a, s*j + c]` (same sums), for a consumer
         that can contract or reduce the blocks without the interleaved copy."""
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-        k = self.kernel[...].astype(dtype)[::-1, ::-1]
+        k = self.block_kernel().astype(dtype)
         return jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), k) + self.bias[...].astype(dtype)

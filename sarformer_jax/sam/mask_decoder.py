@@ -137,8 +137,8 @@ class MaskDecoder(nnx.Module):
                                  f"{jax.default_backend()}); use 'blocks', or 'pallas_interpret' for tests")
             up1, norm, _, up2, _ = self.output_upscaling
             dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
-            masks = upscale_masks(x.astype(dtype), up1.kernel[...][::-1, ::-1], up1.bias[...], norm.scale[...],
-                                  norm.bias[...], up2.kernel[...][::-1, ::-1], up2.bias[...], hyper_in,
+            masks = upscale_masks(x.astype(dtype), up1.block_kernel(), up1.bias[...], norm.scale[...],
+                                  norm.bias[...], up2.block_kernel(), up2.bias[...], hyper_in,
                                   eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret")
         elif self.upscale_implementation == "upstream":
             for layer in self.output_upscaling:
