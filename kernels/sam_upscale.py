@@ -11,8 +11,10 @@ written (the automatic mask generator runs this for 1024 prompts per image).
 
 Layout: every output pixel belongs to one image token (i, j) and two sub-positions, s1 = 2x + y
 of the first conv and s2 = 2X + Y of the second: row 4i + 2x + X, column 4j + 2y + Y.  The
-kernel writes masks[b, m, 4 * s1 + s2, i * w + j]; `upscale_masks` interleaves them (a tensor of
-the masks' size).
+kernel writes the masks in that layout directly (a block is part of one token row, so each of
+its 16 (s1, s2) results is a stride-4 run of one mask row), or, when `block_l` does not divide
+the row, as planes masks[b, m, 4 * s1 + s2, i * w + j] that `upscale_masks` interleaves
+afterwards (a transpose of the masks' size).
 
 Grid: (prompts, tokens / block_l).  Per program: 4 products [block_l, 256] x [256, 64] (one per
 s1), LayerNorm and GELU in float32 on the result, then per s1 4 products [block_l, 64] x
@@ -59,7 +61,7 @@ def _i(k: int) -> jax.Array:
 
 
 def _kernel(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_l: int,
-            eps: float, n_masks: int):
+            eps: float, n_masks: int, row_blocks: int | None):
     b, lb = pl.program_id(0), pl.program_id(1)
     # float32 products in full precision (not TF32), so that the float32 path matches SAM's
     prec = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
@@ -71,6 +73,8 @@ def _kernel(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, 
     be = be_ref[...].astype(jnp.float32)[None, :]
     b2 = b2_ref[...].astype(jnp.float32)[None, :]
     hyper = [h_ref[b, _i(k), :].astype(jnp.float32)[None, :] for k in range(n_masks)]
+    if row_blocks is not None:  # the block is tokens (i, j0 .. j0 + block_l - 1) of one row
+        i, j0 = lb // row_blocks, (lb % row_blocks) * block_l
     for s1 in range(4):
         y = jnp.dot(x, w1_ref[_i(s1), :, :], preferred_element_type=jnp.float32, precision=prec) + b1  # [block_l, c1]
         mu = jnp.sum(y, axis=1)[:, None] * (1.0 / c1)
@@ -82,7 +86,12 @@ def _kernel(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, 
             z = jnp.dot(y, w2_ref[_i(s2), :, :], preferred_element_type=jnp.float32, precision=prec) + b2  # [block_l, c2]
             z = _gelu(z).astype(x.dtype).astype(jnp.float32)
             for k in range(n_masks):
-                o_ref[b, _i(k), _i(4 * s1 + s2), ls] = jnp.sum(z * hyper[k], axis=1).astype(o_ref.dtype)
+                v = jnp.sum(z * hyper[k], axis=1).astype(o_ref.dtype)
+                if row_blocks is None:
+                    o_ref[b, _i(k), _i(4 * s1 + s2), ls] = v
+                else:  # row 4i + 2x + X, columns 4j + 2y + Y: a stride-4 store into the final masks
+                    (sx, sy), (tx, ty) = divmod(s1, 2), divmod(s2, 2)
+                    o_ref[b, _i(k), 4 * i + (2 * sx + tx), pl.ds(4 * j0 + (2 * sy + ty), block_l, stride=4)] = v
 
 
 def default_block_l(num_tokens: int) -> int:
@@ -94,10 +103,11 @@ def default_block_l(num_tokens: int) -> int:
     raise ValueError(f"sam upscale kernel: {num_tokens} image tokens are not a multiple of 16")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps", "num_stages", "direct"))
 def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array,
                   w2: jax.Array, b2: jax.Array, hyper: jax.Array, *, eps: float = 1e-6,
-                  block_l: int | None = None, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+                  block_l: int | None = None, interpret: bool = False, num_warps: int = 4,
+                  num_stages: int = 1, direct: bool | None = None) -> jax.Array:
     """Masks [b, m, 4h, 4w] of SAM's upscaling head.
 
     Args:
@@ -107,7 +117,13 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
       ln_scale, ln_bias: the channel LayerNorm [c1] (epsilon `eps`).
       w2: second transposed conv as blocks [2, 2, c1, c2]; b2 [c2].
       hyper: the mask tokens' hypernetwork outputs [b, m, c2].
-    Same values as the XLA path up to rounding (float32 LayerNorm input, erf approximation)."""
+      block_l, num_warps, num_stages: launch settings (`default_block_l`, 4 warps, 1 stage by
+        default; `sarformer bench sam_upscale` sweeps them).
+      direct: write the masks in their final interleaved layout with stride-4 stores (needs
+        `block_l` to divide the token row `w`; the default where it does) instead of as 16
+        sub-position planes that an XLA transpose interleaves afterwards.
+    Same values as the XLA path up to rounding (float32 LayerNorm input, erf approximation).
+    float32 `x` runs only in the interpreter (`interpret=True`)."""
     bsz, h, w, c = x.shape
     c1, c2 = w1.shape[-1], w2.shape[-1]
     m = hyper.shape[1]
@@ -118,16 +134,28 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
     block_l = block_l or default_block_l(n)
     if n % block_l:
         raise ValueError(f"sam upscale kernel: block_l={block_l} must divide the {n} image tokens")
+    if x.dtype == jnp.float32 and not interpret:
+        raise ValueError("sam upscale kernel: float32 image tokens are not supported on the GPU (with full-precision, "
+                         "non-TF32 Triton products one call did not finish within 100 s on an H200); pass bfloat16, "
+                         "or use the decoder's 'blocks' upscaling in float32")
+    if direct is None:
+        direct = w % block_l == 0
+    elif direct and w % block_l:
+        raise ValueError(f"sam upscale kernel: direct=True needs block_l={block_l} to divide the row of {w} tokens")
     dtype = x.dtype
-    kernel = functools.partial(_kernel, block_l=block_l, eps=float(eps), n_masks=m)
+    kernel = functools.partial(_kernel, block_l=block_l, eps=float(eps), n_masks=m,
+                               row_blocks=w // block_l if direct else None)
+    out_shape = (bsz, m, 4 * h, 4 * w) if direct else (bsz, m, 16, n)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((bsz, m, 16, n), dtype),
+        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
         grid=(bsz, n // block_l),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sam_upscale_masks",
     )(x.reshape(bsz, n, c), w1.reshape(4, c, c1).astype(dtype), b1, ln_scale, ln_bias,
       w2.reshape(4, c1, c2).astype(dtype), b2, hyper.astype(dtype))
+    if direct:
+        return out
     out = out.reshape(bsz, m, 2, 2, 2, 2, h, w)  # (x, y, X, Y) of s1 = 2x + y, s2 = 2X + Y
     return out.transpose(0, 1, 6, 2, 4, 7, 3, 5).reshape(bsz, m, 4 * h, 4 * w)

@@ -40,8 +40,15 @@ def _numpy_head(x, w1, b1, g, be, w2, b2, hyper, eps):
     return np.einsum("bmc,bhwc->bmhw", hyper, z)
 
 
-@pytest.mark.parametrize("h,w,masks,block_l", [(4, 8, 3, None), (8, 8, 1, 16), (4, 4, 4, 16)])
-def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l):
+@pytest.mark.parametrize("h,w,masks,block_l,direct", [
+    (4, 8, 3, None, None),  # block of 32 > row of 8: planes + transpose
+    (8, 8, 1, 16, None),
+    (4, 4, 4, 16, None),
+    (3, 16, 3, 16, None),  # one block per row: stride-4 stores into the final masks
+    (2, 32, 2, 16, True),  # two blocks per row
+    (2, 32, 2, 16, False),
+])
+def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l, direct):
     rng = np.random.default_rng(h * w + masks)
     b, c, c1, c2 = 3, 32, 16, 16
     args = [rng.normal(size=s).astype(np.float32) for s in
@@ -50,7 +57,7 @@ def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l):
     args[5] /= math.sqrt(c1)
     args[3] = 1.0 + 0.1 * args[3]
     ref = _numpy_head(*[a.astype(np.float64) for a in args], eps=1e-6)
-    out = upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=block_l, interpret=True)
+    out = upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=block_l, interpret=True, direct=direct)
     assert out.shape == (b, masks, 4 * h, 4 * w)
     assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
 
@@ -63,18 +70,27 @@ def test_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="block_l=32 must divide the 16 image tokens"):
         upscale_masks(z(1, 4, 4, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
                       block_l=32, interpret=True)
+    with pytest.raises(ValueError, match="direct=True needs block_l=16 to divide the row of 8 tokens"):
+        upscale_masks(z(1, 4, 8, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
+                      block_l=16, direct=True, interpret=True)
     with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
         default_block_l(12)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_lowers_to_triton_for_a_gpu(dtype):
+@pytest.mark.parametrize("direct", [True, False])
+def test_kernel_lowers_to_triton_for_a_gpu(direct):
     """Lowering for CUDA on this CPU machine runs the Pallas Triton lowering of every primitive
     in the kernel (an unsupported one, e.g. lax.erf, raises here); the GPU run is the gpu test."""
     s = jax.ShapeDtypeStruct
     b, h, w, c, c1, c2, m = 2, 64, 64, 256, 64, 32, 3
-    f32 = jnp.float32
+    f32, dtype = jnp.float32, jnp.bfloat16
     args = [s((b, h, w, c), dtype), s((2, 2, c, c1), f32), s((c1,), f32), s((c1,), f32), s((c1,), f32),
             s((2, 2, c1, c2), f32), s((c2,), f32), s((b, m, c2), dtype)]
-    lowered = jax.jit(lambda *a: upscale_masks(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda *a: upscale_masks(*a, direct=direct)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_kernel_refuses_float32_outside_the_interpreter():
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    with pytest.raises(ValueError, match="float32 image tokens are not supported on the GPU"):
+        upscale_masks(z(1, 4, 16, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16))
