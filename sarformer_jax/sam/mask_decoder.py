@@ -121,6 +121,15 @@ class MaskDecoder(nnx.Module):
         wanted = range(self.num_mask_tokens)[mask_tokens]
         hyper_in = jnp.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted],
                              axis=1)  # [b, m, c/8]
+        masks = self.upscale_masks(x, hyper_in)
+        return masks, self.iou_prediction_head(iou_token_out)
+
+    def upscale_masks(self, x: jax.Array, hyper_in: jax.Array, **kernel_settings) -> jax.Array:
+        """The end of the decoder: image tokens [b, h, w, c] (one map per prompt) upscaled 4x
+        and multiplied by the mask tokens' hypernetwork outputs [b, m, c/8] -> masks
+        [b, m, 4h, 4w], by `upscale_implementation`.  `kernel_settings` (block_l, num_warps,
+        num_stages, direct) go to the Pallas kernel (`sarformer bench sam_upscale` sweeps them)."""
+        b, h, w, _ = x.shape
         if self.upscale_implementation == "blocks":
             up1, norm, act1, up2, act2 = self.output_upscaling
             y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]
@@ -128,7 +137,7 @@ class MaskDecoder(nnx.Module):
             y = y.reshape(b, h, w, 2, 2, 2, 2, -1)  # token (i, j), first block (x, y), second (X, Y)
             # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
             masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
-            masks = masks.reshape(b, len(wanted), 4 * h, 4 * w)
+            masks = masks.reshape(b, hyper_in.shape[1], 4 * h, 4 * w)
         elif self.upscale_implementation in ("pallas", "pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import upscale_masks
 
@@ -139,7 +148,8 @@ class MaskDecoder(nnx.Module):
             dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
             masks = upscale_masks(x.astype(dtype), up1.block_kernel(), up1.bias[...], norm.scale[...],
                                   norm.bias[...], up2.block_kernel(), up2.bias[...], hyper_in,
-                                  eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret")
+                                  eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret",
+                                  **kernel_settings)
         elif self.upscale_implementation == "upstream":
             for layer in self.output_upscaling:
                 x = layer(x)
@@ -148,4 +158,4 @@ class MaskDecoder(nnx.Module):
             raise ValueError(f"upscale_implementation must be 'upstream', 'blocks', 'pallas' or "
                              f"'pallas_interpret', got "
                              f"{self.upscale_implementation!r}")
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks
