@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+
+from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 Shapes = tuple[tuple[int, int], ...]
 
@@ -309,44 +309,6 @@ _BWD_RULE = "b s h d, b q h l p x, b q h l p, b q h d -> b s h d, b q h l p x, b
 _NOT_SHARDED = ("s", "h", "d", "q", "l", "p", "x")  # in order of first appearance
 
 
-def _batch_axes(mesh, arg_shapes):
-    """Mesh axes that shard the batch dimension of the first argument that has any."""
-    for a in arg_shapes:
-        sharding = getattr(a, "sharding", None)
-        if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0]:
-            return sharding.spec[0]
-    return None
-
-
-def _batch_sharded(fn, n_out: int):
-    """custom_partitioning of `fn` (arrays with a leading batch axis in and out): each device runs
-    `fn` on its batch shard; every other axis is replicated."""
-    part = custom_partitioning(fn)
-
-    def shardings(mesh, arg_shapes):
-        axes = _batch_axes(mesh, arg_shapes)
-        arg = tuple(NamedSharding(mesh, PartitionSpec(axes)) for _ in arg_shapes)
-        return arg, axes
-
-    def infer(mesh, arg_shapes, result_shape):
-        _, axes = shardings(mesh, arg_shapes)
-        out = tuple(NamedSharding(mesh, PartitionSpec(axes)) for _ in range(n_out))
-        return out if n_out > 1 else out[0]
-
-    def partition(mesh, arg_shapes, result_shape):
-        arg, _ = shardings(mesh, arg_shapes)
-        return mesh, fn, infer(mesh, arg_shapes, result_shape), arg
-
-    part.def_partition(
-        partition=partition,
-        infer_sharding_from_operands=infer,
-        propagate_user_sharding=None,
-        sharding_rule=_FWD_RULE if n_out == 1 else _BWD_RULE,
-        need_replication_factors=_NOT_SHARDED,
-    )
-    return part
-
-
 def _vmap_into_batch(fn):
     """custom_vmap: the vmapped axis is folded into the batch axis (one kernel launch)."""
     wrapped = jax.custom_batching.custom_vmap(fn)
@@ -374,37 +336,8 @@ def _ops(shapes: Shapes, block_sizes: BlockSizes, interpret: bool, poison: bool)
         return _bwd_call(value, loc, att, g, shapes=shapes, block_sizes=block_sizes,
                          interpret=interpret, poison=poison)
 
-    return (_vmap_into_batch(_batch_sharded(fwd, 1)),
-            _vmap_into_batch(_batch_sharded(bwd, 3)))
-
-
-def _explicit_batch_axes(*args):
-    """Mesh and batch axes when the arguments carry explicit (typed) shardings, else None."""
-    for x in args:
-        sharding = getattr(jax.typeof(x), "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        if mesh is None or mesh.empty:
-            continue
-        explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
-                    if t == jax.sharding.AxisType.Explicit}
-        if not explicit:
-            continue
-        spec = sharding.spec
-        return mesh, (spec[0] if len(spec) else None)
-    return None
-
-
-def _per_batch_shard(fn, n_out: int, *args):
-    """Explicit-sharding mode: run `fn` under shard_map over the batch axes (local shapes, no
-    gather).  Auto mode is handled by custom_partitioning inside `fn`."""
-    found = _explicit_batch_axes(*args)
-    if found is None:
-        return fn(*args)
-    mesh, axes = found
-    spec = PartitionSpec(axes)
-    out_specs = spec if n_out == 1 else (spec,) * n_out
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs,
-                         check_vma=False)(*args)
+    return (_vmap_into_batch(batch_partitioned(fwd, 1, _FWD_RULE, _NOT_SHARDED)),
+            _vmap_into_batch(batch_partitioned(bwd, 3, _BWD_RULE, _NOT_SHARDED)))
 
 
 def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, *,
@@ -413,7 +346,7 @@ def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, 
     """Forward kernel: [B, Lq, H, D] in value's dtype (no custom_vjp here; see msda.py)."""
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
-    return _per_batch_shard(_ops(shapes, bs, interpret, poison)[0], 1, value, loc, att)
+    return per_batch_shard(_ops(shapes, bs, interpret, poison)[0], 1, value, loc, att)
 
 
 def msda_pallas_bwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, g, *,
@@ -422,4 +355,4 @@ def msda_pallas_bwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, 
     """Backward kernel: (d value fp32, d loc, d att) for g = d out [B, Lq, H, D]."""
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
-    return _per_batch_shard(_ops(shapes, bs, interpret, poison)[1], 3, value, loc, att, g)
+    return per_batch_shard(_ops(shapes, bs, interpret, poison)[1], 3, value, loc, att, g)

@@ -4,14 +4,20 @@ The mesh has two axes: `data` (pure data parallel) and `fsdp` (data parallel who
 split parameters and optimiser state).  The batch is split over both; a parameter is split over
 `fsdp` along its largest axis divisible by the fsdp size when it is large enough, otherwise
 replicated.  XLA's SPMD partitioner inserts the all-gathers / reduce-scatters.
+
+`per_batch_shard` runs a function on each device's batch shard alone, for ops the partitioner
+would otherwise make collective: Pallas kernels, and loops whose trip count is decided over the
+whole batch (the Hungarian matcher: one all-reduce of the loop predicate per iteration).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -61,3 +67,71 @@ def tree_shardings(mesh: Mesh, tree: Any, min_size: int = MIN_FSDP_SIZE) -> Any:
     return jax.tree_util.tree_map(
         lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size)), tree
     )
+
+
+# ---- functions run per batch shard --------------------------------------------------------
+
+
+def _batch_axes(arg_shapes) -> Any:
+    """Mesh axes that shard the leading (batch) dimension of the first argument that has any."""
+    for a in arg_shapes:
+        sharding = getattr(a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0]:
+            return sharding.spec[0]
+    return None
+
+
+def batch_partitioned(fn: Callable, n_out: int, sharding_rule: str, other_factors: Sequence[str]) -> Callable:
+    """`custom_partitioning` of `fn` (arrays with a leading batch axis in and out): under a
+    sharded jit each device runs `fn` on its batch shard, every other axis replicated.
+    `sharding_rule` names the axes einsum-style ("b q k, b k -> b q"); `other_factors` are its
+    non-batch factors (kept replicated)."""
+    part = custom_partitioning(fn)
+
+    def arg_shardings(mesh, arg_shapes):
+        axes = _batch_axes(arg_shapes)
+        return tuple(NamedSharding(mesh, P(axes)) for _ in arg_shapes), axes
+
+    def infer(mesh, arg_shapes, result_shape):
+        _, axes = arg_shardings(mesh, arg_shapes)
+        out = tuple(NamedSharding(mesh, P(axes)) for _ in range(n_out))
+        return out if n_out > 1 else out[0]
+
+    def partition(mesh, arg_shapes, result_shape):
+        arg, _ = arg_shardings(mesh, arg_shapes)
+        return mesh, fn, infer(mesh, arg_shapes, result_shape), arg
+
+    part.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                       propagate_user_sharding=None, sharding_rule=sharding_rule,
+                       need_replication_factors=tuple(other_factors))
+    return part
+
+
+def _explicit_batch_axes(*args):
+    """Mesh and batch axes when the arguments carry explicit (typed) shardings, else None."""
+    for x in args:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty:
+            continue
+        explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                    if t == jax.sharding.AxisType.Explicit}
+        if not explicit:
+            continue
+        spec = sharding.spec
+        return mesh, (spec[0] if len(spec) else None)
+    return None
+
+
+def per_batch_shard(fn: Callable, n_out: int, *args):
+    """`fn(*args)` on each device's batch shard.  With explicit (typed) shardings: `shard_map`
+    over the batch axes (local shapes, no gather); otherwise `fn` is called as is, and should be
+    a `batch_partitioned` function, which the partitioner splits the same way."""
+    found = _explicit_batch_axes(*args)
+    if found is None:
+        return fn(*args)
+    mesh, axes = found
+    spec = P(axes)
+    out_specs = spec if n_out == 1 else (spec,) * n_out
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs,
+                         check_vma=False)(*args)

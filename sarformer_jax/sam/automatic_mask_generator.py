@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sarformer_jax.sam import amg
+from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 from sarformer_jax.sam.predictor import SamPredictor
 from sarformer_jax.sam.sam import Sam
 from sarformer_jax.sam.transforms import ResizeLongestSide, get_preprocess_shape, resize_uint8
@@ -95,11 +96,20 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _nms_per_batch_shard(iou_threshold: float, max_keep: int):
+    """`amg.box_nms` vmapped over images [b, n, ...], run on each device's batch shard: left to
+    the partitioner, the vmapped `while_loop` would decide every iteration over the whole batch
+    (an all-reduce of the loop predicate per iteration in a batch-sharded train step)."""
+    nms = jax.vmap(lambda bx, sc, v: amg.box_nms(bx, sc, v, iou_threshold, max_keep))
+    return batch_partitioned(nms, 2, "b n c, b n, b n -> b k, b", ("n", "c", "k"))
+
+
 def _select(sam: Sam, cand: dict[str, jax.Array], s: AmgSettings, image_hw: tuple[int, int],
             max_keep: int) -> dict[str, jax.Array]:
     with jax.named_scope("sam_nms"):
-        keep, n_keep = jax.vmap(lambda bx, sc, v: amg.box_nms(bx, sc, v, s.box_nms_thresh, max_keep))(
-            cand["boxes"], cand["iou"], cand["valid"])
+        keep, n_keep = per_batch_shard(_nms_per_batch_shard(s.box_nms_thresh, max_keep), 2,
+                                       cand["boxes"], cand["iou"], cand["valid"])
     valid = jnp.arange(max_keep)[None, :] < n_keep[:, None]
     take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
     return dict(keep=keep, valid=valid, scores=jnp.where(valid, take(cand["iou"]), 0.0),
