@@ -309,23 +309,6 @@ _BWD_RULE = "b s h d, b q h l p x, b q h l p, b q h d -> b s h d, b q h l p x, b
 _NOT_SHARDED = ("s", "h", "d", "q", "l", "p", "x")  # in order of first appearance
 
 
-def _vmap_into_batch(fn):
-    """custom_vmap: the vmapped axis is folded into the batch axis (one kernel launch)."""
-    wrapped = jax.custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def rule(axis_size, in_batched, *args):
-        args = [x if bat else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                for x, bat in zip(args, in_batched)]
-        flat = [x.reshape((-1,) + x.shape[2:]) for x in args]
-        out = wrapped(*flat)
-        unfold = lambda y: y.reshape((axis_size, -1) + y.shape[1:])  # noqa: E731
-        out = jax.tree.map(unfold, out)
-        return out, jax.tree.map(lambda _: True, out)
-
-    return wrapped
-
-
 @functools.lru_cache(maxsize=None)
 def _ops(shapes: Shapes, block_sizes: BlockSizes, interpret: bool, poison: bool):
     def fwd(value, loc, att):
@@ -336,8 +319,8 @@ def _ops(shapes: Shapes, block_sizes: BlockSizes, interpret: bool, poison: bool)
         return _bwd_call(value, loc, att, g, shapes=shapes, block_sizes=block_sizes,
                          interpret=interpret, poison=poison)
 
-    return (_vmap_into_batch(batch_partitioned(fwd, 1, _FWD_RULE, _NOT_SHARDED)),
-            _vmap_into_batch(batch_partitioned(bwd, 3, _BWD_RULE, _NOT_SHARDED)))
+    return (batch_partitioned(fwd, 1, _FWD_RULE, _NOT_SHARDED),
+            batch_partitioned(bwd, 3, _BWD_RULE, _NOT_SHARDED))
 
 
 def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, *,

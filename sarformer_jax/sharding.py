@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding
@@ -81,11 +82,26 @@ def _batch_axes(arg_shapes) -> Any:
     return None
 
 
+def _vmap_into_batch(fn: Callable) -> Callable:
+    """custom_vmap: a vmapped axis is folded into the leading batch axis (one call of `fn`)."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [x if bat else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                for x, bat in zip(args, in_batched)]
+        out = wrapped(*[x.reshape((-1,) + x.shape[2:]) for x in args])
+        out = jax.tree.map(lambda y: y.reshape((axis_size, -1) + y.shape[1:]), out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
 def batch_partitioned(fn: Callable, n_out: int, sharding_rule: str, other_factors: Sequence[str]) -> Callable:
     """`custom_partitioning` of `fn` (arrays with a leading batch axis in and out): under a
     sharded jit each device runs `fn` on its batch shard, every other axis replicated.
     `sharding_rule` names the axes einsum-style ("b q k, b k -> b q"); `other_factors` are its
-    non-batch factors (kept replicated)."""
+    non-batch factors (kept replicated).  Under `vmap` the mapped axis joins the batch axis."""
     part = custom_partitioning(fn)
 
     def arg_shardings(mesh, arg_shapes):
@@ -104,7 +120,7 @@ def batch_partitioned(fn: Callable, n_out: int, sharding_rule: str, other_factor
     part.def_partition(partition=partition, infer_sharding_from_operands=infer,
                        propagate_user_sharding=None, sharding_rule=sharding_rule,
                        need_replication_factors=tuple(other_factors))
-    return part
+    return _vmap_into_batch(part)
 
 
 def _explicit_batch_axes(*args):

@@ -61,3 +61,24 @@ def test_nms_runs_on_each_batch_shard(axis_type):
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert 0 < int(want[1].min()) and int(want[1].max()) <= keep
+
+
+def test_per_shard_functions_under_vmap():
+    """vmap folds its axis into the batch (one solve for all), same results as nested vmaps."""
+    rng = np.random.default_rng(2)
+    v, b, q, k = 2, 3, 5, 4
+    cost = jnp.asarray(rng.normal(size=(v, b, q, k)), jnp.float32)
+    present = jnp.asarray(rng.random((v, b, k)) < 0.7)
+    got = jax.jit(jax.vmap(_match_all))(cost, present)
+    want = [jax.jit(_match_all)(cost[i], present[i]) for i in range(v)]
+    for j in range(2):
+        np.testing.assert_array_equal(np.asarray(got[j]), np.stack([np.asarray(w[j]) for w in want]))
+    xy = rng.integers(0, 40, (v, b, 20, 2))
+    boxes = jnp.asarray(np.concatenate([xy, xy + rng.integers(4, 20, (v, b, 20, 2))], -1), jnp.int32)
+    scores = jnp.asarray(rng.random((v, b, 20)), jnp.float32)
+    valid = jnp.ones((v, b, 20), bool)
+    nms = _nms_per_batch_shard(0.5, 8)
+    got = jax.jit(jax.vmap(lambda *a: per_batch_shard(nms, 2, *a)))(boxes, scores, valid)
+    want = jax.vmap(jax.vmap(lambda bx, sc, va: amg.box_nms(bx, sc, va, 0.5, 8)))(boxes, scores, valid)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
