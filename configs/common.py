@@ -155,7 +155,7 @@ def guidance(source: str = "online") -> Config:
             postprocess="taps",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
-            # kernel; not yet measured) or "upstream"; and its
+            # kernel, bf16 only; no faster in the generator: SAM run 6) or "upstream"; and its
             # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
             # (image-token projections moved to the prompt side) or "upstream".  Same values up
             # to rounding; blocks + absorbed: online train step 202.4 vs 228.6 ms, generator

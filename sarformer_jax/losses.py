@@ -163,9 +163,10 @@ def _solver_per_batch_shard(ndim: int):
     `while_loop` over a sharded batch decides each iteration over the whole batch: one
     all-reduce of the loop predicate per iteration (on 2 GPUs, small NCCL all-reduces and host
     round trips in every matcher loop)."""
-    lead = " ".join(f"l{i}" for i in range(ndim - 3))
-    rule = f"b {lead} q k, b {lead} k -> b {lead} q, b {lead} k".replace("  ", " ")
-    return batch_partitioned(_solve_local, 2, rule, tuple(f"l{i}" for i in range(ndim - 3)) + ("q", "k"))
+    lead = [f"l{i}" for i in range(ndim - 3)]  # the axes between batch and [Q, K]
+    axes = lambda *last: " ".join(["b", *lead, *last])  # noqa: E731
+    rule = f"{axes('q', 'k')}, {axes('k')} -> {axes('q')}, {axes('k')}"
+    return batch_partitioned(_solve_local, 2, rule, (*lead, "q", "k"))
 
 
 def _match_all(cost, present):
