@@ -16,6 +16,7 @@ BENCHMARKS = {
     "backbone": "BEiT-B / ViT-Adapter-B forward+backward vs timm",
     "sam": "SAM encoders and the automatic mask generator vs segment-anything",
     "sam_upscale": "SAM's mask upscaling head alone: XLA paths vs the fused Pallas kernel's launch settings",
+    "sam_tokens": "SAM's two-way image-token update alone: XLA vs the fused Pallas kernel's launch settings",
     "train": "SARFormer-B and Mask2Former train steps: step time, img/s, memory, MFU",
     "eval": "slide inference images/s, SARFormer-B vs Mask2Former",
     "data": "input pipeline images/s per CPU core",

@@ -100,7 +100,8 @@ def test_mask_prompt(pair):
 
 @pytest.mark.parametrize("upscale,attention", [("upstream", "upstream"), ("blocks", "upstream"),
                                                ("upstream", "absorbed"), ("blocks", "absorbed"),
-                                               ("pallas_interpret", "absorbed")])
+                                               ("pallas_interpret", "absorbed"),
+                                               ("blocks", "absorbed_pallas_interpret")])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
 def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale, attention):
@@ -151,6 +152,10 @@ def test_decode_rejects_ungroupable_batch_and_unknown_implementations(pair):
         with pytest.raises(ValueError, match="'pallas' is a GPU kernel.*'pallas_interpret'"):
             jsam.decode(emb[:1], pts)
     jsam.mask_decoder.upscale_implementation = "upstream"
+    if jax.default_backend() != "gpu":
+        jsam.mask_decoder.transformer.attention_implementation = "absorbed_pallas"
+        with pytest.raises(ValueError, match="'absorbed_pallas' is a GPU kernel.*'absorbed_pallas_interpret'"):
+            jsam.decode(emb[:1], pts)
     jsam.mask_decoder.transformer.attention_implementation = "flash"
     with pytest.raises(ValueError, match="attention_implementation.*'flash'"):
         jsam.decode(emb[:1], pts)

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")
     parser.add_argument("--decoder-attention", default="absorbed",
                         help="comma list of mask-decoder cross-attention implementations to time in "
-                             "the generator (upstream, absorbed: see "
+                             "the generator (upstream, absorbed, absorbed_pallas: see "
                              "TwoWayTransformer.attention_implementation)")
     parser.add_argument("--points-per-batch", default="64",
                         help="comma list of generator chunk sizes (prompts per image decoded at "

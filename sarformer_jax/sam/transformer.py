@@ -129,6 +129,38 @@ class Attention(nnx.Module):
         u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
         return jnp.einsum("gplnt,gpntc->gplc", attn, u) + bo
 
+    def image_to_tokens_norm(self, keys: jax.Array, key_pe: jax.Array, k: jax.Array, v: jax.Array,
+                             norm: nnx.LayerNorm, *, interpret: bool = False, **kernel_settings) -> jax.Array:
+        """`norm(keys + self.image_to_tokens(keys + key_pe, k, v))` as one Pallas kernel
+        (`sarformer_jax.kernels.sam_image_to_tokens`): image tokens keys [g, pk, l, c] (pk in
+        {1, p}), key_pe [1, 1, l, c], prompt tokens k, v [g, p, t, c] -> [g, p, l, c].  The
+        token-side matrices are formed here as in `image_to_tokens`; the kernel reads each
+        prompt's image tokens once and writes the normalised update.  Same values up to
+        rounding (float32 residual and LayerNorm).  `kernel_settings` (block_l, num_warps,
+        num_stages) go to the kernel (`sarformer bench sam_tokens` sweeps them)."""
+        from sarformer_jax.kernels.sam_image_to_tokens import image_to_tokens_norm
+
+        dtype = self.q_proj.dtype or jnp.result_type(keys, self.q_proj.kernel[...])
+        if not interpret and jax.default_backend() != "gpu":
+            raise ValueError(f"attention_implementation 'absorbed_pallas' is a GPU kernel (backend here: "
+                             f"{jax.default_backend()}); use 'absorbed', or 'absorbed_pallas_interpret' for tests")
+        k, v = k.astype(dtype), v.astype(dtype)
+        n = self.num_heads
+        d = self.internal_dim // n
+        g, p, t, _ = k.shape
+        _, pk, l, c = keys.shape
+        wq, _, _, wo, bq, _, bo = self._weights(dtype)
+        kh = self.k_proj(k).reshape(g, p, t, n, d)
+        vh = self.v_proj(v).reshape(g, p, t, n, d)
+        m = jnp.einsum("gptnd,cnd->gpnct", kh, wq) / jnp.asarray(math.sqrt(d), dtype)
+        bias = jnp.einsum("gptnd,nd->gpnt", kh, bq, preferred_element_type=jnp.float32) / math.sqrt(d)
+        u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
+        out = image_to_tokens_norm(
+            keys.astype(dtype).reshape(g * pk, l, c), key_pe.reshape(l, c), m.reshape(g * p, n, c, t),
+            bias.reshape(g * p, n, t), u.reshape(g * p, n, t, c), bo, norm.scale[...], norm.bias[...],
+            eps=norm.epsilon, interpret=interpret, **kernel_settings)
+        return out.reshape(g, p, l, c)
+
     @staticmethod
     def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Softmax attention over matching leading dims: q [g, p, lq, n, d], k v [g, p, lk, n, d]."""
@@ -155,9 +187,10 @@ class TwoWayAttentionBlock(nnx.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array, absorbed: bool = False) -> tuple[jax.Array, jax.Array]:
-        """queries [g, p, t, c], keys [g, p or 1, l, c]; `absorbed`: the cross-attentions as
-        `Attention.tokens_to_image` / `image_to_tokens` (same values up to rounding)."""
+                 key_pe: jax.Array, implementation: str = "upstream") -> tuple[jax.Array, jax.Array]:
+        """queries [g, p, t, c], keys [g, p or 1, l, c]; `implementation` as
+        `TwoWayTransformer.attention_implementation` (same values up to rounding)."""
+        absorbed = implementation != "upstream"
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -168,7 +201,12 @@ class TwoWayAttentionBlock(nnx.Module):
         t2i = self.cross_attn_token_to_image.tokens_to_image if absorbed else self.cross_attn_token_to_image
         queries = self.norm2(queries + t2i(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
-        q, k = queries + query_pe, keys + key_pe
+        q = queries + query_pe
+        if implementation in ("absorbed_pallas", "absorbed_pallas_interpret"):
+            keys = self.cross_attn_image_to_token.image_to_tokens_norm(
+                keys, key_pe, q, queries, self.norm4, interpret=implementation == "absorbed_pallas_interpret")
+            return queries, keys
+        k = keys + key_pe
         i2t = self.cross_attn_image_to_token.image_to_tokens if absorbed else self.cross_attn_image_to_token
         keys = self.norm4(keys + i2t(k, q, queries))
         return queries, keys
@@ -183,7 +221,12 @@ class TwoWayTransformer(nnx.Module):
     `attention_implementation` (set on an instance): "upstream" projects the image tokens in
     every cross-attention as segment-anything does; "absorbed" (the default) moves those projections to the
     prompt-token side (`Attention.tokens_to_image`, `Attention.image_to_tokens`): same values
-    up to rounding, far less work per prompt when thousands of prompts share an image."""
+    up to rounding, far less work per prompt when thousands of prompts share an image;
+    "absorbed_pallas" is "absorbed" with each block's image-token update (image-to-token
+    attention, residual, LayerNorm) as one GPU kernel (`Attention.image_to_tokens_norm`,
+    bf16 only), "absorbed_pallas_interpret" the same in the Pallas interpreter (CPU tests)."""
+
+    IMPLEMENTATIONS = ("upstream", "absorbed", "absorbed_pallas", "absorbed_pallas_interpret")
 
     attention_implementation: str = "absorbed"
 
@@ -222,13 +265,13 @@ class TwoWayTransformer(nnx.Module):
         keys = image_embedding.reshape(g, ps, h * w, c)
         key_pe = jnp.broadcast_to(image_pe, (1, h, w, c)).reshape(1, 1, h * w, c)
         point_embedding = point_embedding.reshape(g, p, t, c)
-        if self.attention_implementation not in ("upstream", "absorbed"):
-            raise ValueError(f"attention_implementation must be 'upstream' or 'absorbed', got "
-                             f"{self.attention_implementation!r}")
-        absorbed = self.attention_implementation == "absorbed"
+        impl = self.attention_implementation
+        if impl not in self.IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation must be one of {self.IMPLEMENTATIONS}, got {impl!r}")
+        absorbed = impl != "upstream"
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, absorbed)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, impl)
         final = self.final_attn_token_to_image
         attn = (final.tokens_to_image if absorbed else final)(queries + point_embedding, keys + key_pe, keys)
         queries = self.norm_final_attn(queries + attn)

@@ -1,0 +1,119 @@
+"""Pallas (Triton backend) kernel for the image-token update of SAM's two-way transformer: the
+image-to-token cross-attention, its residual and the LayerNorm after it, fused.
+
+In every `TwoWayAttentionBlock` each prompt's image tokens k [l, c] (l = 64 * 64, c = 256) are
+updated by attending to the prompt's t tokens (7 in the generator):
+
+  k' = LayerNorm(k + sum_n softmax_t((k + pe) W_q,n K_n^T / sqrt(d)) V_n W_o,n + b_o)
+
+With the projections moved to the token side (`Attention.image_to_tokens`, "absorbed"), the
+image side is two thin products per prompt: logits = (k + pe) @ m [c, n*t] and
+out = attn @ u [n*t, c].  In XLA, the logits GEMM reads k, the output GEMM writes a [l, c]
+tensor, and the residual + two-pass LayerNorm read and write [l, c] tensors again: about eight
+passes over a prompt's image tokens, the largest share of the automatic mask generator's
+decoder time (docs/benchmarks.md, SAM run 5).  Here one program instance loads `block_l` image
+tokens and their positional encodings once, computes the 8 heads' logits, softmax and outputs
+on chip, adds the residual and writes the normalised tokens: one read and one write.
+
+Layout: tokens are padded to `tp` (a multiple of 16, the smallest product width) with zero
+columns in m and u and a -1e30 logit bias, so each head's softmax runs over one [block_l, tp]
+tile.  Products take the inputs' dtype with float32 accumulation; the softmax weights are
+rounded to that dtype before the output product (as the XLA path stores them); the residual
+and LayerNorm are float32.  Grid: (prompts, tokens / block_l).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+PAD_LOGIT = -1e30
+
+
+def _i(k: int) -> jax.Array:
+    return jnp.int32(k)  # static indices as int32 scalars (interpreter-safe)
+
+
+def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref, *, block_l: int,
+            heads: int, eps: float, shared: int):
+    b, lb = pl.program_id(0), pl.program_id(1)
+    prec = jax.lax.Precision.HIGHEST if k_ref.dtype == jnp.float32 else None
+    ls = pl.ds(lb * block_l, block_l)
+    row = b // shared  # the image tokens of this prompt (shared by `shared` prompts)
+    x = k_ref[row, ls, :]  # [block_l, c]
+    q = x + pe_ref[ls, :]
+    c = x.shape[-1]
+    acc = x.astype(jnp.float32) + bo_ref[...].astype(jnp.float32)[None, :]
+    for n in range(heads):
+        logits = jnp.dot(q, m_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
+        logits = logits + bias_ref[b, _i(n), :][None, :]  # [block_l, tp]
+        e = jnp.exp(logits - jnp.max(logits, axis=1)[:, None])
+        a = (e / jnp.sum(e, axis=1)[:, None]).astype(x.dtype)
+        acc = acc + jnp.dot(a, u_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
+    mu = jnp.sum(acc, axis=1)[:, None] * (1.0 / c)
+    d = acc - mu
+    var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c)
+    y = d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :] \
+        + be_ref[...].astype(jnp.float32)[None, :]
+    o_ref[b, ls, :] = y.astype(o_ref.dtype)
+
+
+def default_block_l(num_tokens: int) -> int:
+    """Image tokens per program: 64 (the float32 [block_l, c] accumulator stays in registers
+    with 8 warps), or fewer for small maps."""
+    for bl in (64, 32, 16):
+        if num_tokens % bl == 0:
+            return bl
+    raise ValueError(f"sam image-to-token kernel: {num_tokens} image tokens are not a multiple of 16")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps", "num_stages"))
+def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias: jax.Array, u: jax.Array,
+                         out_bias: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, *, eps: float = 1e-5,
+                         block_l: int | None = None, interpret: bool = False, num_warps: int = 8,
+                         num_stages: int = 1) -> jax.Array:
+    """LayerNorm(keys + image-to-token attention output) for every prompt: [b, l, c].
+
+    Args:
+      keys: image tokens [bk, l, c], bk dividing b: prompt i uses keys[i // (b / bk)] (bk = 1
+        or the number of images: tokens still shared by an image's prompts; bk = b: one each).
+      key_pe: their positional encoding [l, c].
+      m: per prompt and head, the query-side matrix [b, n, c, t] (W_q,n K_n^T / sqrt(d)).
+      bias: the logits' bias per prompt and head [b, n, t], float32 (b_q,n . K_n / sqrt(d)).
+      u: per prompt and head, the value-output matrix [b, n, t, c] (V_n W_o,n).
+      out_bias: the output projection's bias [c]; ln_scale, ln_bias: the LayerNorm [c] (`eps`).
+      block_l, num_warps, num_stages: launch settings (`default_block_l`, 8 warps, 1 stage).
+    float32 `keys` runs only in the interpreter (`interpret=True`), as the upscaling kernel."""
+    bk, l, c = keys.shape
+    b, n, _, t = m.shape
+    if (key_pe.shape != (l, c) or m.shape != (b, n, c, t) or bias.shape != (b, n, t)
+            or u.shape != (b, n, t, c) or b % bk):
+        raise ValueError(f"sam image-to-token kernel: keys {keys.shape}, key_pe {key_pe.shape}, m {m.shape}, "
+                         f"bias {bias.shape}, u {u.shape} do not fit [bk,l,c], [l,c], [b,n,c,t], [b,n,t], "
+                         "[b,n,t,c] with bk dividing b")
+    block_l = block_l or default_block_l(l)
+    if l % block_l:
+        raise ValueError(f"sam image-to-token kernel: block_l={block_l} must divide the {l} image tokens")
+    if keys.dtype == jnp.float32 and not interpret:
+        raise ValueError("sam image-to-token kernel: float32 image tokens are not supported on the GPU "
+                         "(full-precision Triton products); pass bfloat16, or use the 'absorbed' attention")
+    dtype = keys.dtype
+    tp = max(16, -(-t // 16) * 16)
+    if tp != t:  # pad the tokens: zero columns, logits that vanish in the softmax
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, tp - t)))
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+        bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)), constant_values=PAD_LOGIT)
+    kernel = functools.partial(_kernel, block_l=block_l, heads=n, eps=float(eps), shared=b // bk)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, l, c), dtype),
+        grid=(b, l // block_l),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sam_image_to_tokens_norm",
+    )(keys, key_pe.astype(dtype), m.astype(dtype), bias.astype(jnp.float32), u.astype(dtype),
+      out_bias, ln_scale, ln_bias)

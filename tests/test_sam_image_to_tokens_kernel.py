@@ -1,0 +1,128 @@
+"""The fused image-token update of SAM's two-way transformer (kernels/sam_image_to_tokens.py) on
+the CPU, in the Pallas interpreter: against an independent numpy evaluation of upstream's form
+(image tokens + positional encoding projected to queries, prompt tokens to keys and values,
+per-head softmax attention, output projection, residual, LayerNorm), with the kernel's
+token-side matrices formed from the same weights in numpy; its shape checks and its Triton
+lowering.  The decoder-level parity with segment-anything is in test_sam_vs_segment_anything.py
+(attention "absorbed_pallas_interpret"); the GPU run is test_sam_image_to_tokens_gpu.py."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import RTOL, rel_err
+from sarformer_jax.kernels.sam_image_to_tokens import default_block_l, image_to_tokens_norm
+
+
+def _weights(rng, c, inner):
+    w = lambda *s: (rng.normal(size=s) / math.sqrt(s[0])).astype(np.float32)
+    b = lambda n: (0.1 * rng.normal(size=n)).astype(np.float32)
+    return dict(wq=w(c, inner), bq=b(inner), wk=w(c, inner), bk=b(inner), wv=w(c, inner), bv=b(inner),
+                wo=w(inner, c), bo=b(c), g=(1 + 0.1 * rng.normal(size=c)).astype(np.float32), be=b(c))
+
+
+def _numpy_update(keys, pe, tokens_k, tokens_v, p, heads, eps):
+    """Upstream's order of operations in float64; keys [bk, l, c] shared by b / bk prompts."""
+    b = tokens_k.shape[0]
+    out = []
+    for i in range(b):
+        x = keys[i // (b // keys.shape[0])]
+        q = (x + pe) @ p["wq"] + p["bq"]
+        k = tokens_k[i] @ p["wk"] + p["bk"]
+        v = tokens_v[i] @ p["wv"] + p["bv"]
+        d = q.shape[-1] // heads
+        o = []
+        for n in range(heads):
+            s = slice(n * d, (n + 1) * d)
+            lg = q[:, s] @ k[:, s].T / math.sqrt(d)
+            a = np.exp(lg - lg.max(-1, keepdims=True))
+            o.append((a / a.sum(-1, keepdims=True)) @ v[:, s])
+        y = x + np.concatenate(o, -1) @ p["wo"] + p["bo"]
+        mu = y.mean(-1, keepdims=True)
+        var = ((y - mu) ** 2).mean(-1, keepdims=True)
+        out.append((y - mu) / np.sqrt(var + eps) * p["g"] + p["be"])
+    return np.stack(out)
+
+
+def _kernel_inputs(tokens_k, tokens_v, p, heads):
+    """The absorbed token-side matrices, in numpy: m [b,n,c,t], bias [b,n,t], u [b,n,t,c]."""
+    b, t, c = tokens_k.shape
+    inner = p["wq"].shape[1]
+    d = inner // heads
+    k = (tokens_k @ p["wk"] + p["bk"]).reshape(b, t, heads, d)
+    v = (tokens_v @ p["wv"] + p["bv"]).reshape(b, t, heads, d)
+    wq = p["wq"].reshape(c, heads, d)
+    m = np.einsum("btnd,cnd->bnct", k, wq) / math.sqrt(d)
+    bias = np.einsum("btnd,nd->bnt", k, p["bq"].reshape(heads, d)) / math.sqrt(d)
+    u = np.einsum("btnd,ndc->bntc", v, p["wo"].reshape(heads, d, c))
+    return m, bias, u
+
+
+@pytest.mark.parametrize("bk,b,l,t,block_l", [
+    (2, 6, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
+    (4, 4, 48, 5, 16),  # one map per prompt
+    (1, 3, 32, 16, 32),  # no padding
+    (1, 2, 64, 20, 16),  # padded to 32
+])
+def test_kernel_matches_a_numpy_evaluation(bk, b, l, t, block_l):
+    rng = np.random.default_rng(b * l + t)
+    c, inner, heads, eps = 32, 16, 4, 1e-5
+    p = _weights(rng, c, inner)
+    keys = rng.normal(size=(bk, l, c)).astype(np.float32)
+    pe = rng.normal(size=(l, c)).astype(np.float32)
+    tk, tv = (rng.normal(size=(b, t, c)).astype(np.float32) for _ in range(2))
+    ref = _numpy_update(*[a.astype(np.float64) for a in (keys, pe, tk, tv)],
+                        {k: v.astype(np.float64) for k, v in p.items()}, heads, eps)
+    m, bias, u = _kernel_inputs(tk, tv, p, heads)
+    out = image_to_tokens_norm(*map(jnp.asarray, (keys, pe, m, bias, u, p["bo"], p["g"], p["be"])), eps=eps,
+                               block_l=block_l, interpret=True)
+    assert out.shape == (b, l, c)
+    assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
+
+
+def test_kernel_in_bfloat16_interpreted():
+    rng = np.random.default_rng(3)
+    c, inner, heads, b, l, t = 64, 32, 8, 2, 64, 7
+    p = _weights(rng, c, inner)
+    keys = rng.normal(size=(1, l, c)).astype(np.float32)
+    pe = rng.normal(size=(l, c)).astype(np.float32)
+    tk, tv = (rng.normal(size=(b, t, c)).astype(np.float32) for _ in range(2))
+    ref = _numpy_update(keys, pe, tk, tv, p, heads, 1e-5)
+    m, bias, u = _kernel_inputs(tk, tv, p, heads)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    out = image_to_tokens_norm(bf(keys), bf(pe), bf(m), jnp.asarray(bias), bf(u), *map(jnp.asarray, (p["bo"], p["g"], p["be"])),
+                               interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= RTOL["bfloat16"]
+
+
+def test_kernel_rejects_bad_shapes():
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    with pytest.raises(ValueError, match=r"keys \(2, 16, 8\).*m \(3, 2, 8, 7\).*bk dividing b"):
+        image_to_tokens_norm(z(2, 16, 8), z(16, 8), z(3, 2, 8, 7), z(3, 2, 7), z(3, 2, 7, 8), z(8), z(8), z(8),
+                             interpret=True)
+    with pytest.raises(ValueError, match=r"u \(2, 2, 7, 4\)"):
+        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 4), z(8), z(8), z(8),
+                             interpret=True)
+    with pytest.raises(ValueError, match="block_l=32 must divide the 16 image tokens"):
+        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 8), z(8), z(8), z(8),
+                             block_l=32, interpret=True)
+    with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
+        default_block_l(12)
+    with pytest.raises(ValueError, match="float32 image tokens are not supported on the GPU"):
+        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 8), z(8), z(8), z(8))
+
+
+def test_kernel_lowers_to_triton_for_a_gpu():
+    """Lowering for CUDA on this CPU machine runs the Pallas Triton lowering of every primitive
+    in the kernel; the GPU run is the gpu test."""
+    s = jax.ShapeDtypeStruct
+    b, l, c, n, t = 64, 4096, 256, 8, 7
+    f32, dtype = jnp.float32, jnp.bfloat16
+    args = [s((2, l, c), dtype), s((l, c), dtype), s((b, n, c, t), dtype), s((b, n, t), f32),
+            s((b, n, t, c), dtype), s((c,), f32), s((c,), f32), s((c,), f32)]
+    lowered = jax.jit(image_to_tokens_norm).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()
