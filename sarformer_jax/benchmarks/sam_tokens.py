@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=7, help="tokens per prompt (7 in the generator)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--block-l", default="64", help="comma list of image tokens per program")
-    parser.add_argument("--num-warps", default="8", help="comma list of warps per program")
+    parser.add_argument("--num-warps", default="4", help="comma list of warps per program")
     parser.add_argument("--num-stages", default="1", help="comma list of pipeline stages")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
