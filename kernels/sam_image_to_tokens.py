@@ -12,16 +12,12 @@ out = attn @ u [n*t, c].  In XLA, the logits GEMM reads k, the output GEMM write
 tensor, and the residual + two-pass LayerNorm read and write [l, c] tensors again: about eight
 passes over a prompt's image tokens, the largest share of the automatic mask generator's
 decoder time (docs/benchmarks.md, SAM run 5).  Here one program instance loads `block_l` image
-tokens and their positional encodings once, computes all heads' logits in one product, each
-head's softmax, the outputs in a second product, adds the residual and writes the normalised
-tokens: one read and one write.
+tokens and their positional encodings once, computes the 8 heads' logits, softmax and outputs
+on chip, adds the residual and writes the normalised tokens: one read and one write.
 
 Layout: tokens are padded to `tp` (a multiple of 16, the smallest product width) with zero
-columns in m and u and a -1e30 logit bias; the heads sit side by side, m as [c, heads * tp]
-and u as [heads * tp, c], so both products are one tensor-core product each ([block_l, 256] x
-[256, 128] and [block_l, 128] x [128, 256] in the generator).  Each head's softmax takes its
-maximum and sum over its own columns (masked reductions with a 0/1 head-membership row), so
-the values are those of a per-head softmax.  Products take the inputs' dtype with float32 accumulation; the softmax weights are
+columns in m and u and a -1e30 logit bias, so each head's softmax runs over one [block_l, tp]
+tile.  Products take the inputs' dtype with float32 accumulation; the softmax weights are
 rounded to that dtype before the output product (as the XLA path stores them); the residual
 and LayerNorm are float32.  Grid: (prompts, tokens / block_l).
 """
@@ -42,7 +38,7 @@ def _i(k: int) -> jax.Array:
     return jnp.int32(k)  # static indices as int32 scalars (interpreter-safe)
 
 
-def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, grp_ref, bo_ref, g_ref, be_ref, o_ref, *, block_l: int,
+def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref, *, block_l: int,
             heads: int, eps: float, shared: int):
     b, lb = pl.program_id(0), pl.program_id(1)
     prec = jax.lax.Precision.HIGHEST if k_ref.dtype == jnp.float32 else None
@@ -51,16 +47,13 @@ def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, grp_ref, bo_ref, g_ref, be_re
     x = k_ref[row, ls, :]  # [block_l, c]
     q = x + pe_ref[ls, :]
     c = x.shape[-1]
-    # every head's logits in one product: columns n * tp .. (n + 1) * tp - 1 are head n's tokens
-    logits = jnp.dot(q, m_ref[b, :, :], preferred_element_type=jnp.float32, precision=prec)
-    logits = logits + bias_ref[b, :][None, :]  # [block_l, heads * tp]
-    groups = [grp_ref[_i(n), :][None, :] for n in range(heads)]  # 1.0 on head n's columns
-    mx = sum(jnp.max(jnp.where(gn > 0, logits, PAD_LOGIT), axis=1)[:, None] * gn for gn in groups)
-    e = jnp.exp(logits - mx)
-    tot = sum(jnp.sum(e * gn, axis=1)[:, None] * gn for gn in groups)
-    a = (e / tot).astype(x.dtype)
     acc = x.astype(jnp.float32) + bo_ref[...].astype(jnp.float32)[None, :]
-    acc = acc + jnp.dot(a, u_ref[b, :, :], preferred_element_type=jnp.float32, precision=prec)
+    for n in range(heads):
+        logits = jnp.dot(q, m_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
+        logits = logits + bias_ref[b, _i(n), :][None, :]  # [block_l, tp]
+        e = jnp.exp(logits - jnp.max(logits, axis=1)[:, None])
+        a = (e / jnp.sum(e, axis=1)[:, None]).astype(x.dtype)
+        acc = acc + jnp.dot(a, u_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
     mu = jnp.sum(acc, axis=1)[:, None] * (1.0 / c)
     d = acc - mu
     var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c)
@@ -93,7 +86,8 @@ def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias:
       bias: the logits' bias per prompt and head [b, n, t], float32 (b_q,n . K_n / sqrt(d)).
       u: per prompt and head, the value-output matrix [b, n, t, c] (V_n W_o,n).
       out_bias: the output projection's bias [c]; ln_scale, ln_bias: the LayerNorm [c] (`eps`).
-      block_l, num_warps, num_stages: launch settings (`default_block_l`, 4 warps, 1 stage).
+      block_l, num_warps, num_stages: launch settings (`default_block_l`, 4 warps, 1 stage: the best of
+        SAM run 7's sweep).
     float32 `keys` runs only in the interpreter (`interpret=True`), as the upscaling kernel."""
     bk, l, c = keys.shape
     b, n, _, t = m.shape
@@ -110,16 +104,10 @@ def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias:
                          "(full-precision Triton products); pass bfloat16, or use the 'absorbed' attention")
     dtype = keys.dtype
     tp = max(16, -(-t // 16) * 16)
-    bias = bias.astype(jnp.float32)
     if tp != t:  # pad the tokens: zero columns, logits that vanish in the softmax
         m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, tp - t)))
         u = jnp.pad(u, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tp - t)), constant_values=PAD_LOGIT)
-    # heads side by side: m [b, c, n * tp], bias [b, n * tp], u [b, n * tp, c]
-    m = m.transpose(0, 2, 1, 3).reshape(b, c, n * tp)
-    u = u.reshape(b, n * tp, c)
-    bias = bias.astype(jnp.float32).reshape(b, n * tp)
-    grp = jnp.repeat(jnp.eye(n, dtype=jnp.float32), tp, axis=1)  # [n, n * tp]
+        bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)), constant_values=PAD_LOGIT)
     kernel = functools.partial(_kernel, block_l=block_l, heads=n, eps=float(eps), shared=b // bk)
     return pl.pallas_call(
         kernel,
@@ -128,4 +116,5 @@ def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias:
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sam_image_to_tokens_norm",
-    )(keys, key_pe.astype(dtype), m.astype(dtype), bias, u.astype(dtype), grp, out_bias, ln_scale, ln_bias)
+    )(keys, key_pe.astype(dtype), m.astype(dtype), bias.astype(jnp.float32), u.astype(dtype),
+      out_bias, ln_scale, ln_bias)
