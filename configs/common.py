@@ -157,9 +157,12 @@ def guidance(source: str = "online") -> Config:
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
             # kernel, bf16 only; no faster in the generator: SAM run 6) or "upstream"; and its
             # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
-            # (image-token projections moved to the prompt side) or "upstream".  Same values up
-            # to rounding; blocks + absorbed: online train step 202.4 vs 228.6 ms, generator
-            # 73.3 vs 80.7 ms per 640² image on an H200 (docs/benchmarks.md, SAM run 5)
+            # (image-token projections moved to the prompt side), "absorbed_pallas" (absorbed,
+            # each block's image-token update one GPU kernel, bf16 only; "auto" picks it on a
+            # GPU in bf16) or "upstream".  Same values up to rounding; blocks + absorbed: online
+            # train step 202.4 vs 228.6 ms, generator 73.3 vs 80.7 ms per 640² image on an H200
+            # (docs/benchmarks.md, SAM run 5); absorbed_pallas: generator 57.2 vs 61.5 ms (SAM
+            # run 7), not yet measured in the train step, so not this default
             upscale="blocks",
             decoder_attention="absorbed",
         ),

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sarformer_jax.sharding import batch_partitioned, per_batch_shard
+
 PAD_LOGIT = -1e30
 
 
@@ -71,31 +73,68 @@ def default_block_l(num_tokens: int) -> int:
     raise ValueError(f"sam image-to-token kernel: {num_tokens} image tokens are not a multiple of 16")
 
 
+# one image's prompts stay on one device: the leading image axis g is the batch axis under a
+# sharded jit (the online-guidance train step), every other axis replicated
+_RULE = "g k l c, g l c, g p n c t, g p n t, g p n t c, g c, g c, g c -> g p l c"
+_NOT_SHARDED = ("k", "l", "c", "p", "n", "t")  # in order of first appearance
+
+
+def _call(keys, pe, m, bias, u, bo, ln_g, ln_b, *, eps: float, block_l: int, interpret: bool, num_warps: int,
+          num_stages: int):
+    """The pallas_call on grouped arrays (see `image_to_tokens_norm`); per-image copies of the
+    shared vectors (pe, bo, ln_g, ln_b: [g, ...]) so that every argument leads with g."""
+    g, pk, l, c = keys.shape
+    _, p, n, _, tp = m.shape
+    kernel = functools.partial(_kernel, block_l=block_l, heads=n, eps=eps, shared=p // pk)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((g * p, l, c), keys.dtype),
+        grid=(g * p, l // block_l),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sam_image_to_tokens_norm",
+    )(keys.reshape(g * pk, l, c), pe[0], m.reshape(g * p, n, c, tp), bias.reshape(g * p, n, tp),
+      u.reshape(g * p, n, tp, c), bo[0], ln_g[0], ln_b[0])
+    return out.reshape(g, p, l, c)
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(eps: float, block_l: int, interpret: bool, num_warps: int, num_stages: int):
+    def fn(keys, pe, m, bias, u, bo, ln_g, ln_b):  # positional only: custom_partitioning binds by position
+        return _call(keys, pe, m, bias, u, bo, ln_g, ln_b, eps=eps, block_l=block_l, interpret=interpret,
+                     num_warps=num_warps, num_stages=num_stages)
+
+    return batch_partitioned(fn, 1, _RULE, _NOT_SHARDED)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps", "num_stages"))
 def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias: jax.Array, u: jax.Array,
                          out_bias: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array, *, eps: float = 1e-5,
                          block_l: int | None = None, interpret: bool = False, num_warps: int = 4,
                          num_stages: int = 1) -> jax.Array:
-    """LayerNorm(keys + image-to-token attention output) for every prompt: [b, l, c].
+    """LayerNorm(keys + image-to-token attention output) for every prompt of every image:
+    [g, p, l, c].  Under a jit whose inputs are sharded over the images (g), each device runs
+    the kernel on its own images (`sharding.batch_partitioned`); under `vmap` the mapped axis
+    joins g.
 
     Args:
-      keys: image tokens [bk, l, c], bk dividing b: prompt i uses keys[i // (b / bk)] (bk = 1
-        or the number of images: tokens still shared by an image's prompts; bk = b: one each).
+      keys: image tokens [g, pk, l, c], pk in {1, p}: pk = 1, one map shared by the image's p
+        prompts (before the first update); pk = p, one map per prompt.
       key_pe: their positional encoding [l, c].
-      m: per prompt and head, the query-side matrix [b, n, c, t] (W_q,n K_n^T / sqrt(d)).
-      bias: the logits' bias per prompt and head [b, n, t], float32 (b_q,n . K_n / sqrt(d)).
-      u: per prompt and head, the value-output matrix [b, n, t, c] (V_n W_o,n).
+      m: per prompt and head, the query-side matrix [g, p, n, c, t] (W_q,n K_n^T / sqrt(d)).
+      bias: the logits' bias per prompt and head [g, p, n, t], float32 (b_q,n . K_n / sqrt(d)).
+      u: per prompt and head, the value-output matrix [g, p, n, t, c] (V_n W_o,n).
       out_bias: the output projection's bias [c]; ln_scale, ln_bias: the LayerNorm [c] (`eps`).
-      block_l, num_warps, num_stages: launch settings (`default_block_l`, 4 warps, 1 stage: the best of
-        SAM run 7's sweep).
+      block_l, num_warps, num_stages: launch settings (`default_block_l`, 4 warps, 1 stage: the
+        best of SAM run 7's sweep).
     float32 `keys` runs only in the interpreter (`interpret=True`), as the upscaling kernel."""
-    bk, l, c = keys.shape
-    b, n, _, t = m.shape
-    if (key_pe.shape != (l, c) or m.shape != (b, n, c, t) or bias.shape != (b, n, t)
-            or u.shape != (b, n, t, c) or b % bk):
+    g, pk, l, c = keys.shape
+    p, n, t = m.shape[1], m.shape[2], m.shape[-1]
+    if (key_pe.shape != (l, c) or m.shape != (g, p, n, c, t) or bias.shape != (g, p, n, t)
+            or u.shape != (g, p, n, t, c) or pk not in (1, p)):
         raise ValueError(f"sam image-to-token kernel: keys {keys.shape}, key_pe {key_pe.shape}, m {m.shape}, "
-                         f"bias {bias.shape}, u {u.shape} do not fit [bk,l,c], [l,c], [b,n,c,t], [b,n,t], "
-                         "[b,n,t,c] with bk dividing b")
+                         f"bias {bias.shape}, u {u.shape} do not fit [g,pk,l,c], [l,c], [g,p,n,c,t], [g,p,n,t], "
+                         "[g,p,n,t,c] with pk 1 or p")
     block_l = block_l or default_block_l(l)
     if l % block_l:
         raise ValueError(f"sam image-to-token kernel: block_l={block_l} must divide the {l} image tokens")
@@ -104,17 +143,12 @@ def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias:
                          "(full-precision Triton products); pass bfloat16, or use the 'absorbed' attention")
     dtype = keys.dtype
     tp = max(16, -(-t // 16) * 16)
+    bias = bias.astype(jnp.float32)
     if tp != t:  # pad the tokens: zero columns, logits that vanish in the softmax
-        m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, tp - t)))
-        u = jnp.pad(u, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-        bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, 0), (0, tp - t)), constant_values=PAD_LOGIT)
-    kernel = functools.partial(_kernel, block_l=block_l, heads=n, eps=float(eps), shared=b // bk)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((b, l, c), dtype),
-        grid=(b, l // block_l),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="sam_image_to_tokens_norm",
-    )(keys, key_pe.astype(dtype), m.astype(dtype), bias.astype(jnp.float32), u.astype(dtype),
-      out_bias, ln_scale, ln_bias)
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, 0), (0, tp - t)))
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, tp - t)), constant_values=PAD_LOGIT)
+    per_image = lambda v: jnp.broadcast_to(v, (g,) + v.shape)
+    fn = _partitioned(float(eps), block_l, interpret, num_warps, num_stages)
+    return per_batch_shard(fn, 1, keys, per_image(key_pe.astype(dtype)), m.astype(dtype), bias, u.astype(dtype),
+                           per_image(out_bias), per_image(ln_scale), per_image(ln_bias))

@@ -119,8 +119,9 @@ def load_guidance_sam(cfg, sam=None):
         raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks' or 'pallas', got {up!r}")
     sam.mask_decoder.upscale_implementation = up
     att = str(cfg.guidance.sam.get("decoder_attention", "absorbed"))
-    if att not in ("upstream", "absorbed"):
-        raise ValueError(f"guidance.sam.decoder_attention must be 'upstream' or 'absorbed', got {att!r}")
+    allowed = ("auto", "upstream", "absorbed", "absorbed_pallas")
+    if att not in allowed:
+        raise ValueError(f"guidance.sam.decoder_attention must be one of {allowed}, got {att!r}")
     sam.mask_decoder.transformer.attention_implementation = att
     return nnx.split(sam)
 

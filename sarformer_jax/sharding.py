@@ -149,5 +149,12 @@ def per_batch_shard(fn: Callable, n_out: int, *args):
     mesh, axes = found
     spec = P(axes)
     out_specs = spec if n_out == 1 else (spec,) * n_out
+    # an argument replicated so far (e.g. broadcast to the batch) is split locally, no transfer
+    args = [x if _leading_spec(x) == axes else jax.sharding.reshard(x, NamedSharding(mesh, spec)) for x in args]
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=out_specs,
                          check_vma=False)(*args)
+
+
+def _leading_spec(x):
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec[0] if spec else None

@@ -61,13 +61,20 @@ def _kernel_inputs(tokens_k, tokens_v, p, heads):
     return m, bias, u
 
 
-@pytest.mark.parametrize("bk,b,l,t,block_l", [
-    (2, 6, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
-    (4, 4, 48, 5, 16),  # one map per prompt
-    (1, 3, 32, 16, 32),  # no padding
-    (1, 2, 64, 20, 16),  # padded to 32
+def _grouped(keys, m, bias, u, g):
+    """[bk, ...] keys and [b, ...] token-side arrays as the kernel's [g, pk or p, ...]."""
+    split = lambda a: a.reshape((g, a.shape[0] // g) + a.shape[1:])
+    return split(keys), split(m), split(bias), split(u)
+
+
+@pytest.mark.parametrize("bk,b,g,l,t,block_l", [
+    (2, 6, 2, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
+    (4, 4, 1, 48, 5, 16),  # one map per prompt
+    (4, 4, 2, 48, 5, 16),  # one map per prompt, 2 images
+    (1, 3, 1, 32, 16, 32),  # no padding
+    (1, 2, 1, 64, 20, 16),  # padded to 32
 ])
-def test_kernel_matches_a_numpy_evaluation(bk, b, l, t, block_l):
+def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l):
     rng = np.random.default_rng(b * l + t)
     c, inner, heads, eps = 32, 16, 4, 1e-5
     p = _weights(rng, c, inner)
@@ -76,11 +83,11 @@ def test_kernel_matches_a_numpy_evaluation(bk, b, l, t, block_l):
     tk, tv = (rng.normal(size=(b, t, c)).astype(np.float32) for _ in range(2))
     ref = _numpy_update(*[a.astype(np.float64) for a in (keys, pe, tk, tv)],
                         {k: v.astype(np.float64) for k, v in p.items()}, heads, eps)
-    m, bias, u = _kernel_inputs(tk, tv, p, heads)
-    out = image_to_tokens_norm(*map(jnp.asarray, (keys, pe, m, bias, u, p["bo"], p["g"], p["be"])), eps=eps,
+    gk, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), g)
+    out = image_to_tokens_norm(*map(jnp.asarray, (gk, pe, m, bias, u, p["bo"], p["g"], p["be"])), eps=eps,
                                block_l=block_l, interpret=True)
-    assert out.shape == (b, l, c)
-    assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
+    assert out.shape == (g, b // g, l, c)
+    assert rel_err(np.asarray(out).reshape(b, l, c), ref) <= RTOL["float32"]
 
 
 def test_kernel_in_bfloat16_interpreted():
@@ -91,29 +98,56 @@ def test_kernel_in_bfloat16_interpreted():
     pe = rng.normal(size=(l, c)).astype(np.float32)
     tk, tv = (rng.normal(size=(b, t, c)).astype(np.float32) for _ in range(2))
     ref = _numpy_update(keys, pe, tk, tv, p, heads, 1e-5)
-    m, bias, u = _kernel_inputs(tk, tv, p, heads)
+    keys, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), 1)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
     out = image_to_tokens_norm(bf(keys), bf(pe), bf(m), jnp.asarray(bias), bf(u), *map(jnp.asarray, (p["bo"], p["g"], p["be"])),
                                interpret=True)
     assert out.dtype == jnp.bfloat16
-    assert rel_err(np.asarray(out.astype(jnp.float32)), ref) <= RTOL["bfloat16"]
+    assert rel_err(np.asarray(out.astype(jnp.float32))[0], ref) <= RTOL["bfloat16"]
 
 
 def test_kernel_rejects_bad_shapes():
     z = lambda *s: jnp.zeros(s, jnp.float32)
-    with pytest.raises(ValueError, match=r"keys \(2, 16, 8\).*m \(3, 2, 8, 7\).*bk dividing b"):
-        image_to_tokens_norm(z(2, 16, 8), z(16, 8), z(3, 2, 8, 7), z(3, 2, 7), z(3, 2, 7, 8), z(8), z(8), z(8),
-                             interpret=True)
-    with pytest.raises(ValueError, match=r"u \(2, 2, 7, 4\)"):
-        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 4), z(8), z(8), z(8),
-                             interpret=True)
+    with pytest.raises(ValueError, match=r"keys \(1, 2, 16, 8\).*m \(1, 3, 2, 8, 7\).*pk 1 or p"):
+        image_to_tokens_norm(z(1, 2, 16, 8), z(16, 8), z(1, 3, 2, 8, 7), z(1, 3, 2, 7), z(1, 3, 2, 7, 8), z(8), z(8),
+                             z(8), interpret=True)
+    with pytest.raises(ValueError, match=r"u \(1, 2, 2, 7, 4\)"):
+        image_to_tokens_norm(z(1, 1, 16, 8), z(16, 8), z(1, 2, 2, 8, 7), z(1, 2, 2, 7), z(1, 2, 2, 7, 4), z(8), z(8),
+                             z(8), interpret=True)
+    ok = (z(1, 1, 16, 8), z(16, 8), z(1, 2, 2, 8, 7), z(1, 2, 2, 7), z(1, 2, 2, 7, 8), z(8), z(8), z(8))
     with pytest.raises(ValueError, match="block_l=32 must divide the 16 image tokens"):
-        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 8), z(8), z(8), z(8),
-                             block_l=32, interpret=True)
+        image_to_tokens_norm(*ok, block_l=32, interpret=True)
     with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
         default_block_l(12)
     with pytest.raises(ValueError, match="float32 image tokens are not supported on the GPU"):
-        image_to_tokens_norm(z(1, 16, 8), z(16, 8), z(2, 2, 8, 7), z(2, 2, 7), z(2, 2, 7, 8), z(8), z(8), z(8))
+        image_to_tokens_norm(*ok)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_kernel_runs_per_image_shard_without_gathering(axis_type):
+    """Under a jit with the images sharded over 8 devices (conftest's fake CPU devices), the
+    kernel runs on each device's images: the result equals the unsharded call and the compiled
+    program holds no all-gather."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    assert len(jax.devices()) >= 8  # conftest's fake CPU devices
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(AxisType, axis_type),))
+    rng = np.random.default_rng(4)
+    c, inner, heads, g, p_, l, t = 16, 16, 2, 8, 2, 16, 3
+    prm = _weights(rng, c, inner)
+    keys = rng.normal(size=(g, 1, l, c)).astype(np.float32)
+    pe = rng.normal(size=(l, c)).astype(np.float32)
+    tk, tv = (rng.normal(size=(g * p_, t, c)).astype(np.float32) for _ in range(2))
+    _, m, bias, u = _grouped(keys[:, 0], *_kernel_inputs(tk, tv, prm, heads), g)
+    args = [jnp.asarray(a) for a in (keys, pe, m, bias, u, prm["bo"], prm["g"], prm["be"])]
+    want = image_to_tokens_norm(*args, interpret=True)
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+    sharded = [shard(a) for a in args[:1]] + args[1:2] + [shard(a) for a in args[2:5]] + args[5:]
+    f = jax.jit(lambda *a: image_to_tokens_norm(*a, interpret=True))
+    got = f(*sharded)
+    hlo = f.lower(*sharded).compile().as_text()
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert "all-gather" not in hlo
 
 
 def test_kernel_lowers_to_triton_for_a_gpu():
@@ -122,7 +156,24 @@ def test_kernel_lowers_to_triton_for_a_gpu():
     s = jax.ShapeDtypeStruct
     b, l, c, n, t = 64, 4096, 256, 8, 7
     f32, dtype = jnp.float32, jnp.bfloat16
-    args = [s((2, l, c), dtype), s((l, c), dtype), s((b, n, c, t), dtype), s((b, n, t), f32),
-            s((b, n, t, c), dtype), s((c,), f32), s((c,), f32), s((c,), f32)]
+    args = [s((2, 1, l, c), dtype), s((l, c), dtype), s((2, b, n, c, t), dtype), s((2, b, n, t), f32),
+            s((2, b, n, t, c), dtype), s((c,), f32), s((c,), f32), s((c,), f32)]
     lowered = jax.jit(image_to_tokens_norm).trace(*args).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_auto_picks_the_kernel_on_a_gpu_in_half_precision_only(monkeypatch):
+    from flax import nnx
+
+    from sarformer_jax.sam.transformer import TwoWayTransformer
+
+    tr = TwoWayTransformer(depth=1, embedding_dim=32, num_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+    assert tr.attention_implementation == "auto"
+    assert tr.resolved_implementation(jnp.bfloat16, 4096) == "absorbed"  # the CPU here
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert tr.resolved_implementation(jnp.bfloat16, 4096) == "absorbed_pallas"
+    assert tr.resolved_implementation(jnp.float16, 4096) == "absorbed_pallas"
+    assert tr.resolved_implementation(jnp.float32, 4096) == "absorbed"
+    assert tr.resolved_implementation(jnp.bfloat16, 12) == "absorbed"  # not a multiple of 16 tokens
+    tr.attention_implementation = "upstream"
+    assert tr.resolved_implementation(jnp.bfloat16, 4096) == "upstream"

@@ -40,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
                              "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")
-    parser.add_argument("--decoder-attention", default="absorbed",
+    parser.add_argument("--decoder-attention", default="auto",
                         help="comma list of mask-decoder cross-attention implementations to time in "
-                             "the generator (upstream, absorbed, absorbed_pallas: see "
+                             "the generator (auto, upstream, absorbed, absorbed_pallas: see "
                              "TwoWayTransformer.attention_implementation)")
     parser.add_argument("--points-per-batch", default="64",
                         help="comma list of generator chunk sizes (prompts per image decoded at "

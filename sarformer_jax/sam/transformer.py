@@ -148,18 +148,15 @@ class Attention(nnx.Module):
         n = self.num_heads
         d = self.internal_dim // n
         g, p, t, _ = k.shape
-        _, pk, l, c = keys.shape
+        l, c = keys.shape[2:]
         wq, _, _, wo, bq, _, bo = self._weights(dtype)
         kh = self.k_proj(k).reshape(g, p, t, n, d)
         vh = self.v_proj(v).reshape(g, p, t, n, d)
         m = jnp.einsum("gptnd,cnd->gpnct", kh, wq) / jnp.asarray(math.sqrt(d), dtype)
         bias = jnp.einsum("gptnd,nd->gpnt", kh, bq, preferred_element_type=jnp.float32) / math.sqrt(d)
         u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
-        out = image_to_tokens_norm(
-            keys.astype(dtype).reshape(g * pk, l, c), key_pe.reshape(l, c), m.reshape(g * p, n, c, t),
-            bias.reshape(g * p, n, t), u.reshape(g * p, n, t, c), bo, norm.scale[...], norm.bias[...],
-            eps=norm.epsilon, interpret=interpret, **kernel_settings)
-        return out.reshape(g, p, l, c)
+        return image_to_tokens_norm(keys.astype(dtype), key_pe.reshape(l, c), m, bias, u, bo, norm.scale[...],
+                                    norm.bias[...], eps=norm.epsilon, interpret=interpret, **kernel_settings)
 
     @staticmethod
     def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -224,11 +221,24 @@ class TwoWayTransformer(nnx.Module):
     up to rounding, far less work per prompt when thousands of prompts share an image;
     "absorbed_pallas" is "absorbed" with each block's image-token update (image-to-token
     attention, residual, LayerNorm) as one GPU kernel (`Attention.image_to_tokens_norm`,
-    bf16 only), "absorbed_pallas_interpret" the same in the Pallas interpreter (CPU tests)."""
+    bf16 only), "absorbed_pallas_interpret" the same in the Pallas interpreter (CPU tests);
+    "auto" (the default) is "absorbed_pallas" on a GPU in bfloat16 or float16 and "absorbed"
+    otherwise (generator 57.2 vs 61.5 ms per 640² image on an H200: docs/benchmarks.md, SAM
+    run 7)."""
 
-    IMPLEMENTATIONS = ("upstream", "absorbed", "absorbed_pallas", "absorbed_pallas_interpret")
+    IMPLEMENTATIONS = ("auto", "upstream", "absorbed", "absorbed_pallas", "absorbed_pallas_interpret")
 
-    attention_implementation: str = "absorbed"
+    def resolved_implementation(self, dtype, num_tokens: int) -> str:
+        """The implementation a call with image tokens of `dtype` (before the layers' own
+        dtype) and `num_tokens` per map runs: "auto" resolved, the others as set."""
+        impl = self.attention_implementation
+        if impl != "auto":
+            return impl
+        dtype = jnp.dtype(self.final_attn_token_to_image.q_proj.dtype or dtype)
+        fits = num_tokens % 16 == 0 and dtype in (jnp.bfloat16, jnp.float16)
+        return "absorbed_pallas" if fits and jax.default_backend() == "gpu" else "absorbed"
+
+    attention_implementation: str = "auto"
 
     def __init__(self, *, depth: int = 2, embedding_dim: int = 256, num_heads: int = 8,
                  mlp_dim: int = 2048, attention_downsample_rate: int = 2, rngs: nnx.Rngs, dtype=None,
@@ -265,9 +275,10 @@ class TwoWayTransformer(nnx.Module):
         keys = image_embedding.reshape(g, ps, h * w, c)
         key_pe = jnp.broadcast_to(image_pe, (1, h, w, c)).reshape(1, 1, h * w, c)
         point_embedding = point_embedding.reshape(g, p, t, c)
-        impl = self.attention_implementation
-        if impl not in self.IMPLEMENTATIONS:
-            raise ValueError(f"attention_implementation must be one of {self.IMPLEMENTATIONS}, got {impl!r}")
+        if self.attention_implementation not in self.IMPLEMENTATIONS:
+            raise ValueError(f"attention_implementation must be one of {self.IMPLEMENTATIONS}, got "
+                             f"{self.attention_implementation!r}")
+        impl = self.resolved_implementation(image_embedding.dtype, h * w)
         absorbed = impl != "upstream"
         queries = point_embedding
         for layer in self.layers:
