@@ -159,3 +159,32 @@ def test_generator_stages_are_named_for_the_profiler():
     names = " ".join(hlo_op_names(hlo).values())
     for scope in ("sam_encoder", "sam_mask_decoder", "sam_postprocess", "sam_nms"):
         assert scope in SCOPES and scope in names, scope
+
+
+def test_fused_image_token_kernel_in_sharded_online_guidance(tmp_path):
+    """The online proposals with the mask decoder's image-token update as the Pallas kernel
+    (interpreted here) under a jit whose images are sharded over 8 devices, on the train step's
+    kind of mesh (automatic axes): the same proposals as the XLA path, and the kernel adds no
+    all-gather (it runs on each device's images)."""
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    cfg = micro_config(root=tmp_path, **ONLINE)
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    _, x = _images(cfg, n=8)
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    key = jax.random.key(2)
+    outs = {}
+    for impl in ("absorbed", "absorbed_pallas_interpret"):
+        graphdef, state = load_guidance_sam(cfg, tiny_sam())
+        sam = nnx.merge(graphdef, state)
+        sam.mask_decoder.transformer.attention_implementation = impl
+        graphdef, state = nnx.split(sam)
+        fn = make_proposal_fn(cfg, graphdef)
+        f = jax.jit(lambda b, k, g: fn(b, k, False, g))
+        args = ({"image": x}, key, {"sam": state})
+        outs[impl] = (np.asarray(f(*args)), f.lower(*args).compile().as_text().count("all-gather"))
+    (want, gathers), (got, gathers_kernel) = outs["absorbed"], outs["absorbed_pallas_interpret"]
+    assert got.shape == (8, 8, 64, 64)
+    assert np.mean(got == want) >= 0.999  # thresholded masks: a rounding may flip a pixel
+    assert gathers_kernel == gathers

@@ -177,3 +177,20 @@ def test_auto_picks_the_kernel_on_a_gpu_in_half_precision_only(monkeypatch):
     assert tr.resolved_implementation(jnp.bfloat16, 12) == "absorbed"  # not a multiple of 16 tokens
     tr.attention_implementation = "upstream"
     assert tr.resolved_implementation(jnp.bfloat16, 4096) == "upstream"
+
+
+def test_kernel_under_vmap_folds_the_mapped_axis_into_the_images():
+    rng = np.random.default_rng(6)
+    c, inner, heads, v, g, p_, l, t = 16, 16, 2, 3, 2, 2, 16, 3
+    prm = _weights(rng, c, inner)
+    keys = rng.normal(size=(v, g, 1, l, c)).astype(np.float32)
+    pe = rng.normal(size=(l, c)).astype(np.float32)
+    tk, tv = (rng.normal(size=(v * g * p_, t, c)).astype(np.float32) for _ in range(2))
+    _, m, bias, u = _grouped(keys.reshape(v * g, l, c), *_kernel_inputs(tk, tv, prm, heads), v * g)
+    split = lambda a: jnp.asarray(a.reshape((v, g) + a.shape[1:]))
+    shared = [jnp.asarray(a) for a in (pe, prm["bo"], prm["g"], prm["be"])]
+    f = lambda k, m, b, u: image_to_tokens_norm(k, shared[0], m, b, u, *shared[1:], interpret=True)
+    got = jax.jit(jax.vmap(f))(jnp.asarray(keys), split(m), split(bias), split(u))
+    for i in range(v):
+        want = f(jnp.asarray(keys[i]), split(m)[i], split(bias)[i], split(u)[i])
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-6, atol=1e-6)
