@@ -111,30 +111,37 @@ class Attention(nnx.Module):
         [c/2, c] output projections and a softmax over the t-wide minor axis of [l, n, t]
         batched products.  Returns [g, p, l, c]; same values as `self(q, k, v)` up to rounding."""
         dtype = self.q_proj.dtype or jnp.result_type(q, self.q_proj.kernel[...])
-        q, k, v = (a.astype(dtype) for a in (q, k, v))
+        q = q.astype(dtype)
+        m, bias, u, bo = self._token_side(k, v, dtype)
+        if q.shape[1] == 1:
+            logits = jnp.einsum("glc,gpnct->gplnt", q[:, 0], m, preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("gplc,gpnct->gplnt", q, m, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits + bias[:, :, None], axis=-1).astype(dtype)
+        return jnp.einsum("gplnt,gpntc->gplc", attn, u) + bo
+
+    def _token_side(self, k: jax.Array, v: jax.Array, dtype) -> tuple[jax.Array, ...]:
+        """The prompt-token side of the absorbed image-to-token attention, for tokens k, v
+        [g, p, t, c]: m [g, p, n, c, t] = W_q,n k'[n]^T / sqrt(d), the logits' bias [g, p, n, t]
+        (float32) = b_q,n . k'[n] / sqrt(d), u [g, p, n, t, c] = v'[n] W_o,n, and b_o."""
+        k, v = k.astype(dtype), v.astype(dtype)
         n = self.num_heads
         d = self.internal_dim // n
         g, p, t, _ = k.shape
         wq, _, _, wo, bq, _, bo = self._weights(dtype)
         kh = self.k_proj(k).reshape(g, p, t, n, d)
         vh = self.v_proj(v).reshape(g, p, t, n, d)
-        scale = jnp.asarray(math.sqrt(d), dtype)
-        m = jnp.einsum("gptnd,cnd->gpcnt", kh, wq) / scale
+        m = jnp.einsum("gptnd,cnd->gpnct", kh, wq) / jnp.asarray(math.sqrt(d), dtype)
         bias = jnp.einsum("gptnd,nd->gpnt", kh, bq, preferred_element_type=jnp.float32) / math.sqrt(d)
-        if q.shape[1] == 1:
-            logits = jnp.einsum("glc,gpcnt->gplnt", q[:, 0], m, preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("gplc,gpcnt->gplnt", q, m, preferred_element_type=jnp.float32)
-        attn = jax.nn.softmax(logits + bias[:, :, None], axis=-1).astype(dtype)
         u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
-        return jnp.einsum("gplnt,gpntc->gplc", attn, u) + bo
+        return m, bias, u, bo
 
     def image_to_tokens_norm(self, keys: jax.Array, key_pe: jax.Array, k: jax.Array, v: jax.Array,
                              norm: nnx.LayerNorm, *, interpret: bool = False, **kernel_settings) -> jax.Array:
         """`norm(keys + self.image_to_tokens(keys + key_pe, k, v))` as one Pallas kernel
         (`sarformer_jax.kernels.sam_image_to_tokens`): image tokens keys [g, pk, l, c] (pk in
         {1, p}), key_pe [1, 1, l, c], prompt tokens k, v [g, p, t, c] -> [g, p, l, c].  The
-        token-side matrices are formed here as in `image_to_tokens`; the kernel reads each
+        token-side matrices are `image_to_tokens`' (`_token_side`); the kernel reads each
         prompt's image tokens once and writes the normalised update.  Same values up to
         rounding (float32 residual and LayerNorm).  `kernel_settings` (block_l, num_warps,
         num_stages) go to the kernel (`sarformer bench sam_tokens` sweeps them)."""
@@ -144,17 +151,8 @@ class Attention(nnx.Module):
         if not interpret and jax.default_backend() != "gpu":
             raise ValueError(f"attention_implementation 'absorbed_pallas' is a GPU kernel (backend here: "
                              f"{jax.default_backend()}); use 'absorbed', or 'absorbed_pallas_interpret' for tests")
-        k, v = k.astype(dtype), v.astype(dtype)
-        n = self.num_heads
-        d = self.internal_dim // n
-        g, p, t, _ = k.shape
+        m, bias, u, bo = self._token_side(k, v, dtype)
         l, c = keys.shape[2:]
-        wq, _, _, wo, bq, _, bo = self._weights(dtype)
-        kh = self.k_proj(k).reshape(g, p, t, n, d)
-        vh = self.v_proj(v).reshape(g, p, t, n, d)
-        m = jnp.einsum("gptnd,cnd->gpnct", kh, wq) / jnp.asarray(math.sqrt(d), dtype)
-        bias = jnp.einsum("gptnd,nd->gpnt", kh, bq, preferred_element_type=jnp.float32) / math.sqrt(d)
-        u = jnp.einsum("gptnd,ndc->gpntc", vh, wo)
         return image_to_tokens_norm(keys.astype(dtype), key_pe.reshape(l, c), m, bias, u, bo, norm.scale[...],
                                     norm.bias[...], eps=norm.epsilon, interpret=interpret, **kernel_settings)
 
@@ -216,7 +214,7 @@ class TwoWayTransformer(nnx.Module):
     returns (tokens [b, q, c], image tokens [b, h*w, c]).
 
     `attention_implementation` (set on an instance): "upstream" projects the image tokens in
-    every cross-attention as segment-anything does; "absorbed" (the default) moves those projections to the
+    every cross-attention as segment-anything does; "absorbed" moves those projections to the
     prompt-token side (`Attention.tokens_to_image`, `Attention.image_to_tokens`): same values
     up to rounding, far less work per prompt when thousands of prompts share an image;
     "absorbed_pallas" is "absorbed" with each block's image-token update (image-to-token
