@@ -22,7 +22,7 @@ import platform
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time
+from sarformer_jax.benchmarks.timing import add_launch_arguments, int_list, median_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,15 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="image-token grid side (64 for SAM)")
     parser.add_argument("--prompt-tokens", type=int, default=7, help="tokens per prompt (7 in the generator)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--block-l", default="64", help="comma list of image tokens per program")
-    parser.add_argument("--num-warps", default="4", help="comma list of warps per program")
-    parser.add_argument("--num-stages", default="1", help="comma list of pipeline stages")
+    add_launch_arguments(parser)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-
-
-def _ints(s: str) -> list[int]:
-    return [int(a) for a in s.split(",") if a.strip()]
 
 
 def _block(dtype):
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append((kind, name, ms, err))
 
         timed("xla absorbed", update(keys, None, dtype))
-        for bl, nw, ns in itertools.product(_ints(args.block_l), _ints(args.num_warps), _ints(args.num_stages)):
+        for bl, nw, ns in itertools.product(int_list(args.block_l), int_list(args.num_warps), int_list(args.num_stages)):
             timed(f"pallas block_l {bl} warps {nw} stages {ns}",
                   update(keys, kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns))
     dev = jax.devices()[0]

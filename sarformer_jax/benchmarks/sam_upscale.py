@@ -20,7 +20,7 @@ import platform
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import median_time
+from sarformer_jax.benchmarks.timing import add_launch_arguments, int_list, median_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,19 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="image-token grid side (64 for SAM)")
     parser.add_argument("--masks", type=int, default=3, help="masks per prompt (3 in the generator)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--block-l", default="64", help="comma list of image tokens per program")
-    parser.add_argument("--num-warps", default="4", help="comma list of warps per program")
-    parser.add_argument("--num-stages", default="1", help="comma list of pipeline stages")
+    add_launch_arguments(parser)
     parser.add_argument("--direct", default="1,0",
                         help="comma list: 1 = stride-4 stores into the final masks (needs block_l | 64), "
                              "0 = sub-position planes + an XLA transpose")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-xla", action="store_true", help="time only the kernel")
-
-
-def _ints(s: str) -> list[int]:
-    return [int(a) for a in s.split(",") if a.strip()]
 
 
 def _decoder(dtype):
@@ -100,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         for impl in ("blocks", "upstream"):
             timed(f"xla {impl}", upscaler(impl, dtype))
     kernel = "pallas" if on_gpu else "pallas_interpret"
-    for bl, nw, ns, d in itertools.product(_ints(args.block_l), _ints(args.num_warps), _ints(args.num_stages),
-                                           _ints(args.direct)):
+    for bl, nw, ns, d in itertools.product(int_list(args.block_l), int_list(args.num_warps), int_list(args.num_stages),
+                                           int_list(args.direct)):
         if d and args.tokens % bl:
             continue
         timed(f"pallas block_l {bl} warps {nw} stages {ns} {'direct' if d else 'planes'}",

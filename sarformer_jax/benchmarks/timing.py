@@ -89,3 +89,15 @@ def measuring_turn(sync_dir: str, name: str, names: list[str], timeout: float) -
             fcntl.flock(f, fcntl.LOCK_EX)
             files.append(f)
     return _Turn(files)
+
+
+def add_launch_arguments(parser) -> None:
+    """The Pallas launch-setting sweep of the kernel benchmarks (comma lists; `int_list` parses)."""
+    parser.add_argument("--block-l", default="64", help="comma list of image tokens per program")
+    parser.add_argument("--num-warps", default="4", help="comma list of warps per program")
+    parser.add_argument("--num-stages", default="1", help="comma list of pipeline stages")
+
+
+def int_list(s: str) -> list[int]:
+    """A comma list of integers ("32,64," -> [32, 64])."""
+    return [int(a) for a in s.split(",") if a.strip()]
