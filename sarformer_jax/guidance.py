@@ -123,7 +123,7 @@ def load_guidance_sam(cfg, sam=None):
     if att not in allowed:
         raise ValueError(f"guidance.sam.decoder_attention must be one of {allowed}, got {att!r}")
     sam.mask_decoder.transformer.attention_implementation = att
-    return nnx.split(sam)
+    return nnx.graphdef(sam), sam.inference_state()
 
 
 def _faithful_input(images: jax.Array, img_size: int) -> jax.Array:

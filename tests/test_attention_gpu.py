@@ -1,7 +1,7 @@
 """cuDNN fused attention on the GPU against the XLA attention (marker gpu): BEiT's attention
 with its relative position bias (odd token count, values and gradients, the bias table's
 included) and SAM's encoder attention with the relative positions as channels (windowed and
-global blocks, vit_b and vit_h head dims).
+global blocks, vit_b and vit_h head dims), also with v at its own head dim (`cudnn_narrow_v`).
 
 Reference: the float32 XLA attention on the same inputs (parameters and inputs rounded to bf16,
 weights at the models' init scale 0.02).  The cuDNN result in bf16 must be within 1e-2 of it, or
@@ -68,13 +68,14 @@ def test_beit_attention_cudnn_matches_xla(grid):
         _check([g[i] for g in grads], f"gradient {i} {leaf.shape}")
 
 
+@pytest.mark.parametrize("fused", ["cudnn", "cudnn_narrow_v"])
 @pytest.mark.parametrize("hw,dim,heads", [((14, 14), 768, 12), ((64, 64), 768, 12), ((64, 64), 1280, 16)])
-def test_sam_attention_cudnn_matches_xla(hw, dim, heads):
+def test_sam_attention_cudnn_matches_xla(hw, dim, heads, fused):
     from sarformer_jax.sam.image_encoder import Attention
 
     x = _input((1, *hw, dim))
     outs = []
-    for impl, dtype in RUNS:
+    for impl, dtype in ((fused, jnp.bfloat16),) + RUNS[1:]:
         m = Attention(dim, num_heads=heads, input_size=hw, implementation=impl, dtype=dtype,
                       rngs=init_rngs(0))
         graphdef, state = _randomize(m, 1)

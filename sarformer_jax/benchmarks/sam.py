@@ -32,8 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points-per-side", type=int, default=32)
     parser.add_argument("--attention", default="auto",
                         help="comma list of image-encoder attention implementations to time "
-                             "(auto, xla, cudnn); the generator uses the first")
+                             "(auto, xla, cudnn, cudnn_narrow_v); the generator uses the first")
     parser.add_argument("--no-amg", action="store_true", help="encoders only")
+    parser.add_argument("--encoder-weights", default="held",
+                        help="comma list: 'held' (Linear / Conv weights held in the compute dtype, "
+                             "Sam.inference_state(), as the predictor runs), 'float32' (cast at every call)")
     parser.add_argument("--postprocess", default="taps",
                         help="comma list of mask post-processing implementations to time in the "
                              "generator (matmul, taps: see Sam.postprocess_implementation)")
@@ -50,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amg-cases", default="1024x1,640x2",
                         help="comma list of generator cases SIZExBATCH (square images)")
     parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="trace 3 calls of each generator case into DIR and print its GPU "
-                             "kernels by SAM scope (encoder, mask decoder, post-processing, NMS)")
+                        help="trace 3 calls of each encoder and generator case into DIR and print "
+                             "their GPU kernels by SAM scope (encoder, mask decoder, post-processing, "
+                             "NMS)")
     parser.add_argument("--stages", action="store_true",
                         help="also time the generator's stages separately (encoder; decoding "
                              "with post-processing, stability and boxes; NMS and the kept "
@@ -63,20 +67,55 @@ def _time(fn, iters: int, warmup: int) -> float:
     return median_time(fn, iters, warmup)[0] * 1e3
 
 
-def _jax_encoder(model_type, dtype, iters, warmup, attention=None):
+def _profile(trace_dir: str, compiled_hlo: str, run, name: str) -> None:
+    """Trace three calls of `run` into `trace_dir` and print where the GPU time went."""
+    import gzip
+    import os
+
+    import jax
+
+    from sarformer_jax.benchmarks import profile as prof
+
+    os.makedirs(trace_dir, exist_ok=True)
+    with gzip.open(os.path.join(trace_dir, "compiled_hlo.txt.gz"), "wt") as f:
+        f.write(compiled_hlo)  # to map the profile's fusion names back to ops
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(3):
+        run()
+    jax.profiler.stop_trace()
+    prof.print_summary(prof.summarize(trace_dir, compiled_hlo, steps=3), name)
+
+
+def _jax_encoder(model_type, dtype, iters, warmup, attention=None, profile=None, weights="held"):
+    """(blocking ms, pipelined ms) of the image encoder at 1024² b1.  `weights`: "held" runs on
+    `Sam.inference_state()` (Linear / Conv weights held in the compute dtype, as the predictor
+    and the generators do), "float32" on the float32 parameters cast at every call."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from sarformer_jax.benchmarks.timing import pipelined_time
     from sarformer_jax.models.layers import init_rngs
     from sarformer_jax.sam import build_sam
 
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
-    graphdef, state = nnx.split(sam)
+    if weights not in ("held", "float32"):
+        raise ValueError(f"encoder weights {weights!r}: choose 'held' or 'float32'")
+    graphdef, state = nnx.graphdef(sam), (sam.inference_state() if weights == "held" else nnx.state(sam))
     f = jax.jit(lambda st, x: nnx.merge(graphdef, st).image_encoder(x)[0])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1024, 1024, 3)), jnp.float32)
-    return _time(lambda: f(state, x).block_until_ready(), iters, warmup)
+    run = lambda: f(state, x).block_until_ready()
+    ms = _time(run, iters, warmup)
+    out = []
+    piped = pipelined_time(lambda: out.append(f(state, x)), lambda: (jax.block_until_ready(out), out.clear()),
+                           iters)[0] * 1e3
+    if profile:
+        import os
+
+        _profile(os.path.join(profile, f"encoder_{model_type}_{attention}_{weights}"),
+                 f.lower(state, x).compile().as_text(), run, f"encoder {model_type} {attention} {weights}")
+    return ms, piped
 
 
 def _torch_sam(model_type):
@@ -93,13 +132,21 @@ def _torch_encoder(model_type, dtype, iters, warmup):
     dev = next(sam.parameters()).device
     x = torch.randn(1, 3, 1024, 1024, device=dev)
 
-    def run():
+    def dispatch():
         with torch.no_grad(), torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
             sam.image_encoder(x)
+
+    def wait():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    return _time(run, iters, warmup)
+    def run():
+        dispatch()
+        wait()
+
+    from sarformer_jax.benchmarks.timing import pipelined_time
+
+    return _time(run, iters, warmup), pipelined_time(dispatch, wait, iters)[0] * 1e3
 
 
 def _images(size, batch):
@@ -135,22 +182,11 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     graphdef, state = nnx.split(sam)
     s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)
     if profile:
-        import gzip
         import os
-
-        from sarformer_jax.benchmarks import profile as prof
 
         name = f"amg_{size}x{batch}_{postprocess}_ppb{ppb}_{upscale}_{decoder_attention}"
         hlo = gen._generate.lower(graphdef, state, images, None, s, False).compile().as_text()
-        trace_dir = os.path.join(profile, name)
-        os.makedirs(trace_dir, exist_ok=True)
-        with gzip.open(os.path.join(trace_dir, "compiled_hlo.txt.gz"), "wt") as f:
-            f.write(hlo)  # to map the profile's fusion names back to ops
-        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        for _ in range(3):
-            run()
-        jax.profiler.stop_trace()
-        prof.print_summary(prof.summarize(trace_dir, hlo, steps=3), name)
+        _profile(os.path.join(profile, name), hlo, run, name)
     if not stages:
         return total, None
     input_size = get_preprocess_shape(size, size, sam.img_size)
@@ -209,11 +245,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"[sam] {name}: JAX {j:.1f} ms, PyTorch {'-' if t is None else f'{t:.1f} ms'}", flush=True)
 
     impls = [a.strip() for a in args.attention.split(",") if a.strip()]
+    weights = [a.strip() for a in args.encoder_weights.split(",") if a.strip()]
     for m in args.models:
-        t = None if args.no_torch else _torch_encoder(m, args.dtype, args.iters, args.warmup)
-        for impl in impls:
-            j = _jax_encoder(m, args.dtype, args.iters, args.warmup, impl)
-            add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}; torch autocast)", j, t)
+        t = (None, None) if args.no_torch else _torch_encoder(m, args.dtype, args.iters, args.warmup)
+        for impl, w in itertools.product(impls, weights):
+            j = _jax_encoder(m, args.dtype, args.iters, args.warmup, impl, args.profile, w)
+            for i, mode in enumerate(("blocking", "pipelined")):
+                add(f"encoder {m} 1024^2 b1 ({args.dtype}, attention {impl}, weights {w}, {mode}; "
+                    f"torch autocast)", j[i], t[i])
     posts = [a.strip() for a in args.postprocess.split(",") if a.strip()]
     ppbs = [int(a) for a in args.points_per_batch.split(",") if a.strip()]
     ups = [a.strip() for a in args.upscale.split(",") if a.strip()]

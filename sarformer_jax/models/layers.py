@@ -124,7 +124,10 @@ trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.
 # ----------------------------------------------------------------------------------------------
 # Attention
 
-ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (None, "auto", "xla", "cudnn", "cudnn_narrow_v")
+"""`cudnn_narrow_v`: cuDNN's fused attention with v at its own head dim (cuDNN's "multi-head latent
+attention" support, Hopper and cuDNN >= 9.10) instead of v zero-padded to the q/k head dim; for
+attention whose q/k carry extra channels (SAM's relative positions).  Forward only."""
 
 
 def resolve_attention(implementation: str | None, dtype) -> str:
@@ -133,7 +136,7 @@ def resolve_attention(implementation: str | None, dtype) -> str:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: choose from "
                          f"{ATTENTION_IMPLEMENTATIONS}")
-    if implementation in ("xla", "cudnn"):
+    if implementation in ("xla", "cudnn", "cudnn_narrow_v"):
         return implementation
     low = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if low and jax.default_backend() == "gpu" else "xla"
@@ -175,8 +178,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
     """softmax(scale * q k^T + bias) v for q [b, t, n, d], k [b, s, n, d], v [b, s, n, dv],
     bias broadcastable to [b, n, t, s] (default scale d^-0.5); returns [b, t, n, dv].
     "cudnn" gets its operands through `pad_for_cudnn`, so any shapes work there too; a v narrower
-    than q is zero-padded for the XLA implementation (it wants one head dim as well)."""
+    than q is zero-padded for the XLA implementation (it wants one head dim as well), and for
+    "cudnn" (to q's head dim), but not for "cudnn_narrow_v"."""
     t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    if implementation == "cudnn_narrow_v":
+        return _cudnn_narrow_v(q, k, v, bias, d ** -0.5 if scale is None else scale)
     if implementation != "cudnn":
         if dv < d:
             v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, d - dv)))
@@ -185,6 +191,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None =
     qp, kp, vp, bp = pad_for_cudnn(q, k, v, bias)
     out = jax.nn.dot_product_attention(qp, kp, vp, bias=bp, scale=d ** -0.5 if scale is None else scale,
                                        implementation="cudnn")
+    return out[:, :t, :, :dv]
+
+
+def _cudnn_narrow_v(q, k, v, bias, scale):
+    """cuDNN fused attention with q/k and v at different head dims (each padded to a multiple of
+    8 only).  `jax.nn.dot_product_attention` insists on one head dim, so this calls jax's cuDNN
+    lowering underneath it, which accepts a narrower v on Hopper with cuDNN >= 9.10."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    except ImportError as e:  # a jax without the module
+        raise NotImplementedError("attention 'cudnn_narrow_v' needs jax's cuDNN attention module "
+                                  "(jax._src.cudnn.fused_attention_stablehlo)") from e
+    t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    dim, dim_v = _round_up(d, 8), _round_up(dv, 8)
+    qp, kp, _, bp = pad_for_cudnn(q, k, k, bias)  # q / k to `dim`, the bias's layout and even lengths
+    if dim_v != dv or kp.shape[1] != k.shape[1]:
+        v = jnp.pad(v, ((0, 0), (0, kp.shape[1] - k.shape[1]), (0, 0), (0, dim_v - dv)))
+    out = cudnn_attention(qp, kp, v, bias=bp, scale=scale)
     return out[:, :t, :, :dv]
 
 
@@ -230,3 +254,40 @@ class StridedConvTranspose(nnx.Module):
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         k = self.block_kernel().astype(dtype)
         return jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), k) + self.bias[...].astype(dtype)
+
+
+def _casts_at_use(module) -> bool:
+    """Whether `module` casts its `kernel` and `bias` to its compute dtype before using them (flax's
+    Linear / Conv / ConvTranspose through `promote_dtype`, and `StridedConvTranspose`)."""
+    return (isinstance(module, (nnx.Linear, nnx.Conv, nnx.ConvTranspose, StridedConvTranspose))
+            and getattr(module, "dtype", None) is not None)
+
+
+def state_with_compute_dtype_weights(module: nnx.Module, within: str | None = None) -> nnx.State:
+    """`nnx.split(module)[1]` with the kernels and biases of the layers that cast them to their
+    compute dtype at every call (Linear / Conv with a `dtype`) held in that dtype already.
+
+    For inference with frozen weights: the layers use the same bf16 values (they would round the
+    same float32 ones), but each call no longer reads the float32 weights and writes bf16 copies
+    (for SAM vit_h's encoder ~2.5 GB read and 1.3 GB written per image).  Every
+    other parameter (norms, embeddings, tables) keeps its dtype.  The results equal those with
+    float32-held weights up to where XLA rounds bf16 intermediates (its fusions change with the
+    casts gone).  `within`: only the layers under this attribute (e.g. "image_encoder").  The
+    module is not modified."""
+    targets = {}
+    root = module if within is None else getattr(module, within)
+    prefix = () if within is None else (within,)
+    for path, sub in nnx.iter_modules(root):
+        if _casts_at_use(sub):
+            for name in ("kernel", "bias"):
+                targets[prefix + tuple(path) + (name,)] = jnp.dtype(sub.dtype)
+    _, state = nnx.split(module)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        dtype = targets.get(tuple(path))
+        if dtype is not None and isinstance(var, nnx.Param):
+            value = var.get_value()
+            if value is not None and jnp.dtype(value.dtype).itemsize > dtype.itemsize:
+                var = var.replace(value.astype(dtype))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)

@@ -193,8 +193,8 @@ def mask_generator(sam: Sam, **settings) -> Callable[..., dict[str, jax.Array]]:
     skips `nnx.split`'s traversal of the model, which for vit_b costs ~10-25 ms of host time,
     as much as a few images' device time."""
     params = settings.pop("params", None)
-    graphdef, state = nnx.split(sam)
-    state = state if params is None else params
+    graphdef = nnx.graphdef(sam)
+    state = sam.inference_state() if params is None else params
     unknown = set(settings) - {"points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
                                "stability_score_offset", "box_nms_thresh", "max_masks"}
     if unknown:
@@ -259,7 +259,7 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, self._state = nnx.graphdef(model), model.inference_state()
         self._predictor = SamPredictor(model)
 
     def _settings(self, layer: int, crop_box, orig_size) -> AmgSettings:

@@ -45,7 +45,7 @@ class SamPredictor:
     def __init__(self, sam_model: Sam) -> None:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
-        self._graphdef, self._state = nnx.split(sam_model)
+        self._graphdef, self._state = nnx.graphdef(sam_model), sam_model.inference_state()
         self.reset_image()
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
