@@ -104,3 +104,24 @@ def test_xla_attention_takes_a_narrower_v():
     logits = jnp.einsum("btnd,bsnd->bnts", q, k) / 4.0
     ref = jnp.einsum("bnts,bsnd->btnd", jax.nn.softmax(logits, -1), v)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_matches_torch_in_float32_and_bfloat16():
+    """`layers.gelu` is PyTorch's exact GELU (erf form, float32 inside): ≤ 1e-6 in float32; in
+    bf16 it rounds like torch's bf16 GELU (which also computes in float32), unlike
+    `jax.nn.gelu(approximate=False)` in bf16 (~1e-3 off: it runs erfc in bf16).  Gradient too."""
+    import torch
+
+    from conftest import rel_err
+    from sarformer_jax.models.layers import gelu
+
+    x = (np.random.default_rng(0).normal(size=(4096,)) * 3).astype(np.float32)
+    t = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    assert rel_err(np.asarray(gelu(jnp.asarray(x))), t) <= 1e-6
+    tb = torch.nn.functional.gelu(torch.from_numpy(x).bfloat16()).float().numpy()
+    got = np.asarray(gelu(jnp.asarray(x, jnp.bfloat16))).astype(np.float32)
+    assert got.dtype == np.float32 and rel_err(got, tb) <= 1e-5
+    xt = torch.from_numpy(x).requires_grad_()
+    torch.nn.functional.gelu(xt).sum().backward()
+    g = jax.grad(lambda v: jnp.sum(gelu(v)))(jnp.asarray(x))
+    assert rel_err(np.asarray(g), xt.grad.numpy()) <= 1e-6

@@ -43,6 +43,7 @@ from flax import nnx
 from sarformer_jax.models.layers import (
     DropPath,
     attention,
+    gelu,
     resolve_attention,
     stacked_layers,
     trunc_normal_02,
@@ -278,7 +279,7 @@ class FFN(nnx.Module):
                                 nnx.Linear(hidden, dim, **lin)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.layers[1](jax.nn.gelu(self.layers[0][0](x), approximate=False))
+        return self.layers[1](gelu(self.layers[0][0](x)))
 
 
 class BEiTLayer(nnx.Module):

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sarformer_jax.models.beit import BEiT, torch_bias_init, torch_conv_init
-from sarformer_jax.models.layers import (DropPath, StridedConvTranspose, resize_bilinear,
+from sarformer_jax.models.layers import (DropPath, StridedConvTranspose, gelu, resize_bilinear,
                                          trunc_normal_02)
 from sarformer_jax.models.ms_deform_attn import MSDeformAttn
 
@@ -145,7 +145,7 @@ class ConvFFN(nnx.Module):
         self.fc2 = nnx.Linear(hidden, dim, kernel_init=trunc_normal_02, **common)
 
     def __call__(self, x: jax.Array, level_shapes: Sequence[tuple[int, int]]) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x), level_shapes), approximate=False))
+        return self.fc2(gelu(self.dwconv(self.fc1(x), level_shapes)))
 
 
 class Extractor(nnx.Module):

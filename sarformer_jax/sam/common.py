@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sarformer_jax.models.layers import gelu
+
 
 class Buffer(nnx.Variable):
     """A non-trainable tensor that lives in the checkpoint (e.g. the random Fourier matrix)."""
@@ -24,7 +26,7 @@ class GELU(nnx.Module):
     """Exact (erf) GELU as a module, so `nnx.List` indices match torch `nn.Sequential` ones."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(x, approximate=False)
+        return gelu(x)
 
 
 class ReLU(nnx.Module):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sarformer_jax.models.layers import attention, bilinear_matrix, resolve_attention
+from sarformer_jax.models.layers import (attention, bilinear_matrix, gelu, narrow_v_supported,
+                                         resolve_attention)
 from sarformer_jax.sam.common import MLPBlock, layer_norm
 
 
@@ -93,6 +94,8 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(b, h, w, 3, n, c // n)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [b, h, w, n, d]
         impl = resolve_attention(self.implementation, q.dtype)
+        if impl == "cudnn" and self.implementation in (None, "auto") and narrow_v_supported():
+            impl = "cudnn_narrow_v"  # SAM run 8: 5-9 % faster encoders on an H200
         if impl in ("cudnn", "cudnn_narrow_v"):
             return self._fused(q, k, v, impl).reshape(b, h, w, c)
         logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * self.scale, k)
@@ -141,7 +144,7 @@ class Block(nnx.Module):
                               input_size=input_size if window_size == 0 else (window_size, window_size),
                               implementation=attention_implementation, **kw)
         self.norm2 = layer_norm(dim, 1e-6, **kw)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=functools.partial(jax.nn.gelu, approximate=False), **kw)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=gelu, **kw)
         self.window_size = window_size
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,7 +188,8 @@ class ImageEncoderViT(nnx.Module):
       window_size: window side of the non-global blocks (14).
       global_attn_indexes: blocks with global attention.
       attention_implementation: None / "auto" (cuDNN fused attention on a GPU in bf16 / fp16,
-        with the relative positions as extra channels), "xla" (explicit softmax), "cudnn",
+        with the relative positions as extra channels; `cudnn_narrow_v` where supported),
+        "xla" (explicit softmax), "cudnn",
         "cudnn_narrow_v" (cuDNN with v at its own head dim instead of padded to q's widened one;
         Hopper, forward only).
     """
