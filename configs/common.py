@@ -161,10 +161,11 @@ def guidance(source: str = "online") -> Config:
             # each block's image-token update one GPU kernel, bf16 only; "auto" picks it on a
             # GPU in bf16) or "upstream".  Same values up to rounding; blocks + absorbed: online
             # train step 202.4 vs 228.6 ms, generator 73.3 vs 80.7 ms per 640² image on an H200
-            # (docs/benchmarks.md, SAM run 5); absorbed_pallas: generator 57.2 vs 61.5 ms (SAM
-            # run 7), not yet measured in the train step, so not this default
+            # (docs/benchmarks.md, SAM run 5); auto (= absorbed_pallas on a GPU in bf16):
+            # generator 57.2 vs 61.5 ms (SAM run 7), online train step 173.2 vs 184.3 ms (train
+            # run 10); on the CPU auto is absorbed
             upscale="blocks",
-            decoder_attention="absorbed",
+            decoder_attention="auto",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour
         noise_placeholders=True,  # §8 #6: Bernoulli(0.5) placeholders as the original

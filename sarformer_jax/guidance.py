@@ -118,7 +118,7 @@ def load_guidance_sam(cfg, sam=None):
     if up not in ("upstream", "blocks", "pallas"):
         raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks' or 'pallas', got {up!r}")
     sam.mask_decoder.upscale_implementation = up
-    att = str(cfg.guidance.sam.get("decoder_attention", "absorbed"))
+    att = str(cfg.guidance.sam.get("decoder_attention", "auto"))
     allowed = ("auto", "upstream", "absorbed", "absorbed_pallas")
     if att not in allowed:
         raise ValueError(f"guidance.sam.decoder_attention must be one of {allowed}, got {att!r}")

@@ -65,6 +65,8 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())
+    graphdef, state = load_guidance_sam(micro_config(root=tmp_path, **ONLINE), tiny_sam())
+    assert nnx.merge(graphdef, state).mask_decoder.transformer.attention_implementation == "auto"
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "blocks",
                                                    "guidance.sam.decoder_attention": "absorbed"})
     graphdef, state = load_guidance_sam(cfg, tiny_sam())
