@@ -259,8 +259,9 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
-        self._graphdef, self._state = nnx.graphdef(model), model.inference_state()
         self._predictor = SamPredictor(model)
+        # one held copy of the weights (`Sam.inference_state()`), shared with the predictor
+        self._graphdef, self._state = self._predictor._graphdef, self._predictor._state
 
     def _settings(self, layer: int, crop_box, orig_size) -> AmgSettings:
         pps = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer))
