@@ -90,7 +90,8 @@ def load_guidance_sam(cfg, sam=None):
     (.npz from `sarformer convert sam`, or an official .pth converted on the fly).  Sets the
     model's `postprocess_implementation` to `guidance.sam.postprocess`, its mask decoder's
     `upscale_implementation` to `guidance.sam.upscale` and the decoder transformer's
-    `attention_implementation` to `guidance.sam.decoder_attention` (on `sam` too)."""
+    `attention_implementation` to `guidance.sam.decoder_attention` (on `sam` too).  The state
+    is `Sam.inference_state()`: the encoder's Linear / Conv weights held in the compute dtype."""
     from flax import nnx
 
     from sarformer_jax.sam.build import build_sam, load_sam

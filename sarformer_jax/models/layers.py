@@ -230,9 +230,9 @@ def _cudnn_narrow_v(q, k, v, bias, scale):
     except ImportError as e:  # a jax without the module
         raise NotImplementedError("attention 'cudnn_narrow_v' needs jax's cuDNN attention module "
                                   "(jax._src.cudnn.fused_attention_stablehlo)") from e
-    t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
-    dim, dim_v = _round_up(d, 8), _round_up(dv, 8)
-    qp, kp, _, bp = pad_for_cudnn(q, k, k, bias)  # q / k to `dim`, the bias's layout and even lengths
+    t, dv = q.shape[1], v.shape[-1]
+    dim_v = _round_up(dv, 8)
+    qp, kp, _, bp = pad_for_cudnn(q, k, k, bias)  # q / k widths, the bias's layout, even lengths
     if dim_v != dv or kp.shape[1] != k.shape[1]:
         v = jnp.pad(v, ((0, 0), (0, kp.shape[1] - k.shape[1]), (0, 0), (0, dim_v - dv)))
     out = cudnn_attention(qp, kp, v, bias=bp, scale=scale)
