@@ -197,3 +197,43 @@ def test_measuring_turn_also_takes_the_shared_lock_named_by_the_environment(tmp_
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving the block
     other.close()
+
+
+ASYNC_HLO = """HloModule jit_step, is_scheduled=true
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %all-reduce-start.1 = bf16[1024,64]{1,0} all-reduce-start(bf16[1024,64]{1,0} %g), replica_groups={{0,1}}
+  %fusion.1 = f32[8]{0} fusion(f32[8]{0} %p), kind=kLoop, calls=%fc
+  %custom-call.2 = f32[8]{0} custom-call(f32[8]{0} %fusion.1), custom_call_target="x"
+  %all-reduce-done.1 = bf16[1024,64]{1,0} all-reduce-done(bf16[1024,64]{1,0} %all-reduce-start.1)
+  %all-reduce.2 = (f32[16]{0}, f32[4]{0}) all-reduce(f32[16]{0} %a, f32[4]{0} %b), replica_groups={{0,1}}
+  ROOT %r = f32[8]{0} add(%custom-call.2, %p)
+}
+"""
+
+
+def test_collective_schedule_reads_async_pairs_and_bytes():
+    from sarformer_jax.benchmarks.profile import collective_schedule
+
+    rows = collective_schedule(ASYNC_HLO)
+    assert [r["kind"] for r in rows] == ["all-reduce", "all-reduce"]
+    first, second = rows
+    assert first["asynchronous"] and first["bytes"] == 1024 * 64 * 2
+    assert first["compute_between"] == 2 and first["done_at"] > first["at"]
+    assert not second["asynchronous"] and second["bytes"] == (16 + 4) * 4
+
+
+def test_collective_schedule_of_a_compiled_two_device_reduction():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sarformer_jax.benchmarks.profile import collective_schedule
+
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    x = jax.device_put(np.ones((4, 256), np.float32), NamedSharding(mesh, P("data")))
+    f = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
+    rows = collective_schedule(f.lower(x).compile().as_text())
+    assert any(r["kind"] == "all-reduce" and r["bytes"] >= 256 * 4 for r in rows), rows

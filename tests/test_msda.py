@@ -68,6 +68,21 @@ def test_reference_vs_torch_grid_sample(rng, shapes):
     assert rel_err(got, want.numpy()) <= RTOL["float32"]
 
 
+def test_bench_fwd_bwd_keeps_the_forward(rng):
+    """The benchmark's fwd+bwd must run the forward too: `jit(grad)` of a sum would let XLA drop
+    the forward kernel (its output is dead) and time the backward alone."""
+    from sarformer_jax.benchmarks.msda import _jax_fns
+
+    shapes = ((5, 7), (3, 4))
+    value, loc, att = random_inputs(rng, shapes, b=1, q=6, n=2, p=2, d=4, lo=0.0, hi=1.0)
+    ct = rng.standard_normal((1, 6, 8)).astype(np.float32)
+    fwd, fwd_bwd = _jax_fns("xla", shapes, None)
+    loss, grads = fwd_bwd(value, loc, att, ct)
+    assert len(grads) == 3
+    want = float(np.sum(np.asarray(fwd(value, loc, att)) * ct))
+    assert abs(float(loss) - want) <= 1e-4 * max(1.0, abs(want))
+
+
 def _one_point(fmap, x, y, a=1.0):
     """A single-head, single-point, one-level query of an [h, w] map; returns a scalar."""
     h, w = fmap.shape

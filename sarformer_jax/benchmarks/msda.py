@@ -5,8 +5,9 @@ backward by autodiff) and a PyTorch grid_sample version (our own port of Deforma
 `ms_deform_attn_core_pytorch` semantics) on the three SARFormer-B cases of shared/anchors.md,
 forward and forward+backward, fp32 and bf16.  No CUDA peer: `deformops` is not in the package
 index this project can reach (docs/msda_notes.md); anchors.md holds the CUDA op's figures.
-JAX timings: median of per-call wall times after warm-up, each call ended by block_until_ready;
-torch: triton.testing.do_bench median.  Writes a markdown table (stdout and --out).
+JAX timings: median over groups of 10 back-to-back calls, one sync a group; fwd+bwd is
+`jit(value_and_grad)` of a loss on the output, so the forward runs as it does in training; torch:
+triton.testing.do_bench median of forward + autograd.grad.  Writes a markdown table (stdout and --out).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace the Pallas fwd+bwd of each case and dtype into DIR and "
+                             "print its GPU kernels (zero fill, kernels, casts) per call")
     parser.add_argument("--out", default=None, help="write results (json) here")
 
 
@@ -80,7 +84,9 @@ def _jax_fns(impl: str, shapes, block_sizes):
     def loss(v, loc, att, ct):
         return jnp.sum(fwd(v, loc, att).astype(jnp.float32) * ct)
 
-    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    # value_and_grad, not grad: with grad alone the loss is dead code, XLA drops the forward
+    # kernel and "fwd+bwd" would time the backward only (runs 1 and 2 of docs/benchmarks.md did)
+    return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
 def torch_msda(value, shapes, loc, att):
@@ -128,6 +134,28 @@ def _time_torch(case, dtype: str, backward: bool, impl: str):
     return do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
+def _profile_call(fn, args, trace_dir: str, tag: str, calls: int = 10) -> None:
+    """Trace `calls` back-to-back calls of the jitted `fn` and print its kernels per call."""
+    import gzip
+    import os
+
+    import jax
+
+    from sarformer_jax.benchmarks import profile as prof
+
+    hlo = fn.lower(*args).compile().as_text()
+    os.makedirs(trace_dir, exist_ok=True)
+    with gzip.open(os.path.join(trace_dir, "compiled_hlo.txt.gz"), "wt") as f:
+        f.write(hlo)
+    jax.block_until_ready(fn(*args))
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    prof.print_summary(prof.summarize(trace_dir, hlo, steps=calls, top=12), tag)
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -151,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         variants = [("pallas", bs)] if "pallas" in impls else []
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
-                                     (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True)):
+                                     (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True), (64, 64, 4, True),
+                                     (128, 64, 8, True)):
                 alt = BlockSizes(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nw,
                                  relaxed_atomics=rel)
                 if alt != bs:
@@ -174,6 +203,11 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 results.append(dict(case=case, dtype=dtype, impl=name, fwd_ms=t_f, fwdbwd_ms=t_fb,
                                     block_sizes=None if vbs is None else vbs.__dict__))
+                if args.profile and name == "pallas":
+                    import os
+                    _profile_call(grad, jargs + (ct,),
+                                  os.path.join(args.profile, f"{case}_{dtype}"),
+                                  f"{case} {dtype} fwd+bwd")
                 print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
                       flush=True)
             for name in ("torch",):

@@ -157,3 +157,76 @@ def print_summary(s: dict, tag: str) -> None:
               "running; the largest totals, by the kernels around them:", flush=True)
         for pair, v in s["top_gaps_ms"][:15]:
             print(f"[{tag}]   gap {v:8.2f} ms  {pair}", flush=True)
+
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1,
+                "pred": 1, "s64": 8, "u64": 8}
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|f64|s8|u8|pred|s64|u64)\[([\d,]*)\]")
+_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start|-done)?\(")
+
+
+def _bytes(type_text: str) -> int:
+    total = 0
+    for dt, dims in _SHAPE.findall(type_text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dt]
+    return total
+
+
+def collective_schedule(hlo_text: str) -> list[dict]:
+    """Where the collectives sit in the scheduled entry computation of a compiled module.
+
+    One row per collective in program order: its kind, its result bytes, its position (as a
+    fraction of the entry computation's instructions) and, for an async pair, the position of
+    its `-done` and how many fusions / custom calls run between the start and the done (the
+    compute it can overlap).  Loop bodies and other computations are not walked: a collective
+    inside a loop shows as that loop's `while`."""
+    entry = re.search(r"^ENTRY [^\n]*\{\n(.*?)^\}", hlo_text, re.M | re.S)
+    if not entry:
+        return []
+    lines = [ln for ln in entry.group(1).splitlines() if "=" in ln]
+    n = max(len(lines), 1)
+    rows, open_starts = [], {}
+    compute = [0]
+    for i, ln in enumerate(lines):
+        name = ln.split("=", 1)[0].strip().removeprefix("ROOT ").strip().lstrip("%")
+        rhs = ln.split("=", 1)[1]
+        m = _COLLECTIVE.search(rhs)
+        if m:
+            kind, phase = m.group(1), m.group(2) or ""
+            type_text = rhs[:m.start()]
+            if phase == "-done":
+                inside = re.search(r"-done\(([^)]*)\)", rhs)
+                operand = inside.group(1).split()[-1].lstrip("%") if inside else ""
+                start = open_starts.pop(operand, None)
+                if start is not None:
+                    start.update(done_at=i / n, compute_between=compute[0] - start.pop("_c"))
+                continue
+            row = dict(kind=kind, name=name, bytes=_bytes(type_text), at=i / n,
+                       asynchronous=phase == "-start")
+            if phase == "-start":
+                row["_c"] = compute[0]
+                open_starts[name] = row
+            rows.append(row)
+        elif re.search(r"\b(fusion|custom-call|convolution|dot)\(", rhs):
+            compute[0] += 1
+    for row in rows:
+        row.pop("_c", None)
+    return rows
+
+
+def print_collective_schedule(rows: list[dict], tag: str, top: int = 20) -> None:
+    big = sorted(rows, key=lambda r: -r["bytes"])[:top]
+    total = sum(r["bytes"] for r in rows)
+    print(f"[{tag}] {len(rows)} collectives in the entry computation, {total / 2**20:.1f} MiB; "
+          f"the largest (position in the schedule 0..1; fusions between start and done):",
+          flush=True)
+    for r in sorted(big, key=lambda r: r["at"]):
+        extra = (f" done at {r['done_at']:.3f}, {r['compute_between']} compute ops between"
+                 if "done_at" in r else (" (async, done not found)" if r["asynchronous"] else
+                                         " (synchronous)"))
+        print(f"[{tag}]   {r['kind']:18s} {r['bytes'] / 2**20:9.2f} MiB at {r['at']:.3f}{extra}",
+              flush=True)

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after timing, trace 5 steps of each timed run into DIR/<run> and "
                              "print its kernel time per device by scope (NCCL collectives apart)")
+    parser.add_argument("--schedule", action="store_true",
+                        help="print where the compiled step's collectives sit in its schedule "
+                             "(and how much compute lies between each async start and done)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="results (json)")
     parser.add_argument("--log-dir", default=None, help="per-run logs")
@@ -195,6 +198,12 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
     res["compile_s"] = time.perf_counter() - t0
     print(f"{tag} step compiled in {res['compile_s']:.0f} s on {len(devices)} device(s); "
           "waiting for the other runs", flush=True)
+    if getattr(args, "schedule", False):
+        from sarformer_jax.benchmarks import profile as prof
+
+        rows = prof.collective_schedule(compiled.as_text())
+        res["collective_schedule"] = rows
+        prof.print_collective_schedule(rows, run["name"])
     traj_batches = ([trajectory_batch(cfg, s) for s in range(args.trajectory_steps)]
                     if run["trajectory"] else [])
     # one run on the GPUs at a time
@@ -463,6 +472,8 @@ def _argv_tail(args) -> list[str]:
         tail += ["--timeout", str(args.timeout)]
     if args.profile:
         tail += ["--profile", args.profile]
+    if args.schedule:
+        tail.append("--schedule")
     for s in args.set:
         tail += ["--set", s]
     return tail
