@@ -201,9 +201,12 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
     if getattr(args, "schedule", False):
         from sarformer_jax.benchmarks import profile as prof
 
-        rows = prof.collective_schedule(compiled.as_text())
-        res["collective_schedule"] = rows
-        prof.print_collective_schedule(rows, run["name"])
+        try:  # a diagnostic: its failure must not cost the run its timings
+            rows = prof.collective_schedule(compiled.as_text())
+            res["collective_schedule"] = rows
+            prof.print_collective_schedule(rows, run["name"])
+        except Exception as e:  # noqa: BLE001
+            print(f"{tag} collective schedule not read: {type(e).__name__}: {e}", flush=True)
     traj_batches = ([trajectory_batch(cfg, s) for s in range(args.trajectory_steps)]
                     if run["trajectory"] else [])
     # one run on the GPUs at a time
