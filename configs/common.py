@@ -60,6 +60,11 @@ def beit_adapter_b() -> Config:
         # attention: auto = cuDNN fused attention on a GPU in bf16 (padded to its shapes), else
         # xla; "xla" / "cudnn" force one
         attention="auto",
+        # BEiT attention (with its relative position bias) run per batch shard, so each device
+        # reduces its bias gradient to the table before the devices sum it
+        # (models.beit.BEiTAttention._attend_per_batch_shard): "auto" = when training splits
+        # the batch over more than one device; True / False
+        attention_per_batch_shard="auto",
     )
 
 

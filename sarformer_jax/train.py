@@ -35,6 +35,7 @@ from sarformer_jax.data.pipeline import device_inputs
 from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
                                     guidance_refusal, uses_sam)
 from sarformer_jax.losses import loss_fn as segmentation_loss
+from sarformer_jax.models.beit import set_attention_per_batch_shard
 from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
 from sarformer_jax.optim import FlatTransformation, build_optimizer, use_flat_optimizer
@@ -122,6 +123,19 @@ def _compiled_part(cfg: Config) -> dict:
     return d
 
 
+def resolve_attention_per_batch_shard(cfg: Config, mesh) -> bool:
+    """`model.backbone.attention_per_batch_shard`: "auto" is on when the batch is split over
+    more than one device (then each device reduces its relative-position-bias gradient to the
+    table before the devices sum it, instead of summing dense [heads, tokens, tokens] ones)."""
+    flag = cfg.model.backbone.get("attention_per_batch_shard", "auto")
+    if flag == "auto":
+        return int(np.prod([mesh.shape[a] for a in shard_lib.BATCH_AXES])) > 1
+    if not isinstance(flag, bool):
+        raise ValueError("model.backbone.attention_per_batch_shard must be True, False or "
+                         f"'auto', got {flag!r}")
+    return flag
+
+
 def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dict]:
     """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
     and a freshly initialised train state.  Trainers (and their compiled functions) are reused
@@ -137,9 +151,13 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
         return trainer, init()
     mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
     seed = int(cfg.train.seed)
+    per_shard_attention = resolve_attention_per_batch_shard(cfg, mesh)
 
     def make():
-        return build_model(cfg, rngs=init_rngs(seed, seed + 1))
+        model = build_model(cfg, rngs=init_rngs(seed, seed + 1))
+        if per_shard_attention:
+            set_attention_per_batch_shard(model, mesh, shard_lib.BATCH_AXES)
+        return model
 
     abstract = nnx.eval_shape(make)
     graphdef, abs_params, abs_stats, abs_rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
