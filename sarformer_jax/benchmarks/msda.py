@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
         variants = [("pallas", bs)] if "pallas" in impls else []
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
-                                     (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True), (64, 64, 4, True),
-                                     (128, 64, 8, True)):
+                                     (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
+                                     (64, 64, 4, True), (128, 64, 8, True)):
                 alt = BlockSizes(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nw,
                                  relaxed_atomics=rel)
                 if alt != bs:
