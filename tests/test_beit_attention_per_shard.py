@@ -118,3 +118,18 @@ def test_a_batch_the_mesh_does_not_divide_runs_as_one_program():
     assert abs(float(l0) - float(l1)) <= 1e-5 * abs(float(l0))
     assert rel_err(g1["relative_position_bias_table"][...],
                    g0["relative_position_bias_table"][...]) <= 1e-6
+
+
+def test_config_resolution_auto_follows_the_batch_split_and_bad_values_are_named():
+    from sarformer_jax.config import load_config
+    from sarformer_jax.train import resolve_attention_per_batch_shard
+
+    cfg = load_config("tiny")
+    assert cfg.model.backbone.attention_per_batch_shard == "auto"
+    assert resolve_attention_per_batch_shard(cfg, _mesh(4)) is True
+    assert resolve_attention_per_batch_shard(cfg, _mesh(1)) is False
+    cfg.model.backbone.attention_per_batch_shard = True
+    assert resolve_attention_per_batch_shard(cfg, _mesh(1)) is True
+    cfg.model.backbone.attention_per_batch_shard = "yes"
+    with pytest.raises(ValueError, match="attention_per_batch_shard"):
+        resolve_attention_per_batch_shard(cfg, _mesh(4))
