@@ -129,7 +129,7 @@ def resolve_attention_per_batch_shard(cfg: Config, mesh) -> bool:
     table before the devices sum it, instead of summing dense [heads, tokens, tokens] ones)."""
     flag = cfg.model.backbone.get("attention_per_batch_shard", "auto")
     if flag == "auto":
-        return int(np.prod([mesh.shape[a] for a in shard_lib.BATCH_AXES])) > 1
+        return mesh.size > 1  # the batch is split over every device of the mesh
     if not isinstance(flag, bool):
         raise ValueError("model.backbone.attention_per_batch_shard must be True, False or "
                          f"'auto', got {flag!r}")

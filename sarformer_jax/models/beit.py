@@ -252,9 +252,11 @@ class BEiTAttention(nnx.Module):
             jnp.zeros((table_rows(self.table_grid), num_heads), param_dtype))
         self.proj = nnx.Linear(dim, dim, **lin)
 
-    def bias(self, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        """[n, t, t] relative position bias for a token grid (h, w), in `dtype`."""
-        table = derive_table(self.relative_position_bias_table[...], self.table_grid, grid)
+    def bias(self, grid: Sequence[int], dtype=jnp.float32, table: jax.Array | None = None) -> jax.Array:
+        """[n, t, t] relative position bias for a token grid (h, w), in `dtype`, from this
+        layer's table (or `table`, a value of it)."""
+        table = self.relative_position_bias_table[...] if table is None else table
+        table = derive_table(table, self.table_grid, grid)
         return relative_position_bias(table.astype(jnp.float32), grid, dtype)
 
     def __call__(self, x: jax.Array, grid: Sequence[int]) -> jax.Array:
@@ -288,15 +290,15 @@ class BEiTAttention(nnx.Module):
         from jax.sharding import PartitionSpec as P
 
         mesh, axes = self.batch_shard_mesh
-        table = derive_table(self.relative_position_bias_table[...], self.table_grid, grid)
 
         def attend(q, k, v, table):
-            bias = relative_position_bias(table.astype(jnp.float32), grid, bias_dtype)[None]
-            return attention(q, k, v, bias, implementation=impl)
+            return attention(q, k, v, self.bias(grid, bias_dtype, table)[None],
+                             implementation=impl)
 
         spec = P(axes)
         return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P()),
-                             out_specs=spec, check_vma=False)(q, k, v, table)
+                             out_specs=spec, check_vma=False)(
+            q, k, v, self.relative_position_bias_table[...])
 
 
 class FFN(nnx.Module):
