@@ -135,3 +135,20 @@ def test_batch_sharded_kernel_inside_scan():
     assert abs(float(val) - float(ref_val)) <= 1e-5 * abs(float(ref_val))
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) <= RTOL["float32"]
+
+
+def test_roofline_scatter_probe_does_the_backwards_atomics():
+    """The bench's `scatter` probe (benchmarks/msda_roofline.py) must add exactly what the
+    backward adds to d value, or its timing says nothing about the backward."""
+    from sarformer_jax.benchmarks import msda_roofline as rl
+
+    shapes = ((6, 9), (3, 5), (2, 1))
+    value, loc, att, ct = inputs(3, shapes)
+    g = ct.reshape(2, 21, 2, 16)
+    got = rl.probe_fn("scatter", shapes, 16, 4, interpret=True)(
+        jnp.asarray(loc), jnp.asarray(att), jnp.asarray(g))
+    (_, _), (want, _, _) = loss_fn("xla", shapes, ct)(*map(jnp.asarray, (value, loc, att)))
+    assert got.shape == value.shape
+    assert rel_err(got, want) <= RTOL["float32"]
+    with pytest.raises(ValueError, match="unknown roofline probe 'gather'"):
+        rl.probe_fn("gather", shapes, 16, 4)

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace the Pallas fwd+bwd of each case and dtype into DIR and "
                              "print its GPU kernels (zero fill, kernels, casts) per call")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also time the backward's parts alone (value-gradient atomics at "
+                             "the real rows, at contiguous rows, and plain stores): "
+                             "benchmarks/msda_roofline.py")
     parser.add_argument("--out", default=None, help="write results (json) here")
 
 
@@ -156,6 +160,44 @@ def _profile_call(fn, args, trace_dir: str, tag: str, calls: int = 10) -> None:
     prof.print_summary(prof.summarize(trace_dir, hlo, steps=calls, top=12), tag)
 
 
+def _roofline(args) -> list[dict]:
+    """Time the backward's parts alone (see benchmarks/msda_roofline.py); the value-gradient
+    atomics do not depend on the input dtype (fp32 adds of an fp32 gradient)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sarformer_jax.benchmarks import msda_roofline as rl
+    from sarformer_jax.kernels.msda_pallas import default_block_sizes
+
+    out = []
+    for case in args.cases.split(","):
+        b, q, shapes, n, p, d = CASES[case]
+        bs = default_block_sizes(d, q)
+        block_q = args.block_q_bwd or bs.block_q_bwd
+        warps = args.num_warps or bs.num_warps_bwd
+        _, _, loc, att = make_inputs(case)
+        g = np.random.default_rng(2).standard_normal((b, q, n, d)).astype(np.float32)
+        jargs = (jnp.asarray(loc), jnp.asarray(att), jnp.asarray(g))
+        adds = rl.atomic_count(CASES[case])
+        for probe in rl.PROBES:
+            try:
+                t = _time_jax(rl.probe_fn(probe, shapes, block_q, warps), jargs, args.reps)
+            except Exception as e:
+                print(f"{case} roofline {probe}: FAILED {type(e).__name__}: {e}"[:400])
+                continue
+            rate = adds / (t * 1e-3) / 1e9
+            print(f"{case:12s} roofline  {probe:12s} {t:8.3f} ms  {adds / 1e6:.0f} M fp32 "
+                  f"elements, {rate:.0f} G/s ({rate * 4 / 1e3:.2f} TB/s)", flush=True)
+            out.append(dict(case=case, dtype="float32", impl=f"probe:{probe}", fwd_ms=float("nan"),
+                            fwdbwd_ms=t, elements=adds))
+        if args.profile:
+            import os
+            fn = rl.probe_fn("scatter", shapes, block_q, warps)
+            _profile_call(fn, jargs, os.path.join(args.profile, f"{case}_probe_scatter"),
+                          f"{case} probe scatter")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -223,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
                                     fwdbwd_ms=t_fb))
                 print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
                       flush=True)
+    if args.roofline and "pallas" in impls:
+        results += _roofline(args)
     print("\n| case | dtype | impl | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {r['dtype']} | {r['impl']} | {r['fwd_ms']:.3f} | "
