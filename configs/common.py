@@ -121,6 +121,10 @@ def loss() -> Config:
         # importance-sampling selection: top_k | sort (same points); auto = sort when the batch
         # is split over devices (XLA partitions the sort, it gathered the batch for top_k)
         point_select="auto",
+        # point-sampled mask losses on at most this many matched slots per image when no image
+        # has more (then on all M = min(Q, K) slots): the same losses, less work; None = always
+        # all M slots
+        compact_slots=32,
     )
 
 

@@ -196,28 +196,49 @@ def smallest_k(x: jax.Array, k: int, method: str) -> jax.Array:
     raise ValueError(f"model.loss.point_select must be auto, top_k or sort, got {method!r}")
 
 
-def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes):
+def _slots(col4row, row4col, num_classes):
+    """Matched slots of one image: (query [M], class [M], valid [M]).  M = min(Q, K): with no more
+    queries than classes the slots are the queries, otherwise the classes."""
+    q = col4row.shape[-1]
+    if q <= num_classes:
+        slot_query, slot_class = jnp.arange(q), col4row
+    else:
+        slot_query, slot_class = row4col, jnp.arange(num_classes)
+    return slot_query, slot_class, (slot_query >= 0) & (slot_class >= 0)
+
+
+def matched_counts(col4row, row4col, num_classes):
+    """Matched pairs per image for assignments [..., Q] / [..., K]: [...] int32."""
+    assigned = col4row if col4row.shape[-1] <= num_classes else row4col
+    return jnp.sum((assigned >= 0).astype(jnp.int32), axis=-1)
+
+
+def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes, cap=None):
     """Loss terms of one image and layer given its matching.  Returns (per-query CE [Q],
-    per-query class weight [Q], mask BCE sum, dice sum, number of matched pairs)."""
-    q = cls.shape[0]
+    per-query class weight [Q], mask BCE sum, dice sum, number of matched pairs).
+
+    cap: None, or process only the first `cap` matched slots (in slot order) in the
+    point-sampled mask losses -- exact when the image has at most `cap` matched pairs, which
+    the caller checks (`mask_losses_over_slots`); each slot keeps its own random points."""
     # class loss: matched queries take their class, the others "no object" (index K)
     target = jnp.where(col4row >= 0, col4row, num_classes)
     logp = jax.nn.log_softmax(cls.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
     wt = jnp.where(col4row >= 0, 1.0, cfg_loss.no_object_weight)
-    # matched slots
-    if q <= num_classes:
-        slot_query, slot_class = jnp.arange(q), col4row
-    else:
-        slot_query, slot_class = row4col, jnp.arange(num_classes)
-    slot_valid = (slot_query >= 0) & (slot_class >= 0)
+    slot_query, slot_class, slot_valid = _slots(col4row, row4col, num_classes)
+    cand, extra = pts["candidates"], pts["extra"]
+    if cap is not None:
+        # the matched slots first, in slot order (a stable sort of the validity flags)
+        sel = jnp.argsort(jnp.logical_not(slot_valid), stable=True)[:cap]
+        slot_query, slot_class, slot_valid = slot_query[sel], slot_class[sel], slot_valid[sel]
+        cand, extra = cand[sel], extra[sel]
     maps = mask[jnp.maximum(slot_query, 0)]  # [M, h, w]
     # importance sampling: most uncertain (-|logit|) candidates, then fresh uniform points
-    cand_logits = point_sample(jax.lax.stop_gradient(maps), pts["candidates"])
+    cand_logits = point_sample(jax.lax.stop_gradient(maps), cand)
     k = num_importance_points(cfg_loss)
     top = smallest_k(jnp.abs(cand_logits), k, cfg_loss.get("point_select", "auto"))
-    chosen = jnp.take_along_axis(pts["candidates"], top[..., None], axis=1)
-    coords = jax.lax.stop_gradient(jnp.concatenate([chosen, pts["extra"]], axis=1))  # [M, P, 2]
+    chosen = jnp.take_along_axis(cand, top[..., None], axis=1)
+    coords = jax.lax.stop_gradient(jnp.concatenate([chosen, extra], axis=1))  # [M, P, 2]
     logits = point_sample(maps, coords)
     targets = sample_gt_slots(gt, coords, jnp.where(slot_valid, slot_class, -1))
     bce = jnp.mean(jax.nn.softplus(logits) - logits * targets, axis=-1)
@@ -226,6 +247,29 @@ def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes):
     mask_sum = jnp.sum(jnp.where(slot_valid, bce, 0.0))
     dice_sum = jnp.sum(jnp.where(slot_valid, dice, 0.0))
     return ce, wt, mask_sum, dice_sum, jnp.sum(slot_valid.astype(jnp.float32))
+
+
+def compact_cap(cfg_loss: Any, q: int, num_classes: int) -> int | None:
+    """`model.loss.compact_slots` as a cap below M = min(Q, K), or None (nothing to gain)."""
+    cap = cfg_loss.get("compact_slots", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"model.loss.compact_slots must be a positive int or None, got {cap!r}")
+    return cap if cap < min(q, num_classes) else None
+
+
+def mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes):
+    """`run(cap)` computes the loss terms with the mask losses on at most `cap` matched slots per
+    image (None = all M slots).  With `model.loss.compact_slots` set below M, the capped program
+    runs when no image (of any layer) has more matched pairs than the cap, and the full one
+    otherwise: the same losses either way, less work in the common case (an ADE20K crop has a
+    handful of the 150 classes, and M = 100 slots)."""
+    cap = compact_cap(cfg_loss, col4row.shape[-1], num_classes)
+    if cap is None:
+        return run(None)
+    fits = jnp.max(matched_counts(col4row, row4col, num_classes)) <= cap
+    return jax.lax.cond(fits, lambda: run(cap), lambda: run(None))
 
 
 def _reduce_terms(ce, wt, mask_sum, dice_sum, n_matched, cfg_loss):
@@ -251,9 +295,13 @@ def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Arra
     cost = jax.vmap(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes))(
         cls, mask, gt, pts["match"])
     col4row, row4col = _match_all(cost, present)
-    terms = jax.vmap(lambda c, m, g, p, a, b: _image_losses(c, m, g, p, a, b, cfg_loss, num_classes))(
-        cls, mask, gt, pts, col4row, row4col)
-    return _reduce_terms(*terms, cfg_loss), col4row
+
+    def run(cap):
+        terms = jax.vmap(lambda c, m, g, p, a, b: _image_losses(
+            c, m, g, p, a, b, cfg_loss, num_classes, cap))(cls, mask, gt, pts, col4row, row4col)
+        return _reduce_terms(*terms, cfg_loss)
+
+    return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes), col4row
 
 
 def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array,
@@ -267,12 +315,15 @@ def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, pres
                     in_axes=(0, 0, None, 0))(cls, mask, gt, pts["match"])  # [L, B, Q, K]
     col4row, row4col = _match_all(cost, present[None])
 
-    def layer(c, m, p, a, b):
-        terms = jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(
-            c1, m1, g1, p1, a1, b1, cfg_loss, num_classes))(c, m, gt, p, a, b)
-        return _reduce_terms(*terms, cfg_loss)
+    def run(cap):
+        def layer(c, m, p, a, b):
+            terms = jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(
+                c1, m1, g1, p1, a1, b1, cfg_loss, num_classes, cap))(c, m, gt, p, a, b)
+            return _reduce_terms(*terms, cfg_loss)
 
-    return jax.vmap(layer)(cls, mask, pts, col4row, row4col)
+        return jax.vmap(layer)(cls, mask, pts, col4row, row4col)
+
+    return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes)
 
 
 def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:

@@ -49,3 +49,108 @@ def test_smallest_k_methods_agree_with_ties():
     np.testing.assert_array_equal(a[0, 0, :50], np.arange(50))
     with pytest.raises(ValueError, match="point_select"):
         smallest_k(jnp.asarray(x), 3, "heap")
+
+
+def _labels_with(rng, b, classes_per_image, h=24, w=20):
+    """[b, h, w] maps, image i striped with exactly the classes in classes_per_image[i]."""
+    gt = np.zeros((b, h, w), np.int32)
+    for i, cl in enumerate(classes_per_image):
+        gt[i] = np.asarray(cl)[np.arange(h * w).reshape(h, w) // 7 % len(cl)]
+    gt[0, :3] = 255
+    return jnp.asarray(gt)
+
+
+def _compact_case(q, k, present, b=2, n=2):
+    rng = np.random.default_rng(1)
+    preds = [{"cls": jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32),
+              "mask": jnp.asarray(rng.normal(size=(b, q, 12, 10)), jnp.float32)} for _ in range(n)]
+    cfgs = [load_config("tiny", ["model.loss.num_points=64", f"model.loss.compact_slots={c}"]).model.loss
+            for c in (4, None)]
+    return preds, _labels_with(rng, b, present), cfgs
+
+
+def _assignment(present, b, q, k):
+    """A valid assignment (not the Hungarian one): class present[i][j] to query j."""
+    col4row = np.full((b, q), -1, np.int32)
+    row4col = np.full((b, k), -1, np.int32)
+    for i in range(b):
+        for j, c in enumerate(present[i]):
+            col4row[i, j], row4col[i, c] = c, j
+    return jnp.asarray(col4row), jnp.asarray(row4col)
+
+
+@pytest.mark.parametrize("q,k,present", [
+    (10, 12, [[1, 4, 7], [0, 11]]),  # q <= k: the slots are the queries
+    (9, 6, [[1, 4, 5], [0]]),  # q > k: the slots are the classes
+])
+def test_capped_mask_losses_equal_all_slots(q, k, present):
+    """The capped program on its own (no switch) when every image fits the cap: the same loss
+    terms as all M slots, each slot keeping its own random points."""
+    from sarformer_jax.losses import _image_losses, matched_counts
+
+    preds, gt, (capped, _) = _compact_case(q, k, present, n=1)
+    col4row, row4col = _assignment(present, 2, q, k)
+    np.testing.assert_array_equal(matched_counts(col4row, row4col, k), [len(p) for p in present])
+    pts = draw_points(jax.random.key(5), 2, min(q, k), 1, capped)[0]
+    for i in range(2):
+        one = lambda cap: jax.jit(lambda c, m: _image_losses(  # noqa: E731
+            c, m, gt[i], jax.tree_util.tree_map(lambda x: x[i], pts), col4row[i], row4col[i],
+            capped, k, cap))(preds[0]["cls"][i], preds[0]["mask"][i])
+        for got, want in zip(one(4), one(None)):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_compact_slots_gives_the_same_losses_and_gradients():
+    """`model.loss.compact_slots` only changes how much work the mask losses do: the train
+    step's loss and its gradients equal the all-slots program when the cap fits (capped
+    program), and so do the values when an image has more matched pairs than the cap (full
+    program), in the stacked and the single-layer path."""
+    from sarformer_jax.losses import mask_losses_over_slots
+
+    q, k, key = 10, 12, jax.random.key(5)
+    preds, gt, (capped, full) = _compact_case(q, k, [[1, 4, 7], [0, 11]])
+    assert load_config("tiny", []).model.loss.compact_slots == 32
+
+    def total(cfg, p, g):
+        f = lambda p: loss_fn(p, g, None, key=key, cfg_loss=cfg, num_classes=k)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(p)
+
+    (t_c, parts_c), g_c = total(capped, preds, gt)
+    (t_f, parts_f), g_f = total(full, preds, gt)
+    np.testing.assert_allclose(float(t_c), float(t_f), rtol=1e-6)
+    for name in parts_f:
+        np.testing.assert_allclose(parts_c[name], parts_f[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    for a, want in zip(jax.tree_util.tree_leaves(g_c), jax.tree_util.tree_leaves(g_f)):
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-7)
+    # image 1 with 6 > 4 classes: the switch takes the full program
+    many = _labels_with(np.random.default_rng(2), 2, [[1, 4, 7], [0, 2, 3, 5, 6, 9]])
+    present = gt_present(many, k)
+    pts = draw_points(key, 2, min(q, k), 1, capped)[0]
+    one_layer = lambda cfg: jax.jit(lambda c, m: layer_loss(c, m, many, present, pts, cfg, k))(  # noqa: E731
+        preds[0]["cls"], preds[0]["mask"])
+    (t1, a1), (t2, a2) = one_layer(capped), one_layer(full)
+    np.testing.assert_array_equal(a1, a2)
+    for name in t2:
+        np.testing.assert_allclose(t1[name], t2[name], rtol=1e-6, err_msg=name)
+    # the switch's choice: capped iff every image fits
+    col4row, row4col = _assignment([[1, 4, 7], [0, 2, 3, 5, 6, 9]], 2, q, k)
+    picked = mask_losses_over_slots(lambda cap: jnp.int32(-1 if cap is None else cap),
+                                    col4row, row4col, capped, k)
+    assert int(picked) == -1
+    col4row, row4col = _assignment([[1, 4, 7], [0, 11]], 2, q, k)
+    picked = mask_losses_over_slots(lambda cap: jnp.int32(-1 if cap is None else cap),
+                                    col4row, row4col, capped, k)
+    assert int(picked) == 4
+
+
+def test_compact_slots_must_be_a_positive_int():
+    from sarformer_jax.losses import compact_cap
+
+    for bad in (0, -3, 2.5, True, "8"):
+        cfg = load_config("tiny", []).model.loss
+        cfg.compact_slots = bad
+        with pytest.raises(ValueError, match="compact_slots"):
+            compact_cap(cfg, 100, 150)
+    cfg.compact_slots = 32
+    assert compact_cap(cfg, 100, 150) == 32
+    assert compact_cap(cfg, 20, 8) is None  # M = 8: nothing to cap
