@@ -163,7 +163,6 @@ def _profile_call(fn, args, trace_dir: str, tag: str, calls: int = 10) -> None:
 def _roofline(args) -> list[dict]:
     """Time the backward's parts alone (see benchmarks/msda_roofline.py); the value-gradient
     atomics do not depend on the input dtype (fp32 adds of an fp32 gradient)."""
-    import jax
     import jax.numpy as jnp
 
     from sarformer_jax.benchmarks import msda_roofline as rl
