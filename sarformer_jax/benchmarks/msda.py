@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "print its GPU kernels (zero fill, kernels, casts) per call")
     parser.add_argument("--roofline", action="store_true",
                         help="also time the backward's parts alone (value-gradient atomics at "
-                             "the real rows, at contiguous rows, and plain stores): "
+                             "the real rows, at consecutive positions, and plain stores): "
                              "benchmarks/msda_roofline.py")
     parser.add_argument("--out", default=None, help="write results (json) here")
 

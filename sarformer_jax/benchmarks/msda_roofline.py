@@ -7,8 +7,9 @@ parts alone, on the same grid, with the same loads of locations and weights and 
 corner arithmetic, so that the full backward can be compared with what its parts cost:
 
 - `scatter`: only the value-gradient atomics, at the real (data-dependent) rows;
-- `scatter_seq`: the same number of atomics, but at rows that are contiguous within a program
-  and move by a fixed stride between points (the best case for the L2: no two programs meet);
+- `scatter_seq`: the same number of atomics, but at consecutive positions within a program
+  (one head's rows, so D elements each, H * D apart in memory), shifted by a fixed stride
+  between points: data-independent rows that no two programs of a step share;
 - `store`: plain (non-atomic) stores of the same tiles at the real rows -- the write traffic
   without the read-modify-write; its result is garbage (rows race) and is thrown away.
 
