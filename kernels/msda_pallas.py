@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as plgpu
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 Shapes = tuple[tuple[int, int], ...]
-SCATTER_AFTER = ("corner", "point", "level", "program")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +47,6 @@ class BlockSizes:
     block_q_bwd: int | None = None  # None = block_q
     num_warps_bwd: int | None = None  # None = num_warps
     relaxed_atomics: bool = True  # relaxed-order fp32 adds for d value (see _relaxed_atomic_add)
-    # When the backward issues its value-gradient atomics: after each "corner" (gather, dot,
-    # scatter in turn), or after all the gathers and dots of each "point", "level" or the whole
-    # "program" (later = more gathers in flight before any store, more registers held)
-    scatter_after: str = "corner"
-
-    def __post_init__(self):
-        if self.scatter_after not in SCATTER_AFTER:
-            raise ValueError(f"BlockSizes.scatter_after={self.scatter_after!r}: expected one of "
-                             f"{SCATTER_AFTER}")
 
     @classmethod
     def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
@@ -207,7 +197,7 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool, relaxed: bool):
 
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
-                     interpret: bool, relaxed: bool, scatter_after: str):
+                     interpret: bool, relaxed: bool):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
     b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q0 = qb * block_q
@@ -215,18 +205,6 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
     qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
     g = plgpu.load(g_ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
     g = g.astype(jnp.float32)  # [block_q, D], zero on masked queries
-    deferred = []  # (rows, [block_q] weights) of corners whose atomics wait
-    stores = []  # (ref, [block_q] gradient) of points whose location / weight gradients wait
-
-    def flush():
-        for ref, val in stores:
-            plgpu.store(ref, val.astype(ref.dtype), mask=qmask)
-        stores.clear()
-        for rows, wts in deferred:
-            # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
-            _scatter_add_rows(gv_ref, b, rows, h, wts[:, None] * g, interpret, relaxed)
-        deferred.clear()
-
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
             x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
@@ -239,23 +217,18 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
                 row = value_ref[b, start + idx, h, :].astype(jnp.float32)  # gather [block_q, D]
                 # an out-of-map corner samples zero: its dot (and gradient) is zero
                 dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
-                deferred.append((start + idx, a * cw))
-                if scatter_after == "corner":
-                    flush()
+                # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
+                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret,
+                                  relaxed)
             d00, d01, d10, d11 = dots
             (_, w00, _), (_, w01, _), (_, w10, _), (_, w11, _) = corners
             gatt = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
             # d(corner weight)/d(fx) etc.; pixel x = loc_x * w - 0.5, so d/dloc_x = w * d/dfx
             gx = a * wl * ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10))
             gy = a * hl * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
-            stores += [(gatt_ref.at[b, qs, h, _i(lvl), _i(p)], gatt),
-                       (gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], gx),
-                       (gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], gy)]
-            if scatter_after in ("corner", "point"):
-                flush()
-        if scatter_after == "level":
-            flush()
-    flush()
+            plgpu.store(gatt_ref.at[b, qs, h, _i(lvl), _i(p)], gatt.astype(gatt_ref.dtype), mask=qmask)
+            plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], gx.astype(gloc_ref.dtype), mask=qmask)
+            plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], gy.astype(gloc_ref.dtype), mask=qmask)
 
 
 def _drop_poison_ref(kernel, n_in: int):
@@ -302,8 +275,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
     kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
-                               relaxed=block_sizes.relaxed_atomics,
-                               scatter_after=block_sizes.scatter_after)
+                               relaxed=block_sizes.relaxed_atomics)
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:

@@ -65,12 +65,6 @@ def test_block_override(bs):
     _check(*_random_case(7, 32), jnp.float32, bs)
 
 
-@pytest.mark.parametrize("order", ["point", "level", "program"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_backward_scatter_orders(order, dtype):
-    _check(*_random_case(8, 32), dtype, BlockSizes(64, 4, block_q_bwd=32, scatter_after=order))
-
-
 def test_public_op_grad_matches_reference():
     shapes, value, loc, att, ct = _random_case(11, 32)
 

@@ -2,8 +2,6 @@
 gradients, 1 and 3 levels, non-square maps, Lq not a multiple of the block, points outside
 [0, 1], fp32 and bf16; vmap over an extra axis; a batch-sharded jit on 8 fake CPU devices."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,26 +45,6 @@ def test_kernel_matches_reference(shapes, dtype):
     for name, got, want, arg in zip(("value", "loc", "att"), grads, ref_grads, args):
         assert got.dtype == arg.dtype, name
         assert rel_err(got.astype(jnp.float32), want) <= tol, name
-
-
-@pytest.mark.parametrize("order", ["point", "program"])
-def test_backward_scatter_orders_match_reference(order):
-    """The backward's atomics issued later (after each point / once per program) give the same
-    three gradients; bf16 so the value gradient's fp32 buffer is cast back."""
-    shapes = ((6, 9), (3, 5), (2, 1))
-    value, loc, att, ct = inputs(3, shapes)
-    bs = dataclasses.replace(BS, scatter_after=order)
-    args = [jnp.asarray(x, jnp.bfloat16) for x in (value, loc, att)]
-    _, grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
-    _, ref_grads = loss_fn("xla", shapes, ct)(*[a.astype(jnp.float32) for a in args])
-    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
-        assert got.dtype == jnp.bfloat16, name
-        assert rel_err(got.astype(jnp.float32), want) <= RTOL["bfloat16"], name
-
-
-def test_scatter_after_must_be_known():
-    with pytest.raises(ValueError, match="scatter_after='tile'"):
-        dataclasses.replace(BS, scatter_after="tile")
 
 
 def test_pixel_centres_and_borders_exact():

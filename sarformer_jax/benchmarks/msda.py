@@ -13,7 +13,6 @@ triton.testing.do_bench median of forward + autograd.grad.  Writes a markdown ta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import time
@@ -36,12 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-q", type=int, default=None, help="override forward block_q")
     parser.add_argument("--block-q-bwd", type=int, default=None)
     parser.add_argument("--num-warps", type=int, default=None)
-    parser.add_argument("--scatter-after", default=None,
-                        help="comma-separated BlockSizes.scatter_after values to time side by "
-                             "side (corner, point, level, program); each with every "
-                             "--bwd-blocks entry")
-    parser.add_argument("--bwd-blocks", default=None,
-                        help="comma-separated backward block_q x warps pairs, e.g. 16x4,32x4,32x8")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -225,17 +218,6 @@ def run(args: argparse.Namespace) -> int:
                             block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
                             num_warps_bwd=args.num_warps or bs.num_warps_bwd)
         variants = [("pallas", bs)] if "pallas" in impls else []
-        if (args.scatter_after or args.bwd_blocks) and "pallas" in impls:
-            orders = (args.scatter_after or bs.scatter_after).split(",")
-            blocks = [tuple(int(v) for v in pair.split("x"))
-                      for pair in (args.bwd_blocks or
-                                   f"{bs.block_q_bwd}x{bs.num_warps_bwd}").split(",")]
-            for order in orders:
-                for bqb, nw in blocks:
-                    alt = dataclasses.replace(bs, block_q_bwd=bqb, num_warps_bwd=nw,
-                                              scatter_after=order)
-                    if alt != bs:
-                        variants.append((f"pallas[bwd {bqb},w{nw},{order}]", alt))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
