@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from sarformer_jax.matcher import hungarian_assign
 from sarformer_jax.models.layers import resize_bilinear
@@ -264,12 +266,43 @@ def mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes):
     image (None = all M slots).  With `model.loss.compact_slots` set below M, the capped program
     runs when no image (of any layer) has more matched pairs than the cap, and the full one
     otherwise: the same losses either way, less work in the common case (an ADE20K crop has a
-    handful of the 150 classes, and M = 100 slots)."""
+    handful of the 150 classes, and M = 100 slots).  Under `on_batch_shards` each device
+    decides for its own images."""
     cap = compact_cap(cfg_loss, col4row.shape[-1], num_classes)
     if cap is None:
         return run(None)
     fits = jnp.max(matched_counts(col4row, row4col, num_classes)) <= cap
     return jax.lax.cond(fits, lambda: run(cap), lambda: run(None))
+
+
+def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
+    """`fn` on each device's images: `shard_map` over the batch axes when `batch_mesh` = (mesh,
+    axes) is given and the mesh divides the batch, else `fn` itself.  `in_axes` gives each
+    argument's batch axis (a pytree argument: all its leaves), `out_axis` that of every output.
+
+    The per-image loss terms need no other image.  Left to the partitioner, the mask losses'
+    `lax.cond` (`mask_losses_over_slots`) was compiled on 2 GPUs with all-gathers of the whole
+    batch's point logits inside both branches (docs/benchmarks.md, scaling run 11)."""
+    if batch_mesh is None:
+        return fn
+    mesh, axes = batch_mesh
+    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    if shards == 1:
+        return fn
+
+    def spec(axis):
+        return P(*([None] * axis), axes)
+
+    def wrapped(*args):
+        for a, ax in zip(args, in_axes):
+            for leaf in jax.tree_util.tree_leaves(a):
+                if leaf.shape[ax] % shards:
+                    return fn(*args)  # a batch the mesh does not divide: one program
+        out = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(ax) for ax in in_axes),
+                            out_specs=spec(out_axis), check_vma=False)
+        return out(*args)
+
+    return wrapped
 
 
 def _reduce_terms(ce, wt, mask_sum, dice_sum, n_matched, cfg_loss):
@@ -280,12 +313,15 @@ def _reduce_terms(ce, wt, mask_sum, dice_sum, n_matched, cfg_loss):
 
 
 def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array, pts: dict,
-               cfg_loss: Any, num_classes: int) -> tuple[dict[str, jax.Array], jax.Array]:
+               cfg_loss: Any, num_classes: int, batch_mesh=None
+               ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Loss of one prediction over the batch.
 
     Args:
       cls [B, Q, K+1]; mask [B, Q, h, w] logits; gt [B, H, W]; present [B, K];
       pts: one entry of `draw_points`.
+      batch_mesh: (mesh, batch axes) when the batch is split over devices: the per-image mask
+        losses then run on each device's images (`on_batch_shards`).
     Returns ({"loss_cls", "loss_mask", "loss_dice"}, assignment query -> class [B, Q], -1 = none).
 
     `N_m` (matched pairs over the whole batch, at least 1) normalises mask and dice; the class
@@ -296,16 +332,21 @@ def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Arra
         cls, mask, gt, pts["match"])
     col4row, row4col = _match_all(cost, present)
 
-    def run(cap):
-        terms = jax.vmap(lambda c, m, g, p, a, b: _image_losses(
-            c, m, g, p, a, b, cfg_loss, num_classes, cap))(cls, mask, gt, pts, col4row, row4col)
-        return _reduce_terms(*terms, cfg_loss)
+    def image_terms(cls, mask, gt, pts, col4row, row4col):
+        def run(cap):
+            return jax.vmap(lambda c, m, g, p, a, b: _image_losses(
+                c, m, g, p, a, b, cfg_loss, num_classes, cap))(cls, mask, gt, pts, col4row, row4col)
 
-    return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes), col4row
+        return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes)
+
+    terms = on_batch_shards(image_terms, batch_mesh, (0,) * 6, 0)(
+        cls, mask, gt, pts, col4row, row4col)
+    return _reduce_terms(*terms, cfg_loss), col4row
 
 
 def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Array,
-                            pts: dict, cfg_loss: Any, num_classes: int) -> dict[str, jax.Array]:
+                            pts: dict, cfg_loss: Any, num_classes: int, batch_mesh=None
+                            ) -> dict[str, jax.Array]:
     """`layer_loss` of L stacked predictions (cls [L, B, Q, K+1], mask [L, B, Q, h, w], points
     with a leading L axis) at once: the L x B matching problems run as one batched Hungarian
     solve (one device loop for all of them, instead of one per layer), the loss terms vmapped
@@ -315,15 +356,19 @@ def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, pres
                     in_axes=(0, 0, None, 0))(cls, mask, gt, pts["match"])  # [L, B, Q, K]
     col4row, row4col = _match_all(cost, present[None])
 
-    def run(cap):
-        def layer(c, m, p, a, b):
-            terms = jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(
-                c1, m1, g1, p1, a1, b1, cfg_loss, num_classes, cap))(c, m, gt, p, a, b)
-            return _reduce_terms(*terms, cfg_loss)
+    def image_terms(cls, mask, gt, pts, col4row, row4col):
+        def run(cap):
+            def layer(c, m, p, a, b):
+                return jax.vmap(lambda c1, m1, g1, p1, a1, b1: _image_losses(
+                    c1, m1, g1, p1, a1, b1, cfg_loss, num_classes, cap))(c, m, gt, p, a, b)
 
-        return jax.vmap(layer)(cls, mask, pts, col4row, row4col)
+            return jax.vmap(layer)(cls, mask, pts, col4row, row4col)
 
-    return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes)
+        return mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes)
+
+    terms = on_batch_shards(image_terms, batch_mesh, (1, 1, 0, 1, 1, 1), 1)(
+        cls, mask, gt, pts, col4row, row4col)  # per-image terms, [L, B, ...]
+    return jax.vmap(lambda *t: _reduce_terms(*t, cfg_loss))(*terms)
 
 
 def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:
@@ -339,7 +384,8 @@ def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:
 
 def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
             aux_logits: jax.Array | None, *, key: jax.Array, cfg_loss: Any, num_classes: int,
-            points: Sequence[dict] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            points: Sequence[dict] | None = None, batch_mesh=None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total SARFormer loss (§5.3): deep supervision over every prediction with equal weights,
     plus `aux_weight` x the auxiliary CE.
 
@@ -349,6 +395,7 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
       aux_logits: [B, h', w', K] or None.
       key: PRNG key for the point sampling (ignored when `points` is given).
       points: optional injected points (`draw_points` layout), one dict per prediction.
+      batch_mesh: (mesh, batch axes) of a batch split over devices, or None (see `layer_loss`).
     Returns:
       (total, parts) with parts `loss_cls/mask/dice` (last prediction), `d{i}.loss_*` (the
       others, d0 = before the first decoder layer) and `aux.loss_ce` (already weighted).
@@ -377,14 +424,16 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
             pts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points)
         else:
             pts = jax.vmap(lambda i: draw_layer_points(key, i, b, m, cfg_loss))(jnp.arange(n))
-        terms = deep_supervision_losses(cls, mask, gt, present, pts, cfg_loss, num_classes)
+        terms = deep_supervision_losses(cls, mask, gt, present, pts, cfg_loss, num_classes,
+                                        batch_mesh)
         for i, prefix in enumerate(names):
             parts.update({prefix + k: v[i] for k, v in terms.items()})
     else:
         if points is None:
             points = draw_points(key, b, m, n, cfg_loss)
         for prefix, pred, pts in zip(names, predictions, points):
-            terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes)
+            terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes,
+                                  batch_mesh)
             parts.update({prefix + k: v for k, v in terms.items()})
     if aux_logits is not None:
         parts["aux.loss_ce"] = cfg_loss.aux_weight * aux_ce_loss(aux_logits, gt)

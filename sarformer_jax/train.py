@@ -215,6 +215,8 @@ def make_grad_fn(trainer: Trainer):
     cfg_loss = cfg.model.loss.copy()
     if cfg_loss.get("point_select", "auto") == "auto":
         cfg_loss.point_select = "sort" if trainer.mesh.size > 1 else "top_k"
+    # the per-image mask losses on each device's images when the batch is split
+    batch_mesh = (trainer.mesh, shard_lib.BATCH_AXES) if trainer.mesh.size > 1 else None
 
     def micro_loss(params, stats, batch, key, guide):
         batch = device_inputs(batch, cfg.data.mean, cfg.data.std)  # the loader's uint8 image
@@ -231,7 +233,8 @@ def make_grad_fn(trainer: Trainer):
                                      invert_first_mask=invert)
         with jax.named_scope("loss"):
             total, parts = segmentation_loss(preds, batch["label"], aux_logits, key=k_loss,
-                                             cfg_loss=cfg_loss, num_classes=num_classes)
+                                             cfg_loss=cfg_loss, num_classes=num_classes,
+                                             batch_mesh=batch_mesh)
         new_stats = nnx.state(model, nnx.BatchStat)
         return total, (parts, new_stats)
 

@@ -154,3 +154,49 @@ def test_compact_slots_must_be_a_positive_int():
     cfg.compact_slots = 32
     assert compact_cap(cfg, 100, 150) == 32
     assert compact_cap(cfg, 20, 8) is None  # M = 8: nothing to cap
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["deep_supervision", "per_layer"])
+def test_mask_losses_on_batch_shards_equal_one_program(stacked):
+    """With the batch split over 8 devices, the per-image mask losses run on each device's
+    images (`batch_mesh`, a shard_map): the same loss and gradients as one unsharded program,
+    although each device then picks the capped or the full mask-loss program for its own
+    images (here some images have more matched pairs than the cap of 4, some fewer)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sarformer_jax.sharding import BATCH_AXES, make_mesh
+
+    q, k, b, key = 10, 12, 8, jax.random.key(7)
+    classes = [[1, 4, 7], [0, 2, 3, 5, 6, 9], [11], [2, 3], [0, 1, 2, 3, 4], [5, 8],
+               [1, 2, 3, 4, 5, 6, 7], [10, 11]]
+    rng = np.random.default_rng(3)
+    gt = _labels_with(rng, b, classes)
+    n = 2 if stacked else 1
+    shape = (b, q, 12, 10)
+    preds = [{"cls": jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32),
+              "mask": jnp.asarray(rng.normal(size=shape), jnp.float32)} for _ in range(n)]
+    if not stacked:  # a second prediction of another size: the per-layer path
+        preds.append({"cls": jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32),
+                      "mask": jnp.asarray(rng.normal(size=(b, q, 6, 5)), jnp.float32)})
+    cfg = load_config("tiny", ["model.loss.num_points=64", "model.loss.compact_slots=4"]).model.loss
+    mesh = make_mesh({"fsdp": 2}, jax.devices())  # 4 (data) x 2 (fsdp): the batch split 8 ways
+
+    def total(p, g, batch_mesh):
+        f = lambda p: loss_fn(p, g, None, key=key, cfg_loss=cfg, num_classes=k,  # noqa: E731
+                              batch_mesh=batch_mesh)
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    want = jax.jit(lambda p, g: total(p, g, None))(preds, gt)
+    split = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, split), (preds, gt))
+    fn = jax.jit(lambda p, g: total(p, g, (mesh, BATCH_AXES)))
+    lowered = fn.lower(*sharded).as_text()
+    assert "manual_computation" in lowered or "SPMDFullToShardShape" in lowered  # a shard_map
+    (t, parts), grads = fn(*sharded)
+    (t0, parts0), grads0 = want
+    np.testing.assert_allclose(float(t), float(t0), rtol=1e-6)
+    for name in parts0:
+        np.testing.assert_allclose(parts[name], parts0[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    for a, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
+        assert a.sharding.spec[0] == BATCH_AXES
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-7)
