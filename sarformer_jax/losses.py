@@ -20,12 +20,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from sarformer_jax.matcher import hungarian_assign
 from sarformer_jax.models.layers import resize_bilinear
-from sarformer_jax.sharding import batch_partitioned, per_batch_shard
+from sarformer_jax.sharding import batch_partitioned, on_batch_shards, per_batch_shard
 
 IGNORE_INDEX = 255
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -273,36 +271,6 @@ def mask_losses_over_slots(run, col4row, row4col, cfg_loss, num_classes):
         return run(None)
     fits = jnp.max(matched_counts(col4row, row4col, num_classes)) <= cap
     return jax.lax.cond(fits, lambda: run(cap), lambda: run(None))
-
-
-def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
-    """`fn` on each device's images: `shard_map` over the batch axes when `batch_mesh` = (mesh,
-    axes) is given and the mesh divides the batch, else `fn` itself.  `in_axes` gives each
-    argument's batch axis (a pytree argument: all its leaves), `out_axis` that of every output.
-
-    The per-image loss terms need no other image.  Left to the partitioner, the mask losses'
-    `lax.cond` (`mask_losses_over_slots`) was compiled on 2 GPUs with all-gathers of the whole
-    batch's point logits inside both branches (docs/benchmarks.md, scaling run 11)."""
-    if batch_mesh is None:
-        return fn
-    mesh, axes = batch_mesh
-    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-    if shards == 1:
-        return fn
-
-    def spec(axis):
-        return P(*([None] * axis), axes)
-
-    def wrapped(*args):
-        for a, ax in zip(args, in_axes):
-            for leaf in jax.tree_util.tree_leaves(a):
-                if leaf.shape[ax] % shards:
-                    return fn(*args)  # a batch the mesh does not divide: one program
-        out = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(ax) for ax in in_axes),
-                            out_specs=spec(out_axis), check_vma=False)
-        return out(*args)
-
-    return wrapped
 
 
 def _reduce_terms(ce, wt, mask_sum, dice_sum, n_matched, cfg_loss):

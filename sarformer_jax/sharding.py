@@ -158,3 +158,36 @@ def per_batch_shard(fn: Callable, n_out: int, *args):
 def _leading_spec(x):
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
     return spec[0] if spec else None
+
+
+def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
+    """`fn` on each device's images: `shard_map` over the batch axes when `batch_mesh` = (mesh,
+    axes) is given and the mesh divides the batch, else `fn` itself.  `in_axes` gives each
+    argument's batch axis (a pytree argument: all its leaves), `out_axis` that of every output.
+
+    Unlike `per_batch_shard` it is differentiable and needs no typed shardings: the caller
+    names the mesh.  Used for the per-image mask losses, which need no other image: left to the
+    partitioner, their `lax.cond` (`losses.mask_losses_over_slots`) was compiled on 2 GPUs with
+    all-gathers of the whole batch's point logits inside both branches (docs/benchmarks.md,
+    scaling run 11)."""
+    if batch_mesh is None:
+        return fn
+    mesh, axes = batch_mesh
+    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    if shards == 1:
+        return fn
+
+    def spec(axis):
+        return P(*([None] * axis), axes)
+
+    def wrapped(*args):
+        for a, ax in zip(args, in_axes):
+            for leaf in jax.tree_util.tree_leaves(a):
+                if leaf.shape[ax] % shards:
+                    return fn(*args)  # a batch the mesh does not divide: one program
+        out = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(ax) for ax in in_axes),
+                            out_specs=spec(out_axis), check_vma=False)
+        return out(*args)
+
+    return wrapped
+
