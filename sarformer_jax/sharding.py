@@ -160,6 +160,11 @@ def _leading_spec(x):
     return spec[0] if spec else None
 
 
+def num_batch_shards(mesh: Mesh, axes) -> int:
+    """How many pieces the mesh axes `axes` (a name or a tuple of names) split the batch into."""
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
 def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
     """`fn` on each device's images: `shard_map` over the batch axes when `batch_mesh` = (mesh,
     axes) is given and the mesh divides the batch, else `fn` itself.  `in_axes` gives each
@@ -173,7 +178,7 @@ def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
     if batch_mesh is None:
         return fn
     mesh, axes = batch_mesh
-    shards = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    shards = num_batch_shards(mesh, axes)
     if shards == 1:
         return fn
 
@@ -190,4 +195,3 @@ def on_batch_shards(fn, batch_mesh, in_axes: Sequence[int], out_axis: int):
         return out(*args)
 
     return wrapped
-

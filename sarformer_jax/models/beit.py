@@ -48,6 +48,7 @@ from sarformer_jax.models.layers import (
     stacked_layers,
     trunc_normal_02,
 )
+from sarformer_jax.sharding import num_batch_shards
 
 NUM_EXTRA = 3  # cls->patch, patch->cls, cls->cls rows at the end of every table
 
@@ -272,7 +273,7 @@ class BEiTAttention(nnx.Module):
         # cuDNN takes the bias in the compute dtype; the XLA path adds a float32 bias
         bias_dtype = q.dtype if impl == "cudnn" else jnp.float32
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        if self.batch_shard_mesh is None or b % _num_shards(*self.batch_shard_mesh):
+        if self.batch_shard_mesh is None or b % num_batch_shards(*self.batch_shard_mesh):
             # (a batch the mesh does not divide, e.g. evaluation windows: as one program)
             out = attention(q, k, v, self.bias(grid, bias_dtype)[None], implementation=impl)
         else:
@@ -485,10 +486,6 @@ class BEiT(nnx.Module):
             t = self.run_layers(t, grid, i, i, train=train)
             inter[f"layers.{i}"] = t
         return t, inter
-
-
-def _num_shards(mesh, axes) -> int:
-    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def set_attention_per_batch_shard(model: nnx.Module, mesh, axes) -> int:
