@@ -151,6 +151,30 @@ def test_pipelined_time_is_the_median_window_of_back_to_back_dispatches():
     assert "".join(log) == "ddddw" * 3  # one wait per window, after its dispatches
     assert len(windows) == 3 and windows[0] >= 0.05  # 0.2 s over 4 steps
     assert sec == sorted(windows)[1] and sec < 0.02  # the slow window does not set the figure
+    marks = []
+    pipelined_time(dispatch, wait, steps=2, windows=2, after_window=lambda: marks.append(len(log)))
+    assert marks == [len(log) - 3, len(log)]  # after each window's wait, outside its timing
+
+
+def test_gc_clock_times_collections_by_generation():
+    import gc
+
+    from sarformer_jax.benchmarks.timing import GcClock
+
+    with GcClock() as clock:
+        before = clock.snapshot()
+        cycles = []
+        for _ in range(20000):  # reference cycles only the collector frees
+            a = []
+            a.append(a)
+            cycles.append(a)
+        del cycles, a
+        gc.collect()
+        after = clock.snapshot()
+    assert after["counts"][2] == before["counts"][2] + 1 and after["seconds"][2] > 0
+    assert clock._callback not in gc.callbacks  # removed on exit
+    gc.collect()
+    assert clock.snapshot() == after
 
 
 def test_measuring_turn_waits_for_every_run_ready_or_failed(tmp_path):

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from sarformer_jax.benchmarks.timing import measuring_turn, median_time, pipelined_time
+from sarformer_jax.benchmarks.timing import GcClock, measuring_turn, median_time, pipelined_time
 
 MODELS = {
     "sarformer_b": "ade20k_sarformer_b",
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=3,
+                        help="pipelined windows of --steps steps each (the median is reported)")
     parser.add_argument("--trajectory-steps", type=int, default=8,
                         help="steps of the equivalence runs (0: no equivalence runs)")
     parser.add_argument("--references", default="exact,accum",
@@ -230,22 +232,42 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
             holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
             jax.block_until_ready((holder["state"], metrics))
 
-        sec, times = median_time(step, args.steps, args.warmup)
+        with GcClock() as gc_clock:
+            sec, times = median_time(step, args.steps, args.warmup)
+        res["blocking_gc"] = gc_clock.snapshot()
         # as the training loop runs: dispatched back to back, one wait at the end, so the host's
         # dispatch of step n+1 overlaps the devices' step n
         def dispatch():
             holder["state"], holder["metrics"] = compiled(holder["state"], batch, trainer.guide)
 
-        pipelined, windows = pipelined_time(
-            dispatch, lambda: jax.block_until_ready((holder["state"], holder["metrics"])),
-            args.steps)
+        gc_windows = []
+        with GcClock() as gc_clock:
+            start_gc = gc_clock.snapshot()
+            pipelined, windows = pipelined_time(
+                dispatch, lambda: jax.block_until_ready((holder["state"], holder["metrics"])),
+                args.steps, windows=getattr(args, "windows", 3),
+                after_window=lambda: gc_windows.append(gc_clock.snapshot()))
+        # host time in the garbage collector per window (oldest generation apart)
+        prev = start_gc
+        res["pipelined_windows_gc"] = []
+        for snap in gc_windows:
+            res["pipelined_windows_gc"].append(dict(
+                seconds=sum(snap["seconds"]) - sum(prev["seconds"]),
+                gen2=snap["counts"][2] - prev["counts"][2]))
+            prev = snap
+        print(f"{tag} pipelined windows (ms per step): "
+              + ", ".join(f"{w * 1e3:.1f} (gc {g['seconds'] * 1e3:.0f} ms, {g['gen2']} gen-2)"
+                          for w, g in zip(windows, res["pipelined_windows_gc"])), flush=True)
         res.update(pipelined_step_s=pipelined, pipelined_windows_s=windows,
                    pipelined_images_per_s=run["global_batch"] / pipelined)
         res.update(step_s=sec, step_times_s=times, images_per_s=run["global_batch"] / sec,
                    peak_bytes=_peak_bytes(devices))
         print(f"{tag} step median {sec * 1e3:.1f} ms (pipelined {pipelined * 1e3:.1f}), "
               f"{res['images_per_s']:.2f} img/s, peak "
-              f"{(res['peak_bytes'] or 0) / 2**30:.1f} GiB per device", flush=True)
+              f"{(res['peak_bytes'] or 0) / 2**30:.1f} GiB per device; slowest blocking step "
+              f"{max(times) * 1e3:.1f} ms (step {int(np.argmax(times))}), "
+              f"{sum(res['blocking_gc']['seconds']) * 1e3:.0f} ms in the garbage collector "
+              f"({res['blocking_gc']['counts'][2]} gen-2)", flush=True)
         if args.profile:
             res["profile"] = _profile(args.profile, run["name"], step, compiled, sec)
         holder.clear()
@@ -466,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
 def _argv_tail(args) -> list[str]:
     tail = ["--model", args.model, "--batch-per-device", str(args.batch_per_device),
             "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--windows", str(args.windows),
             "--trajectory-steps", str(args.trajectory_steps), "--references", args.references]
     if args.config:
         tail += ["--config", args.config]

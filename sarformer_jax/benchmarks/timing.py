@@ -24,11 +24,13 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int) -> tuple[floa
 
 
 def pipelined_time(dispatch: Callable[[], object], wait: Callable[[], object], steps: int,
-                   windows: int = 3) -> tuple[float, list[float]]:
+                   windows: int = 3, after_window: Callable[[], object] | None = None
+                   ) -> tuple[float, list[float]]:
     """Seconds per step as a training loop runs: `steps` calls of `dispatch` back to back (it
     must not block), then one `wait`; the median over `windows` such windows of the per-step
     time, and every window's.  One slow step (a command-buffer re-recording, a host hiccup)
-    moves one window, not the figure."""
+    moves one window, not the figure.  `after_window`, if given, is called (untimed) after
+    each window, e.g. to read a diagnostic counter."""
     per_step = []
     for _ in range(windows):
         t = time.perf_counter()
@@ -36,7 +38,44 @@ def pipelined_time(dispatch: Callable[[], object], wait: Callable[[], object], s
             dispatch()
         wait()
         per_step.append((time.perf_counter() - t) / steps)
+        if after_window is not None:
+            after_window()
     return float(np.median(per_step)), per_step
+
+
+class GcClock:
+    """Wall time the host spends in Python's garbage collector, by generation, while entered
+    (through `gc.callbacks`): a collection of the oldest generation walks every live object,
+    and a process holding a large model holds many."""
+
+    def __init__(self):
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._start = None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            g = info.get("generation", 2)
+            self.seconds[g] += time.perf_counter() - self._start
+            self.counts[g] += 1
+            self._start = None
+
+    def snapshot(self) -> dict:
+        return dict(seconds=list(self.seconds), counts=list(self.counts))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._callback)
+        return False
 
 
 def wait_for_all(sync_dir: str, names: list[str], timeout: float) -> None:
