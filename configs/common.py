@@ -248,6 +248,10 @@ def train(batch_size: int = 4, num_steps: int = 160_000) -> Config:
         # jax.profiler into it (TensorBoard / Perfetto); "" = off
         profile="",
         profile_window=(10, 5),
+        # after the first step (and each evaluation) collect once and gc.freeze() what is
+        # alive, so Python's full collections stop walking the long-lived objects (0.2-0.4 s
+        # host pauses that starved the GPUs, docs/benchmarks.md scaling run 13)
+        freeze_gc=True,
     )
     return cfg
 

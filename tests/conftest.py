@@ -25,6 +25,16 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+@pytest.fixture(autouse=True)
+def _unfreeze_heap():
+    """The training loop gc.freeze()s the heap after its first step; give the objects back to
+    the collector after each test, so a long test session does not keep their cycles."""
+    yield
+    import gc
+
+    gc.unfreeze()
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

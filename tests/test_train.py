@@ -190,11 +190,24 @@ def test_resume_with_other_shapes_names_them(data_root, tmp_path):
         train(other, tmp_path / "w", progress=False)
 
 
-def test_profile_traces_the_configured_steps(data_root, tmp_path, capsys):
-    """`train.profile` writes a jax.profiler trace of the window's steps; a bad window is named."""
+def test_profile_traces_the_configured_steps(data_root, tmp_path, capsys, monkeypatch):
+    """`train.profile` writes a jax.profiler trace of the window's steps; a bad window is named.
+    The loop freezes the host's heap once, after its first step (`train.freeze_gc`)."""
+    import gc
+
+    from sarformer_jax import train as train_mod
+
+    frozen = []
+    real_freeze = train_mod.freeze_heap
+    monkeypatch.setattr(train_mod, "freeze_heap", lambda: frozen.append(real_freeze()))
     cfg = micro_config(root=data_root, **{"train.profile": str(tmp_path / "prof"),
                                           "train.profile_window": "(1, 1)"})
     train(cfg, tmp_path / "p", progress=False, stop_after=3)
+    assert len(frozen) == 1 and frozen[0] > 10_000 and 0 < gc.get_freeze_count() <= frozen[0]
+    gc.unfreeze()
+    off = micro_config(root=data_root, **{"train.freeze_gc": False})
+    train(off, tmp_path / "off", progress=False, stop_after=1)
+    assert len(frozen) == 1 and gc.get_freeze_count() == 0
     traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
     assert "profile of steps 2-2 of this run written to" in capsys.readouterr().out

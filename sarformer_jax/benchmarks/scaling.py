@@ -232,6 +232,11 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
             holder["state"], metrics = compiled(holder["state"], batch, trainer.guide)
             jax.block_until_ready((holder["state"], metrics))
 
+        if cfg.train.get("freeze_gc", True):  # as the training loop does after its first step
+            from sarformer_jax.train import freeze_heap
+
+            step()
+            res["gc_frozen_objects"] = freeze_heap()
         with GcClock() as gc_clock:
             sec, times = median_time(step, args.steps, args.warmup)
         res["blocking_gc"] = gc_clock.snapshot()

@@ -282,6 +282,10 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     step()
     res["first_step_s"] = time.perf_counter() - t0
+    if cfg.train.get("freeze_gc", True):  # as the training loop does after its first step
+        from sarformer_jax.train import freeze_heap
+
+        res["gc_frozen_objects"] = freeze_heap()
     sec, times = _median_time(step, args.steps, args.warmup)
     res["step_s"], res["step_times_s"] = sec, times
     res["step_min_s"], res["step_max_s"] = float(np.min(times)), float(np.max(times))
