@@ -25,8 +25,30 @@ class CheckpointSaveError(RuntimeError):
     pass
 
 
+_ARRAY_HANDLER_SET = False
+
+
+def _save_replicated_arrays_from_one_replica() -> None:
+    """Orbax's default on anything but an explicit `JAX_PLATFORMS=cuda|gpu` is "replica
+    parallel" saving: each device writes a slice of a replicated array, and every slice is an
+    eager `lax.slice` compiled for its own device.  On the first save of a process that is one
+    compile per array shape and device (280 compiles, 19-25 s, for the test model on 8 CPU
+    devices; on GPUs each costs more), all for arrays that are small next to what an ocdbt
+    write of one replica costs.  Orbax itself turns it off when it knows it is on GPUs; this
+    turns it off everywhere but TPUs, once per process (orbax's handler registry is global)."""
+    global _ARRAY_HANDLER_SET
+    if _ARRAY_HANDLER_SET:
+        return
+    _ARRAY_HANDLER_SET = True
+    if jax.default_backend() == "tpu":
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+        _save_replicated_arrays_from_one_replica()
         self.workdir = pathlib.Path(workdir).absolute()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
