@@ -75,8 +75,28 @@ def rng():
     return np.random.default_rng(0)
 
 
+# The files that take minutes (compiles of the micro model's train step, full-size oracle runs),
+# heaviest first.  With `-n 2 --dist loadfile` the files go to the two workers in collection
+# order; xdist's default would reorder them by test count, which put these few-test files last
+# and left one worker running them alone at the end.
+HEAVY_FILES_FIRST = (
+    "test_train.py", "test_vit_adapter.py", "test_sam_vs_segment_anything.py",
+    "test_sam_amg.py", "test_guidance_online.py", "test_head.py", "test_eval_predict.py",
+    "test_train_accum.py", "test_losses.py", "test_convert_mmseg.py", "test_amg_cli.py",
+    "test_bench_backbone.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where a GPU is present (on the device machine)."""
+    """Heavy files first (above); GPU tests run only where a GPU is present (on the device
+    machine)."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
     try:
         has_gpu = any(d.platform == "gpu" for d in jax.devices())
     except RuntimeError:

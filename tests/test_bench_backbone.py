@@ -20,8 +20,8 @@ def _run(capsys, *argv):
 
 
 def test_scanned_adapter_counts_the_unrolled_flops(capsys):
-    out = _run(capsys, "--models", "adapter", "--depth", "8", "--size", "64", "--lower-only",
-               "--scan-layers", "on,off")
+    out = _run(capsys, "--models", "adapter", "--depth", "8", "--width", "96", "3", "--size", "64",
+               "--lower-only", "--scan-layers", "on,off")
     flops = dict(re.findall(r"\| (adapter/scan-\w+)\s*\|\s*([\d.]+) TFLOP/step", out))
     assert set(flops) == {"adapter/scan-on", "adapter/scan-off"}, out
     assert float(flops["adapter/scan-off"]) > 0

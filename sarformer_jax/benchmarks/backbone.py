@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of: beit (ours), adapter (ours, whole ViT-Adapter-B), timm")
     parser.add_argument("--variant", choices=("b", "l"), default="b")
     parser.add_argument("--depth", type=int, default=None, help="override the depth (smoke runs)")
+    parser.add_argument("--width", type=int, nargs=2, default=None, metavar=("DIM", "HEADS"),
+                        help="override the embedding width and its heads (smoke runs)")
     parser.add_argument("--attention-implementation", default="auto",
                         help="comma list of attention implementations to time (auto: cuDNN on "
                              "a GPU in bf16, xla, cudnn)")
@@ -71,6 +73,11 @@ def _config(args, scan: str = "config"):
         per = max(args.depth // 4, 1)
         depth = 4 * per
         cfg.update(depth=depth, interaction_indexes=tuple((s * per, s * per + per - 1) for s in range(4)))
+    if getattr(args, "width", None):
+        dim, heads = args.width
+        if dim % heads:
+            raise SystemExit(f"--width: {dim} is not a multiple of its {heads} heads")
+        cfg.update(embed_dim=dim, num_heads=heads, deform_num_heads=heads)
     return cfg
 
 
