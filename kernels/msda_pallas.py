@@ -47,10 +47,6 @@ class BlockSizes:
     block_q_bwd: int | None = None  # None = block_q
     num_warps_bwd: int | None = None  # None = num_warps
     relaxed_atomics: bool = True  # relaxed-order fp32 adds for d value (see _relaxed_atomic_add)
-    # split_bwd: the backward runs two kinds of program side by side (an extra leading grid
-    # axis of 2): one gathers the corner rows for the location / weight gradients, the other
-    # only scatters the value gradient (which needs no gather), so L2 reads and writes overlap
-    split_bwd: bool = False
 
     @classmethod
     def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
@@ -201,36 +197,9 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool, relaxed: bool):
 
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
-                     interpret: bool, relaxed: bool, split: bool = False):
+                     interpret: bool, relaxed: bool):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
-    if split:
-        role = pl.program_id(0)
-        ids = (pl.program_id(1), pl.program_id(2), pl.program_id(3))
-        body = functools.partial(_msda_bwd_body, value_ref, loc_ref, att_ref, g_ref, gv_ref,
-                                 gloc_ref, gatt_ref, ids, shapes=shapes, n_points=n_points,
-                                 num_q=num_q, block_q=block_q, interpret=interpret,
-                                 relaxed=relaxed)
-
-        @pl.when(role == 0)
-        def _():
-            body(dots=True, scatter=False)
-
-        @pl.when(role == 1)
-        def _():
-            body(dots=False, scatter=True)
-        return
-    _msda_bwd_body(value_ref, loc_ref, att_ref, g_ref, gv_ref, gloc_ref, gatt_ref,
-                   (pl.program_id(0), pl.program_id(1), pl.program_id(2)), shapes=shapes,
-                   n_points=n_points, num_q=num_q, block_q=block_q, interpret=interpret,
-                   relaxed=relaxed, dots=True, scatter=True)
-
-
-def _msda_bwd_body(value_ref, loc_ref, att_ref, g_ref, gv_ref, gloc_ref, gatt_ref, ids, *,
-                   shapes: Shapes, n_points: int, num_q: int, block_q: int, interpret: bool,
-                   relaxed: bool, dots: bool, scatter: bool):
-    """One program's work: `dots` = location / weight gradients (gathers the corner rows),
-    `scatter` = the value gradient's atomic adds (no gather)."""
-    b, qb, h = ids
+    b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q0 = qb * block_q
     qs = pl.ds(q0, block_q)
     qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
@@ -243,19 +212,15 @@ def _msda_bwd_body(value_ref, loc_ref, att_ref, g_ref, gv_ref, gloc_ref, gatt_re
             a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
             a = a.astype(jnp.float32)
             fx, fy, corners = _corners(x.astype(jnp.float32), y.astype(jnp.float32), hl, wl)
-            corner_dots = []
+            dots = []
             for idx, cw, valid in corners:
-                if dots:
-                    row = value_ref[b, start + idx, h, :].astype(jnp.float32)  # gather [block_q, D]
-                    # an out-of-map corner samples zero: its dot (and gradient) is zero
-                    corner_dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
-                if scatter:
-                    # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
-                    _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g,
-                                      interpret, relaxed)
-            if not dots:
-                continue
-            d00, d01, d10, d11 = corner_dots
+                row = value_ref[b, start + idx, h, :].astype(jnp.float32)  # gather [block_q, D]
+                # an out-of-map corner samples zero: its dot (and gradient) is zero
+                dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
+                # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
+                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret,
+                                  relaxed)
+            d00, d01, d10, d11 = dots
             (_, w00, _), (_, w01, _), (_, w10, _), (_, w11, _) = corners
             gatt = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
             # d(corner weight)/d(fx) etc.; pixel x = loc_x * w - 0.5, so d/dloc_x = w * d/dfx
@@ -308,10 +273,9 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     bsz, _, n_heads, _ = value.shape
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
-    split = block_sizes.split_bwd
     kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
-                               relaxed=block_sizes.relaxed_atomics, split=split)
+                               relaxed=block_sizes.relaxed_atomics)
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
@@ -328,9 +292,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
             jax.ShapeDtypeStruct(loc.shape, loc.dtype),
             jax.ShapeDtypeStruct(att.shape, att.dtype),
         ),
-        # the role axis leads: it is folded into the launch's fastest axis with the batch, so
-        # the two kinds of program interleave on the SMs
-        grid=((2,) if split else ()) + (bsz, pl.cdiv(num_q, block_q), n_heads),
+        grid=(bsz, pl.cdiv(num_q, block_q), n_heads),
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,

@@ -47,20 +47,6 @@ def test_kernel_matches_reference(shapes, dtype):
         assert rel_err(got.astype(jnp.float32), want) <= tol, name
 
 
-def test_split_backward_matches_reference():
-    """split_bwd: the gathering and the scattering programs of the backward, on a 4-axis grid,
-    give the same three gradients as the reference (3 levels, masked tails, points outside)."""
-    shapes = ((6, 9), (3, 5), (2, 1))
-    value, loc, att, ct = inputs(3, shapes, q=37)
-    args = [jnp.asarray(x) for x in (value, loc, att)]
-    bs = BlockSizes(block_q=16, num_warps=4, block_q_bwd=16, split_bwd=True)
-    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
-    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*args)
-    assert rel_err(out, ref) <= RTOL["float32"]
-    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
-        assert rel_err(got, want) <= RTOL["float32"], name
-
-
 def test_pixel_centres_and_borders_exact():
     """Hand-placed points: centres, the map's edge, fully outside; Lq = 5 < block."""
     shapes = ((2, 3),)

@@ -13,7 +13,6 @@ triton.testing.do_bench median of forward + autograd.grad.  Writes a markdown ta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import time
@@ -38,9 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
-    parser.add_argument("--split-bwd", default="off", choices=("off", "on", "both"),
-                        help="the backward's gathering and scattering in separate programs "
-                             "(BlockSizes.split_bwd); 'both' times the two side by side")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace the Pallas fwd+bwd of each case and dtype into DIR and "
                              "print its GPU kernels (zero fill, kernels, casts) per call")
@@ -221,12 +217,7 @@ def run(args: argparse.Namespace) -> int:
                             num_warps=args.num_warps or bs.num_warps,
                             block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
                             num_warps_bwd=args.num_warps or bs.num_warps_bwd)
-        variants = []
-        if "pallas" in impls:
-            if args.split_bwd in ("off", "both"):
-                variants.append(("pallas", dataclasses.replace(bs, split_bwd=False)))
-            if args.split_bwd in ("on", "both"):
-                variants.append(("pallas[split]", dataclasses.replace(bs, split_bwd=True)))
+        variants = [("pallas", bs)] if "pallas" in impls else []
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
@@ -253,10 +244,10 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 results.append(dict(case=case, dtype=dtype, impl=name, fwd_ms=t_f, fwdbwd_ms=t_fb,
                                     block_sizes=None if vbs is None else vbs.__dict__))
-                if args.profile and name.startswith("pallas"):
+                if args.profile and name == "pallas":
                     import os
                     _profile_call(grad, jargs + (ct,),
-                                  os.path.join(args.profile, f"{case}_{dtype}_{name}"),
+                                  os.path.join(args.profile, f"{case}_{dtype}"),
                                   f"{case} {dtype} fwd+bwd")
                 print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
                       flush=True)
