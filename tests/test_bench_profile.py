@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sarformer_jax.benchmarks.profile import hlo_op_names, summarize
+from sarformer_jax.benchmarks.profile import hlo_op_names, kernel_class, summarize
 
 HLO = """
 HloModule jit_step
@@ -39,6 +39,38 @@ def test_hlo_metadata_and_scope_attribution(tmp_path):
     assert s["gpu_kernel_ms_per_step"] == pytest.approx(3.75)
     assert s["by_scope_ms"] == pytest.approx({"backbone": 3.0, "hungarian": 0.5, "optimizer": 0.25})
     assert s["top_kernels_ms"][0] == ("loop_fusion_1", "backbone", pytest.approx(3.0))
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matrix"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_cublas", "matrix"),
+    ("cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x128x64", "matrix"),
+    ("gemm_fusion_dot_123", "matrix"),
+    ("splitKreduce_kernel", "matrix"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "matrix"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("msda_bwd", "pallas"),
+    ("DeviceSegmentedRadixSortKernel", "sort"),
+    ("input_reduce_fusion_1", "reduction"),
+    ("loop_multiply_fusion_7", "elementwise"),
+    ("wrapped_convert", "elementwise"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "collective"),
+])
+def test_kernel_classes(name, cls):
+    assert kernel_class(name) == cls
+
+
+def test_kernel_classes_sum_to_the_kernel_time(tmp_path):
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "name": "nvjet_tst_128x256", "dur": 3000.0, "args": {}},
+              {"ph": "X", "pid": 1, "name": "msda_fwd", "dur": 1000.0, "args": {}},
+              {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 500.0, "args": {}}]
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+    s = summarize(str(tmp_path), "", steps=1)
+    assert s["by_class_ms"] == pytest.approx({"matrix": 3.0, "pallas": 1.0, "elementwise": 0.5})
 
 
 def test_kernel_names_map_to_fusion_instructions(tmp_path):

@@ -70,6 +70,32 @@ def _gaps(spans: list[tuple[float, float, str, str]], min_gap_us: float = 2.0):
             end, last = span[1], span[2]
 
 
+# Kernel classes, by the GPU kernel's name (the first rule that matches wins).  "matrix" is what
+# runs on the tensor cores at a GEMM's rate: cuBLAS / cuBLASLt (nvjet, xmma, cutlass), cuDNN
+# convolutions (implicit GEMM) and XLA's Triton GEMM fusions; "attention" is cuDNN's fused
+# attention; "pallas" our kernels (msda_*, sam_*); the rest is XLA's elementwise / reduction
+# fusions, copies, sorts and collectives.
+KERNEL_CLASSES = (
+    ("collective", ("nccl",)),
+    ("attention", ("fmha", "flash", "sdpa", "mha_")),
+    ("matrix", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "implicit_convolve", "wgrad",
+                "dgrad", "fprop")),
+    ("pallas", ("msda_", "sam_image_to_tokens", "sam_upscale")),
+    ("sort", ("sort", "radix", "cub::", "topk", "top_k")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("reduction", ("reduce",)),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a GPU kernel by its name (KERNEL_CLASSES); "elementwise" otherwise."""
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "elementwise"
+
+
 def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     """Kernel time per step and device (summed over the GPUs in the trace, divided by their
     number), by scope and by kernel."""
@@ -84,6 +110,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     gpu = {pid for pid, n in pnames.items() if "/device:GPU" in n or "GPU" in n.upper() and "CPU" not in n.upper()}
     ops = hlo_op_names(hlo_text)
     by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
+    by_class = collections.Counter()
     total = 0.0
     samples = []  # a few raw kernel events, to check the attribution against
     intervals = collections.defaultdict(list)  # pid -> [(start, end)] of kernels
@@ -113,6 +140,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
         named[e["pid"]].append((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + dur, name,
                                 scope))
         by_scope[scope] += dur
+        by_class[kernel_class(name)] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
         total += dur
@@ -134,6 +162,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
             "scope_from_previous_kernel_ms": ms(inferred),
             "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
+            "by_class_ms": {k: ms(v) for k, v in by_class.most_common()},
             "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
 
 
@@ -150,6 +179,8 @@ def print_summary(s: dict, tag: str) -> None:
               "HLO name take the scope of the kernel before them)", flush=True)
     for k, v in s["by_scope_ms"].items():
         print(f"[{tag}]   scope {k:28s} {v:8.2f} ms", flush=True)
+    for k, v in s.get("by_class_ms", {}).items():
+        print(f"[{tag}]   class {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:
         print(f"[{tag}]   kernel {v:8.2f} ms  [{scope}] {name[:110]}", flush=True)
     if s.get("top_gaps_ms"):
