@@ -183,36 +183,15 @@ def first_layer_attn_mask(proposals: jax.Array, size: tuple[int, int], *, invert
     return jax.lax.stop_gradient(blocked.reshape(*blocked.shape[:2], -1))
 
 
-def pooled_sums(wts: jax.Array, features: jax.Array) -> jax.Array:
-    """`sum_s wts[b,q,s] features[b,s]` in float32: [B, Q, h, w] float32 x [B, h, w, C] ->
-    [B, Q, C] (see mask_average_pool for the two paths)."""
-    if features.dtype in (jnp.bfloat16, jnp.float16):
-        parts, rest = [], wts
-        for _ in range(3):  # 3 x 8 significant bits (bf16) cover float32's 24
-            part = rest.astype(features.dtype)
-            parts.append(part)
-            rest = rest - part.astype(jnp.float32)
-        return sum(jnp.einsum("bqhw,bhwc->bqc", part, features, preferred_element_type=jnp.float32)
-                   for part in parts)
-    return jnp.einsum("bqhw,bhwc->bqc", wts, features.astype(jnp.float32), precision=HIGHEST)
-
-
 def mask_average_pool(proposals: jax.Array, features: jax.Array) -> jax.Array:
     """Masked average pooling (§4.5): `sum_s w[q,s] F[s] / sum_s w[q,s]` with the proposals
-    bilinearly resized to the feature map; an empty mask gives a zero vector.  Float32 (the
-    original uses float64, §8 #9).
-
-    Float32 features: one float32 product at HIGHEST precision.  bf16 / fp16 features are exact
-    in their own dtype, so only the weights need more than half precision: they are split into
-    three half-precision parts (w = w1 + w2 + w3, 3 x 8 significant bits in bf16) and the sum is
-    three tensor-core products accumulated in float32.  That is float32's result up to the order
-    of the additions, where the float32 product ran on the CUDA cores (0.7 ms of the SARFormer-B
-    step on an H200).
+    bilinearly resized to the feature map; an empty mask gives a zero vector.  Float32 with
+    HIGHEST precision (the original uses float64, §8 #9).
 
     Args: proposals [B, Q, H, W]; features [B, h, w, C].  Returns [B, Q, C] in features' dtype."""
     h, w = features.shape[1:3]
     wts = jax.lax.stop_gradient(resize_bilinear(proposals.astype(jnp.float32), (h, w), axes=(2, 3)))
-    num = pooled_sums(wts, features)
+    num = jnp.einsum("bqhw,bhwc->bqc", wts, features.astype(jnp.float32), precision=HIGHEST)
     den = jnp.sum(wts, axis=(2, 3))
     den = jnp.where(den == 0, 1.0, den)
     return (num / den[..., None]).astype(features.dtype)
