@@ -22,6 +22,7 @@ BENCHMARKS = {
     "data": "input pipeline images/s per CPU core",
     "matcher": "the step's Hungarian matchings on the device (while loops) vs scipy on the host",
     "scaling": "the sharded train step over 1..N GPUs: weak scaling and loss-trajectory equivalence",
+    "resize": "the head's proposal resizes: whole-factor path vs float32 matrix products",
 }
 
 

@@ -49,3 +49,50 @@ def test_binary_mask_downsample_samples_pixel_pairs():
     m[..., 17:32, :] = 1.0
     out = np.asarray(resize_bilinear(jnp.asarray(m), (20, 20), axes=(2, 3)))
     assert np.all(out[..., 0, :] == 0)
+
+
+@pytest.mark.parametrize("src,dst", [((640, 640), (160, 160)), ((96, 90), (32, 18)), ((45, 28), (9, 7)),
+                                     ((12, 10), (12, 5))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_factor_downscale_is_the_matrix_product_bit_for_bit(src, dst, dtype, rng):
+    """The whole-factor path (even factors average two pixels, odd ones pick one; one axis may
+    keep its size) gives exactly the two matrix products' results, values and gradients, and
+    torch's to float32 rounding."""
+    import jax
+
+    from sarformer_jax.models.layers import bilinear_matrix
+
+    def by_matrices(x):
+        for ax, n_out in ((2, dst[0]), (3, dst[1])):
+            if x.shape[ax] == n_out:
+                continue
+            m = jnp.asarray(bilinear_matrix(x.shape[ax], n_out), x.dtype)
+            prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+            x = jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, ax, 0), axes=1, precision=prec), 0, ax)
+        return x
+
+    x = jnp.asarray(rng.normal(size=(2, 3) + src), dtype)
+    ours = jax.jit(lambda v: resize_bilinear(v, dst, axes=(2, 3)))(x)
+    want = jax.jit(by_matrices)(x)
+    assert ours.dtype == want.dtype and ours.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(want, np.float32))
+    ct = jnp.asarray(rng.normal(size=want.shape), dtype)
+    g = jax.grad(lambda v: jnp.sum((resize_bilinear(v, dst, axes=(2, 3)) * ct).astype(jnp.float32)))(x)
+    g_want = jax.grad(lambda v: jnp.sum((by_matrices(v) * ct).astype(jnp.float32)))(x)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_want, np.float32))
+    if dtype == "float32":
+        ref = torch.nn.functional.interpolate(torch.as_tensor(np.asarray(x)), size=dst, mode="bilinear",
+                                              align_corners=False)
+        assert rel_err(ours, ref.numpy()) <= RTOL["float32"]
+
+
+def test_resize_bench_smoke(capsys):
+    import argparse
+
+    from sarformer_jax.benchmarks import resize
+
+    parser = argparse.ArgumentParser()
+    resize.add_arguments(parser)
+    assert resize.run(parser.parse_args(["--shape", "1,2,24,24", "--sizes", "8,6", "--reps", "1"])) == 0
+    out = capsys.readouterr().out
+    assert out.count("same values: True") == 2
