@@ -60,15 +60,12 @@ def test_whole_factor_downscale_is_the_matrix_product_bit_for_bit(src, dst, dtyp
     torch's to float32 rounding."""
     import jax
 
-    from sarformer_jax.models.layers import bilinear_matrix
+    from sarformer_jax.models.layers import resize_axis_by_matrix
 
     def by_matrices(x):
         for ax, n_out in ((2, dst[0]), (3, dst[1])):
-            if x.shape[ax] == n_out:
-                continue
-            m = jnp.asarray(bilinear_matrix(x.shape[ax], n_out), x.dtype)
-            prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-            x = jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, ax, 0), axes=1, precision=prec), 0, ax)
+            if x.shape[ax] != n_out:
+                x = resize_axis_by_matrix(x, ax, n_out)
         return x
 
     x = jnp.asarray(rng.normal(size=(2, 3) + src), dtype)

@@ -19,16 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _by_matrices(x, size):
-    import jax
-    import jax.numpy as jnp
+    from sarformer_jax.models.layers import resize_axis_by_matrix
 
-    from sarformer_jax.models.layers import bilinear_matrix
-
-    for ax, n_out in ((2, size[0]), (3, size[1])):
-        m = jnp.asarray(bilinear_matrix(x.shape[ax], n_out), x.dtype)
-        x = jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, ax, 0), axes=1,
-                                       precision=jax.lax.Precision.HIGHEST), 0, ax)
-    return x
+    return resize_axis_by_matrix(resize_axis_by_matrix(x, 2, size[0]), 3, size[1])
 
 
 def run(args: argparse.Namespace) -> int:

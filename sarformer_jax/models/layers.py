@@ -50,12 +50,22 @@ def _downscale_by_integer(x: jax.Array, axis: int, factor: int) -> jax.Array:
     return (a + b) * jnp.asarray(0.5, x.dtype)
 
 
+def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+    """PyTorch bilinear (align_corners=False) along one axis as a product with its [out, in]
+    interpolation matrix (full precision for float32)."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    m = jnp.asarray(bilinear_matrix(x.shape[axis], n_out), x.dtype)
+    return jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, axis, 0), axes=1, precision=precision),
+                        0, axis)
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)) -> jax.Array:
     """Resizes two axes of `x` (NHWC by default) like PyTorch bilinear, align_corners=False.
 
-    A downscale by a whole factor (640 -> 160 for the mask pooling, 640 -> 40 for the first
+    A downscale by a whole factor (640 -> 160 for the mask pooling, 640 -> 20 for the first
     attention mask) reads one or two pixels of each block (`_downscale_by_integer`); any other
-    size is two small matrix products (exact, differentiable, fast on GPUs).  Float32 inputs use
+    size is two small matrix products (`resize_axis_by_matrix`: exact, differentiable, fast on
+    GPUs).  Float32 inputs use
     full precision so results match PyTorch to ~1e-7.  The whole-factor path gives the matrix
     product's results bit for bit without its [out, in] product.  For the SARFormer-B proposals,
     [2, 100, 640, 640], that product ran as a float32 CUDA-core GEMM and a transpose (0.70 + 0.43
@@ -63,17 +73,13 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
     ah, aw = axes
     out_h, out_w = size
     in_h, in_w = x.shape[ah], x.shape[aw]
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    if (in_h, in_w) == (out_h, out_w):
-        return x
     for ax, n_in, n_out in ((ah, in_h, out_h), (aw, in_w, out_w)):
         if n_in == n_out:
             continue
         if n_out < n_in and n_in % n_out == 0:
             x = _downscale_by_integer(x, ax % x.ndim, n_in // n_out)
-            continue
-        m = jnp.asarray(bilinear_matrix(n_in, n_out), x.dtype)
-        x = jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, ax, 0), axes=1, precision=precision), 0, ax)
+        else:
+            x = resize_axis_by_matrix(x, ax, n_out)
     return x
 
 
