@@ -65,9 +65,9 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
     A downscale by a whole factor (640 -> 160 for the mask pooling, 640 -> 20 for the first
     attention mask) reads one or two pixels of each block (`_downscale_by_integer`); any other
     size is two small matrix products (`resize_axis_by_matrix`: exact, differentiable, fast on
-    GPUs).  Float32 inputs use
-    full precision so results match PyTorch to ~1e-7.  The whole-factor path gives the matrix
-    product's results bit for bit without its [out, in] product.  For the SARFormer-B proposals,
+    GPUs).  Float32 inputs use full precision so results match PyTorch to ~1e-7.  The
+    whole-factor path gives the matrix product's results bit for bit without its [out, in]
+    product.  For the SARFormer-B proposals,
     [2, 100, 640, 640], that product ran as a float32 CUDA-core GEMM and a transpose (0.70 + 0.43
     ms of the H200 step's kernels, benchmarks.md train run 12)."""
     ah, aw = axes
