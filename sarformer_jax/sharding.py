@@ -26,6 +26,17 @@ BATCH_AXES = ("data", "fsdp")
 MIN_FSDP_SIZE = 2**14  # smaller leaves (norms, biases) stay replicated
 
 
+def host_device():
+    """The host's CPU device, where models are built op by op before they are placed on the
+    mesh.  With `JAX_PLATFORMS=cuda` (or any list without `cpu`) jax has no CPU backend: the
+    build then runs op by op on the first default device instead.  The parameters are drawn
+    from the same threefry bits either way."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.devices()[0]
+
+
 def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)

@@ -189,7 +189,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     shardings = shard_lib.tree_shardings(
         mesh, abs_state, int(cfg.train.mesh.get("fsdp_min_size", shard_lib.MIN_FSDP_SIZE)))
 
-    host = jax.devices("cpu")[0]
+    host = shard_lib.host_device()
 
     def init():
         """The seeded build, on the host's CPU (op by op), then placed on the mesh.  A jitted

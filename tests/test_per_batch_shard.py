@@ -82,3 +82,20 @@ def test_per_shard_functions_under_vmap():
     want = jax.vmap(jax.vmap(lambda bx, sc, va: amg.box_nms(bx, sc, va, 0.5, 8)))(boxes, scores, valid)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_host_device_without_a_cpu_backend(monkeypatch):
+    """With JAX_PLATFORMS=cuda jax has no CPU backend; the trainer's host build must fall back
+    to the default device instead of failing with "Unknown backend cpu" (as the GPU bench did)."""
+    from sarformer_jax.sharding import host_device
+
+    assert host_device().platform == "cpu"
+    real = jax.devices
+
+    def devices(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu. Available backends are ['cuda']")
+        return real()
+
+    monkeypatch.setattr(jax, "devices", devices)
+    assert host_device() is real()[0]

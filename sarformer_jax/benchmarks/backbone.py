@@ -128,7 +128,9 @@ def cpu_lowered_flops(build, x_shape, *, train: bool, adapter: bool) -> float:
     on the H200 returned none)."""
     import jax
 
-    with jax.default_device(jax.devices("cpu")[0]):
+    from sarformer_jax.sharding import host_device
+
+    with jax.default_device(host_device()):
         model = build("xla", "xla")
         step, params, rest = _step_fn(model, train=train, adapter=adapter)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, rest))
