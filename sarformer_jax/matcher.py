@@ -14,6 +14,10 @@ transposition of tall matrices), and invalid rows and columns never take part.  
 `lax.while_loop`s whose trip counts depend on the valid counts, so `vmap` over a batch costs
 the largest problem in the batch, not n.
 
+On a GPU the same algorithm runs by default as one Pallas program per problem, with the loops
+inside the kernel (`kernels/hungarian_pallas.py`): the while loops here cost a loop condition
+and a kernel launch per iteration there.
+
 Non-finite valid entries (NaN, +inf) are treated as a very large finite cost (1e30), -inf as
 -1e30: such pairs are matched only when nothing else is possible (scipy raises instead).
 """
@@ -116,13 +120,39 @@ def _lsap_rows(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array):
     return col4row, row4col
 
 
+IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
+
+
+def default_implementation() -> str:
+    """"pallas" when the default backend is a GPU, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def _solve_rows(cost, row_valid, col_valid, implementation):
+    if implementation == "xla" or cost.dtype != jnp.float32:
+        # the kernel computes in float32 only; other dtypes keep their own arithmetic in XLA
+        return _lsap_rows(cost, row_valid, col_valid)
+    from sarformer_jax.kernels.hungarian_pallas import lsap_rows_pallas
+
+    return lsap_rows_pallas(cost, row_valid, col_valid, interpret=implementation == "pallas_interpret")
+
+
 def hungarian_assign(cost: jax.Array, row_valid: jax.Array | None = None,
-                     col_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     col_valid: jax.Array | None = None, *,
+                     implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Minimum-cost assignment of one [R, C] cost matrix restricted to valid rows / columns.
 
     Returns (col4row [R], row4col [C]) int32: the partner of each row / column, -1 when
     unmatched (invalid, or on the larger side).  min(#valid rows, #valid cols) pairs are
-    formed.  Jittable, vmappable, differentiable inputs are not needed (use stop_gradient)."""
+    formed.  Jittable, vmappable, differentiable inputs are not needed (use stop_gradient).
+
+    `implementation`: "xla" (nested `lax.while_loop`s, the CPU default), "pallas" (one Triton
+    program per problem with the loops inside, `kernels/hungarian_pallas.py`, the GPU default;
+    float32 costs, others fall back to "xla") or "pallas_interpret" (the kernel in the Pallas
+    interpreter, for CPU tests).  All three give the same assignment."""
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"hungarian_assign: unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if cost.ndim != 2:
         raise ValueError(f"hungarian_assign: cost must be [R, C], got shape {tuple(cost.shape)}")
     nr, nc = cost.shape
@@ -140,19 +170,20 @@ def hungarian_assign(cost: jax.Array, row_valid: jax.Array | None = None,
     # scipy transposes tall problems so that rows are the smaller side
     transpose = jnp.sum(rv.astype(jnp.int32)) > jnp.sum(cv.astype(jnp.int32))
     ct = jnp.where(transpose, c.T, c)
-    a, b = _lsap_rows(jax.lax.stop_gradient(ct), jnp.where(transpose, cv, rv), jnp.where(transpose, rv, cv))
+    a, b = _solve_rows(jax.lax.stop_gradient(ct), jnp.where(transpose, cv, rv), jnp.where(transpose, rv, cv),
+                       implementation)
     col4row = jnp.where(transpose, b, a)[:nr]
     row4col = jnp.where(transpose, a, b)[:nc]
     return col4row, row4col
 
 
-def hungarian_match(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+def hungarian_match(cost: jax.Array, *, implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """`scipy.optimize.linear_sum_assignment(cost)` for a dense [R, C] matrix, on the device.
 
     Returns (row_ind, col_ind), each of static length min(R, C), row_ind ascending.  For a batch
-    use `jax.vmap(hungarian_match)`."""
+    use `jax.vmap(hungarian_match)`.  `implementation` as in `hungarian_assign`."""
     nr, nc = cost.shape
-    col4row, _ = hungarian_assign(cost)
+    col4row, _ = hungarian_assign(cost, implementation=implementation)
     if nr <= nc:
         return jnp.arange(nr, dtype=jnp.int32), col4row
     row_ind = jnp.nonzero(col4row >= 0, size=nc, fill_value=0)[0].astype(jnp.int32)

@@ -1,5 +1,8 @@
 """`sarformer bench matcher`: the Hungarian matching of one train step, on the device vs scipy.
 
+On a GPU both device solvers are timed in the same run: the XLA one and the Pallas kernel
+(`kernels/hungarian_pallas.py`, one program per problem with the loops inside).
+
 A SARFormer step matches every deep-supervision layer of every image: L x B cost matrices of
 [Q queries, C classes] with the classes present in the image valid.  The device solver
 (`matcher.hungarian_assign`, vmapped) runs nested `lax.while_loop`s; on a GPU each iteration's
@@ -57,13 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
     cost, present = _problems(args)
     dev_cost, dev_present = jnp.asarray(cost), jnp.asarray(present)
-    solve = jax.jit(jax.vmap(lambda c, p: hungarian_assign(c, None, p)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(solve(dev_cost, dev_present))
-    compile_s = time.perf_counter() - t0
-
-    def device():
-        jax.block_until_ready(solve(dev_cost, dev_present))
+    impls = ["xla", "pallas"] if jax.default_backend() == "gpu" else ["xla"]
+    solvers, compile_s = {}, {}
+    for impl in impls:
+        solvers[impl] = jax.jit(jax.vmap(lambda c, p, impl=impl: hungarian_assign(c, None, p, implementation=impl)))
+        t0 = time.perf_counter()
+        jax.block_until_ready(solvers[impl](dev_cost, dev_present))
+        compile_s[impl] = time.perf_counter() - t0
 
     def host():
         c = np.asarray(jax.device_get(dev_cost))
@@ -75,13 +78,17 @@ def run(args: argparse.Namespace) -> int:
         return out
 
     # same assignment (random costs: no ties)
-    col4row, _ = jax.device_get(solve(dev_cost, dev_present))
-    for i, (rows, cols) in enumerate(host()):
-        got = np.flatnonzero(present[i])[cols]
-        if not np.array_equal(np.asarray(col4row)[i][rows], got):
-            raise AssertionError(f"problem {i}: device and scipy assignments differ")
+    reference = host()
+    for impl, solve in solvers.items():
+        col4row, _ = jax.device_get(solve(dev_cost, dev_present))
+        for i, (rows, cols) in enumerate(reference):
+            got = np.flatnonzero(present[i])[cols]
+            if not np.array_equal(np.asarray(col4row)[i][rows], got):
+                raise AssertionError(f"problem {i}: the {impl} solver and scipy assignments differ")
 
-    dev_ms = 1e3 * median_time(device, args.iters, 1)[0]
+    dev_ms = {impl: 1e3 * median_time(lambda s=solve: jax.block_until_ready(s(dev_cost, dev_present)),
+                                      args.iters, 1)[0]
+              for impl, solve in solvers.items()}
     host_ms = 1e3 * median_time(host, args.iters, 1)[0]
     res = dict(device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
@@ -91,9 +98,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"# sarformer bench matcher  {res['date']}  {res['device_kind']}  jax {res['jax']}  "
           f"XLA_FLAGS={res['xla_flags']!r}")
     print(f"{res['problems']} problems [{args.queries} x {args.classes}], "
-          f"{args.present[0]}-{args.present[1]} classes present; compile {compile_s:.1f} s")
-    print(f"device (vmapped while loops): {dev_ms:.2f} ms   scipy on the host "
-          f"(transfer + {res['problems']} calls): {host_ms:.2f} ms")
+          f"{args.present[0]}-{args.present[1]} classes present")
+    names = {"xla": "XLA (vmapped while loops)", "pallas": "Pallas (one program per problem)"}
+    for impl, ms in dev_ms.items():
+        print(f"device, {names[impl]}: {ms:.3f} ms (compile {compile_s[impl]:.1f} s)")
+    print(f"scipy on the host (transfer + {res['problems']} calls): {host_ms:.3f} ms")
+    if "pallas" in dev_ms:
+        print(f"XLA / Pallas: {dev_ms['xla'] / dev_ms['pallas']:.1f}x   scipy / Pallas: "
+              f"{host_ms / dev_ms['pallas']:.1f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
