@@ -293,3 +293,23 @@ def test_collective_schedule_of_a_compiled_two_device_reduction():
     f = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, P()))
     rows = collective_schedule(f.lower(x).compile().as_text())
     assert any(r["kind"] == "all-reduce" and r["bytes"] >= 256 * 4 for r in rows), rows
+
+
+def test_ops_grouped_across_layers(tmp_path):
+    """Kernels of the same op in different layers add up under one shortened name stack."""
+    from sarformer_jax.benchmarks.profile import op_key
+
+    assert op_key("jit(step)/jit(main)/jvp(m)/backbone/blocks_11/attn/mul") == "jvp(m)/backbone/blocks*/attn/mul"
+    assert op_key("a/pixel_decoder/layers.3/msda/add_any", depth=3) == "layers*/msda/add_any"
+    hlo = "".join(f'  %loop_mul_fusion.{i} = f32[8]{{0}} fusion(%p), kind=kLoop, calls=%c, '
+                  f'metadata={{op_type="mul" op_name="jit(step)/backbone/blocks_{i}/mlp/mul"}}\n' for i in (1, 2))
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "name": "loop_mul_fusion_1", "dur": 2000.0, "args": {}},
+              {"ph": "X", "pid": 1, "name": "loop_mul_fusion_2", "dur": 1000.0, "args": {}},
+              {"ph": "X", "pid": 1, "name": "nvjet_tst_128x256", "dur": 500.0, "args": {}}]
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+    s = summarize(str(tmp_path), hlo, steps=1)
+    assert s["top_ops_ms"] == [("elementwise", "jit(step)/backbone/blocks*/mlp/mul", pytest.approx(3.0))]

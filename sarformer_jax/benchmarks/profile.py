@@ -42,6 +42,13 @@ def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
     return tf_op if "/" in tf_op else ""
 
 
+def op_key(op_name: str, depth: int = 5) -> str:
+    """A kernel's jax name stack shortened to group like ops: layer indices become `*`
+    (`blocks_3` and `blocks_7` are one op), and the last `depth` parts are kept."""
+    parts = [re.sub(r"(?<=[A-Za-z])[_.]?\d+$", "*", p) for p in op_name.split("/") if p]
+    return "/".join(parts[-depth:])
+
+
 def _scope(op_name: str, kernel: str = "") -> str:
     if "nccl" in kernel.lower():  # NCCL's kernels carry no HLO name: the collectives
         return "collectives (nccl)"
@@ -111,6 +118,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
     ops = hlo_op_names(hlo_text)
     by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
     by_class = collections.Counter()
+    by_op = collections.Counter()  # (class, shortened name stack) -> time, named kernels only
     total = 0.0
     samples = []  # a few raw kernel events, to check the attribution against
     intervals = collections.defaultdict(list)  # pid -> [(start, end)] of kernels
@@ -141,6 +149,8 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
                                 scope))
         by_scope[scope] += dur
         by_class[kernel_class(name)] += dur
+        if op_name:
+            by_op[(kernel_class(name), op_key(op_name))] += dur
         by_kernel[name] += dur
         kernel_scope.setdefault(name, scope)
         total += dur
@@ -163,7 +173,8 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
             "hlo_instructions_with_op_name": len(ops),
             "by_scope_ms": {k: ms(v) for k, v in by_scope.most_common()},
             "by_class_ms": {k: ms(v) for k, v in by_class.most_common()},
-            "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)]}
+            "top_kernels_ms": [(k, kernel_scope[k], ms(v)) for k, v in by_kernel.most_common(top)],
+            "top_ops_ms": [(cls, key, ms(v)) for (cls, key), v in by_op.most_common(top)]}
 
 
 def print_summary(s: dict, tag: str) -> None:
@@ -183,6 +194,8 @@ def print_summary(s: dict, tag: str) -> None:
         print(f"[{tag}]   class {k:28s} {v:8.2f} ms", flush=True)
     for name, scope, v in s["top_kernels_ms"]:
         print(f"[{tag}]   kernel {v:8.2f} ms  [{scope}] {name[:110]}", flush=True)
+    for cls, key, v in s.get("top_ops_ms", []):
+        print(f"[{tag}]   op {v:8.2f} ms  [{cls}] {key[-110:]}", flush=True)
     if s.get("top_gaps_ms"):
         print(f"[{tag}]   {s['gaps_per_step']:.0f} gaps per step and device with no kernel "
               "running; the largest totals, by the kernels around them:", flush=True)
