@@ -322,7 +322,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         hlo_text = compiled.as_text()
         with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:  # for checking the mapping
             f.write(hlo_text)
-        summary = prof.summarize(trace_dir, hlo_text, steps=5)
+        summary = prof.summarize(trace_dir, hlo_text, steps=5, top=40)
         if "gpu_kernel_ms_per_step" in summary:  # time the GPU waits (host syncs, launches)
             summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_busy_ms_per_step"]
         res["profile"] = summary
