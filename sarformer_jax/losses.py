@@ -114,10 +114,13 @@ def draw_points(key: jax.Array, batch: int, num_slots: int, num_layers: int, cfg
 
 
 def gt_present(gt: jax.Array, num_classes: int) -> jax.Array:
-    """[B, H, W] int semantic maps -> [B, K] bool, class k present (255 and >= K ignored)."""
+    """[B, H, W] int semantic maps -> [B, K] bool, class k present (255 and >= K ignored).
+
+    A reduction over pixels of `label == k`, not a scatter of every pixel into K slots: on the GPU
+    that scatter (409,600 writes per 640² image onto 150 addresses) took 0.65 ms a step."""
     b = gt.shape[0]
-    lab = jnp.where((gt >= 0) & (gt < num_classes), gt, num_classes).reshape(b, -1)
-    return jax.vmap(lambda l: jnp.zeros((num_classes,), bool).at[l].set(True, mode="drop"))(lab)
+    lab = gt.reshape(b, -1).astype(jnp.int32)
+    return jnp.any(lab[:, :, None] == jnp.arange(num_classes, dtype=jnp.int32), axis=1)
 
 
 def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Array, cfg_loss: Any

@@ -200,3 +200,19 @@ def test_mask_losses_on_batch_shards_equal_one_program(stacked):
     for a, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
         assert a.sharding.spec[0] == BATCH_AXES
         np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_gt_present_is_the_set_of_labels(dtype):
+    """Class k present iff some pixel has label k; 255, labels >= K and negative ones ignored."""
+    rng = np.random.default_rng(5)
+    k = 150
+    gt = rng.choice([0, 3, 77, 149, 150, 200, 255], size=(3, 17, 23)).astype(dtype)
+    gt[1] = 255
+    gt[2, 0, 0] = 5
+    if dtype == np.int32:
+        gt[0, 0, 0] = -1
+    got = np.asarray(gt_present(jnp.asarray(gt), k))
+    for b in range(3):
+        labels = {int(v) for v in np.unique(gt[b]) if 0 <= int(v) < k}
+        assert set(np.flatnonzero(got[b])) == labels, b
