@@ -313,3 +313,180 @@ def test_ops_grouped_across_layers(tmp_path):
         json.dump(events, f)
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["top_ops_ms"] == [("elementwise", "jit(step)/backbone/blocks*/mlp/mul", pytest.approx(3.0))]
+
+
+# A compiled module's header tables as XLA prints them: a frame's caller is frame
+# `parent_frame_id - 1` (0: none).  Frames 1-4 are the entry (runpy, cli, the bench, the train
+# step); 5 and 6 the model's layers, 7 flax inside layer line 367; 8 a sibling of 6 (line 369)
+# and 10 a lambda on that same line under it; 9 code of the train step itself.
+BW_HLO = """HloModule jit_step, is_scheduled=true
+
+FileNames
+1 "<frozen runpy>"
+2 "/work/main/sarformer_jax/cli.py"
+3 "/work/main/sarformer_jax/benchmarks/train.py"
+4 "/work/main/sarformer_jax/train.py"
+5 "/work/main/sarformer_jax/models/beit.py"
+6 "/venv/lib/python3.12/site-packages/flax/nnx/nn/linear.py"
+
+FunctionNames
+1 "_run_code"
+2 "main"
+3 "bench_model"
+4 "step"
+5 "BEiT.run_layers"
+6 "BEiTLayer.__call__"
+7 "Linear.__call__"
+8 "_tree_where"
+9 "BEiTLayer.__call__.<locals>.<lambda>"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=88 end_line=88 column=4 end_column=27}
+2 {file_name_id=2 function_name_id=2 line=118 end_line=118 column=15 end_column=44}
+3 {file_name_id=3 function_name_id=3 line=256 end_line=256 column=14 end_column=67}
+4 {file_name_id=4 function_name_id=4 line=284 end_line=284 column=48 end_column=94}
+5 {file_name_id=5 function_name_id=5 line=460 end_line=460 column=8 end_column=40}
+6 {file_name_id=5 function_name_id=6 line=367 end_line=367 column=8 end_column=30}
+7 {file_name_id=6 function_name_id=7 line=90 end_line=90 column=8 end_column=30}
+8 {file_name_id=5 function_name_id=6 line=369 end_line=369 column=8 end_column=30}
+9 {file_name_id=4 function_name_id=8 line=222 end_line=222 column=8 end_column=30}
+10 {file_name_id=5 function_name_id=9 line=369 end_line=369 column=20 end_column=30}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=3}
+4 {file_location_id=4 parent_frame_id=4}
+5 {file_location_id=5 parent_frame_id=5}
+6 {file_location_id=6 parent_frame_id=6}
+7 {file_location_id=7 parent_frame_id=7}
+8 {file_location_id=8 parent_frame_id=6}
+9 {file_location_id=9 parent_frame_id=5}
+10 {file_location_id=10 parent_frame_id=9}
+
+%fused_reduce.1 (param_0: bf16[2,1024,768]) -> bf16[768] {
+  %param_0 = bf16[2,1024,768]{2,1,0} parameter(0)
+  %c = bf16[] constant(0)
+  ROOT %r = bf16[768]{0} reduce(bf16[2,1024,768]{2,1,0} %param_0, bf16[] %c), dimensions={0,1}, to_apply=%add
+}
+
+ENTRY %main (p0: bf16[2,1024,768], p1: f32[768], t: (f32[4], s32[4])) -> (f32[768], bf16[768]) {
+  %p0 = bf16[2,1024,768]{2,1,0} parameter(0)
+  %p1 = f32[768]{0} parameter(1)
+  %t = (f32[4]{0}, s32[4]{0}) parameter(2)
+  %input_reduce_fusion.246 = bf16[768]{0} fusion(%p0), kind=kInput, calls=%fused_reduce.1, metadata={op_name="jit(step)/transpose(jvp(backbone))/reduce_sum" stack_frame_id=7}
+  %loop_add_fusion.3 = (f32[768]{0}, bf16[768]{0}) fusion(f32[768]{0} %p1, bf16[768]{0} %input_reduce_fusion.246, f32[768]{0} %p1, (f32[4]{0}, s32[4]{0}) %t), kind=kLoop, calls=%fused_add.3, metadata={op_name="jit(step)/optimizer/add" stack_frame_id=9}
+  %loop_mul_fusion.4 = f32[768]{0} fusion(%p1), kind=kLoop, calls=%fused_mul.4, metadata={op_name="jit(step)/backbone/mul" stack_frame_id=10}
+  ROOT %out = (f32[768]{0}, bf16[768]{0}) tuple(%loop_add_fusion.3)
+}
+"""
+
+REDUCE_BYTES = 768 * 2 + 2 * 1024 * 768 * 2  # bf16 result + the bf16 operand
+ADD_BYTES = 768 * (4 + 2) + 768 * 4 + 768 * 2 + 4 * (4 + 4)  # result tuple + %p1 once, reduce, %t
+
+
+def _bandwidth_trace(directory, gpus=1):
+    """Two steps: the reduction twice a step (10 us, found by its kernel name inside a command
+    buffer), the add once (1 us, by its `hlo_op`), a cuDNN kernel with no instruction, and host
+    work that is no GPU kernel."""
+    events = [{"ph": "M", "name": "process_name", "pid": 9, "args": {"name": "/host:CPU"}},
+              {"ph": "X", "pid": 9, "tid": 1, "name": "loop_add_fusion_3", "ts": 0.0,
+               "dur": 5000.0, "args": {"hlo_op": "loop_add_fusion.3"}}]
+    for pid in range(1, gpus + 1):
+        events.append({"ph": "M", "name": "process_name", "pid": pid,
+                       "args": {"name": f"/device:GPU:{pid - 1}"}})
+        for i in range(4):
+            events.append({"ph": "X", "pid": pid, "tid": 1, "ts": 100.0 * i, "dur": 10.0,
+                           "name": "input_reduce_fusion_246",
+                           "args": {"hlo_op": "command_buffer_1", "tf_op": "XlaModule:"}})
+        for i in range(2):
+            events.append({"ph": "X", "pid": pid, "tid": 1, "ts": 100.0 * i + 50, "dur": 1.0,
+                           "name": "loop_add_fusion_3", "args": {"hlo_op": "loop_add_fusion.3"}})
+            events.append({"ph": "X", "pid": pid, "tid": 2, "ts": 100.0 * i + 60, "dur": 250.0,
+                           "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+                           "args": {"hlo_op": "command_buffer_1"}})
+    d = directory / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_hlo_source_lines_walk_the_stack_innermost_first():
+    from sarformer_jax.benchmarks.profile import hlo_source_lines
+
+    src = hlo_source_lines(BW_HLO)
+    assert src[7] == "beit.py:367 < beit.py:460"  # flax's frame skipped, then up to the caller
+    assert src[6] == "beit.py:367 < beit.py:460"
+    assert src[5] == "beit.py:460"
+    assert src[8] == "beit.py:369 < beit.py:460"  # parent_frame_id=6: frame 5
+    assert src[10] == "beit.py:369 < beit.py:460"  # the lambda's line once
+    assert src[9] == "train.py:222 < train.py:284"  # only the train step on the stack
+    assert src[4] == "train.py:284"
+    assert 1 not in src and 2 not in src and 3 not in src  # runpy, cli, the benchmark
+    assert hlo_source_lines(BW_HLO, depth=1)[7] == "beit.py:367"
+    assert hlo_source_lines(HLO) == {}  # no tables
+
+
+def test_kernel_bandwidth_bytes_rate_and_source(tmp_path):
+    from sarformer_jax.benchmarks.profile import kernel_bandwidth
+
+    _bandwidth_trace(tmp_path)
+    rows = kernel_bandwidth(str(tmp_path), BW_HLO, steps=2)
+    assert [r["kernel"] for r in rows] == ["cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+                                           "input_reduce_fusion_246", "loop_add_fusion_3"]
+    cudnn, red, add = rows
+    assert red["instruction"] == "input_reduce_fusion.246" and red["cls"] == "reduction"
+    assert red["bytes_per_call"] == REDUCE_BYTES
+    assert red["calls_per_step"] == pytest.approx(2.0)
+    assert red["ms_per_step"] == pytest.approx(0.020)
+    assert red["gb_per_s"] == pytest.approx(REDUCE_BYTES / 10e-6 / 1e9)  # 314.7 GB/s
+    assert red["result_type"] == "bf16[768]{0}"
+    assert red["source"] == "beit.py:367 < beit.py:460"
+    assert red["op_name"] == "jit(step)/transpose(jvp(backbone))/reduce_sum"
+    assert add["instruction"] == "loop_add_fusion.3" and add["cls"] == "elementwise"
+    assert add["bytes_per_call"] == ADD_BYTES
+    assert add["calls_per_step"] == pytest.approx(1.0) and add["ms_per_step"] == pytest.approx(0.001)
+    assert add["gb_per_s"] == pytest.approx(ADD_BYTES / 1e-6 / 1e9)
+    assert add["source"] == "train.py:222 < train.py:284"
+    assert cudnn["instruction"] == "" and cudnn["cls"] == "attention"
+    assert cudnn["bytes_per_call"] == 0 and cudnn["gb_per_s"] is None
+    assert cudnn["ms_per_step"] == pytest.approx(0.25)
+    json.dumps(rows)  # stored in the bench's results
+
+
+def test_kernel_bandwidth_class_filter_top_and_two_gpus(tmp_path):
+    from sarformer_jax.benchmarks.profile import kernel_bandwidth
+
+    _bandwidth_trace(tmp_path)
+    rows = kernel_bandwidth(str(tmp_path), BW_HLO, steps=2, classes={"reduction"})
+    assert [r["kernel"] for r in rows] == ["input_reduce_fusion_246"]
+    rows = kernel_bandwidth(str(tmp_path), BW_HLO, steps=2, classes={"elementwise", "reduction"})
+    assert [r["cls"] for r in rows] == ["reduction", "elementwise"]
+    assert [r["kernel"] for r in kernel_bandwidth(str(tmp_path), BW_HLO, steps=2, top=1)] == [
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"]
+    assert kernel_bandwidth(str(tmp_path / "none"), BW_HLO, steps=2) == []
+    two = tmp_path / "two"
+    _bandwidth_trace(two, gpus=2)  # per step and device: as on one GPU
+    red = kernel_bandwidth(str(two), BW_HLO, steps=2, classes={"reduction"})[0]
+    assert red["calls_per_step"] == pytest.approx(2.0) and red["ms_per_step"] == pytest.approx(0.02)
+    assert red["gb_per_s"] == pytest.approx(REDUCE_BYTES / 10e-6 / 1e9)
+
+
+def test_kernel_bandwidth_command_line(tmp_path, capsys):
+    from sarformer_jax.benchmarks.profile import main
+
+    _bandwidth_trace(tmp_path)
+    assert main([str(tmp_path), "--steps", "2"]) == 1  # no HLO yet
+    assert "step.hlo.txt" in capsys.readouterr().err
+    with gzip.open(tmp_path / "step.hlo.txt.gz", "wt") as f:
+        f.write(BW_HLO)
+    assert main([str(tmp_path), "--steps", "2", "--classes", "elementwise,reduction"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in out if " bw " in ln]
+    assert len(rows) == 2 and "cudnn" not in "".join(out)
+    assert "input_reduce_fusion_246" in rows[0] and "loop_add_fusion_3" in rows[1]
+    assert f"{REDUCE_BYTES / 1e6:.1f} MB" in rows[0] and " 315 GB/s" in rows[0]
+    assert "beit.py:367 < beit.py:460" in rows[0] and "x2 " in rows[0]
+    assert main([str(tmp_path), "--steps", "1", "--top", "1"]) == 0  # all classes, one row
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if " bw " in ln]
+    assert len(rows) == 1 and "cudnn" in rows[0] and "0.500 ms" in rows[0]

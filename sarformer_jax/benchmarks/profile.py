@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+import sys
 
 # most specific first: a kernel is attributed to the first scope its op name contains
 SCOPES = ("hungarian", "sam_encoder", "sam_mask_decoder", "sam_postprocess", "sam_nms", "guidance",
@@ -25,19 +26,28 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1).lstrip("%"): m.group(2) for m in _INSTR.finditer(hlo_text)}
 
 
-def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
-    """The jax name stack of a kernel event, through the HLO instruction it came from: the
-    event's `hlo_op` when that is an instruction (inside a CUDA-graph command buffer it names the
-    command buffer instead), else the kernel's name (XLA names a fusion's kernel after the
-    instruction, `loop_add_fusion.173` -> `loop_add_fusion_173`); last, the trace's own `tf_op`
-    when it is a name stack (on the GPU it is usually just "XlaModule:")."""
+def _instruction(args: dict, kernel: str, known) -> str:
+    """The HLO instruction a kernel event came from, among the names in `known`; "" when none:
+    the event's `hlo_op` when that is an instruction (inside a CUDA-graph command buffer it names
+    the command buffer instead), else the kernel's name (XLA names a fusion's kernel after the
+    instruction, `loop_add_fusion.173` -> `loop_add_fusion_173`)."""
     for key in ("hlo_op", "long_name", "name"):
         v = str(args.get(key, "") or "")
-        if v in ops:
-            return ops[v]
+        if v and v in known:
+            return v
     for cand in (kernel, re.sub(r"_(\d+)$", r".\1", kernel), kernel.split("__")[0]):
-        if cand in ops:
-            return ops[cand]
+        if cand and cand in known:
+            return cand
+    return ""
+
+
+def _op_name(args: dict, kernel: str, ops: dict[str, str]) -> str:
+    """The jax name stack of a kernel event, through the HLO instruction it came from
+    (`_instruction`); last, the trace's own `tf_op` when it is a name stack (on the GPU it is
+    usually just "XlaModule:")."""
+    inst = _instruction(args, kernel, ops)
+    if inst:
+        return ops[inst]
     tf_op = str(args.get("tf_op", "") or "")
     return tf_op if "/" in tf_op else ""
 
@@ -103,18 +113,31 @@ def kernel_class(name: str) -> str:
     return "elementwise"
 
 
-def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
-    """Kernel time per step and device (summed over the GPUs in the trace, divided by their
-    number), by scope and by kernel."""
+def trace_path(trace_dir: str) -> str | None:
+    """The last (by name) `*.trace.json.gz` under `trace_dir`, searched recursively (where
+    jax.profiler writes it: plugins/profile/<run>/<host>.trace.json.gz); None when there is none."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    if not paths:
-        return {"error": f"no *.trace.json.gz under {trace_dir}"}
-    with gzip.open(paths[-1], "rt") as f:
+    return paths[-1] if paths else None
+
+
+def _load_trace(path: str) -> tuple[list[dict], set]:
+    """The events of a gzipped trace and the pids of its GPU devices."""
+    with gzip.open(path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events
               if e.get("ph") == "M" and e.get("name") == "process_name"}
     gpu = {pid for pid, n in pnames.items() if "/device:GPU" in n or "GPU" in n.upper() and "CPU" not in n.upper()}
+    return events, gpu
+
+
+def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
+    """Kernel time per step and device (summed over the GPUs in the trace, divided by their
+    number), by scope and by kernel."""
+    path = trace_path(trace_dir)
+    if path is None:
+        return {"error": f"no *.trace.json.gz under {trace_dir}"}
+    events, gpu = _load_trace(path)
     ops = hlo_op_names(hlo_text)
     by_scope, by_kernel, kernel_scope = collections.Counter(), collections.Counter(), {}
     by_class = collections.Counter()
@@ -162,7 +185,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 25) -> dict:
             gap_pairs[f"{prev[:60]} -> {nxt[2][:60]}"] += gap
             gap_next_scope[nxt[3]] += gap
             gap_count += 1
-    return {"trace": paths[-1], "gpus": n_gpu, "gpu_kernel_ms_per_step": ms(total),
+    return {"trace": path, "gpus": n_gpu, "gpu_kernel_ms_per_step": ms(total),
             "gpu_busy_ms_per_step": ms(sum(_covered(v) for v in intervals.values())),
             # time with no kernel running on a GPU, by the kernel that ends the gap
             "gaps_per_step": gap_count / max(steps, 1) / n_gpu,
@@ -204,8 +227,9 @@ def print_summary(s: dict, tag: str) -> None:
 
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1,
-                "pred": 1, "s64": 8, "u64": 8}
-_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|f64|s8|u8|pred|s64|u64)\[([\d,]*)\]")
+                "pred": 1, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1,
+                "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
                          r"collective-permute)(-start|-done)?\(")
 
@@ -274,3 +298,207 @@ def print_collective_schedule(rows: list[dict], tag: str, top: int = 20) -> None
                                          " (synchronous)"))
         print(f"[{tag}]   {r['kind']:18s} {r['bytes'] / 2**20:9.2f} MiB at {r['at']:.3f}{extra}",
               flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kernel bandwidth: the bytes a kernel's HLO instruction moves against the time it takes.
+
+_TABLE = re.compile(r"^(FileNames|FunctionNames|FileLocations|StackFrames)\n((?:\d+ [^\n]*\n?)*)",
+                    re.MULTILINE)
+_DEF = re.compile(r"^[ \t]*(?:ROOT[ \t]+)?%([\w.\-]+)[ \t]*=[ \t]*(.*?)[ \t]([a-z][\w\-]*)\(",
+                  re.MULTILINE)
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def _package_frame(path: str) -> bool:
+    """A source file of the model (sarformer_jax or kernels/), not the command-line entry
+    points or the benchmarks that drive it."""
+    return (("/sarformer_jax/" in path or "/kernels/" in path) and "/benchmarks/" not in path
+            and not path.endswith(("/cli.py", "/bench.py")))
+
+
+def hlo_source_lines(hlo_text: str, depth: int = 2) -> dict[int, str]:
+    """Stack frame id -> the innermost `depth` source lines of the model under that frame,
+    innermost first: "beit.py:367 < beit.py:460".
+
+    Read from the tables XLA prints at the top of a compiled module (FileNames, FileLocations,
+    StackFrames; an instruction's metadata names its frame by `stack_frame_id`).
+    Frames are numbered from 1 and a frame's caller is frame `parent_frame_id - 1`, 0 meaning
+    none (as printed by XLA: a root frame shows its own number, and on a compiled train step
+    frame 4, `cli.py:118 main`, shows parent_frame_id=4 for its caller frame 3,
+    `cli.py:122 <module>`).  Frames outside the model's files (jax, flax, optax, the CLI and the
+    benchmarks) are skipped, and so is the train step (sarformer_jax/train.py) unless nothing
+    else of the package is on the stack; a line repeated by nested frames (a lambda on the line
+    of its caller) shows once.  Frames with no such line are left out."""
+    tables = {m.group(1): m.group(2).splitlines() for m in _TABLE.finditer(hlo_text)}
+    if "StackFrames" not in tables:
+        return {}
+    files = {int(i): n.strip().strip('"')
+             for i, n in (ln.split(" ", 1) for ln in tables.get("FileNames", []))}
+    locations, frames = {}, {}
+    for ln in tables.get("FileLocations", []):
+        fields = dict(re.findall(r"(\w+)=(\d+)", ln))
+        path = files.get(int(fields.get("file_name_id", 0)), "")
+        locations[int(ln.split(" ", 1)[0])] = (path, int(fields.get("line", 0)))
+    for ln in tables["StackFrames"]:
+        fields = dict(re.findall(r"(\w+)=(\d+)", ln))
+        frames[int(ln.split(" ", 1)[0])] = (int(fields.get("file_location_id", 0)),
+                                            int(fields.get("parent_frame_id", 0)) - 1)
+    out = {}
+    for fid in frames:
+        model, driver = [], []
+        f, seen = fid, 0
+        while f in frames and seen < len(frames):
+            loc, parent = frames[f]
+            path, line = locations.get(loc, ("", 0))
+            label = f"{path.rsplit('/', 1)[-1]}:{line}"
+            if path.endswith("/train.py") and _package_frame(path):
+                lines = driver
+            else:
+                lines = model if _package_frame(path) else None
+            if lines is not None and len(lines) < depth and (not lines or lines[-1] != label):
+                lines.append(label)
+            if len(model) >= depth or parent >= f:  # a caller has a smaller number
+                break
+            f, seen = parent, seen + 1
+        if model or driver:
+            out[fid] = " < ".join(model or driver)
+    return out
+
+
+def _hlo_instructions(hlo_text: str) -> dict[str, tuple[str, list[str], str, int]]:
+    """Instruction name -> (result type, operand names, metadata op_name, stack_frame_id or 0)
+    for every instruction of a module's text (fused computations included)."""
+    out = {}
+    for m in _DEF.finditer(hlo_text):
+        start = m.end()
+        end = hlo_text.find("\n", start)
+        line = hlo_text[start:end if end >= 0 else len(hlo_text)]
+        close = line.find(")")
+        if close < 0:
+            close = len(line)
+        elif "(" in line[:close]:  # operands with tuple types: find the matching parenthesis
+            level = 1
+            for close, ch in enumerate(line):
+                level += (ch == "(") - (ch == ")")
+                if level == 0:
+                    break
+        operands, attrs = line[:close], line[close:]
+        op_name = re.search(r'op_name="([^"]*)"', attrs)
+        frame = re.search(r"stack_frame_id=(\d+)", attrs)
+        out[m.group(1)] = (m.group(2), _OPERAND.findall(operands),
+                           op_name.group(1) if op_name else "", int(frame.group(1)) if frame else 0)
+    return out
+
+
+def _instruction_bytes(name: str, instrs: dict) -> int:
+    """The bytes an instruction moves, as estimated here: its result written once plus each
+    distinct operand read whole once.  Too high for a fusion that reads only a slice of an
+    operand (a dynamic-slice of a stacked loop buffer) or updates one in place
+    (dynamic-update-slice); too low for one that reads an operand several times."""
+    typ, operands = instrs[name][:2]
+    return _bytes(typ) + sum(_bytes(instrs[o][0]) for o in dict.fromkeys(operands) if o in instrs)
+
+
+def kernel_bandwidth(trace_dir: str, hlo_text: str, steps: int, top: int = 40,
+                     classes: set[str] | None = None) -> list[dict]:
+    """The GPU kernels of a profiled program with the bandwidth each achieves, by time.
+
+    Each kernel event of the trace (the last `*.trace.json.gz` under `trace_dir`, of `steps`
+    steps) is matched to the HLO instruction it runs (as for the scopes of `summarize`), whose
+    bytes are estimated from the types in `hlo_text` (`_instruction_bytes`).  One row per kernel
+    and instruction, with time and calls per step and device (over the GPUs in the trace):
+    kernel, instruction ("" when none matches: library kernels, copies), cls (`kernel_class`),
+    ms_per_step, calls_per_step, bytes_per_call, gb_per_s (None without bytes), result_type,
+    source (`hlo_source_lines`) and op_name.  Only kernels of the `classes` given (all when
+    None); the `top` by time.  A kernel far below the HBM bandwidth (about 4.8 TB/s on an H200)
+    while moving many bytes is one to look at; a figure above it means the bytes are overcounted.
+    """
+    path = trace_path(trace_dir)
+    if path is None:
+        return []
+    events, gpu = _load_trace(path)
+    instrs = _hlo_instructions(hlo_text)
+    sources = hlo_source_lines(hlo_text)
+    time_us, calls = collections.Counter(), collections.Counter()
+    pids = set()
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu:
+            continue
+        name = e.get("name", "?")
+        key = (name, _instruction(e.get("args", {}) or {}, name, instrs))
+        time_us[key] += float(e.get("dur", 0.0))
+        calls[key] += 1
+        pids.add(e["pid"])
+    per_step = max(steps, 1) * max(len(pids), 1)  # per step and device
+    rows = []
+    for (kernel, inst), us in time_us.items():
+        cls = kernel_class(kernel)
+        if classes is not None and cls not in classes:
+            continue
+        typ, _, op_name, frame = instrs.get(inst, ("", [], "", 0))
+        nbytes = _instruction_bytes(inst, instrs) if inst else 0
+        n = calls[(kernel, inst)]
+        rows.append({"kernel": kernel, "instruction": inst, "cls": cls,
+                     "ms_per_step": us / 1e3 / per_step, "calls_per_step": n / per_step,
+                     "bytes_per_call": nbytes,
+                     # bytes per call x calls / time: B / us / 1e3 = GB/s
+                     "gb_per_s": nbytes * n / (us * 1e3) if nbytes and us > 0 else None,
+                     "result_type": typ, "source": sources.get(frame, ""), "op_name": op_name})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
+
+
+def print_kernel_bandwidth(rows: list[dict], tag: str) -> None:
+    if not rows:
+        print(f"[{tag}] kernel bandwidth: no kernels", flush=True)
+        return
+    print(f"[{tag}] kernel bandwidth (bytes: result + operands read once, an estimate), per step "
+          f"and device: ms, class, calls, MB per call, GB/s, kernel, result type, source, op:",
+          flush=True)
+    for r in rows:
+        gbs = f"{r['gb_per_s']:7.0f}" if r["gb_per_s"] is not None else "      -"
+        print(f"[{tag}]   bw {r['ms_per_step']:7.3f} ms {r['cls'][:11]:11s} "
+              f"x{r['calls_per_step']:<5.4g} {r['bytes_per_call'] / 1e6:9.1f} MB {gbs} GB/s  "
+              f"{r['kernel'][:40]:40s} "
+              f"{r['result_type'][:40]:40s} {r['source']:44s} {r['op_name'][-80:]}", flush=True)
+
+
+def _find_hlo(directory: str) -> str | None:
+    paths = sorted(glob.glob(os.path.join(directory, "**", "step.hlo.txt"), recursive=True)
+                   + glob.glob(os.path.join(directory, "**", "step.hlo.txt.gz"), recursive=True))
+    return paths[0] if paths else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sarformer_jax.benchmarks.profile DIR`: the kernel bandwidth report of a saved
+    profile: DIR holds the trace (`*.trace.json.gz`, searched recursively) and the compiled HLO
+    (`step.hlo.txt` or `step.hlo.txt.gz`), as `sarformer bench train --profile` leaves them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sarformer_jax.benchmarks.profile",
+        description="Per-kernel bandwidth of a saved profile: DIR holds the trace "
+                    "(*.trace.json.gz, searched recursively) and the compiled HLO "
+                    "(step.hlo.txt or step.hlo.txt.gz).")
+    parser.add_argument("dir")
+    parser.add_argument("--steps", type=int, default=5, help="steps in the trace (default 5)")
+    parser.add_argument("--classes", default="",
+                        help="comma-separated kernel classes to show, e.g. elementwise,reduction "
+                             "(default: all)")
+    parser.add_argument("--top", type=int, default=40, help="kernels to show (default 40)")
+    args = parser.parse_args(argv)
+    hlo = _find_hlo(args.dir)
+    if trace_path(args.dir) is None or hlo is None:
+        print(f"{args.dir}: needs a *.trace.json.gz and a step.hlo.txt[.gz]", file=sys.stderr)
+        return 1
+    with (gzip.open(hlo, "rt") if hlo.endswith(".gz") else open(hlo)) as f:
+        hlo_text = f.read()
+    classes = {c.strip() for c in args.classes.split(",") if c.strip()} or None
+    rows = kernel_bandwidth(args.dir, hlo_text, args.steps, args.top, classes)
+    print_kernel_bandwidth(rows, os.path.basename(os.path.normpath(args.dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

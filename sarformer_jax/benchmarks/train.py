@@ -325,8 +325,12 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         summary = prof.summarize(trace_dir, hlo_text, steps=5, top=40)
         if "gpu_kernel_ms_per_step" in summary:  # time the GPU waits (host syncs, launches)
             summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_busy_ms_per_step"]
+        # the memory-bound kernels against the HBM bandwidth, with their source lines
+        summary["kernel_bandwidth"] = prof.kernel_bandwidth(
+            trace_dir, hlo_text, steps=5, top=40, classes={"elementwise", "reduction", "copy"})
         res["profile"] = summary
         prof.print_summary(summary, tag)
+        prof.print_kernel_bandwidth(summary["kernel_bandwidth"], tag)
 
     # the guidance alone: cached preparation, or SAM's automatic masks + preparation (online)
     res["proposal_s"] = None
