@@ -205,56 +205,15 @@ _spread.defvjp(_spread_fwd, _spread_bwd)
 
 
 def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
-    """[n, t, t] bias from a [(2h-1)(2w-1)+3, n] table: table[relative_position_index] transposed
-    to heads first, in `dtype` (the compute dtype, bf16 on the GPU).
+    """[n, t, t] bias from a [(2h-1)(2w-1)+3, n] table; equals table[relative_position_index]
+    transposed to heads first.
 
-    Forward: a gather of the table cast to `dtype`, with the index computed from iotas in the
-    program (no [t, t] constant per layer).  Each output is one table entry, so it is exact in
-    any dtype.  Backward: the gradient of `bias_by_products`, the same bias built as two matrix
-    products with one-hot offset matrices, so the table's gradient (the sum over all pairs of one
-    offset) is two GEMMs, not a scatter-add with heavy index collisions.  The products in the
-    forward had cost a transpose and a concatenation of the [n, t, t] result per layer (train
-    run 15: 0.52 + 0.42 ms a SARFormer-B step for the transpose and the GEMMs)."""
-    return _bias_by_gather(table, tuple(int(g) for g in grid), jnp.dtype(dtype))
-
-
-def bias_index(grid: tuple[int, int]) -> jax.Array:
-    """`relative_position_index(grid)` computed in the program from iotas ([t, t] int32)."""
-    h, w = grid
-    t = h * w + 1
-    extra = (2 * h - 1) * (2 * w - 1)
-    i = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
-    j = jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)
-    pi, pj = jnp.maximum(i - 1, 0), jnp.maximum(j - 1, 0)
-    index = (pi // w - pj // w + h - 1) * (2 * w - 1) + (pi % w - pj % w + w - 1)
-    index = jnp.where(i == 0, extra, index)
-    index = jnp.where(j == 0, extra + 1, index)
-    return jnp.where((i == 0) & (j == 0), extra + 2, index)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _bias_by_gather(table: jax.Array, grid: tuple[int, int], dtype) -> jax.Array:
-    return table.T.astype(dtype)[:, bias_index(grid)]
-
-
-def _bias_by_gather_fwd(table, grid, dtype):
-    return _bias_by_gather(table, grid, dtype), table
-
-
-def _bias_by_gather_bwd(grid, dtype, table, g):
-    _, vjp = jax.vjp(lambda tb: bias_by_products(tb, grid, dtype), table)
-    return vjp(g)
-
-
-_bias_by_gather.defvjp(_bias_by_gather_fwd, _bias_by_gather_bwd)
-
-
-def bias_by_products(table: jax.Array, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
-    """`relative_position_bias` built as two matrix products with constant one-hot offset
-    matrices (rows, then columns): bias[n, (r1, c1), (r2, c2)] = sum_ab g[a, b, n] Ay[a, r1, r2]
-    Ax[b, c1, c2], the extra entries broadcast along the cls row and column.  Only its gradient
-    is used (`relative_position_bias`'s backward): two GEMMs.  `dtype` is the compute dtype
-    (the products accumulate in float32 and come back in `dtype`)."""
+    Built as two matrix products with constant one-hot offset matrices (rows, then columns):
+    bias[n, (r1, c1), (r2, c2)] = sum_ab g[a, b, n] Ay[a, r1, r2] Ax[b, c1, c2].  Every output is
+    one table entry times one, so the forward is exact in any dtype, and the gradient w.r.t. the
+    table (the sum over all pairs of one offset) is two GEMMs, not a scatter-add with heavy
+    index collisions or a sum of shifted slices.  `dtype` is the compute dtype (bf16 on the GPU:
+    the products accumulate in float32 and the bias comes back in `dtype`)."""
     h, w = grid
     n = table.shape[-1]
     hw = h * w
