@@ -15,11 +15,21 @@ def _cpu_compile_flags() -> None:
     train step compiles in 48 s instead of 83 s, its threefry initialisers in ~0.2 s instead of
     0.3-6 s, while the tests that run heavy arithmetic spend it in Eigen / oneDNN kernels that
     this does not touch (measured: 163 s vs 173 s for the two heaviest).  Not on a GPU, where
-    it would slow the generated kernels."""
+    it would slow the generated kernels.
+
+    On jax 0.10 (CI's, on Python 3.11) also XLA:CPU's older emitters and whole-program runtime
+    instead of the fusion emitters and the thunk runtime: the micro train step's compile took
+    22 s instead of 40 s, and the whole suite 24 minutes instead of 33-38 on 2 cores, with the
+    same results.  Only there, because an XLA that no longer knows a flag aborts the process."""
     if os.environ["JAX_PLATFORMS"] != "cpu":
         return
+    from importlib.metadata import version
+
+    wanted = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+    if version("jax").startswith("0.10."):
+        wanted += ["--xla_cpu_use_fusion_emitters=false", "--xla_cpu_use_thunk_runtime=false"]
     flags = os.environ["XLA_FLAGS"].split()
-    for flag in ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"):
+    for flag in wanted:
         if flag.split("=")[0] not in {f.split("=")[0] for f in flags}:
             flags.append(flag)
     os.environ["XLA_FLAGS"] = " ".join(flags)
