@@ -18,6 +18,15 @@ ENTRY %main {
 """
 
 
+def _write_trace(tmp_path, events) -> None:
+    """A gzipped trace (a list of events or {"traceEvents": [...]}) under `tmp_path`, where
+    jax.profiler would put one."""
+    d = tmp_path / "t"
+    d.mkdir()
+    with gzip.open(d / "x.trace.json.gz", "wt") as f:
+        json.dump(events, f)
+
+
 def test_hlo_metadata_and_scope_attribution(tmp_path):
     names = hlo_op_names(HLO)
     assert names["fusion.1"] == "jit(step)/jvp(backbone)/add"
@@ -65,10 +74,7 @@ def test_kernel_classes_sum_to_the_kernel_time(tmp_path):
               {"ph": "X", "pid": 1, "name": "nvjet_tst_128x256", "dur": 3000.0, "args": {}},
               {"ph": "X", "pid": 1, "name": "msda_fwd", "dur": 1000.0, "args": {}},
               {"ph": "X", "pid": 1, "name": "loop_add_fusion", "dur": 500.0, "args": {}}]
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump(events, f)
+    _write_trace(tmp_path, events)
     s = summarize(str(tmp_path), "", steps=1)
     assert s["by_class_ms"] == pytest.approx({"matrix": 3.0, "pallas": 1.0, "elementwise": 0.5})
 
@@ -78,10 +84,7 @@ def test_kernel_names_map_to_fusion_instructions(tmp_path):
            'metadata={op_type="add" op_name="jit(step)/transpose(jvp(decode_head))/pixel_decoder/add"}\n')
     events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
               {"ph": "X", "pid": 1, "name": "loop_add_fusion_173", "dur": 2000.0, "args": {}}]
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump(events, f)
+    _write_trace(tmp_path, events)
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["by_scope_ms"] == pytest.approx({"pixel_decoder": 2.0})
 
@@ -110,10 +113,7 @@ def test_two_gpus_overlapping_streams_and_nccl(tmp_path):
             {"ph": "X", "pid": pid, "tid": 2, "name": "ncclDevKernel_AllReduce_Sum_f32_RING_LL",
              "ts": 2000.0, "dur": 4000.0, "args": {}},
         ]
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump(events, f)
+    _write_trace(tmp_path, events)
     s = summarize(str(tmp_path), hlo, steps=2)
     assert s["gpus"] == 2
     assert s["gpu_kernel_ms_per_step"] == pytest.approx(4.0)  # (4 + 4) ms per device / 2 steps
@@ -127,10 +127,7 @@ def test_gaps_are_attributed_to_the_kernels_around_them(tmp_path):
     for name, ts, dur in spans:  # gaps: b->c 25 us, d->a 35 us (c and d overlap: no gap)
         events.append({"ph": "X", "pid": 1, "tid": 1 if name != "d" else 2, "name": name,
                        "ts": float(ts), "dur": float(dur), "args": {}})
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump(events, f)
+    _write_trace(tmp_path, events)
     s = summarize(str(tmp_path), "", steps=1)
     assert s["gaps_per_step"] == 2
     assert dict(s["top_gaps_ms"]) == pytest.approx({"d -> a": 0.035, "b -> c": 0.025})
@@ -155,10 +152,7 @@ def test_command_buffer_kernels_and_library_kernels(tmp_path):
                                      ("loop_slice_fusion_75", 2000.0), ("msda_bwd", 4000.0)]):
         events.append({"ph": "X", "pid": 1, "tid": 14, "ts": 10000.0 * i, "dur": dur,
                        "name": name, "args": cb})
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump({"traceEvents": events}, f)
+    _write_trace(tmp_path, {"traceEvents": events})
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["by_scope_ms"] == pytest.approx({"backbone": 4.0, "loss": 6.0, "other": 0.5})
     assert s["scope_from_previous_kernel_ms"] == pytest.approx(7.0)
@@ -284,7 +278,8 @@ def test_collective_schedule_of_a_compiled_two_device_reduction():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from sarformer_jax.benchmarks.profile import collective_schedule
 
@@ -307,10 +302,7 @@ def test_ops_grouped_across_layers(tmp_path):
               {"ph": "X", "pid": 1, "name": "loop_mul_fusion_1", "dur": 2000.0, "args": {}},
               {"ph": "X", "pid": 1, "name": "loop_mul_fusion_2", "dur": 1000.0, "args": {}},
               {"ph": "X", "pid": 1, "name": "nvjet_tst_128x256", "dur": 500.0, "args": {}}]
-    d = tmp_path / "t"
-    d.mkdir()
-    with gzip.open(d / "x.trace.json.gz", "wt") as f:
-        json.dump(events, f)
+    _write_trace(tmp_path, events)
     s = summarize(str(tmp_path), hlo, steps=1)
     assert s["top_ops_ms"] == [("elementwise", "jit(step)/backbone/blocks*/mlp/mul", pytest.approx(3.0))]
 
