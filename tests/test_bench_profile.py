@@ -58,6 +58,8 @@ def test_hlo_metadata_and_scope_attribution(tmp_path):
     ("splitKreduce_kernel", "matrix"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "matrix"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
+    ("void cudnn::fusion::matmul_dq<true, 64>(void const*, void const*, void*)", "attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", "attention"),
     ("msda_bwd", "pallas"),
     ("DeviceSegmentedRadixSortKernel", "sort"),
     ("input_reduce_fusion_1", "reduction"),

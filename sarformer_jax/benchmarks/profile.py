@@ -94,7 +94,8 @@ def _gaps(spans: list[tuple[float, float, str, str]], min_gap_us: float = 2.0):
 # fusions, copies, sorts and collectives.
 KERNEL_CLASSES = (
     ("collective", ("nccl",)),
-    ("attention", ("fmha", "flash", "sdpa", "mha_")),
+    # cuDNN fused attention and its backward helpers (cudnn::fusion::matmul_dq, fmha_dbias, ...)
+    ("attention", ("fmha", "flash", "sdpa", "mha_", "cudnn::fusion::")),
     ("matrix", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk", "implicit_convolve", "wgrad",
                 "dgrad", "fprop")),
     ("pallas", ("msda_", "sam_image_to_tokens", "sam_upscale")),
