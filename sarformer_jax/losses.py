@@ -90,23 +90,40 @@ def num_importance_points(cfg_loss: Any) -> int:
     return int(cfg_loss.importance_sample_ratio * cfg_loss.num_points)
 
 
-def draw_layer_points(key: jax.Array, layer, batch: int, num_slots: int, cfg_loss: Any) -> dict:
-    """Uniform random points of prediction `layer` (a Python or traced int): `match` [B, P, 2]
-    (shared by all queries and classes of an image), `candidates` [B, M, P*oversample, 2]
-    (importance-sampling pool per matched slot) and `extra` [B, M, P - P*importance, 2] (fresh
-    uniform points)."""
+def draw_layer_points(key: jax.Array, layer, batch: int, cfg_loss: Any) -> dict:
+    """Random points of prediction `layer` (a Python or traced int): `match` [B, P, 2], uniform
+    points shared by all queries and classes of an image, and `slot_keys` [B, ...] uint32, one
+    key's data per image, from which `slot_points` draws each matched slot's own points.
+
+    Instead of keys, `candidates` [B, M, P*oversample, 2] and `extra` [B, M, P - P*importance, 2]
+    may be given (injected points, as the tests do)."""
+    k1, k2 = jax.random.split(jax.random.fold_in(key, layer))
+    return {"match": jax.random.uniform(k1, (batch, cfg_loss.num_points, 2)),
+            "slot_keys": jax.random.key_data(jax.random.split(k2, batch))}
+
+
+def draw_points(key: jax.Array, batch: int, num_layers: int, cfg_loss: Any) -> list[dict]:
+    """`draw_layer_points` for layers 0 .. num_layers - 1."""
+    return [draw_layer_points(key, layer, batch, cfg_loss) for layer in range(num_layers)]
+
+
+def slot_points(pts: dict, slots: jax.Array, cfg_loss: Any) -> tuple[jax.Array, jax.Array]:
+    """One image's importance-sampling pool [S, P*oversample, 2] and fresh uniform points
+    [S, P - P*importance, 2] for its slots `slots` [S].  Slot s draws from `fold_in(key, s)`,
+    so its points do not depend on which other slots are drawn: the loss program capped to the
+    matched slots draws only those and gets the same points as the all-slots one."""
+    if "candidates" in pts:
+        return pts["candidates"][slots], pts["extra"][slots]
+    key = jax.random.wrap_key_data(pts["slot_keys"])
     p = cfg_loss.num_points
     n_cand = int(p * cfg_loss.oversample_ratio)
     n_extra = p - num_importance_points(cfg_loss)
-    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, layer), 3)
-    return {"match": jax.random.uniform(k1, (batch, p, 2)),
-            "candidates": jax.random.uniform(k2, (batch, num_slots, n_cand, 2)),
-            "extra": jax.random.uniform(k3, (batch, num_slots, n_extra, 2))}
 
+    def one(s):
+        kc, ke = jax.random.split(jax.random.fold_in(key, s))
+        return jax.random.uniform(kc, (n_cand, 2)), jax.random.uniform(ke, (n_extra, 2))
 
-def draw_points(key: jax.Array, batch: int, num_slots: int, num_layers: int, cfg_loss: Any) -> list[dict]:
-    """`draw_layer_points` for layers 0 .. num_layers - 1."""
-    return [draw_layer_points(key, layer, batch, num_slots, cfg_loss) for layer in range(num_layers)]
+    return jax.vmap(one)(slots)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +246,12 @@ def _image_losses(cls, mask, gt, pts, col4row, row4col, cfg_loss, num_classes, c
     ce = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
     wt = jnp.where(col4row >= 0, 1.0, cfg_loss.no_object_weight)
     slot_query, slot_class, slot_valid = _slots(col4row, row4col, num_classes)
-    cand, extra = pts["candidates"], pts["extra"]
+    sel = jnp.arange(slot_valid.shape[0])
     if cap is not None:
         # the matched slots first, in slot order (a stable sort of the validity flags)
         sel = jnp.argsort(jnp.logical_not(slot_valid), stable=True)[:cap]
         slot_query, slot_class, slot_valid = slot_query[sel], slot_class[sel], slot_valid[sel]
-        cand, extra = cand[sel], extra[sel]
+    cand, extra = slot_points(pts, sel, cfg_loss)
     maps = mask[jnp.maximum(slot_query, 0)]  # [M, h, w]
     # importance sampling: most uncertain (-|logit|) candidates, then fresh uniform points
     cand_logits = point_sample(jax.lax.stop_gradient(maps), cand)
@@ -380,7 +397,6 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
                          f"num_classes + 1 = {num_classes + 1}")
     present = gt_present(gt, num_classes)
     n = len(predictions)
-    m = min(q, num_classes)
     names = [("" if i == n - 1 else f"d{i}.") for i in range(n)]
     parts: dict[str, jax.Array] = {}
     same = all(p["cls"].shape == predictions[0]["cls"].shape
@@ -394,14 +410,14 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
         if points is not None:
             pts = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points)
         else:
-            pts = jax.vmap(lambda i: draw_layer_points(key, i, b, m, cfg_loss))(jnp.arange(n))
+            pts = jax.vmap(lambda i: draw_layer_points(key, i, b, cfg_loss))(jnp.arange(n))
         terms = deep_supervision_losses(cls, mask, gt, present, pts, cfg_loss, num_classes,
                                         batch_mesh)
         for i, prefix in enumerate(names):
             parts.update({prefix + k: v[i] for k, v in terms.items()})
     else:
         if points is None:
-            points = draw_points(key, b, m, n, cfg_loss)
+            points = draw_points(key, b, n, cfg_loss)
         for prefix, pred, pts in zip(names, predictions, points):
             terms, _ = layer_loss(pred["cls"], pred["mask"], gt, present, pts, cfg_loss, num_classes,
                                   batch_mesh)

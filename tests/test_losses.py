@@ -21,7 +21,7 @@ def test_scanned_deep_supervision_equals_unrolled_layers():
     gt = jnp.asarray(gt)
     key = jax.random.key(3)
     total, parts = jax.jit(lambda p, g: loss_fn(p, g, None, key=key, cfg_loss=cfg, num_classes=k))(preds, gt)
-    pts = draw_points(key, b, min(q, k), n, cfg)
+    pts = draw_points(key, b, n, cfg)
     present = gt_present(gt, k)
     expected = 0.0
     for i in range(n):
@@ -91,7 +91,7 @@ def test_capped_mask_losses_equal_all_slots(q, k, present):
     preds, gt, (capped, _) = _compact_case(q, k, present, n=1)
     col4row, row4col = _assignment(present, 2, q, k)
     np.testing.assert_array_equal(matched_counts(col4row, row4col, k), [len(p) for p in present])
-    pts = draw_points(jax.random.key(5), 2, min(q, k), 1, capped)[0]
+    pts = draw_points(jax.random.key(5), 2, 1, capped)[0]
     for i in range(2):
         one = lambda cap: jax.jit(lambda c, m: _image_losses(  # noqa: E731
             c, m, gt[i], jax.tree_util.tree_map(lambda x: x[i], pts), col4row[i], row4col[i],
@@ -125,7 +125,7 @@ def test_compact_slots_gives_the_same_losses_and_gradients():
     # image 1 with 6 > 4 classes: the switch takes the full program
     many = _labels_with(np.random.default_rng(2), 2, [[1, 4, 7], [0, 2, 3, 5, 6, 9]])
     present = gt_present(many, k)
-    pts = draw_points(key, 2, min(q, k), 1, capped)[0]
+    pts = draw_points(key, 2, 1, capped)[0]
     one_layer = lambda cfg: jax.jit(lambda c, m: layer_loss(c, m, many, present, pts, cfg, k))(  # noqa: E731
         preds[0]["cls"], preds[0]["mask"])
     (t1, a1), (t2, a2) = one_layer(capped), one_layer(full)
@@ -216,3 +216,26 @@ def test_gt_present_is_the_set_of_labels(dtype):
     for b in range(3):
         labels = {int(v) for v in np.unique(gt[b]) if 0 <= int(v) < k}
         assert set(np.flatnonzero(got[b])) == labels, b
+
+
+def test_slot_points_depend_only_on_the_slot():
+    """Each slot's importance-sampling pool and fresh points come from its own key: drawing
+    slots [7, 2] gives slot 7 and slot 2 the rows that drawing all slots gives them, different
+    slots and images get different points, and the points are uniform in [0, 1)."""
+    from sarformer_jax.losses import slot_points
+
+    cfg = load_config("tiny", []).model.loss
+    pts = draw_points(jax.random.key(11), 2, 1, cfg)[0]
+    one = jax.tree_util.tree_map(lambda x: x[1], pts)
+    cand_all, extra_all = jax.jit(lambda p: slot_points(p, jnp.arange(10), cfg))(one)
+    cand, extra = jax.jit(lambda p: slot_points(p, jnp.asarray([7, 2]), cfg))(one)
+    n_cand = int(cfg.num_points * cfg.oversample_ratio)
+    assert cand_all.shape == (10, n_cand, 2)
+    assert extra_all.shape == (10, cfg.num_points - int(cfg.importance_sample_ratio * cfg.num_points), 2)
+    np.testing.assert_array_equal(cand, cand_all[np.array([7, 2])])
+    np.testing.assert_array_equal(extra, extra_all[np.array([7, 2])])
+    assert not np.array_equal(cand_all[0], cand_all[1])
+    other = jax.tree_util.tree_map(lambda x: x[0], pts)
+    assert not np.array_equal(slot_points(other, jnp.arange(1), cfg)[0], cand_all[:1])
+    c = np.asarray(cand_all)
+    assert c.min() >= 0.0 and c.max() < 1.0 and abs(c.mean() - 0.5) < 0.02
