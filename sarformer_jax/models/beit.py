@@ -42,7 +42,10 @@ from flax import nnx
 
 from sarformer_jax.models.layers import (
     DropPath,
+    LayerNorm,
+    Linear,
     attention,
+    broadcast_param,
     gelu,
     resolve_attention,
     stacked_layers,
@@ -268,12 +271,12 @@ class BEiTAttention(nnx.Module):
         # shard (`set_attention_per_batch_shard`, for data-parallel training); None otherwise
         self.batch_shard_mesh = None
         lin = dict(kernel_init=trunc_normal_02, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=False, **lin)
+        self.qkv = Linear(dim, 3 * dim, use_bias=False, **lin)
         self.q_bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if qv_bias else None
         self.v_bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if qv_bias else None
         self.relative_position_bias_table = nnx.Param(
             jnp.zeros((table_rows(self.table_grid), num_heads), param_dtype))
-        self.proj = nnx.Linear(dim, dim, **lin)
+        self.proj = Linear(dim, dim, **lin)
 
     def bias(self, grid: Sequence[int], dtype=jnp.float32, table: jax.Array | None = None) -> jax.Array:
         """[n, t, t] relative position bias for a token grid (h, w), in `dtype`, from this
@@ -289,7 +292,8 @@ class BEiTAttention(nnx.Module):
         qkv = self.qkv(x)
         if self.q_bias is not None:
             zeros = jnp.zeros_like(self.v_bias[...])
-            qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
+            qv = jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]])
+            qkv = qkv + broadcast_param(qv, qkv.shape, qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, n, c // n), 3, axis=2)  # [b, t, 1, n, d]
         impl = resolve_attention(self.implementation, q.dtype)
         # cuDNN takes the bias in the compute dtype; the XLA path adds a float32 bias
@@ -329,8 +333,8 @@ class FFN(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         lin = dict(kernel_init=trunc_normal_02, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([nnx.List([nnx.Linear(dim, hidden, **lin)]),
-                                nnx.Linear(hidden, dim, **lin)])
+        self.layers = nnx.List([nnx.List([Linear(dim, hidden, **lin)]),
+                                Linear(hidden, dim, **lin)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.layers[1](gelu(self.layers[0][0](x)))
@@ -344,10 +348,10 @@ class BEiTLayer(nnx.Module):
                  attention_implementation: str | None = None, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln1 = nnx.LayerNorm(dim, epsilon=eps, **common)
+        self.ln1 = LayerNorm(dim, epsilon=eps, **common)
         self.attn = BEiTAttention(dim, num_heads, table_grid, qv_bias=qv_bias,
                                   implementation=attention_implementation, **common)
-        self.ln2 = nnx.LayerNorm(dim, epsilon=eps, **common)
+        self.ln2 = LayerNorm(dim, epsilon=eps, **common)
         self.ffn = FFN(dim, int(dim * mlp_ratio), **common)
         if init_values is not None and init_values > 0:
             self.gamma_1 = nnx.Param(jnp.full((dim,), init_values, param_dtype))
@@ -364,11 +368,11 @@ class BEiTLayer(nnx.Module):
             drop = lambda y, _: self.drop_path(y, deterministic=not train)  # noqa: E731
         y = self.attn(self.ln1(x), grid)
         if self.gamma_1 is not None:
-            y = y * self.gamma_1[...].astype(y.dtype)
+            y = y * broadcast_param(self.gamma_1[...], y.shape, y.dtype)
         x = x + drop(y, 0)
         y = self.ffn(self.ln2(x))
         if self.gamma_2 is not None:
-            y = y * self.gamma_2[...].astype(y.dtype)
+            y = y * broadcast_param(self.gamma_2[...], y.shape, y.dtype)
         return x + drop(y, 1)
 
 

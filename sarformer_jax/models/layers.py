@@ -7,7 +7,7 @@ Legend: b batch, h w spatial, c channels.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,105 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
         else:
             x = resize_axis_by_matrix(x, ax, n_out)
     return x
+
+
+def column_sum(x: jax.Array) -> jax.Array:
+    """float32 sum of `x` [n, c] over its rows, in two passes for long columns.
+
+    XLA's GPU emitter runs a column reduction of a few thousand rows (a parameter gradient of
+    the batch's tokens: BEiT-B's [3202, 768]) as one pass with a handful of thread blocks per
+    column tile: 300-430 GB/s (docs/benchmarks.md, train run 17).  Here the rows are summed in
+    ~sqrt(n) blocks first, then the block sums; `optimization_barrier` keeps XLA from merging
+    the two reductions back into one.  Outside [1024, 8192) rows it is one `jnp.sum`: fewer
+    rows gain nothing from a second kernel, and XLA splits longer columns itself (the pixel
+    decoder's 16800 rows) and can fuse the sums that share an operand.  Sums in another order
+    than one pass, so not bit-identical to it."""
+    n, c = x.shape
+    if not 1024 <= n < 8192:
+        return jnp.sum(x.astype(jnp.float32), axis=0)
+    rows = _round_up(int(np.ceil(np.sqrt(n))), 8)
+    blocks = -(-n // rows)
+    x = jnp.pad(x, ((0, blocks * rows - n), (0, 0)))
+    part = jnp.sum(x.reshape(blocks, rows, c).astype(jnp.float32), axis=1)
+    return jnp.sum(jax.lax.optimization_barrier(part), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _broadcast_param(p: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    return jnp.broadcast_to(p.astype(dtype), shape)
+
+
+def _broadcast_param_fwd(p, shape, dtype):
+    # the residual only carries the parameter's shape and dtype
+    return _broadcast_param(p, shape, dtype), jnp.zeros(p.shape + (0,), p.dtype)
+
+
+def _broadcast_param_bwd(shape, dtype, res, g):
+    del dtype
+    p_shape = res.shape[:-1]
+    size = int(np.prod(p_shape, dtype=np.int64))
+    total = column_sum(g.reshape(-1, size))
+    return (total.reshape(p_shape).astype(res.dtype),)
+
+
+_broadcast_param.defvjp(_broadcast_param_fwd, _broadcast_param_bwd)
+
+
+def broadcast_param(p: jax.Array, shape: Sequence[int], dtype=None) -> jax.Array:
+    """`p` (a parameter, [...]) cast to `dtype` and broadcast over the leading axes of `shape`
+    (which ends with `p.shape`), with its gradient summed by `column_sum`: in float32 and in
+    two passes.  For the biases, scales and norms applied to every token of a batch, whose
+    gradients are such sums."""
+    shape = tuple(int(v) for v in shape)
+    if shape[len(shape) - p.ndim:] != tuple(p.shape):
+        raise ValueError(f"broadcast_param: parameter {tuple(p.shape)} does not end shape {shape}")
+    return _broadcast_param(p, shape, jnp.dtype(dtype or p.dtype))
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` (same parameters, same forward values) whose bias gradient is summed by
+    `broadcast_param`."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if self.bias is None:
+            return super().__call__(inputs, out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...]
+        inputs, kernel, bias_c = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        kwargs = {"out_sharding": out_sharding}
+        if self.preferred_element_type is not None:
+            kwargs["preferred_element_type"] = self.preferred_element_type
+        y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                             precision=self.precision, **kwargs)
+        return y + broadcast_param(bias, y.shape, bias_c.dtype)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` over the last axis (same parameters, same operations in the same order)
+    whose scale and bias gradients are summed by `broadcast_param`."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        last = (-1, (-1,), x.ndim - 1, (x.ndim - 1,))
+        if (mask is not None or self.axis_name is not None or self.reduction_axes not in last
+                or self.feature_axes not in last):
+            return super().__call__(x, mask=mask)
+        from flax.nnx.nn.normalization import _compute_stats
+
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, scale_c, bias_c = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+        mean, var = _compute_stats(x, -1, self.dtype, use_fast_variance=self.use_fast_variance)
+        y = x - mean[..., None]
+        mul = jax.lax.rsqrt(var[..., None] + self.epsilon)
+        args = [x]
+        if scale is not None:
+            mul = mul * broadcast_param(scale, x.shape, scale_c.dtype)
+            args.append(scale_c)
+        y = y * mul
+        if bias is not None:
+            y = y + broadcast_param(bias, x.shape, bias_c.dtype)
+            args.append(bias_c)
+        return jnp.asarray(y, jnp.result_type(*args) if self.dtype is None else self.dtype)
 
 
 class _HostCountedStream(nnx.RngStream):

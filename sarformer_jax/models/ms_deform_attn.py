@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from sarformer_jax.kernels import ms_deform_attn
-from sarformer_jax.models.layers import trunc_normal_02
+from sarformer_jax.models.layers import Linear, trunc_normal_02
 
 
 def _grid_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -78,10 +78,10 @@ class MSDeformAttn(nnx.Module):
         else:
             raise ValueError(f"unknown MSDeformAttn init {init!r}")
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.sampling_offsets = nnx.Linear(d_model, n_heads * n_levels * n_points * 2, **off_kw, **common)
-        self.attention_weights = nnx.Linear(d_model, n_heads * n_levels * n_points, **att_kw, **common)
-        self.value_proj = nnx.Linear(d_model, value_dim, **proj_kw, **common)
-        self.output_proj = nnx.Linear(value_dim, d_model, **proj_kw, **common)
+        self.sampling_offsets = Linear(d_model, n_heads * n_levels * n_points * 2, **off_kw, **common)
+        self.attention_weights = Linear(d_model, n_heads * n_levels * n_points, **att_kw, **common)
+        self.value_proj = Linear(d_model, value_dim, **proj_kw, **common)
+        self.output_proj = Linear(value_dim, d_model, **proj_kw, **common)
 
     def __call__(
         self,

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from sarformer_jax.models.beit import BEiT, torch_bias_init, torch_conv_init
-from sarformer_jax.models.layers import (DropPath, StridedConvTranspose, gelu, resize_bilinear,
-                                         trunc_normal_02)
+from sarformer_jax.models.layers import (DropPath, LayerNorm, Linear, StridedConvTranspose,
+                                         broadcast_param, gelu, resize_bilinear, trunc_normal_02)
 from sarformer_jax.models.ms_deform_attn import MSDeformAttn
 
 LN_EPS = 1e-6
@@ -107,15 +107,15 @@ class Injector(nnx.Module):
                  msda_implementation: str | None, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, **common)
-        self.feat_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, **common)
+        self.query_norm = LayerNorm(dim, epsilon=LN_EPS, **common)
+        self.feat_norm = LayerNorm(dim, epsilon=LN_EPS, **common)
         self.attn = MSDeformAttn(dim, n_levels, num_heads, n_points, ratio=deform_ratio,
                                  init=msda_init, implementation=msda_implementation, **common)
         self.gamma = nnx.Param(jnp.full((dim,), init_values, param_dtype))
 
     def __call__(self, query, reference_points, feat, spatial_shapes):
         y = self.attn(self.query_norm(query), reference_points, self.feat_norm(feat), spatial_shapes)
-        return query + self.gamma[...].astype(y.dtype) * y
+        return query + broadcast_param(self.gamma[...], y.shape, y.dtype) * y
 
 
 class DWConv(nnx.Module):
@@ -140,9 +140,9 @@ class ConvFFN(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(dim, hidden, kernel_init=trunc_normal_02, **common)
+        self.fc1 = Linear(dim, hidden, kernel_init=trunc_normal_02, **common)
         self.dwconv = DWConv(hidden, **common)
-        self.fc2 = nnx.Linear(hidden, dim, kernel_init=trunc_normal_02, **common)
+        self.fc2 = Linear(hidden, dim, kernel_init=trunc_normal_02, **common)
 
     def __call__(self, x: jax.Array, level_shapes: Sequence[tuple[int, int]]) -> jax.Array:
         return self.fc2(gelu(self.dwconv(self.fc1(x), level_shapes)))
@@ -156,14 +156,14 @@ class Extractor(nnx.Module):
                  msda_implementation: str | None, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, **common)
-        self.feat_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, **common)
+        self.query_norm = LayerNorm(dim, epsilon=LN_EPS, **common)
+        self.feat_norm = LayerNorm(dim, epsilon=LN_EPS, **common)
         self.attn = MSDeformAttn(dim, 1, num_heads, n_points, ratio=deform_ratio, init=msda_init,
                                  implementation=msda_implementation, **common)
         self.with_cffn = with_cffn
         if with_cffn:
             self.ffn = ConvFFN(dim, int(dim * cffn_ratio), **common)
-            self.ffn_norm = nnx.LayerNorm(dim, epsilon=LN_EPS, **common)
+            self.ffn_norm = LayerNorm(dim, epsilon=LN_EPS, **common)
             self.drop_path = DropPath(drop_path, rngs=rngs)
 
     def __call__(self, query, reference_points, feat, spatial_shapes, level_shapes, *, train=False):
@@ -297,8 +297,8 @@ class BEiTAdapter(BEiT):
         inter: dict[str, jax.Array] = {}
 
         c1, c2, c3, c4 = self.spm(x, train=train)
-        emb = self.level_embed[...].astype(c2.dtype)
-        c2, c3, c4 = c2 + emb[0], c3 + emb[1], c4 + emb[2]
+        emb = self.level_embed[...]
+        c2, c3, c4 = (f + broadcast_param(emb[i], f.shape, f.dtype) for i, f in enumerate((c2, c3, c4)))
         inter.update({"spm.c1": c1, "spm.c2": c2, "spm.c3": c3, "spm.c4": c4})
         c = jnp.concatenate([c2, c3, c4], axis=1)
 
