@@ -55,11 +55,15 @@ def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
     """Bilinear samples of maps [N, h, w] at points [N, P, 2] or shared points [P, 2] ((x, y) in
     [0, 1]); zero outside.  Returns [N, P] float32."""
     n, h, w = maps.shape
-    flat = maps.reshape(n, h * w).astype(jnp.float32)
     idx, wts = _corners(points.astype(jnp.float32), h, w)
     if points.ndim == 2:  # shared: [4, P]
-        vals = flat[:, idx]  # [N, 4, P]
-        return jnp.einsum("ncp,cp->np", vals, wts, precision=HIGHEST)
+        # pixel-major [h*w, N], so that a corner's N values are one contiguous row: gathered
+        # from [N, h*w] the values of neighbouring outputs lay h*w apart (the matching's
+        # 100 x 12544 samples per image and layer ran at ~300 GB/s)
+        rows = maps.reshape(n, h * w).T
+        vals = rows[idx].astype(jnp.float32)  # [4, P, N]
+        return jnp.einsum("cpn,cp->pn", vals, wts, precision=HIGHEST).T
+    flat = maps.reshape(n, h * w).astype(jnp.float32)
     vals = jax.vmap(lambda f, i: f[i], in_axes=(0, 1), out_axes=1)(flat, idx)  # [4, N, P]
     return jnp.sum(vals * wts, axis=0)
 

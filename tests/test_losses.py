@@ -239,3 +239,25 @@ def test_slot_points_depend_only_on_the_slot():
     assert not np.array_equal(slot_points(other, jnp.arange(1), cfg)[0], cand_all[:1])
     c = np.asarray(cand_all)
     assert c.min() >= 0.0 and c.max() < 1.0 and abs(c.mean() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_point_sample_against_torch_grid_sample(shared, dtype):
+    """`point_sample` is torch's `point_sample`: grid_sample(bilinear, align_corners=False, zeros
+    outside), for points shared by all maps (the matching) and per map (the mask losses),
+    including points outside [0, 1] and on the borders."""
+    torch = pytest.importorskip("torch")
+    from sarformer_jax.losses import point_sample
+
+    rng = np.random.default_rng(4)
+    maps = jnp.asarray(rng.normal(size=(5, 12, 9)), dtype)
+    pts = rng.uniform(-0.1, 1.1, size=(40, 2) if shared else (5, 40, 2)).astype(np.float32)
+    pts[:4] = [[0.0, 0.0], [1.0, 1.0], [0.5, 0.0], [0.0, 0.5]] if shared else pts[:4]
+    got = jax.jit(point_sample)(maps, jnp.asarray(pts))
+    m = torch.from_numpy(np.asarray(maps.astype(jnp.float32)))[:, None]
+    grid = torch.from_numpy(np.broadcast_to(pts, (5, 40, 2)).copy())[:, :, None] * 2 - 1
+    want = torch.nn.functional.grid_sample(m, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)[:, 0, :, 0].numpy()
+    assert got.shape == (5, 40) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
