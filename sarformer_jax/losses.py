@@ -96,14 +96,14 @@ def num_importance_points(cfg_loss: Any) -> int:
 
 def draw_layer_points(key: jax.Array, layer, batch: int, cfg_loss: Any) -> dict:
     """Random points of prediction `layer` (a Python or traced int): `match` [B, P, 2], uniform
-    points shared by all queries and classes of an image, and `slot_keys` [B, ...] uint32, one
-    key's data per image, from which `slot_points` draws each matched slot's own points.
+    points shared by all queries and classes of an image, and `slot_keys` [B], one PRNG key per
+    image, from which `slot_points` draws each matched slot's own points.
 
     Instead of keys, `candidates` [B, M, P*oversample, 2] and `extra` [B, M, P - P*importance, 2]
     may be given (injected points, as the tests do)."""
     k1, k2 = jax.random.split(jax.random.fold_in(key, layer))
     return {"match": jax.random.uniform(k1, (batch, cfg_loss.num_points, 2)),
-            "slot_keys": jax.random.key_data(jax.random.split(k2, batch))}
+            "slot_keys": jax.random.split(k2, batch)}
 
 
 def draw_points(key: jax.Array, batch: int, num_layers: int, cfg_loss: Any) -> list[dict]:
@@ -118,7 +118,7 @@ def slot_points(pts: dict, slots: jax.Array, cfg_loss: Any) -> tuple[jax.Array, 
     matched slots draws only those and gets the same points as the all-slots one."""
     if "candidates" in pts:
         return pts["candidates"][slots], pts["extra"][slots]
-    key = jax.random.wrap_key_data(pts["slot_keys"])
+    key = pts["slot_keys"]
     p = cfg_loss.num_points
     n_cand = int(p * cfg_loss.oversample_ratio)
     n_extra = p - num_importance_points(cfg_loss)
