@@ -30,6 +30,7 @@ from sarformer_jax.config import Config, load_config
 from sarformer_jax.guidance import init_stale_embedding, guidance_refusal, uses_sam
 from sarformer_jax.metrics import IoUAccumulator, format_table, to_json
 from sarformer_jax.models.mask2former import prepare_proposals, semantic_inference
+from sarformer_jax.sharding import replicated
 
 PAD_MULTIPLE = 32
 
@@ -72,7 +73,7 @@ def make_window_fn(cfg: Config, trainer, *, with_proposals: bool):
     def call(params, stats, windows, key):
         if online and cfg.guidance.seed_compat:  # §8 #1: the first window's embedding, kept
             trainer.guide = init_stale_embedding(cfg, trainer.sam_graphdef, trainer.guide,
-                                                 windows[..., :3])
+                                                 windows[..., :3], replicated(trainer.mesh))
         return fn(params, stats, windows, key, trainer.guide)
 
     return call

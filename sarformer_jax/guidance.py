@@ -24,6 +24,7 @@ original), and one image embedding, that of the first image the run sees
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -164,9 +165,15 @@ def merge_box_masks(out: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     return masks, jnp.take_along_axis(valid, order, axis=1)
 
 
-def sam_masks(sam, batch: dict[str, Any], cfg, settings, stale_embedding=None):
+def sam_masks(sam, batch: dict[str, Any], cfg, settings, stale_embedding=None, stale_auto=None):
     """SAM's automatic masks (+ box masks for `boxes`) of a batch: (masks [B, K', H, W] bool,
-    valid [B, K'])."""
+    valid [B, K']).
+
+    `stale_auto` (seed_compat only, from `init_stale_embedding`): the automatic masks of
+    `stale_embedding`, {"masks" [1, K, W, H], "valid" [1, K], "boxes" [1, K, 4]} in SAM's
+    (transposed) frame.  The point grid decodes a fixed embedding to the same masks for every
+    image of the same size, so they are reused instead of decoded again (used only when their
+    frame is this batch's; otherwise they are decoded as usual)."""
     from sarformer_jax.sam.automatic_mask_generator import _decode_boxes, automatic_masks
     from sarformer_jax.sam.transforms import get_preprocess_shape
 
@@ -187,7 +194,12 @@ def sam_masks(sam, batch: dict[str, Any], cfg, settings, stale_embedding=None):
     input_size = get_preprocess_shape(src.shape[1], src.shape[2], sam.img_size)
     if emb is None:
         emb = sam.embed_image(resize_uint8(src, input_size))
-    out = automatic_masks(sam, src, settings, emb=emb)
+    if (cfg.guidance.seed_compat and stale_embedding is not None and stale_auto is not None
+            and tuple(stale_auto["masks"].shape[2:]) == tuple(src.shape[1:3])):
+        out = {k: jnp.broadcast_to(stale_auto[k], (b,) + stale_auto[k].shape[1:])
+               for k in ("masks", "valid", "boxes")}
+    else:
+        out = automatic_masks(sam, src, settings, emb=emb)
     if cfg.guidance.source != "boxes":
         return out["masks"], out["valid"]
     # detector boxes are in the image frame; seed_compat keeps the original's use of them on
@@ -227,7 +239,8 @@ def make_proposal_fn(cfg, sam_graphdef=None) -> Callable | None:
             if guide is None or "sam" not in guide:
                 raise ValueError(f"guidance.source={source!r}: the step needs guide['sam']")
             sam = nnx.merge(sam_graphdef, guide["sam"])
-            masks, valid = sam_masks(sam, batch, cfg, settings, guide.get("stale_embedding"))
+            masks, valid = sam_masks(sam, batch, cfg, settings, guide.get("stale_embedding"),
+                                     guide.get("stale_auto"))
             return jax.lax.stop_gradient(prepare_proposals(
                 key, masks, valid, q, noise_placeholders=noise, deterministic=deterministic))
 
@@ -236,16 +249,35 @@ def make_proposal_fn(cfg, sam_graphdef=None) -> Callable | None:
                      "(choose cached | online | boxes)")
 
 
-def init_stale_embedding(cfg, sam_graphdef, guide: dict, images) -> dict:
+def init_stale_embedding(cfg, sam_graphdef, guide: dict, images, sharding=None) -> dict:
     """seed_compat (§8 #1): the embedding of the first image the run sees, kept for all later
     images.  Returns `guide` with "stale_embedding" [1, 64, 64, C] set (unchanged if already
-    set or not in seed_compat mode)."""
+    set or not in seed_compat mode), and "stale_auto": the automatic masks of that embedding
+    for images of this size (masks [1, K, W, H] in SAM's transposed frame, valid [1, K], boxes
+    [1, K, 4]).  The original decodes the same point grid on the same embedding for every
+    image, which gives the same masks every time (§4.3 2d); here they are decoded once, with
+    one image as the original did, and the step reuses them.  `sharding`: where to place them
+    (the step's replicated sharding, so that they are not copied at every call)."""
     if not cfg.guidance.seed_compat or guide.get("stale_embedding") is not None:
         return guide
     from flax import nnx
 
-    @jax.jit
-    def embed(state, x):
-        return faithful_embedding(nnx.merge(sam_graphdef, state), x[:1])
+    from sarformer_jax.sam.automatic_mask_generator import automatic_masks
 
-    return dict(guide, stale_embedding=embed(guide["sam"], jnp.asarray(images)))
+    settings = amg_settings(cfg)
+    images = jnp.asarray(images)
+    h, w = images.shape[1:3]
+    if h != w:
+        raise ValueError(f"guidance.seed_compat needs square inputs (the original transposes "
+                         f"H and W), got {h}x{w}")
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def embed_and_decode(state, x):
+        sam = nnx.merge(sam_graphdef, state)
+        emb = faithful_embedding(sam, x[:1])
+        src = jax.ShapeDtypeStruct((1, w, h, 3), jnp.uint8)  # SAM's (transposed) frame
+        out = automatic_masks(sam, src, settings, emb=emb)
+        return emb, {k: out[k] for k in ("masks", "valid", "boxes")}
+
+    emb, auto = embed_and_decode(guide["sam"], images)
+    return dict(guide, stale_embedding=emb, stale_auto=auto)

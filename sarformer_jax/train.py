@@ -90,7 +90,8 @@ class Trainer:
         if (uses_sam(self.cfg) and self.cfg.guidance.seed_compat
                 and self.guide.get("stale_embedding") is None):  # the first step only
             images = device_inputs(batch, self.cfg.data.mean, self.cfg.data.std)["image"]
-            self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, images)
+            self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, images,
+                                              shard_lib.replicated(self.mesh))
         return self.train_step(state, batch, self.guide)
 
 

@@ -81,12 +81,16 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
         load_guidance_sam(cfg, tiny_sam())
 
 
-def test_online_training_and_evaluation_end_to_end(data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("seed_compat", [False, True])
+def test_online_training_and_evaluation_end_to_end(data_root, tmp_path, monkeypatch, seed_compat):
     from sarformer_jax.evaluate import evaluate_state
     from sarformer_jax.train import train
 
     cfg = micro_config(root=data_root, **ONLINE, **{"train.num_steps": 2, "train.eval_every": 2,
-                                                    "train.ckpt_every": 2})
+                                                    "train.ckpt_every": 2,
+                                                    "guidance.seed_compat": seed_compat,
+                                                    # square windows (seed_compat's transpose)
+                                                    "eval.mode": "slide" if seed_compat else "whole"})
     sam = tiny_sam()
     from sarformer_jax import train as train_mod
 
@@ -99,6 +103,12 @@ def test_online_training_and_evaluation_end_to_end(data_root, tmp_path, monkeypa
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])]
     assert not any("image_encoder" in n or "mask_decoder" in n for n in names)
     assert "sam" in trainer.guide
+    # seed_compat: the first image's embedding and its masks, decoded once, beside SAM's params
+    assert ("stale_auto" in trainer.guide) == seed_compat
+    if seed_compat:
+        assert trainer.guide["stale_auto"]["masks"].sharding.is_equivalent_to(
+            trainer.guide["stale_embedding"].sharding, 4)
+        assert trainer.guide["stale_auto"]["masks"].sharding.is_fully_replicated
     # evaluation runs SAM per window, deterministically, and matches the loop's evaluation
     (_, miou), = out["evals"]
     again = evaluate_state(cfg, trainer, state, progress=False)
@@ -123,6 +133,45 @@ def test_seed_compat_stale_embedding_makes_proposals_image_independent(tmp_path)
         np.testing.assert_array_equal(np.asarray(masks[i]), np.asarray(fresh[0]))
     with pytest.raises(ValueError, match="square"):
         sam_masks(sam, {"image": x[:, :, :32]}, cfg, s)
+
+
+@pytest.mark.parametrize("source", ["online", "boxes"])
+def test_seed_compat_reuses_the_stale_embeddings_masks(tmp_path, source):
+    """With the stale embedding fixed, the point grid decodes to the same masks for every image
+    of a size, so `init_stale_embedding` decodes them once ("stale_auto") and the step reuses
+    them: the same proposals as decoding in the step, no mask decoder in the step's program, and
+    images of another size still decoded."""
+    from sarformer_jax.guidance import init_stale_embedding
+
+    cfg = micro_config(root=tmp_path, **dict(ONLINE, **{"guidance.seed_compat": True,
+                                                        "guidance.source": source}))
+    graphdef, state = load_guidance_sam(cfg, tiny_sam())
+    fn = make_proposal_fn(cfg, graphdef)
+    f = jax.jit(lambda b, k, g: fn(b, k, False, g))
+    _, x = _images(cfg, n=3)
+    guide = init_stale_embedding(cfg, graphdef, {"sam": state}, x[:1])
+    auto = guide["stale_auto"]
+    assert auto["masks"].shape == (1, 12, 64, 64) and int(auto["valid"].sum()) >= 4
+    decoded = {k: v for k, v in guide.items() if k != "stale_auto"}
+    batch = {"image": x[1:]}
+    if source == "boxes":
+        batch["boxes"] = jnp.asarray([[[4.0, 4.0, 40.0, 30.0], [np.nan] * 4]] * 2)
+    key = jax.random.key(3)
+    want = np.asarray(f(batch, key, decoded))
+    got = np.asarray(f(batch, key, guide))
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all()
+    text = lambda g: f.lower(batch, key, g).as_text(debug_info=True)
+    assert "sam_mask_decoder" in text(decoded)
+    assert text(guide).count("sam_mask_decoder") < text(decoded).count("sam_mask_decoder")
+    # the reused masks are what the step uses: other masks give other proposals
+    flipped = dict(guide, stale_auto=dict(auto, masks=~auto["masks"]))
+    assert not np.array_equal(np.asarray(f(batch, key, flipped)), want)
+    # a batch of another size is decoded from the embedding (the masks are for 64 x 64)
+    small = dict(batch, image=x[1:, :48, :48])
+    np.testing.assert_array_equal(np.asarray(f(small, key, guide)),
+                                  np.asarray(f(small, key, decoded)))
+    assert "sam_mask_decoder" in f.lower(small, key, guide).as_text(debug_info=True)
 
 
 def test_detector_boxes_drop_contained_sam_masks_and_come_first():
