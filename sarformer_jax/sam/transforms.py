@@ -36,7 +36,7 @@ def pil_resize_weights(in_size: int, out_size: int) -> np.ndarray:
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), in_size)
         x = np.arange(xmin, xmax)
-        w = np.maximum(1.0 - np.abs((x - center + 0.5) / filterscale), 0.0)
+        w = np.maximum(1.0 - np.abs((x - center + 0.5) * (1.0 / filterscale)), 0.0)  # as PIL: * ss
         total = w.sum()
         if total != 0.0:
             w = w / total
@@ -45,9 +45,30 @@ def pil_resize_weights(in_size: int, out_size: int) -> np.ndarray:
     return m.astype(np.int32)
 
 
-def _pil_pass(x: jax.Array, weights: np.ndarray, axis: int) -> jax.Array:
-    acc = jnp.tensordot(jnp.asarray(weights), jnp.moveaxis(x.astype(jnp.int32), axis, 0), axes=1,
-                        preferred_element_type=jnp.int32)
+@functools.lru_cache(maxsize=64)
+def pil_resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`pil_resize_weights` as taps: (index [out, k] int32, weight [out, k] int32), each output's
+    nonzero weights (a contiguous run of inputs), padded with weight 0 to the longest run k."""
+    m = pil_resize_weights(in_size, out_size)
+    nz = m != 0
+    first = np.where(nz.any(1), nz.argmax(1), 0)
+    last = np.where(nz.any(1), in_size - 1 - nz[:, ::-1].argmax(1), 0)
+    k = int(max(1, (last - first + 1).max()))
+    idx = np.minimum(first[:, None] + np.arange(k)[None, :], in_size - 1)
+    w = np.take_along_axis(m, idx, axis=1)
+    w = np.where(first[:, None] + np.arange(k)[None, :] <= last[:, None], w, 0)
+    return idx.astype(np.int32), w.astype(np.int32)
+
+
+def _pil_pass(x: jax.Array, in_size: int, out_size: int, axis: int) -> jax.Array:
+    """One axis of PIL's resize: each output sums its few integer taps (int32, exact as the
+    dense integer product it replaces, which a GPU runs without tensor cores: ~1.3 ms per
+    640² -> 1024² image on an H200)."""
+    idx, w = pil_resize_taps(in_size, out_size)
+    xs = jnp.moveaxis(x.astype(jnp.int32), axis, 0)  # [in, ...]
+    tail = (1,) * (xs.ndim - 1)
+    acc = sum(jnp.take(xs, jnp.asarray(idx[:, j]), axis=0) * jnp.asarray(w[:, j]).reshape((-1,) + tail)
+              for j in range(idx.shape[1]))
     acc = (acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS
     return jnp.moveaxis(jnp.clip(acc, 0, 255).astype(jnp.uint8), 0, axis)
 
@@ -58,9 +79,9 @@ def resize_uint8(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (-
     in_h, in_w = x.shape[ah], x.shape[aw]
     out_h, out_w = size
     if in_w != out_w:
-        x = _pil_pass(x, pil_resize_weights(in_w, out_w), aw)
+        x = _pil_pass(x, in_w, out_w, aw)
     if in_h != out_h:
-        x = _pil_pass(x, pil_resize_weights(in_h, out_h), ah)
+        x = _pil_pass(x, in_h, out_h, ah)
     return x
 
 
