@@ -1,8 +1,9 @@
 """Resizing images and prompts to the encoder frame (mirrors segment_anything/utils/transforms.py).
 
 Upstream resizes uint8 images with PIL's bilinear filter (antialiased when shrinking, 8-bit fixed
-point, horizontal pass then vertical pass with rounding to uint8 in between).  `pil_resize_weights`
-rebuilds PIL's integer filter taps so the same resize runs on device (`resize_uint8`) bit for bit.
+point, one pass per axis with rounding to uint8 in between).  `pil_resize_weights` rebuilds PIL's
+integer filter taps so the same resize runs on device (`resize_uint8`) bit for bit, with the
+passes in the order the installed Pillow runs them (`pil_vertical_first`).
 
 Legend: b batch, h w spatial, c channels.
 """
@@ -73,15 +74,43 @@ def _pil_pass(x: jax.Array, in_size: int, out_size: int, axis: int) -> jax.Array
     return jnp.moveaxis(jnp.clip(acc, 0, 255).astype(jnp.uint8), 0, axis)
 
 
-def resize_uint8(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (-3, -2)) -> jax.Array:
-    """PIL-exact bilinear resize of uint8 images [..., h, w, c] to `size` (h, w) (jit-able)."""
+@functools.lru_cache(maxsize=1)
+def _pillow_major() -> int:
+    try:
+        import PIL
+    except ImportError:  # no Pillow to agree with: follow the current one
+        return 13
+    return int(str(PIL.__version__).split(".")[0])
+
+
+def pil_vertical_first(in_hw: tuple[int, int], out_hw: tuple[int, int],
+                       pillow_major: int | None = None) -> bool:
+    """Whether Pillow resizes (h, w) -> (h', w') with its vertical pass first.
+
+    Pillow up to 12 always runs the horizontal pass first.  Pillow 13 (python-pillow/Pillow#9549)
+    runs the vertical one first when the height shrinks by more than twice as many pixels as the
+    width does (h' < h and h - h' > 2 (w - w')): tall images brought to SAM's 1024 side, for
+    example.  The uint8 rounding between the passes makes the order visible (±1 levels).  The
+    rule was read off Pillow 13.0's output (tests/test_sam_resize.py checks it on random sizes
+    against the installed Pillow).  `pillow_major` None: the installed Pillow's version."""
+    major = _pillow_major() if pillow_major is None else pillow_major
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    return major >= 13 and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
+
+
+def resize_uint8(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (-3, -2),
+                 pillow_major: int | None = None) -> jax.Array:
+    """PIL-exact bilinear resize of uint8 images [..., h, w, c] to `size` (h, w) (jit-able), the
+    passes in the order of Pillow version `pillow_major` (None: the installed one)."""
     ah, aw = (a % x.ndim for a in axes)
     in_h, in_w = x.shape[ah], x.shape[aw]
     out_h, out_w = size
-    if in_w != out_w:
-        x = _pil_pass(x, in_w, out_w, aw)
-    if in_h != out_h:
-        x = _pil_pass(x, in_h, out_h, ah)
+    passes = [(in_w, out_w, aw), (in_h, out_h, ah)]
+    if pil_vertical_first((in_h, in_w), (out_h, out_w), pillow_major):
+        passes.reverse()
+    for n_in, n_out, axis in passes:
+        if n_in != n_out:
+            x = _pil_pass(x, n_in, n_out, axis)
     return x
 
 
