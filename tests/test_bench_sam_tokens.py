@@ -21,10 +21,8 @@ def test_bench_runs_every_variant_and_checks_it(capsys):
     assert rc == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "ms per call" not in line]
     names = [tuple(r.split(" | ")[:2]) for r in rows]
-    assert names == [("| shared", "xla absorbed"), ("| shared", "pallas block_l 16 warps 4 stages 1"),
-                     ("| shared", "pallas block_l 32 warps 4 stages 1"), ("| per prompt", "xla absorbed"),
-                     ("| per prompt", "pallas block_l 16 warps 4 stages 1"),
-                     ("| per prompt", "pallas block_l 32 warps 4 stages 1")]
+    variants = [f"pallas heads {h} block_l {b} warps 4 stages 1" for h in ("loop", "merged") for b in (16, 32)]
+    assert names == [(f"| {kind}", v) for kind in ("shared", "per prompt") for v in ["xla absorbed"] + variants]
     errs = [float(r.split(" | ")[4].rstrip(" |")) for r in rows]
     assert max(errs) <= 1e-2
 

@@ -67,6 +67,7 @@ def _grouped(keys, m, bias, u, g):
     return split(keys), split(m), split(bias), split(u)
 
 
+@pytest.mark.parametrize("layout", ["loop", "merged"])
 @pytest.mark.parametrize("bk,b,g,l,t,block_l", [
     (2, 6, 2, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
     (4, 4, 1, 48, 5, 16),  # one map per prompt
@@ -74,7 +75,7 @@ def _grouped(keys, m, bias, u, g):
     (1, 3, 1, 32, 16, 32),  # no padding
     (1, 2, 1, 64, 20, 16),  # padded to 32
 ])
-def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l):
+def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l, layout):
     rng = np.random.default_rng(b * l + t)
     c, inner, heads, eps = 32, 16, 4, 1e-5
     p = _weights(rng, c, inner)
@@ -85,12 +86,13 @@ def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l):
                         {k: v.astype(np.float64) for k, v in p.items()}, heads, eps)
     gk, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), g)
     out = image_to_tokens_norm(*map(jnp.asarray, (gk, pe, m, bias, u, p["bo"], p["g"], p["be"])), eps=eps,
-                               block_l=block_l, interpret=True)
+                               block_l=block_l, interpret=True, heads=layout)
     assert out.shape == (g, b // g, l, c)
     assert rel_err(np.asarray(out).reshape(b, l, c), ref) <= RTOL["float32"]
 
 
-def test_kernel_in_bfloat16_interpreted():
+@pytest.mark.parametrize("layout", ["loop", "merged"])
+def test_kernel_in_bfloat16_interpreted(layout):
     rng = np.random.default_rng(3)
     c, inner, heads, b, l, t = 64, 32, 8, 2, 64, 7
     p = _weights(rng, c, inner)
@@ -101,7 +103,7 @@ def test_kernel_in_bfloat16_interpreted():
     keys, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), 1)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
     out = image_to_tokens_norm(bf(keys), bf(pe), bf(m), jnp.asarray(bias), bf(u), *map(jnp.asarray, (p["bo"], p["g"], p["be"])),
-                               interpret=True)
+                               interpret=True, heads=layout)
     assert out.dtype == jnp.bfloat16
     assert rel_err(np.asarray(out.astype(jnp.float32))[0], ref) <= RTOL["bfloat16"]
 
@@ -150,7 +152,8 @@ def test_kernel_runs_per_image_shard_without_gathering(axis_type):
     assert "all-gather" not in hlo
 
 
-def test_kernel_lowers_to_triton_for_a_gpu():
+@pytest.mark.parametrize("layout", ["loop", "merged"])
+def test_kernel_lowers_to_triton_for_a_gpu(layout):
     """Lowering for CUDA on this CPU machine runs the Pallas Triton lowering of every primitive
     in the kernel; the GPU run is the gpu test."""
     s = jax.ShapeDtypeStruct
@@ -158,7 +161,8 @@ def test_kernel_lowers_to_triton_for_a_gpu():
     f32, dtype = jnp.float32, jnp.bfloat16
     args = [s((2, 1, l, c), dtype), s((l, c), dtype), s((2, b, n, c, t), dtype), s((2, b, n, t), f32),
             s((2, b, n, t, c), dtype), s((c,), f32), s((c,), f32), s((c,), f32)]
-    lowered = jax.jit(image_to_tokens_norm).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda *a: image_to_tokens_norm(*a, heads=layout)).trace(*args).lower(
+        lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 

@@ -5,7 +5,7 @@ XLA "absorbed" path (`Attention.image_to_tokens` + `norm4`) against the fused Pa
 float32 XLA path, with the image tokens shared by an image's prompts (the first block) and with
 one map per prompt (the second).
 
-    sarformer bench sam_tokens --prompts 64 --block-l 32,64,128 --num-warps 4,8
+    sarformer bench sam_tokens --prompts 64 --block-l 32,64,128 --num-warps 4,8 --heads loop,merged
     python scripts/bench_sam_tokens.py
 
 One call is one block's update for one chunk of `--prompts` prompts per image, 2 images (the
@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=7, help="tokens per prompt (7 in the generator)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     add_launch_arguments(parser)
+    parser.add_argument("--heads", default="loop,merged",
+                        help="comma list of the kernel's head layouts (loop: a pair of products per head; "
+                             "merged: all heads in one pair)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
 
@@ -102,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append((kind, name, ms, err))
 
         timed("xla absorbed", update(keys, None, dtype))
-        for bl, nw, ns in itertools.product(int_list(args.block_l), int_list(args.num_warps), int_list(args.num_stages)):
-            timed(f"pallas block_l {bl} warps {nw} stages {ns}",
-                  update(keys, kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns))
+        layouts = [h for h in args.heads.split(",") if h.strip()]
+        for hl, bl, nw, ns in itertools.product(layouts, int_list(args.block_l), int_list(args.num_warps),
+                                                int_list(args.num_stages)):
+            timed(f"pallas heads {hl} block_l {bl} warps {nw} stages {ns}",
+                  update(keys, kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns, heads=hl))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam_tokens  {datetime.date.today()}  jax {jax.__version__}  device "
           f"{dev.device_kind}  dtype {args.dtype}  {g} images x {p} prompts x {l} tokens x {c}, {t} prompt tokens  "
