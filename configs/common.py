@@ -160,7 +160,8 @@ def guidance(source: str = "online") -> Config:
             # how the candidates' logits are resized to the image (Sam.postprocess_implementation):
             # "taps" (the few nonzero weights per pixel, gathered) or "matmul" (float32 GEMMs);
             # taps: 81.6 vs 100.7 ms per 640² image for the whole generator on an H200
-            # (docs/benchmarks.md, SAM run 4)
+            # (docs/benchmarks.md, SAM run 4); "pallas" (GPU: resized and thresholded in one
+            # kernel, kernels/sam_mask_stats.py; not yet timed on a GPU, so not the default)
             postprocess="taps",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Sam.inference_state(), as the predictor runs), 'float32' (cast at every call)")
     parser.add_argument("--postprocess", default="taps",
                         help="comma list of mask post-processing implementations to time in the "
-                             "generator (matmul, taps: see Sam.postprocess_implementation)")
+                             "generator (matmul, taps, pallas: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
                              "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")
@@ -197,7 +197,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     def select(st, c):
         m = nnx.merge(graphdef, st)
         out = gen._select(m, c, s, (size, size), s.max_masks)
-        return m.postprocess_masks(out["low_res"], input_size, (size, size)) > m.mask_threshold
+        return m.threshold_masks(out["low_res"], input_size, (size, size))
 
     select = jax.jit(select)
     emb = enc(state, images)

@@ -49,9 +49,12 @@ def stability_from_bits(bits: jax.Array) -> jax.Array:
 def batched_mask_to_box(masks: jax.Array) -> jax.Array:
     """Inclusive xyxy pixel boxes [..., 4] (int32) of boolean masks [..., h, w]; [0, 0, 0, 0]
     for an empty mask."""
-    h, w = masks.shape[-2:]
-    rows = jnp.any(masks, axis=-1)  # [..., h]
-    cols = jnp.any(masks, axis=-2)  # [..., w]
+    return box_from_rows_cols(jnp.any(masks, axis=-1), jnp.any(masks, axis=-2))
+
+
+def box_from_rows_cols(rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """`batched_mask_to_box` from which rows [..., h] and columns [..., w] hold a mask pixel."""
+    h, w = rows.shape[-1], cols.shape[-1]
     ys, xs = jnp.arange(h, dtype=jnp.int32), jnp.arange(w, dtype=jnp.int32)
     top = jnp.min(jnp.where(rows, ys, h), axis=-1)
     bottom = jnp.max(jnp.where(rows, ys, 0), axis=-1)

@@ -69,10 +69,7 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
         with jax.named_scope("sam_mask_decoder"):
             low, iou = sam.decode(emb, (pts, labels), multimask_output=True)  # ppb prompts per image
         with jax.named_scope("sam_postprocess"):
-            logits = sam.postprocess_masks(low, input_size, (h, w))  # [b*ppb, 3, h, w]
-            bits = amg.mask_bits(logits, sam.mask_threshold, s.stability_score_offset)
-            stab = amg.stability_from_bits(bits)
-            boxes = amg.batched_mask_to_box((bits & 4) != 0)
+            stab, boxes = sam.mask_stats(low, input_size, (h, w), s.stability_score_offset)  # [b*ppb, 3]
         m = low.shape[1]
         return dict(low_res=low.reshape(b, ppb * m, *low.shape[2:]), iou=iou.reshape(b, ppb * m),
                     stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
@@ -128,7 +125,7 @@ def automatic_masks(sam: Sam, images, s: AmgSettings, emb: jax.Array | None = No
     out = _select(sam, cand, s, (h, w), s.max_masks)
     low = out.pop("low_res")
     with jax.named_scope("sam_postprocess"):
-        masks = sam.postprocess_masks(low, input_size, (h, w)) > sam.mask_threshold
+        masks = sam.threshold_masks(low, input_size, (h, w))
     out["masks"] = masks & out["valid"][..., None, None]
     out.pop("keep")
     return out
@@ -155,7 +152,7 @@ def _decode_boxes(sam: Sam, images, boxes, input_size, emb: jax.Array | None = N
     if emb is None:
         emb = sam.embed_image(resize_uint8(images, input_size))
     low, iou = sam.decode(emb, boxes=bx.reshape(b * m, 4), multimask_output=False)  # m per image
-    masks = sam.postprocess_masks(low[:, 0], input_size, (h, w)).reshape(b, m, h, w) > sam.mask_threshold
+    masks = sam.threshold_masks(low[:, 0], input_size, (h, w)).reshape(b, m, h, w)
     return dict(box_masks=masks & present[..., None, None], box_scores=jnp.where(present, iou.reshape(b, m), 0.0),
                 box_valid=present)
 
@@ -356,4 +353,4 @@ class SamAutomaticMaskGenerator:
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _postprocess(graphdef, state, low, input_size, size):
     sam: Sam = nnx.merge(graphdef, state)
-    return sam.postprocess_masks(low, input_size, size) > sam.mask_threshold
+    return sam.threshold_masks(low, input_size, size)

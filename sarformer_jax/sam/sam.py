@@ -16,6 +16,7 @@ from sarformer_jax.sam.image_encoder import ImageEncoderViT
 from sarformer_jax.sam.mask_decoder import MaskDecoder
 from sarformer_jax.sam.prompt_encoder import PromptEncoder
 
+POSTPROCESS = ("matmul", "taps", "pallas", "pallas_interpret")
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -26,8 +27,11 @@ class Sam(nnx.Module):
     mask_threshold: float = 0.0
     image_format: str = "RGB"
     # how `postprocess_masks` applies its per-axis linear maps: "matmul" (dense float32 GEMMs at
-    # HIGHEST precision) or "taps" (the <= 4 nonzero weights of each output, gathered); same
-    # weights, sums in another order.  Set on an instance to change it.
+    # HIGHEST precision), "taps" (the <= 4 nonzero weights of each output, gathered) or "pallas"
+    # (a GPU kernel, kernels/sam_mask_stats.py, that also thresholds on chip: `threshold_masks`
+    # and `mask_stats` then never store the full-size logits; "pallas_interpret" runs it in the
+    # Pallas interpreter for CPU tests); same weights, sums in another order.  Set on an
+    # instance to change it.
     postprocess_implementation: str = "matmul"
 
     def __init__(self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
@@ -64,6 +68,8 @@ class Sam(nnx.Module):
         thousands of candidates."""
         s = self.img_size
         lh, lw = masks.shape[-2:]
+        if self._postprocess_kernel():
+            return self._kernel_postprocess(masks, input_size, original_size, "logits")
         x = masks.astype(jnp.float32)
         if self.postprocess_implementation == "taps":
             ih, wh = postprocess_taps(lh, s, int(input_size[0]), int(original_size[0]))
@@ -74,12 +80,52 @@ class Sam(nnx.Module):
             x = jnp.take(x, jnp.asarray(ih), axis=-2)  # [..., out_h, k, out_w]
             return jnp.sum(x * jnp.asarray(wh)[..., None], axis=-2)
         if self.postprocess_implementation != "matmul":
-            raise ValueError(f"postprocess_implementation must be 'matmul' or 'taps', got "
+            raise ValueError(f"postprocess_implementation must be one of {POSTPROCESS}, got "
                              f"{self.postprocess_implementation!r}")
         mh = jnp.asarray(postprocess_matrix(lh, s, int(input_size[0]), int(original_size[0])))
         mw = jnp.asarray(postprocess_matrix(lw, s, int(input_size[1]), int(original_size[1])))
         x = jnp.einsum("...hw,ow->...ho", x, mw, precision=jax.lax.Precision.HIGHEST)
         return jnp.einsum("...hw,oh->...ow", x, mh, precision=jax.lax.Precision.HIGHEST)
+
+    def _postprocess_kernel(self) -> bool:
+        impl = self.postprocess_implementation
+        if impl == "pallas" and jax.default_backend() != "gpu":
+            raise ValueError(f"postprocess_implementation 'pallas' is a GPU kernel (backend here: "
+                             f"{jax.default_backend()}); use 'taps', or 'pallas_interpret' for tests")
+        return impl in ("pallas", "pallas_interpret")
+
+    def _kernel_postprocess(self, masks, input_size, original_size, mode, offset: float = 0.0):
+        from sarformer_jax.kernels.sam_mask_stats import postprocess_stats
+
+        t = float(self.mask_threshold)
+        return postprocess_stats(masks if masks.dtype in (jnp.float32, jnp.bfloat16) else masks.astype(jnp.float32),
+                                 img_size=self.img_size, input_size=tuple(int(v) for v in input_size),
+                                 original_size=tuple(int(v) for v in original_size), mode=mode,
+                                 thresholds=(t + offset, t - offset, t),
+                                 interpret=self.postprocess_implementation == "pallas_interpret")
+
+    def threshold_masks(self, masks: jax.Array, input_size: tuple[int, int],
+                        original_size: tuple[int, int]) -> jax.Array:
+        """`postprocess_masks(...) > mask_threshold`: boolean masks [..., H, W] (with "pallas",
+        thresholded on chip)."""
+        if self._postprocess_kernel():
+            return self._kernel_postprocess(masks, input_size, original_size, "mask")
+        return self.postprocess_masks(masks, input_size, original_size) > self.mask_threshold
+
+    def mask_stats(self, masks: jax.Array, input_size: tuple[int, int], original_size: tuple[int, int],
+                   offset: float) -> tuple[jax.Array, jax.Array]:
+        """What the automatic generator needs of each full-size mask: (stability score [...],
+        upstream's `calculate_stability_score` with `offset`; inclusive xyxy box [..., 4] int32
+        of the mask above `mask_threshold`, zeros when empty)."""
+        from sarformer_jax.sam import amg
+
+        if self._postprocess_kernel():
+            st = self._kernel_postprocess(masks, input_size, original_size, "stats", offset)
+            stab = st["high"].astype(jnp.float32) / st["low"].astype(jnp.float32)
+            return stab, amg.box_from_rows_cols(st["rows"], st["cols"])
+        logits = self.postprocess_masks(masks, input_size, original_size)
+        bits = amg.mask_bits(logits, self.mask_threshold, offset)
+        return amg.stability_from_bits(bits), amg.batched_mask_to_box((bits & 4) != 0)
 
     def embed_image(self, x: jax.Array) -> jax.Array:
         """Resized uint8/float RGB [b, h, w, 3] with max(h, w) = img_size -> [b, 64, 64, 256]."""
