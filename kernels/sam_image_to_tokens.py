@@ -40,6 +40,16 @@ def _i(k: int) -> jax.Array:
     return jnp.int32(k)  # static indices as int32 scalars (interpreter-safe)
 
 
+def _layer_norm(acc, g_ref, be_ref, eps: float):
+    """The float32 LayerNorm of the residual sum acc [block_l, c] (two-pass variance)."""
+    c = acc.shape[-1]
+    mu = jnp.sum(acc, axis=1)[:, None] * (1.0 / c)
+    d = acc - mu
+    var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c)
+    return d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :] \
+        + be_ref[...].astype(jnp.float32)[None, :]
+
+
 def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref, *, block_l: int,
             heads: int, eps: float, shared: int):
     b, lb = pl.program_id(0), pl.program_id(1)
@@ -48,7 +58,6 @@ def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref,
     row = b // shared  # the image tokens of this prompt (shared by `shared` prompts)
     x = k_ref[row, ls, :]  # [block_l, c]
     q = x + pe_ref[ls, :]
-    c = x.shape[-1]
     acc = x.astype(jnp.float32) + bo_ref[...].astype(jnp.float32)[None, :]
     for n in range(heads):
         logits = jnp.dot(q, m_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
@@ -56,12 +65,7 @@ def _kernel(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref,
         e = jnp.exp(logits - jnp.max(logits, axis=1)[:, None])
         a = (e / jnp.sum(e, axis=1)[:, None]).astype(x.dtype)
         acc = acc + jnp.dot(a, u_ref[b, _i(n), :, :], preferred_element_type=jnp.float32, precision=prec)
-    mu = jnp.sum(acc, axis=1)[:, None] * (1.0 / c)
-    d = acc - mu
-    var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c)
-    y = d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :] \
-        + be_ref[...].astype(jnp.float32)[None, :]
-    o_ref[b, ls, :] = y.astype(o_ref.dtype)
+    o_ref[b, ls, :] = _layer_norm(acc, g_ref, be_ref, eps).astype(o_ref.dtype)
 
 
 def _kernel_merged(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref, o_ref, *, block_l: int,
@@ -75,7 +79,6 @@ def _kernel_merged(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref,
     ls = pl.ds(lb * block_l, block_l)
     x = k_ref[b // shared, ls, :]  # [block_l, c]
     q = x + pe_ref[ls, :]
-    c = x.shape[-1]
     width = m_ref.shape[-1]
     tp = width // heads
     logits = jnp.dot(q, m_ref[b, :, :], preferred_element_type=jnp.float32, precision=prec)
@@ -84,12 +87,7 @@ def _kernel_merged(k_ref, pe_ref, m_ref, bias_ref, u_ref, bo_ref, g_ref, be_ref,
     a = (e / jnp.sum(e, axis=2)[:, :, None]).astype(x.dtype).reshape(block_l, width)
     acc = x.astype(jnp.float32) + bo_ref[...].astype(jnp.float32)[None, :]
     acc = acc + jnp.dot(a, u_ref[b, :, :], preferred_element_type=jnp.float32, precision=prec)
-    mu = jnp.sum(acc, axis=1)[:, None] * (1.0 / c)
-    d = acc - mu
-    var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c)
-    y = d * jax.lax.rsqrt(var + eps) * g_ref[...].astype(jnp.float32)[None, :] \
-        + be_ref[...].astype(jnp.float32)[None, :]
-    o_ref[b, ls, :] = y.astype(o_ref.dtype)
+    o_ref[b, ls, :] = _layer_norm(acc, g_ref, be_ref, eps).astype(o_ref.dtype)
 
 
 HEADS = ("merged", "loop")
