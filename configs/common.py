@@ -161,8 +161,9 @@ def guidance(source: str = "online") -> Config:
             # "taps" (the few nonzero weights per pixel, gathered) or "matmul" (float32 GEMMs);
             # taps: 81.6 vs 100.7 ms per 640² image for the whole generator on an H200
             # (docs/benchmarks.md, SAM run 4); "pallas" (GPU: resized and thresholded in one
-            # kernel, kernels/sam_mask_stats.py; not yet timed on a GPU, so not the default)
-            postprocess="taps",
+            # kernel, kernels/sam_mask_stats.py; 36.2 vs 42.8 ms, SAM run 11); "auto" = pallas
+            # on a GPU, taps elsewhere
+            postprocess="auto",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
             # kernel, bf16 only; no faster in the generator: SAM run 6) or "upstream"; and its

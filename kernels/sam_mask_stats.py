@@ -9,12 +9,15 @@ Two outputs, by `mode`:
 - "mask": the boolean masks (the kept ones);
 - "logits" (tests): the resized float32 logits themselves.
 
-Each program computes a [block_rows, block_cols] tile of one mask.  Along the width it gathers
-the <= 4 taps of each output column (`common.postprocess_taps`) from the few low-res rows the
-tile's output rows read (`rows` of them, fixed per geometry); along the height it combines those
-rows with the dense local weights of the composed height map (`common.postprocess_matrix`),
-whose other entries are exact zeros.  Same weights as the "taps" post-processing; the sums run
-in another order (float32).  Grid: (masks, row blocks, column blocks).
+Each program computes a [block_rows, block_cols] tile of one mask in two steps.  Along the
+width it gathers, for the `span` low-res rows the tile's output rows read (a power of two >= 16,
+fixed per geometry), the <= 4 taps of each output column (`common.postprocess_taps`): a
+[span, block_cols] gather per tap, weighted and summed.  Along the height it multiplies that
+[span, block_cols] tile by the [block_rows, span] local weights of the composed height map
+(`common.postprocess_matrix`, other entries exact zeros) as one matrix product on the tensor
+cores, in 3-pass TF32 ("TF32_TF32_F32_X3": float32 to ~1e-6; the interpreter uses exact float32
+products).  Same weights as the "taps" post-processing; the sums run in another order.
+Grid: (masks, row blocks, column blocks).
 """
 
 from __future__ import annotations
@@ -32,10 +35,18 @@ from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 MODES = ("stats", "mask", "logits")
 
 
+def _span_pow2(n: int) -> int:
+    p = 16  # the smallest operand side of a Triton matrix product
+    while p < n:
+        p *= 2
+    return p
+
+
 @functools.lru_cache(maxsize=32)
 def height_blocks(low: int, img_size: int, crop: int, out: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first low-res row per row block [nb] int32, local weights [nb, rows, block_rows] float32):
-    output row r of block b = sum_j weights[b, j, r] * low-res row (first[b] + j)."""
+    """(first low-res row per row block [nb] int32, local weights [nb, block_rows, span] float32):
+    output row r of block b = sum_j weights[b, r, j] * low-res row (first[b] + j); span is the
+    widest block's run of low-res rows rounded up to a power of two >= 16 (zero weights)."""
     from sarformer_jax.sam.common import postprocess_matrix
 
     m = postprocess_matrix(low, img_size, crop, out)  # [out, low]
@@ -43,15 +54,17 @@ def height_blocks(low: int, img_size: int, crop: int, out: int, block_rows: int)
     padded = np.zeros((nb * block_rows, low), np.float32)
     padded[:out] = m
     blocks = padded.reshape(nb, block_rows, low)
-    nz = blocks != 0
-    any_row = nz.any(axis=1)  # [nb, low]
+    any_row = (blocks != 0).any(axis=1)  # [nb, low]
     first = np.where(any_row.any(1), any_row.argmax(1), 0)
     last = np.where(any_row.any(1), low - 1 - any_row[:, ::-1].argmax(1), 0)
-    rows = int(max(1, (last - first + 1).max()))
-    first = np.minimum(first, low - rows)  # the span stays inside the map
-    idx = first[:, None] + np.arange(rows)[None, :]  # [nb, rows]
-    local = np.take_along_axis(blocks, np.broadcast_to(idx[:, None, :], (nb, block_rows, rows)), axis=2)
-    return first.astype(np.int32), np.ascontiguousarray(np.moveaxis(local, 2, 1)).astype(np.float32)
+    span = _span_pow2(int(max(1, (last - first + 1).max())))
+    if span > low:
+        raise ValueError(f"sam mask post-processing kernel: {block_rows} output rows of {out} read {span} of the "
+                         f"{low} low-res rows (padded to a power of two >= 16); use fewer block_rows")
+    first = np.minimum(first, low - span)  # the span stays inside the map
+    idx = first[:, None] + np.arange(span)[None, :]  # [nb, span]
+    local = np.take_along_axis(blocks, np.broadcast_to(idx[:, None, :], (nb, block_rows, span)), axis=2)
+    return first.astype(np.int32), np.ascontiguousarray(local).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -68,21 +81,19 @@ def width_taps(low: int, img_size: int, crop: int, out: int, block_cols: int) ->
     return pi, pw
 
 
-def _kernel(low_ref, first_ref, hw_ref, ti_ref, tw_ref, *out_refs, mode: str, per_lead: int, rows: int, taps: int,
-            block_rows: int, block_cols: int, out_hw: tuple[int, int], thresholds: tuple[float, float, float]):
+def _kernel(low_ref, first_ref, hw_ref, ti_ref, tw_ref, *out_refs, mode: str, per_lead: int, span: int, taps: int,
+            block_rows: int, block_cols: int, out_hw: tuple[int, int], thresholds: tuple[float, float, float],
+            precision):
     n, rb, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi, mi = n // per_lead, n % per_lead  # the geometry arrays lead with the (sharded) first axis
     cols = pl.ds(cb * block_cols, block_cols)
-    tap_idx = [ti_ref[gi, jnp.int32(k), cols] for k in range(taps)]  # [block_cols] each
-    tap_w = [tw_ref[gi, jnp.int32(k), cols] for k in range(taps)]
-    first = first_ref[gi, rb]
-    acc = jnp.zeros((block_rows, block_cols), jnp.float32)
-    for j in range(rows):
-        src = first + j
-        u = tap_w[0] * low_ref[gi, mi, src, tap_idx[0]].astype(jnp.float32)
-        for k in range(1, taps):
-            u = u + tap_w[k] * low_ref[gi, mi, src, tap_idx[k]].astype(jnp.float32)
-        acc = acc + hw_ref[gi, rb, jnp.int32(j), :][:, None] * u[None, :]
+    src = (first_ref[gi, rb] + jnp.arange(span, dtype=jnp.int32))[:, None]  # [span, 1] low-res rows
+    u = None  # the width pass of the span's rows [span, block_cols]
+    for k in range(taps):
+        g = low_ref[gi, mi, src, ti_ref[gi, jnp.int32(k), cols][None, :]].astype(jnp.float32)
+        term = tw_ref[gi, jnp.int32(k), cols][None, :] * g
+        u = term if u is None else u + term
+    acc = jnp.dot(hw_ref[gi, rb], u, precision=precision, preferred_element_type=jnp.float32)
     r = rb * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     c = cb * block_cols + jnp.arange(block_cols, dtype=jnp.int32)
     inside = (r < out_hw[0])[:, None] & (c < out_hw[1])[None, :]
@@ -106,11 +117,13 @@ def _call(low, first, hw, ti, tw, *, mode, out_hw, thresholds, block_rows, block
     the raw outputs, leading with g * m (per-tile partial statistics)."""
     g, m = low.shape[:2]
     n = g * m
-    nb, rows = hw.shape[1], hw.shape[2]
+    nb, span = hw.shape[1], hw.shape[3]
     ncb = ti.shape[2] // block_cols
     ph, pw = nb * block_rows, ncb * block_cols
-    kernel = functools.partial(_kernel, mode=mode, per_lead=m, rows=rows, taps=ti.shape[1], block_rows=block_rows,
-                               block_cols=block_cols, out_hw=out_hw, thresholds=thresholds)
+    # 3-pass TF32 on the tensor cores (float32 to ~1e-6); exact float32 in the interpreter
+    precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    kernel = functools.partial(_kernel, mode=mode, per_lead=m, span=span, taps=ti.shape[1], block_rows=block_rows,
+                               block_cols=block_cols, out_hw=out_hw, thresholds=thresholds, precision=precision)
     if mode == "stats":
         out_shape = (jax.ShapeDtypeStruct((n, nb, ncb), jnp.int32), jax.ShapeDtypeStruct((n, nb, ncb), jnp.int32),
                      jax.ShapeDtypeStruct((n, ncb, ph), jnp.int32), jax.ShapeDtypeStruct((n, nb, pw), jnp.int32))

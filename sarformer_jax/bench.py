@@ -17,6 +17,7 @@ BENCHMARKS = {
     "sam": "SAM encoders and the automatic mask generator vs segment-anything",
     "sam_upscale": "SAM's mask upscaling head alone: XLA paths vs the fused Pallas kernel's launch settings",
     "sam_tokens": "SAM's two-way image-token update alone: XLA vs the fused Pallas kernel's launch settings",
+    "sam_post": "SAM's mask post-processing alone: XLA taps vs the Pallas kernel's launch settings",
     "train": "SARFormer-B and Mask2Former train steps: step time, img/s, memory, MFU",
     "eval": "slide inference images/s, SARFormer-B vs Mask2Former",
     "data": "input pipeline images/s per CPU core",

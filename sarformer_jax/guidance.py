@@ -113,8 +113,8 @@ def load_guidance_sam(cfg, sam=None):
         if sam.img_size != want:
             raise ValueError(f"{ckpt}: SAM input size {sam.img_size}, config says {want}")
     post = str(cfg.guidance.sam.get("postprocess", "matmul"))
-    if post not in ("matmul", "taps", "pallas"):
-        raise ValueError(f"guidance.sam.postprocess must be 'matmul', 'taps' or 'pallas', got {post!r}")
+    if post not in ("auto", "matmul", "taps", "pallas"):
+        raise ValueError(f"guidance.sam.postprocess must be 'auto', 'matmul', 'taps' or 'pallas', got {post!r}")
     sam.postprocess_implementation = post
     up = str(cfg.guidance.sam.get("upscale", "blocks"))
     if up not in ("upstream", "blocks", "pallas"):

@@ -58,10 +58,11 @@ def test_online_proposals_are_the_generators_masks_prepared(tmp_path):
 def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_path):
     from flax import nnx
 
-    for post in ("taps", "matmul"):
+    for post in ("taps", "matmul", "auto"):
         cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": post})
         graphdef, state = load_guidance_sam(cfg, tiny_sam())
         assert nnx.merge(graphdef, state).postprocess_implementation == post
+    assert nnx.merge(graphdef, state).resolved_postprocess() == "taps"  # "auto" on the CPU
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())

@@ -141,6 +141,36 @@ def test_kernel_lowers_to_triton_for_a_gpu(mode):
     assert "__gpu$xla.gpu.triton" in f.trace(low).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def test_auto_is_the_kernel_on_a_gpu_and_taps_elsewhere(monkeypatch):
+    from sarformer_jax.sam.build import build_sam
+
+    sam = build_sam("vit_b", encoder_depth=1, global_attn_indexes=(0,))
+    low = jnp.asarray(_low(np.random.default_rng(3), (1, 3), 16))
+    args = (low, (64, 43), (50, 33))
+    sam.postprocess_implementation = "taps"
+    want = np.asarray(sam.postprocess_masks(*args))
+    sam.postprocess_implementation = "auto"
+    assert sam.resolved_postprocess() == "taps"
+    np.testing.assert_array_equal(np.asarray(sam.postprocess_masks(*args)), want)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert sam.resolved_postprocess() == "pallas"
+
+
+def test_height_blocks_pad_the_span_to_a_power_of_two():
+    from sarformer_jax.kernels.sam_mask_stats import height_blocks
+    from sarformer_jax.sam.common import postprocess_matrix
+
+    first, local = height_blocks(256, 1024, 1024, 640, 32)  # 32 rows of 640 read 15 low-res rows
+    assert local.shape == (20, 32, 16) and first.max() + 16 <= 256
+    m = postprocess_matrix(256, 1024, 1024, 640)
+    dense = np.zeros((640, 256), np.float32)
+    for b in range(20):
+        dense[b * 32:(b + 1) * 32, first[b]:first[b] + 16] = local[b]
+    np.testing.assert_array_equal(dense, m)  # every weight kept, in place
+    with pytest.raises(ValueError, match="32 output rows of 50 read 16 of the 8 low-res rows"):
+        height_blocks(8, 64, 64, 50, 32)
+
+
 def test_errors():
     from sarformer_jax.sam.build import build_sam
 

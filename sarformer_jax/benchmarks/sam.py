@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-weights", default="held",
                         help="comma list: 'held' (Linear / Conv weights held in the compute dtype, "
                              "Sam.inference_state(), as the predictor runs), 'float32' (cast at every call)")
-    parser.add_argument("--postprocess", default="taps",
+    parser.add_argument("--postprocess", default="auto",
                         help="comma list of mask post-processing implementations to time in the "
-                             "generator (matmul, taps, pallas: see Sam.postprocess_implementation)")
+                             "generator (auto, matmul, taps, pallas: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
                              "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")

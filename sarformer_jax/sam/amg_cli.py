@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument("--max-masks", type=int, default=256, help="per image (dataset mode)")
+    parser.add_argument("--postprocess", default="auto", choices=["auto", "matmul", "taps", "pallas"],
+                        help="how candidates' logits are resized and thresholded (Sam.postprocess_implementation; "
+                             "auto: the Pallas kernel on a GPU, taps elsewhere)")
 
 
 def _settings(args) -> dict:
@@ -117,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print("sarformer amg: give either IMAGE or --dataset ROOT", file=sys.stderr)
         return 2
     sam = load_sam(args.sam_checkpoint)
+    sam.postprocess_implementation = args.postprocess
     try:
         return _single(args, sam) if args.image else _dataset(args, sam)
     except ValueError as e:  # a bad input image: one line; the images cached before it stay
