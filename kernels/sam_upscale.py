@@ -94,6 +94,57 @@ def _kernel(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, 
                     o_ref[b, _i(k), 4 * i + (2 * sx + tx), pl.ds(4 * j0 + (2 * sy + ty), block_l, stride=4)] = v
 
 
+def _kernel_tensor(x_ref, w1_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_l: int,
+                   eps: float, n_masks: int, width: int):
+    """`products="tensor"`: per s1 the four second-conv products as one [block_l, c1] x [c1, 4 c2]
+    product, and the mask-token dots of all four s2 and all masks as one product with a
+    block-diagonal matrix (h_ref[b] [4 c2, 4 mp], column 4k + s2 holds mask k's vector in rows
+    s2 c2 .. s2 c2 + c2 - 1, zeros elsewhere), stored with computed row/column indices straight
+    into the final masks (any block_l: a block may span token rows)."""
+    b, lb = pl.program_id(0), pl.program_id(1)
+    prec = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    x = x_ref[b, pl.ds(lb * block_l, block_l), :]  # [block_l, c]
+    c1 = w1_ref.shape[-1]
+    cols = h_ref.shape[-1]  # 4 * mp
+    b1 = b1_ref[...].astype(jnp.float32)[None, :]
+    g = g_ref[...].astype(jnp.float32)[None, :]
+    be = be_ref[...].astype(jnp.float32)[None, :]
+    b2 = b2_ref[...].astype(jnp.float32)[None, :]  # [1, 4 c2]
+    w2 = w2_ref[...]  # [c1, 4 c2]
+    hm = h_ref[b, :, :]  # [4 c2, 4 mp]
+    t = lb * block_l + jax.lax.broadcasted_iota(jnp.int32, (block_l, cols), 0)  # flat token index
+    q = jax.lax.broadcasted_iota(jnp.int32, (block_l, cols), 1)
+    k, s2 = q // 4, q % 4
+    i, j = t // width, t % width
+    kk = jnp.minimum(k, n_masks - 1)  # padding columns: the last mask again (`hyper_blocks`)
+    for s1 in range(4):
+        y = jnp.dot(x, w1_ref[_i(s1), :, :], preferred_element_type=jnp.float32, precision=prec) + b1
+        mu = jnp.sum(y, axis=1)[:, None] * (1.0 / c1)
+        d = y - mu
+        var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c1)
+        y = _gelu(d * jax.lax.rsqrt(var + eps) * g + be).astype(x.dtype)
+        z = jnp.dot(y, w2, preferred_element_type=jnp.float32, precision=prec) + b2  # [block_l, 4 c2]
+        z = _gelu(z).astype(x.dtype)
+        r = jnp.dot(z, hm, preferred_element_type=jnp.float32, precision=prec)  # [block_l, 4 mp]
+        sx, sy = divmod(s1, 2)
+        rows = 4 * i + 2 * sx + s2 // 2
+        cols_ = 4 * j + 2 * sy + s2 % 2
+        o_ref[b, kk, rows, cols_] = r.astype(o_ref.dtype)
+
+
+def hyper_blocks(hyper: jax.Array) -> jax.Array:
+    """The mask tokens [b, m, c2] as the tensor kernel's block-diagonal matrices [b, 4 c2, 4 mp]
+    (mp = m rounded up to a power of two, at least 4): entry [s2 c2 + ch, 4 k + s2] = hyper[k, ch]
+    (hyper[m - 1] for k >= m)."""
+    bsz, m, c2 = hyper.shape
+    mp = max(4, 1 << (m - 1).bit_length())
+    # columns of masks k >= m repeat the last mask: the kernel stores them onto that mask's
+    # pixels, the same values, so no store mask is needed
+    hp = jnp.pad(hyper, ((0, 0), (0, mp - m), (0, 0)), mode="edge")  # [b, mp, c2]
+    eye = jnp.eye(4, dtype=hyper.dtype)
+    return jnp.einsum("bkc,st->bsckt", hp, eye).reshape(bsz, 4 * c2, mp * 4)
+
+
 def default_block_l(num_tokens: int) -> int:
     """Image tokens per program: 64 (register budget of the [block_l, 64] float32 LayerNorm
     input and the [block_l, 32] GELU output with 4 warps), or fewer for small maps."""
@@ -103,11 +154,12 @@ def default_block_l(num_tokens: int) -> int:
     raise ValueError(f"sam upscale kernel: {num_tokens} image tokens are not a multiple of 16")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps", "num_stages", "direct"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_l", "interpret", "num_warps", "num_stages", "direct",
+                                             "products"))
 def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array,
                   w2: jax.Array, b2: jax.Array, hyper: jax.Array, *, eps: float = 1e-6,
                   block_l: int | None = None, interpret: bool = False, num_warps: int = 4,
-                  num_stages: int = 1, direct: bool | None = None) -> jax.Array:
+                  num_stages: int = 1, direct: bool | None = None, products: str = "rows") -> jax.Array:
     """Masks [b, m, 4h, 4w] of SAM's upscaling head.
 
     Args:
@@ -122,6 +174,10 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
       direct: write the masks in their final interleaved layout with stride-4 stores (needs
         `block_l` to divide the token row `w`; the default where it does) instead of as 16
         sub-position planes that an XLA transpose interleaves afterwards.
+      products: "rows" (per s1 four [block_l, c1] x [c1, c2] products and the mask-token dots as
+        float32 row sums) or "tensor" (per s1 one [block_l, c1] x [c1, 4 c2] product and the
+        mask-token dots as one product with `hyper_blocks`, stored with computed indices into
+        the final masks for any block_l; `direct` does not apply).
     Same values as the XLA path up to rounding (float32 LayerNorm input, erf approximation).
     float32 `x` runs only in the interpreter (`interpret=True`)."""
     bsz, h, w, c = x.shape
@@ -138,6 +194,25 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
         raise ValueError("sam upscale kernel: float32 image tokens are not supported on the GPU (with full-precision, "
                          "non-TF32 Triton products one call did not finish within 100 s on an H200); pass bfloat16, "
                          "or use the decoder's 'blocks' upscaling in float32")
+    if products == "tensor":
+        if direct is False:
+            raise ValueError("sam upscale kernel: products='tensor' always writes the final masks (direct=False "
+                             "is the 'rows' kernel's planes layout)")
+        dtype = x.dtype
+        c2x4 = 4 * c2
+        w2cat = w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, c2x4).astype(dtype)
+        kernel = functools.partial(_kernel_tensor, block_l=block_l, eps=float(eps), n_masks=m, width=w)
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((bsz, m, 4 * h, 4 * w), dtype),
+            grid=(bsz, n // block_l),
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+            name="sam_upscale_masks",
+        )(x.reshape(bsz, n, c), w1.reshape(4, c, c1).astype(dtype), b1, ln_scale, ln_bias, w2cat,
+          jnp.tile(b2, 4), hyper_blocks(hyper.astype(dtype)))
+    if products != "rows":
+        raise ValueError(f"sam upscale kernel: products must be 'rows' or 'tensor', got {products!r}")
     if direct is None:
         direct = w % block_l == 0
     elif direct and w % block_l:

@@ -1,7 +1,7 @@
 """The fused SAM upscaling kernel compiled for the GPU (marker gpu) at the generator's size (64
 prompts of 64 x 64 x 256 image tokens, 3 masks) against an XLA evaluation of the same head
 (explicit depth-to-space, exact GELU): bfloat16 rel err <= 1e-2 against the float32 reference,
-with the masks written directly and as planes.  (The kernel refuses float32 on the GPU: with
+with the masks written directly and as planes by the "rows" form, and by the "tensor" form.  (The kernel refuses float32 on the GPU: with
 full-precision Triton products one call did not finish within 100 s.)  Run on the device:
 `python3 -m pytest -q -m gpu tests/test_sam_upscale_gpu.py`."""
 
@@ -34,8 +34,9 @@ def _xla_head(x, w1, b1, g, be, w2, b2, hyper, eps=1e-6):
     return jnp.einsum("bmc,bhwc->bmhw", hyper, z, precision=hp)
 
 
-@pytest.mark.parametrize("dtype,direct", [("bfloat16", True), ("bfloat16", False)])
-def test_kernel_on_gpu_matches_xla(dtype, direct):
+@pytest.mark.parametrize("dtype,direct,products", [("bfloat16", True, "rows"), ("bfloat16", False, "rows"),
+                                                    ("bfloat16", None, "tensor")])
+def test_kernel_on_gpu_matches_xla(dtype, direct, products):
     rng = np.random.default_rng(0)
     b, h, w, c, c1, c2, m = 64, 64, 64, 256, 64, 32, 3
     args = [rng.normal(size=s).astype(np.float32) for s in
@@ -44,7 +45,7 @@ def test_kernel_on_gpu_matches_xla(dtype, direct):
     args[5] /= math.sqrt(c1)
     ref = np.asarray(jax.jit(_xla_head)(*map(jnp.asarray, args)))
     x = jnp.asarray(args[0], dtype)
-    out = upscale_masks(x, *map(jnp.asarray, args[1:]), direct=direct)
+    out = upscale_masks(x, *map(jnp.asarray, args[1:]), direct=direct, products=products)
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == (b, m, 4 * h, 4 * w) and np.isfinite(out).all()
     assert rel_err(out, ref) <= RTOL[dtype]

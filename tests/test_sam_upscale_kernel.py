@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import RTOL, rel_err
-from sarformer_jax.kernels.sam_upscale import _erf, default_block_l, upscale_masks
+from sarformer_jax.kernels.sam_upscale import _erf, default_block_l, hyper_blocks, upscale_masks
 
 
 def test_erf_approximation_is_within_its_bound():
@@ -48,7 +48,10 @@ def _numpy_head(x, w1, b1, g, be, w2, b2, hyper, eps):
     (2, 32, 2, 16, True),  # two blocks per row
     (2, 32, 2, 16, False),
 ])
-def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l, direct):
+@pytest.mark.parametrize("products", ["rows", "tensor"])
+def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l, direct, products):
+    if products == "tensor" and direct is False:
+        pytest.skip("the tensor form has no planes layout")
     rng = np.random.default_rng(h * w + masks)
     b, c, c1, c2 = 3, 32, 16, 16
     args = [rng.normal(size=s).astype(np.float32) for s in
@@ -57,9 +60,37 @@ def test_kernel_matches_a_numpy_evaluation(h, w, masks, block_l, direct):
     args[5] /= math.sqrt(c1)
     args[3] = 1.0 + 0.1 * args[3]
     ref = _numpy_head(*[a.astype(np.float64) for a in args], eps=1e-6)
-    out = upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=block_l, interpret=True, direct=direct)
+    out = upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=block_l, interpret=True, direct=direct,
+                        products=products)
     assert out.shape == (b, masks, 4 * h, 4 * w)
     assert rel_err(np.asarray(out), ref) <= RTOL["float32"]
+
+
+def test_tensor_form_blocks_span_token_rows():
+    """A block of 32 tokens over rows of 12 (blocks start mid-row): every pixel is still written
+    where it belongs (the output is poisoned with NaN in the interpreter where nothing lands)."""
+    rng = np.random.default_rng(5)
+    b, h, w, c, c1, c2, masks = 2, 8, 12, 32, 16, 16, 3
+    args = [rng.normal(size=s).astype(np.float32) for s in
+            [(b, h, w, c), (2, 2, c, c1), (c1,), (c1,), (c1,), (2, 2, c1, c2), (c2,), (b, masks, c2)]]
+    args[1] /= math.sqrt(c)
+    args[5] /= math.sqrt(c1)
+    ref = _numpy_head(*[a.astype(np.float64) for a in args], eps=1e-6)
+    out = np.asarray(upscale_masks(*map(jnp.asarray, args), eps=1e-6, block_l=32, interpret=True, products="tensor"))
+    assert np.isfinite(out).all() and rel_err(out, ref) <= RTOL["float32"]
+
+
+def test_hyper_blocks_put_each_mask_on_its_sub_position_columns():
+    hyper = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2) + 1  # [b=2, m=3, c2=2]
+    hb = np.asarray(hyper_blocks(jnp.asarray(hyper)))
+    assert hb.shape == (2, 8, 16)
+    for bi in range(2):
+        for s2 in range(4):
+            for ch in range(2):
+                for col in range(16):
+                    k, t = divmod(col, 4)
+                    want = hyper[bi, min(k, 2), ch] if t == s2 else 0.0
+                    assert hb[bi, s2 * 2 + ch, col] == want
 
 
 def test_kernel_rejects_bad_shapes():
@@ -73,12 +104,18 @@ def test_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="direct=True needs block_l=16 to divide the row of 8 tokens"):
         upscale_masks(z(1, 4, 8, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
                       block_l=16, direct=True, interpret=True)
+    with pytest.raises(ValueError, match="products must be 'rows' or 'tensor', got 'cols'"):
+        upscale_masks(z(1, 4, 4, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
+                      products="cols", interpret=True)
+    with pytest.raises(ValueError, match="products='tensor' always writes the final masks"):
+        upscale_masks(z(1, 4, 4, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16),
+                      products="tensor", direct=False, interpret=True)
     with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
         default_block_l(12)
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_kernel_lowers_to_triton_for_a_gpu(direct):
+@pytest.mark.parametrize("direct,products", [(True, "rows"), (False, "rows"), (None, "tensor")])
+def test_kernel_lowers_to_triton_for_a_gpu(direct, products):
     """Lowering for CUDA on this CPU machine runs the Pallas Triton lowering of every primitive
     in the kernel (an unsupported one, e.g. lax.erf, raises here); the GPU run is the gpu test."""
     s = jax.ShapeDtypeStruct
@@ -86,7 +123,8 @@ def test_kernel_lowers_to_triton_for_a_gpu(direct):
     f32, dtype = jnp.float32, jnp.bfloat16
     args = [s((b, h, w, c), dtype), s((2, 2, c, c1), f32), s((c1,), f32), s((c1,), f32), s((c1,), f32),
             s((2, 2, c1, c2), f32), s((c2,), f32), s((b, m, c2), dtype)]
-    lowered = jax.jit(lambda *a: upscale_masks(*a, direct=direct)).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(lambda *a: upscale_masks(*a, direct=direct, products=products)).trace(*args).lower(
+        lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 
 

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generator (auto, matmul, taps, pallas: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="blocks",
                         help="comma list of mask-decoder upscaling implementations to time in the "
-                             "generator (upstream, blocks, pallas: see MaskDecoder.upscale_implementation)")
+                             "generator (upstream, blocks, pallas, pallas:rows, pallas:tensor: see "
+                             "MaskDecoder.upscale_implementation and upscale_products)")
     parser.add_argument("--decoder-attention", default="auto",
                         help="comma list of mask-decoder cross-attention implementations to time in "
                              "the generator (auto, upstream, absorbed, absorbed_pallas: see "
@@ -173,7 +174,9 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
     sam.postprocess_implementation = postprocess
-    sam.mask_decoder.upscale_implementation = upscale
+    sam.mask_decoder.upscale_implementation, _, products = upscale.partition(":")
+    if products:  # "pallas:tensor": the kernel's product form
+        sam.mask_decoder.upscale_products = products
     sam.mask_decoder.transformer.attention_implementation = decoder_attention
     images = jnp.asarray(_images(size, batch))
     generate = gen.mask_generator(sam, points_per_side=pps, points_per_batch=ppb)  # split once

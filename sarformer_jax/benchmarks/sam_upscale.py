@@ -3,7 +3,7 @@ prompt's image tokens and the product with its mask tokens), at the automatic ge
 size: `MaskDecoder.upscale_masks` with the XLA "blocks" and "upstream" paths and with the fused
 Pallas kernel over a sweep of launch settings, each checked against the float32 upstream path.
 
-    sarformer bench sam_upscale --prompts 64 --block-l 32,64,128 --num-warps 4,8
+    sarformer bench sam_upscale --prompts 64 --block-l 32,64,128 --num-warps 4,8 --products rows,tensor
     python scripts/bench_sam_upscale.py
 
 The generator decodes `points_per_batch` prompts per image at once, each with its own copy of
@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direct", default="1,0",
                         help="comma list: 1 = stride-4 stores into the final masks (needs block_l | 64), "
                              "0 = sub-position planes + an XLA transpose")
+    parser.add_argument("--products", default="rows,tensor",
+                        help="comma list of the kernel's product forms: rows (mask dots as row sums) and/or "
+                             "tensor (second conv and mask dots as tensor-core products, indexed stores)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-xla", action="store_true", help="time only the kernel")
@@ -94,12 +97,16 @@ def run(args: argparse.Namespace) -> int:
         for impl in ("blocks", "upstream"):
             timed(f"xla {impl}", upscaler(impl, dtype))
     kernel = "pallas" if on_gpu else "pallas_interpret"
-    for bl, nw, ns, d in itertools.product(int_list(args.block_l), int_list(args.num_warps), int_list(args.num_stages),
-                                           int_list(args.direct)):
-        if d and args.tokens % bl:
-            continue
-        timed(f"pallas block_l {bl} warps {nw} stages {ns} {'direct' if d else 'planes'}",
-              upscaler(kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns, direct=bool(d)))
+    products = [p.strip() for p in args.products.split(",") if p.strip()]
+    for pr, bl, nw, ns in itertools.product(products, int_list(args.block_l), int_list(args.num_warps),
+                                            int_list(args.num_stages)):
+        for d in (int_list(args.direct) if pr == "rows" else [None]):
+            if d and args.tokens % bl:
+                continue
+            layout = "" if d is None else (" direct" if d else " planes")
+            timed(f"pallas {pr} block_l {bl} warps {nw} stages {ns}{layout}",
+                  upscaler(kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns,
+                           direct=None if d is None else bool(d), products=pr))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam_upscale  {datetime.date.today()}  jax {jax.__version__}  device "
           f"{dev.device_kind}  dtype {args.dtype}  {args.prompts} prompts x {args.tokens}^2 x {c}, "

@@ -44,7 +44,8 @@ class MaskDecoder(nnx.Module):
     transposed) and interleaves only the masks at the end (same values, same sums, m/(c/8) of
     the bytes); "pallas" runs the upscaling and the mask product as one GPU kernel
     (`sarformer_jax.kernels.sam_upscale`: per prompt only its image tokens are read and its
-    masks written; "pallas_interpret" runs it in the Pallas interpreter, for CPU tests).  Only
+    masks written; "pallas_interpret" runs it in the Pallas interpreter, for CPU tests), in the
+    product form `upscale_products` ("rows" or "tensor": see `upscale_masks`).  Only
     the requested masks are computed (3 of the 4 for multimask output).
 
     Args:
@@ -55,6 +56,7 @@ class MaskDecoder(nnx.Module):
     """
 
     upscale_implementation: str = "blocks"
+    upscale_products: str = "rows"
 
     def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,
@@ -149,7 +151,7 @@ class MaskDecoder(nnx.Module):
             masks = upscale_masks(x.astype(dtype), up1.block_kernel(), up1.bias[...], norm.scale[...],
                                   norm.bias[...], up2.block_kernel(), up2.bias[...], hyper_in,
                                   eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret",
-                                  **kernel_settings)
+                                  **{"products": self.upscale_products, **kernel_settings})
         elif self.upscale_implementation == "upstream":
             for layer in self.output_upscaling:
                 x = layer(x)
