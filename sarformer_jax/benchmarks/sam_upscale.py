@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((name, ms, err))
 
     if not args.no_xla:
-        for impl in ("blocks", "upstream"):
+        for impl in ("blocks", "blocks_sum", "upstream"):
             timed(f"xla {impl}", upscaler(impl, dtype))
     kernel = "pallas" if on_gpu else "pallas_interpret"
     products = [p.strip() for p in args.products.split(",") if p.strip()]

@@ -140,6 +140,15 @@ class MaskDecoder(nnx.Module):
             # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
             masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
             masks = masks.reshape(b, hyper_in.shape[1], 4 * h, 4 * w)
+        elif self.upscale_implementation == "blocks_sum":
+            up1, norm, act1, up2, act2 = self.output_upscaling
+            y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]
+            z = up2.blocks(y.reshape(b, h, w * 4, -1))  # [b, h, 4w, 2, 2, c/8], before the GELU
+            z = act2(z).reshape(b, h, w, 2, 2, 2, 2, 1, -1).astype(jnp.float32)
+            m = hyper_in.shape[1]
+            hy = hyper_in.astype(jnp.float32).reshape(b, 1, 1, 1, 1, 1, 1, m, -1)
+            masks = jnp.sum(z * hy, axis=-1).astype(jnp.result_type(y, hyper_in))  # [b, h, w, x, y, X, Y, m]
+            masks = masks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
         elif self.upscale_implementation in ("pallas", "pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import upscale_masks
 
