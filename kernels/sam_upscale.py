@@ -145,6 +145,61 @@ def hyper_blocks(hyper: jax.Array) -> jax.Array:
     return jnp.einsum("bkc,st->bsckt", hp, eye).reshape(bsz, 4 * c2, mp * 4)
 
 
+def _conv2_kernel(y_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_n: int):
+    b, nb = pl.program_id(0), pl.program_id(1)
+    prec = jax.lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
+    ns = pl.ds(nb * block_n, block_n)
+    y = y_ref[b, ns, :]  # [block_n, c1]
+    z = jnp.dot(y, w2_ref[...], preferred_element_type=jnp.float32, precision=prec)
+    z = _gelu(z + b2_ref[...].astype(jnp.float32)[None, :]).astype(y.dtype)  # [block_n, 4 c2]
+    r = jnp.dot(z, h_ref[b, :, :], preferred_element_type=jnp.float32, precision=prec)  # [block_n, 4 mp]
+    o_ref[b, ns, :] = r.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "interpret", "num_warps", "num_stages"))
+def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *, block_n: int | None = None,
+                interpret: bool = False, num_warps: int = 4, num_stages: int = 1) -> jax.Array:
+    """The second half of SAM's upscaling head as one streaming kernel: the second 2x2
+    transposed conv, its GELU and the mask-token dots, for rows of first-conv outputs.
+
+    Args:
+      y: [b, n, c1] the first conv's outputs after LayerNorm and GELU, one row per (token,
+        first sub-position), in the products' dtype.
+      w2: [2, 2, c1, c2] the second conv as blocks (w2[X, Y] maps a row to sub-position (X, Y));
+        b2 [c2].
+      hyper: [b, m, c2] the mask tokens.
+    Returns [b, n, 4 mp] in y's dtype: column 4 k + 2 X + Y is mask k at sub-position (X, Y)
+    (mp = `hyper_blocks`' padded mask count; columns of k >= m repeat mask m - 1).  Per row the
+    GELU output stays on chip, so it is neither written nor read back, and the mask products
+    run on the tensor cores against the block-diagonal `hyper_blocks`."""
+    bsz, n, c1 = y.shape
+    c2 = w2.shape[-1]
+    m = hyper.shape[1]
+    if w2.shape != (2, 2, c1, c2) or b2.shape != (c2,) or hyper.shape != (bsz, m, c2):
+        raise ValueError(f"sam conv2 kernel: y {y.shape}, w2 {w2.shape}, b2 {b2.shape}, hyper {hyper.shape} "
+                         "do not fit [b,n,c1], [2,2,c1,c2], [c2], [b,m,c2]")
+    if block_n is None:
+        block_n = next((bn for bn in (128, 64, 32, 16) if n % bn == 0), None)
+        if block_n is None:
+            raise ValueError(f"sam conv2 kernel: {n} rows are not a multiple of 16")
+    if n % block_n:
+        raise ValueError(f"sam conv2 kernel: block_n={block_n} must divide the {n} rows")
+    if y.dtype == jnp.float32 and not interpret:
+        raise ValueError("sam conv2 kernel: float32 inputs are not supported on the GPU (full-precision "
+                         "Triton products); pass bfloat16, or use the decoder's 'blocks' upscaling")
+    dtype = y.dtype
+    w2cat = w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, 4 * c2).astype(dtype)
+    hb = hyper_blocks(hyper.astype(dtype))
+    return pl.pallas_call(
+        functools.partial(_conv2_kernel, block_n=block_n),
+        out_shape=jax.ShapeDtypeStruct((bsz, n, hb.shape[-1]), dtype),
+        grid=(bsz, n // block_n),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sam_upscale_conv2_masks",
+    )(y, w2cat, jnp.tile(b2, 4), hb)
+
+
 def default_block_l(num_tokens: int) -> int:
     """Image tokens per program: 64 (register budget of the [block_l, 64] float32 LayerNorm
     input and the [block_l, 32] GELU output with 4 warps), or fewer for small maps."""

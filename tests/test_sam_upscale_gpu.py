@@ -49,3 +49,27 @@ def test_kernel_on_gpu_matches_xla(dtype, direct, products):
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == (b, m, 4 * h, 4 * w) and np.isfinite(out).all()
     assert rel_err(out, ref) <= RTOL[dtype]
+
+
+def test_blocks_pallas_decoder_on_gpu_matches_blocks():
+    """The decoder's 'blocks_pallas' upscaling (XLA first conv, the conv2 kernel) against its
+    'blocks' XLA path in bfloat16, and both against float32 upstream."""
+    from flax import nnx
+
+    from sarformer_jax.models.layers import init_rngs
+    from sarformer_jax.sam.mask_decoder import MaskDecoder
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 64, 64, 256)).astype(np.float32)
+    hyper = rng.normal(size=(64, 3, 32)).astype(np.float32)
+    outs = {}
+    for impl, dt in [("upstream", jnp.float32), ("blocks", jnp.bfloat16), ("blocks_pallas", jnp.bfloat16)]:
+        dec = MaskDecoder(rngs=init_rngs(0), dtype=None if dt == jnp.float32 else dt)
+        dec.upscale_implementation = impl
+        graphdef, state = nnx.split(dec)
+        f = jax.jit(lambda st, a, h: nnx.merge(graphdef, st).upscale_masks(a, h))
+        with jax.default_matmul_precision("highest" if dt == jnp.float32 else "default"):
+            outs[impl] = np.asarray(f(state, jnp.asarray(x, dt), jnp.asarray(hyper, dt)).astype(jnp.float32))
+    assert outs["blocks_pallas"].shape == (64, 3, 256, 256) and np.isfinite(outs["blocks_pallas"]).all()
+    assert rel_err(outs["blocks_pallas"], outs["upstream"]) <= RTOL["bfloat16"]
+    assert rel_err(outs["blocks"], outs["upstream"]) <= RTOL["bfloat16"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import RTOL, rel_err
-from sarformer_jax.kernels.sam_upscale import _erf, default_block_l, hyper_blocks, upscale_masks
+from sarformer_jax.kernels.sam_upscale import _erf, conv2_masks, default_block_l, hyper_blocks, upscale_masks
 
 
 def test_erf_approximation_is_within_its_bound():
@@ -132,3 +132,48 @@ def test_kernel_refuses_float32_outside_the_interpreter():
     z = lambda *s: jnp.zeros(s, jnp.float32)
     with pytest.raises(ValueError, match="float32 image tokens are not supported on the GPU"):
         upscale_masks(z(1, 4, 16, 32), z(2, 2, 32, 16), z(16), z(16), z(16), z(2, 2, 16, 16), z(16), z(1, 3, 16))
+
+
+def _numpy_conv2(y, w2, b2, hyper):
+    """y [b, n, c1] -> [b, n, 2, 2, m]: mask k of row r at sub-position (X, Y) of the second conv."""
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+    z = gelu(np.einsum("bnc,pqco->bnpqo", y, w2) + b2)
+    return np.einsum("bnpqo,bmo->bnpqm", z, hyper)
+
+
+@pytest.mark.parametrize("n,masks,block_n", [(64, 3, None), (48, 1, 16), (32, 4, 32), (96, 5, 32)])
+def test_conv2_kernel_matches_a_numpy_evaluation(n, masks, block_n):
+    rng = np.random.default_rng(n + masks)
+    b, c1, c2 = 2, 16, 16
+    y = rng.normal(size=(b, n, c1)).astype(np.float32)
+    w2 = (rng.normal(size=(2, 2, c1, c2)) / math.sqrt(c1)).astype(np.float32)
+    b2 = rng.normal(size=(c2,)).astype(np.float32)
+    hyper = rng.normal(size=(b, masks, c2)).astype(np.float32)
+    ref = _numpy_conv2(*[a.astype(np.float64) for a in (y, w2, b2, hyper)])
+    out = np.asarray(conv2_masks(*map(jnp.asarray, (y, w2, b2, hyper)), block_n=block_n, interpret=True))
+    mp = max(4, 1 << (masks - 1).bit_length())
+    assert out.shape == (b, n, 4 * mp)
+    got = out.reshape(b, n, mp, 2, 2)  # column 4k + 2X + Y
+    assert rel_err(got[:, :, :masks].transpose(0, 1, 3, 4, 2), ref) <= RTOL["float32"]
+    # padding columns repeat the last mask
+    np.testing.assert_array_equal(got[:, :, masks:], np.repeat(got[:, :, masks - 1:masks], mp - masks, axis=2))
+
+
+def test_conv2_kernel_rejects_bad_input():
+    z = lambda *s: jnp.zeros(s, jnp.float32)
+    with pytest.raises(ValueError, match=r"w2 \(2, 2, 8, 16\).*\[2,2,c1,c2\]"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 8, 16), z(16), z(1, 3, 16), interpret=True)
+    with pytest.raises(ValueError, match="40 rows are not a multiple of 16"):
+        conv2_masks(z(1, 40, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), interpret=True)
+    with pytest.raises(ValueError, match="block_n=64 must divide the 32 rows"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), block_n=64, interpret=True)
+    with pytest.raises(ValueError, match="float32 inputs are not supported on the GPU"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16))
+
+
+def test_conv2_kernel_lowers_to_triton_for_a_gpu():
+    s = jax.ShapeDtypeStruct
+    args = [s((2, 16384, 64), jnp.bfloat16), s((2, 2, 64, 32), jnp.float32), s((32,), jnp.float32),
+            s((2, 3, 32), jnp.bfloat16)]
+    lowered = jax.jit(conv2_masks).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()

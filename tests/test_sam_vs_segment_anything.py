@@ -101,6 +101,7 @@ def test_mask_prompt(pair):
 @pytest.mark.parametrize("upscale,attention", [("upstream", "upstream"), ("blocks", "upstream"),
                                                ("upstream", "absorbed"), ("blocks", "absorbed"),
                                                ("pallas_interpret", "absorbed"),
+                                               ("blocks_pallas_interpret", "absorbed"),
                                                ("blocks", "absorbed_pallas_interpret")])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
@@ -150,6 +151,9 @@ def test_decode_rejects_ungroupable_batch_and_unknown_implementations(pair):
     if jax.default_backend() != "gpu":
         jsam.mask_decoder.upscale_implementation = "pallas"
         with pytest.raises(ValueError, match="'pallas' is a GPU kernel.*'pallas_interpret'"):
+            jsam.decode(emb[:1], pts)
+        jsam.mask_decoder.upscale_implementation = "blocks_pallas"
+        with pytest.raises(ValueError, match="'blocks_pallas' runs a GPU kernel.*'blocks_pallas_interpret'"):
             jsam.decode(emb[:1], pts)
     jsam.mask_decoder.upscale_implementation = "upstream"
     if jax.default_backend() != "gpu":

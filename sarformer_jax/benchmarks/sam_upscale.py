@@ -94,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append((name, ms, err))
 
     if not args.no_xla:
-        for impl in ("blocks", "blocks_sum", "upstream"):
+        for impl in ("blocks", "upstream"):
             timed(f"xla {impl}", upscaler(impl, dtype))
     kernel = "pallas" if on_gpu else "pallas_interpret"
+    if not args.no_xla:  # XLA's first conv, LayerNorm and GELU, then the second half as one kernel
+        timed("blocks + pallas conv2", upscaler("blocks_pallas" if on_gpu else "blocks_pallas_interpret", dtype))
     products = [p.strip() for p in args.products.split(",") if p.strip()]
     for pr, bl, nw, ns in itertools.product(products, int_list(args.block_l), int_list(args.num_warps),
                                             int_list(args.num_stages)):

@@ -140,15 +140,20 @@ class MaskDecoder(nnx.Module):
             # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
             masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
             masks = masks.reshape(b, hyper_in.shape[1], 4 * h, 4 * w)
-        elif self.upscale_implementation == "blocks_sum":
-            up1, norm, act1, up2, act2 = self.output_upscaling
-            y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]
-            z = up2.blocks(y.reshape(b, h, w * 4, -1))  # [b, h, 4w, 2, 2, c/8], before the GELU
-            z = act2(z).reshape(b, h, w, 2, 2, 2, 2, 1, -1).astype(jnp.float32)
+        elif self.upscale_implementation in ("blocks_pallas", "blocks_pallas_interpret"):
+            from sarformer_jax.kernels.sam_upscale import conv2_masks
+
+            interpret = self.upscale_implementation == "blocks_pallas_interpret"
+            if not interpret and jax.default_backend() != "gpu":
+                raise ValueError(f"upscale_implementation 'blocks_pallas' runs a GPU kernel (backend here: "
+                                 f"{jax.default_backend()}); use 'blocks', or 'blocks_pallas_interpret' for tests")
+            up1, norm, act1, up2, _ = self.output_upscaling
+            y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]: token (i, j), first block (x, y)
             m = hyper_in.shape[1]
-            hy = hyper_in.astype(jnp.float32).reshape(b, 1, 1, 1, 1, 1, 1, m, -1)
-            masks = jnp.sum(z * hy, axis=-1).astype(jnp.result_type(y, hyper_in))  # [b, h, w, x, y, X, Y, m]
-            masks = masks.transpose(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, m, 4 * h, 4 * w)
+            r = conv2_masks(y.reshape(b, h * w * 4, -1), up2.block_kernel(), up2.bias[...], hyper_in,
+                            interpret=interpret, **kernel_settings)  # [b, 4hw, 4 mp], column 4k + 2X + Y
+            r = r.reshape(b, h, w, 2, 2, -1, 2, 2)[:, :, :, :, :, :m]  # [b, h, w, x, y, k, X, Y]
+            masks = r.transpose(0, 5, 1, 3, 6, 2, 4, 7).reshape(b, m, 4 * h, 4 * w)
         elif self.upscale_implementation in ("pallas", "pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import upscale_masks
 
@@ -166,7 +171,7 @@ class MaskDecoder(nnx.Module):
                 x = layer(x)
             masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
         else:
-            raise ValueError(f"upscale_implementation must be 'upstream', 'blocks', 'pallas' or "
-                             f"'pallas_interpret', got "
+            raise ValueError(f"upscale_implementation must be 'upstream', 'blocks', 'blocks_pallas', "
+                             f"'blocks_pallas_interpret', 'pallas' or 'pallas_interpret', got "
                              f"{self.upscale_implementation!r}")
         return masks
