@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", default="rows,tensor",
                         help="comma list of the kernel's product forms: rows (mask dots as row sums) and/or "
                              "tensor (second conv and mask dots as tensor-core products, indexed stores)")
+    parser.add_argument("--conv2-block-n", default="128",
+                        help="comma list of row blocks for the 'blocks_pallas' conv2 kernel (empty: skip it)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-xla", action="store_true", help="time only the kernel")
@@ -97,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
         for impl in ("blocks", "upstream"):
             timed(f"xla {impl}", upscaler(impl, dtype))
     kernel = "pallas" if on_gpu else "pallas_interpret"
-    if not args.no_xla:  # XLA's first conv, LayerNorm and GELU, then the second half as one kernel
-        timed("blocks + pallas conv2", upscaler("blocks_pallas" if on_gpu else "blocks_pallas_interpret", dtype))
+    # XLA's first conv, LayerNorm and GELU, then the second half as one kernel (block_l -> block_n)
+    conv2 = "blocks_pallas" if on_gpu else "blocks_pallas_interpret"
+    for bn, nw in itertools.product(int_list(args.conv2_block_n), int_list(args.num_warps)):
+        timed(f"blocks + pallas conv2 block_n {bn} warps {nw}", upscaler(conv2, dtype, block_n=bn, num_warps=nw))
     products = [p.strip() for p in args.products.split(",") if p.strip()]
     for pr, bl, nw, ns in itertools.product(products, int_list(args.block_l), int_list(args.num_warps),
                                             int_list(args.num_stages)):
