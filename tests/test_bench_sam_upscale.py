@@ -45,5 +45,5 @@ def test_bench_fails_on_a_wrong_result(capsys, monkeypatch):
     monkeypatch.setattr(sam_upscale, "_decoder", broken)
     rc, out = _run(capsys, "--prompts", "1", "--tokens", "8", "--block-l", "8", "--direct", "1",
                    "--iters", "1", "--warmup", "0", "--no-xla")
-    assert rc == 1 and "rel err above 0.01 (the bfloat16 tolerance): pallas rows block_l 8 warps 4 stages 1 " \
-        "direct, pallas tensor block_l 8 warps 4 stages 1" in out
+    assert rc == 1 and "rel err above 0.01 (the bfloat16 tolerance): blocks + pallas conv2 block_n 128 warps 4, " \
+        "pallas rows block_l 8 warps 4 stages 1 direct, pallas tensor block_l 8 warps 4 stages 1" in out
