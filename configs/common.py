@@ -166,7 +166,9 @@ def guidance(source: str = "online") -> Config:
             postprocess="auto",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
-            # kernel, bf16 only; no faster in the generator: SAM run 6) or "upstream"; and its
+            # kernel, bf16 only; no faster in the generator: SAM runs 6 and 12),
+            # "blocks_pallas" (blocks' first half, the rest one GPU kernel, bf16 only; slower:
+            # SAM run 12) or "upstream"; and its
             # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
             # (image-token projections moved to the prompt side), "absorbed_pallas" (absorbed,
             # each block's image-token update one GPU kernel, bf16 only; "auto" picks it on a

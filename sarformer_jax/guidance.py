@@ -117,8 +117,9 @@ def load_guidance_sam(cfg, sam=None):
         raise ValueError(f"guidance.sam.postprocess must be 'auto', 'matmul', 'taps' or 'pallas', got {post!r}")
     sam.postprocess_implementation = post
     up = str(cfg.guidance.sam.get("upscale", "blocks"))
-    if up not in ("upstream", "blocks", "pallas"):
-        raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks' or 'pallas', got {up!r}")
+    if up not in ("upstream", "blocks", "blocks_pallas", "pallas"):
+        raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks', 'blocks_pallas' or 'pallas', "
+                         f"got {up!r}")
     sam.mask_decoder.upscale_implementation = up
     att = str(cfg.guidance.sam.get("decoder_attention", "auto"))
     allowed = ("auto", "upstream", "absorbed", "absorbed_pallas")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--products", default="rows,tensor",
                         help="comma list of the kernel's product forms: rows (mask dots as row sums) and/or "
                              "tensor (second conv and mask dots as tensor-core products, indexed stores)")
-    parser.add_argument("--conv2-block-n", default="128",
+    parser.add_argument("--conv2-block-n", default="64",
                         help="comma list of row blocks for the 'blocks_pallas' conv2 kernel (empty: skip it)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -45,7 +45,10 @@ class MaskDecoder(nnx.Module):
     the bytes); "pallas" runs the upscaling and the mask product as one GPU kernel
     (`sarformer_jax.kernels.sam_upscale`: per prompt only its image tokens are read and its
     masks written; "pallas_interpret" runs it in the Pallas interpreter, for CPU tests), in the
-    product form `upscale_products` ("rows" or "tensor": see `upscale_masks`).  Only
+    product form `upscale_products` ("rows" or "tensor": see `upscale_masks`); "blocks_pallas"
+    runs blocks' first conv, LayerNorm and GELU in XLA and the second conv, its GELU and the
+    mask products as one GPU kernel (`sam_upscale.conv2_masks`: the GELU output is never
+    written; "blocks_pallas_interpret" in the interpreter).  Only
     the requested masks are computed (3 of the 4 for multimask output).
 
     Args:
