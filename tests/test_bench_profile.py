@@ -189,16 +189,22 @@ def test_gc_clock_times_collections_by_generation():
 
     from sarformer_jax.benchmarks.timing import GcClock
 
-    with GcClock() as clock:
-        before = clock.snapshot()
-        cycles = []
-        for _ in range(20000):  # reference cycles only the collector frees
-            a = []
-            a.append(a)
-            cycles.append(a)
-        del cycles, a
-        gc.collect()
-        after = clock.snapshot()
+    enabled = gc.isenabled()
+    gc.disable()  # only the explicit collection below: 20000 allocations can trigger a full one
+    try:
+        with GcClock() as clock:
+            before = clock.snapshot()
+            cycles = []
+            for _ in range(20000):  # reference cycles only the collector frees
+                a = []
+                a.append(a)
+                cycles.append(a)
+            del cycles, a
+            gc.collect()
+            after = clock.snapshot()
+    finally:
+        if enabled:
+            gc.enable()
     assert after["counts"][2] == before["counts"][2] + 1 and after["seconds"][2] > 0
     assert clock._callback not in gc.callbacks  # removed on exit
     gc.collect()
