@@ -22,6 +22,13 @@ s1), LayerNorm and GELU in float32 on the result, then per s1 4 products [block_
 columns for a tensor-core product).  Products take the inputs' dtype with float32 accumulation;
 the GELU outputs are rounded to that dtype where the XLA path stores them.
 
+`products="tensor"` is the same kernel with wider products: per s1 one [block_l, 64] x [64, 128]
+product for the four second-conv sub-positions, and the mask-token dots of all of them as one
+product with a block-diagonal matrix (`hyper_blocks`), stored with computed indices.
+`conv2_masks` is the second half alone (second conv, GELU, mask-token product) for rows of the
+first conv's output, which the decoder's "blocks_pallas" upscaling feeds from XLA.  None of the
+three beats XLA's "blocks" path on an H200 (docs/benchmarks.md, SAM runs 6 and 12).
+
 GELU is exact (erf) as in SAM; Triton has no erf lowering in Pallas, so erf is the
 Abramowitz-Stegun 7.1.26 rational approximation (absolute error <= 1.5e-7 in exact arithmetic,
 <= 6e-7 in float32, where 1 - poly * exp(-x^2) cancels near 0; GELU multiplies it by x / 2).
