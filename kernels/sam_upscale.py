@@ -152,6 +152,13 @@ def hyper_blocks(hyper: jax.Array) -> jax.Array:
     return jnp.einsum("bkc,st->bsckt", hp, eye).reshape(bsz, 4 * c2, mp * 4)
 
 
+def _w2_side_by_side(w2: jax.Array, dtype) -> jax.Array:
+    """The second conv's blocks [2, 2, c1, c2] as one [c1, 4 c2] matrix, sub-position s2 = 2X + Y
+    in columns s2 c2 .. s2 c2 + c2 - 1 (one product for all four)."""
+    c1, c2 = w2.shape[-2:]
+    return w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, 4 * c2).astype(dtype)
+
+
 def _conv2_kernel(y_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_n: int):
     b, nb = pl.program_id(0), pl.program_id(1)
     prec = jax.lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
@@ -196,7 +203,7 @@ def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
         raise ValueError("sam conv2 kernel: float32 inputs are not supported on the GPU (full-precision "
                          "Triton products); pass bfloat16, or use the decoder's 'blocks' upscaling")
     dtype = y.dtype
-    w2cat = w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, 4 * c2).astype(dtype)
+    w2cat = _w2_side_by_side(w2, dtype)
     hb = hyper_blocks(hyper.astype(dtype))
     return pl.pallas_call(
         functools.partial(_conv2_kernel, block_n=block_n),
@@ -262,8 +269,7 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
             raise ValueError("sam upscale kernel: products='tensor' always writes the final masks (direct=False "
                              "is the 'rows' kernel's planes layout)")
         dtype = x.dtype
-        c2x4 = 4 * c2
-        w2cat = w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, c2x4).astype(dtype)
+        w2cat = _w2_side_by_side(w2, dtype)
         kernel = functools.partial(_kernel_tensor, block_l=block_l, eps=float(eps), n_masks=m, width=w)
         return pl.pallas_call(
             kernel,
