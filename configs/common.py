@@ -167,8 +167,9 @@ def guidance(source: str = "online") -> Config:
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
             # kernel, bf16 only; no faster in the generator: SAM runs 6 and 12),
-            # "blocks_pallas" (blocks' first half, the rest one GPU kernel, bf16 only; slower:
-            # SAM run 12) or "upstream"; and its
+            # "blocks_pallas" (blocks' first half, the rest one GPU kernel, bf16 only: online
+            # train step 134.5 vs 138.9 ms blocking, train run 22), "upstream", or "auto" =
+            # blocks_pallas on a GPU in bf16, blocks elsewhere; and its
             # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
             # (image-token projections moved to the prompt side), "absorbed_pallas" (absorbed,
             # each block's image-token update one GPU kernel, bf16 only; "auto" picks it on a
@@ -177,7 +178,7 @@ def guidance(source: str = "online") -> Config:
             # (docs/benchmarks.md, SAM run 5); auto (= absorbed_pallas on a GPU in bf16):
             # generator 57.2 vs 61.5 ms (SAM run 7), online train step 173.2 vs 184.3 ms (train
             # run 10); on the CPU auto is absorbed
-            upscale="blocks",
+            upscale="auto",
             decoder_attention="auto",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour

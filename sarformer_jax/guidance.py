@@ -116,9 +116,9 @@ def load_guidance_sam(cfg, sam=None):
     if post not in ("auto", "matmul", "taps", "pallas"):
         raise ValueError(f"guidance.sam.postprocess must be 'auto', 'matmul', 'taps' or 'pallas', got {post!r}")
     sam.postprocess_implementation = post
-    up = str(cfg.guidance.sam.get("upscale", "blocks"))
-    if up not in ("upstream", "blocks", "blocks_pallas", "pallas"):
-        raise ValueError(f"guidance.sam.upscale must be 'upstream', 'blocks', 'blocks_pallas' or 'pallas', "
+    up = str(cfg.guidance.sam.get("upscale", "auto"))
+    if up not in ("auto", "upstream", "blocks", "blocks_pallas", "pallas"):
+        raise ValueError(f"guidance.sam.upscale must be 'auto', 'upstream', 'blocks', 'blocks_pallas' or 'pallas', "
                          f"got {up!r}")
     sam.mask_decoder.upscale_implementation = up
     att = str(cfg.guidance.sam.get("decoder_attention", "auto"))

@@ -68,6 +68,9 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
         load_guidance_sam(cfg, tiny_sam())
     graphdef, state = load_guidance_sam(micro_config(root=tmp_path, **ONLINE), tiny_sam())
     assert nnx.merge(graphdef, state).mask_decoder.transformer.attention_implementation == "auto"
+    decoder = nnx.merge(graphdef, state).mask_decoder
+    assert decoder.upscale_implementation == "auto"
+    assert decoder.resolved_upscale(jnp.bfloat16, 4096) == "blocks"  # "auto" on the CPU
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "blocks",
                                                    "guidance.sam.decoder_attention": "absorbed"})
     graphdef, state = load_guidance_sam(cfg, tiny_sam())

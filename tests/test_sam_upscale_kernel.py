@@ -4,6 +4,7 @@ of SAM's upscaling head (two stride-2 transposed convs written as explicit pixel
 exact GELU from math.erf).  The decoder-level parity with segment-anything is in
 test_sam_vs_segment_anything.py (upscale "pallas_interpret")."""
 
+import functools
 import math
 
 import jax
@@ -12,13 +13,23 @@ import numpy as np
 import pytest
 
 from conftest import RTOL, rel_err
-from sarformer_jax.kernels.sam_upscale import _erf, conv2_masks, default_block_l, hyper_blocks, upscale_masks
+from sarformer_jax.kernels.sam_upscale import _erf, _gelu_poly, conv2_masks, default_block_l, hyper_blocks, upscale_masks
 
 
 def test_erf_approximation_is_within_its_bound():
     x = np.linspace(-6, 6, 200001, dtype=np.float32)
     err = np.abs(np.asarray(_erf(jnp.asarray(x))) - np.asarray(jax.lax.erf(jnp.asarray(x))))
     assert err.max() <= 6e-7
+
+
+def test_polynomial_gelu_is_within_its_bound():
+    """The conv2 kernel's multiply-add-only GELU: |error| <= 1.6e-5 |x| / 2 (+ float32 rounding)
+    against math.erf in float64, over the polynomial's range, its clamp and beyond."""
+    x = np.linspace(-9, 9, 360001, dtype=np.float32)
+    exact = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)])
+    err = np.abs(np.asarray(_gelu_poly(jnp.asarray(x)), np.float64) - exact)
+    assert np.all(err <= 0.8e-5 * np.abs(x) + 1e-6 * np.maximum(1.0, np.abs(exact)))
+    assert err.max() > 1e-7  # not the exact function: the bound above is what it promises
 
 
 def _numpy_head(x, w1, b1, g, be, w2, b2, hyper, eps):
@@ -141,8 +152,10 @@ def _numpy_conv2(y, w2, b2, hyper):
     return np.einsum("bnpqo,bmo->bnpqm", z, hyper)
 
 
-@pytest.mark.parametrize("n,masks,block_n", [(64, 3, None), (48, 1, 16), (32, 4, 32), (96, 5, 32)])
-def test_conv2_kernel_matches_a_numpy_evaluation(n, masks, block_n):
+@pytest.mark.parametrize("n,masks,block_n,per_program", [(64, 3, None, 1), (48, 1, 16, 1), (32, 4, 32, 1),
+                                                        (96, 5, 32, 1), (96, 3, 16, 3), (128, 2, 16, 4)])
+def test_conv2_kernel_matches_a_numpy_evaluation(n, masks, block_n, per_program):
+    """Against numpy; per_program > 1: each program loops over that many row blocks."""
     rng = np.random.default_rng(n + masks)
     b, c1, c2 = 2, 16, 16
     y = rng.normal(size=(b, n, c1)).astype(np.float32)
@@ -150,13 +163,32 @@ def test_conv2_kernel_matches_a_numpy_evaluation(n, masks, block_n):
     b2 = rng.normal(size=(c2,)).astype(np.float32)
     hyper = rng.normal(size=(b, masks, c2)).astype(np.float32)
     ref = _numpy_conv2(*[a.astype(np.float64) for a in (y, w2, b2, hyper)])
-    out = np.asarray(conv2_masks(*map(jnp.asarray, (y, w2, b2, hyper)), block_n=block_n, interpret=True))
+    out = np.asarray(conv2_masks(*map(jnp.asarray, (y, w2, b2, hyper)), block_n=block_n,
+                                 per_program=per_program, interpret=True))
     mp = max(4, 1 << (masks - 1).bit_length())
     assert out.shape == (b, n, 4 * mp)
     got = out.reshape(b, n, mp, 2, 2)  # column 4k + 2X + Y
     assert rel_err(got[:, :, :masks].transpose(0, 1, 3, 4, 2), ref) <= RTOL["float32"]
     # padding columns repeat the last mask
     np.testing.assert_array_equal(got[:, :, masks:], np.repeat(got[:, :, masks - 1:masks], mp - masks, axis=2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_conv2_kernel_polynomial_gelu_in_half_precision(dtype):
+    """gelu='poly' against numpy's exact GELU (half-precision tolerance) and against the kernel's
+    erf form on the same half-precision inputs."""
+    rng = np.random.default_rng(11)
+    b, n, c1, c2, masks = 2, 64, 16, 16, 3
+    y = rng.normal(size=(b, n, c1)).astype(np.float32)
+    w2 = (rng.normal(size=(2, 2, c1, c2)) / math.sqrt(c1)).astype(np.float32)
+    b2 = rng.normal(size=(c2,)).astype(np.float32)
+    hyper = rng.normal(size=(b, masks, c2)).astype(np.float32)
+    args = [jnp.asarray(y, dtype), jnp.asarray(w2), jnp.asarray(b2), jnp.asarray(hyper, dtype)]
+    ref = _numpy_conv2(*[np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in args])
+    poly = np.asarray(conv2_masks(*args, gelu="poly", interpret=True), np.float64).reshape(b, n, 4, 2, 2)
+    erf = np.asarray(conv2_masks(*args, gelu="erf", interpret=True), np.float64).reshape(b, n, 4, 2, 2)
+    assert rel_err(poly[:, :, :masks].transpose(0, 1, 3, 4, 2), ref) <= RTOL["bfloat16"]
+    assert rel_err(poly, erf) <= 2e-3  # the two GELUs differ far below a half-precision step
 
 
 def test_conv2_kernel_rejects_bad_input():
@@ -167,13 +199,39 @@ def test_conv2_kernel_rejects_bad_input():
         conv2_masks(z(1, 40, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), interpret=True)
     with pytest.raises(ValueError, match="block_n=64 must divide the 32 rows"):
         conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), block_n=64, interpret=True)
+    with pytest.raises(ValueError, match="per_program=3 must divide the 2 blocks of 16 rows"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), block_n=16, per_program=3, interpret=True)
     with pytest.raises(ValueError, match="float32 inputs are not supported on the GPU"):
         conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16))
+    with pytest.raises(ValueError, match="gelu='poly'.*bfloat16 / float16 inputs, got float32"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), gelu="poly", interpret=True)
+    with pytest.raises(ValueError, match="gelu must be 'erf' or 'poly', got 'tanh'"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), gelu="tanh", interpret=True)
 
 
-def test_conv2_kernel_lowers_to_triton_for_a_gpu():
+@pytest.mark.parametrize("per_program,num_stages,gelu", [(1, 1, "erf"), (4, 3, "erf"), (1, 1, "poly")])
+def test_conv2_kernel_lowers_to_triton_for_a_gpu(per_program, num_stages, gelu):
     s = jax.ShapeDtypeStruct
     args = [s((2, 16384, 64), jnp.bfloat16), s((2, 2, 64, 32), jnp.float32), s((32,), jnp.float32),
             s((2, 3, 32), jnp.bfloat16)]
-    lowered = jax.jit(conv2_masks).trace(*args).lower(lowering_platforms=("cuda",))
+    f = functools.partial(conv2_masks, per_program=per_program, num_stages=num_stages, gelu=gelu)
+    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+def test_auto_upscaling_picks_the_conv2_kernel_on_a_gpu_in_half_precision_only(monkeypatch):
+    from flax import nnx
+
+    from sarformer_jax.sam.mask_decoder import MaskDecoder
+
+    dec = MaskDecoder(transformer_dim=32, transformer_depth=1, transformer_heads=2, transformer_mlp_dim=16,
+                      iou_head_hidden_dim=16, rngs=nnx.Rngs(0))
+    assert dec.upscale_implementation == "auto"
+    assert dec.resolved_upscale(jnp.bfloat16, 4096) == "blocks"  # the CPU here
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dec.resolved_upscale(jnp.bfloat16, 4096) == "blocks_pallas"
+    assert dec.resolved_upscale(jnp.float16, 4096) == "blocks_pallas"
+    assert dec.resolved_upscale(jnp.float32, 4096) == "blocks"
+    assert dec.resolved_upscale(jnp.bfloat16, 6) == "blocks"  # 24 rows: not a multiple of 16
+    dec.upscale_implementation = "upstream"
+    assert dec.resolved_upscale(jnp.bfloat16, 4096) == "upstream"

@@ -7,10 +7,10 @@ bf16 in and out with float32 math, against PyTorch's `F.gelu` (exact) on the sam
 torch has CUDA.  Each row also gives the pass's bandwidth (bytes in + out over the time) and
 the largest error against the float64 exact GELU of the same inputs.
 
-Formulas: `erf` (XLA's float32 erf, the current `layers.gelu`), `rational` and
-`rational_rsqrt` (our own minimax-style fit erf(x) ~ x P(x^2) / Q(x^2), with a division or with
-1/Q as rsqrt(Q)^2), `tanh` (the tanh approximation: not exact, only a speed reference) and
-`copy` (2x: the bandwidth ceiling of a pass with the same bytes).
+Formulas: `erf` (XLA's float32 erf, `layers.gelu`), `tanh` (the tanh approximation: not
+exact, only a speed reference) and `copy` (2x: the bandwidth ceiling of a pass with the same
+bytes).  A rational erf of our own (x P(x^2) / Q(x^2), by division or with 1/Q as rsqrt(Q)^2)
+was slower than XLA's erf on an H200 and was removed (docs/benchmarks.md, GELU run 1).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SHAPES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--formulas", default="erf,rational,rational_rsqrt,tanh,copy")
+    parser.add_argument("--formulas", default="erf,tanh,copy")
     parser.add_argument("--grad-shapes", default="beit_mlp", help="shapes also timed forward+backward")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true")
@@ -46,8 +46,6 @@ def formula(name: str):
 
     if name == "erf":
         return layers.gelu
-    if name in ("rational", "rational_rsqrt"):
-        return lambda x: layers.gelu_rational(x, reciprocal="rsqrt" if name.endswith("rsqrt") else "divide")
     if name == "tanh":
         return f32(lambda x: jax.nn.gelu(x, approximate=True))
     if name == "copy":
@@ -101,7 +99,7 @@ def _torch_row(shape_name, shape, x, nbytes, reps, grad):
     if not torch.cuda.is_available():
         print(f"| {shape_name} {shape} | torch | (no CUDA) | | | |", flush=True)
         return
-    xt = torch.from_numpy(np.asarray(x.astype(np.float32))).to("cuda", torch.bfloat16)
+    xt = torch.from_numpy(np.array(x.astype(np.float32))).to("cuda", torch.bfloat16)
     t = do_bench(lambda: F.gelu(xt), rep=200)
     tb = ""
     if grad:

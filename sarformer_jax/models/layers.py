@@ -258,57 +258,6 @@ def gelu(x: jax.Array) -> jax.Array:
     return (0.5 * xf * (1.0 + jax.lax.erf(xf * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
-# erf(x) ~ x P(x^2) / Q(x^2) on |x| <= _ERF_CLAMP (erf is 1 to float32 beyond): our own fit
-# (least squares on the linearised rational form, reweighted toward equal-ripple), max error
-# 1.6e-8 in float64 and 3.8e-7 evaluated in float32 -- XLA's float32 erf measures 3.2e-7.
-_ERF_CLAMP = 3.92
-_ERF_P = (1.128379225730896, 0.19226138293743134, 0.055678997188806534, 0.004202298820018768,
-          0.00041121445246972144, 6.807294084865134e-06)
-_ERF_Q = (1.0, 0.503720760345459, 0.11725005507469177, 0.016247320920228958, 0.0014161175349727273,
-          7.269421621458605e-05, 2.6086561888405413e-07)
-
-
-def _horner(coeffs, t):
-    acc = jnp.full_like(t, np.float32(coeffs[-1]))
-    for c in coeffs[-2::-1]:
-        acc = acc * t + np.float32(c)
-    return acc
-
-
-def erf_rational(x: jax.Array, reciprocal: str = "divide") -> jax.Array:
-    """float32 erf as one rational function: `reciprocal` "divide" divides P by Q; "rsqrt" takes
-    1/Q as rsqrt(Q)^2 (Q >= 1 here), which the GPU evaluates with its approximate reciprocal
-    square root instead of an IEEE division (a few ulp more error)."""
-    x = jnp.clip(x, -_ERF_CLAMP, _ERF_CLAMP)
-    t = x * x
-    p, q = _horner(_ERF_P, t), _horner(_ERF_Q, t)
-    if reciprocal == "divide":
-        return x * p / q
-    if reciprocal == "rsqrt":
-        r = jax.lax.rsqrt(q)
-        return x * p * (r * r)
-    raise ValueError(f"reciprocal must be 'divide' or 'rsqrt', got {reciprocal!r}")
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _gelu_rational_f32(x: jax.Array, reciprocal: str) -> jax.Array:
-    return 0.5 * x * (1.0 + erf_rational(x * np.float32(np.sqrt(0.5)), reciprocal))
-
-
-@_gelu_rational_f32.defjvp
-def _gelu_rational_jvp(reciprocal, primals, tangents):
-    (x,), (dx,) = primals, tangents
-    cdf = 0.5 * (1.0 + erf_rational(x * np.float32(np.sqrt(0.5)), reciprocal))
-    pdf = jnp.exp(-0.5 * x * x) * np.float32(1.0 / np.sqrt(2.0 * np.pi))
-    return x * cdf, dx * (cdf + x * pdf)
-
-
-def gelu_rational(x: jax.Array, reciprocal: str = "divide") -> jax.Array:
-    """Exact GELU (to float32 rounding, as `gelu`) with erf as one rational function
-    (`erf_rational`) and the derivative cdf + x pdf written out; float32 math, input dtype out."""
-    return _gelu_rational_f32(x.astype(jnp.float32), reciprocal).astype(x.dtype)
-
-
 trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
 """PyTorch `trunc_normal_(std=0.02)` (cut at +-2 absolute, i.e. +-100 sigma: effectively normal)."""
 

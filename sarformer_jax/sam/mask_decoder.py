@@ -48,8 +48,11 @@ class MaskDecoder(nnx.Module):
     product form `upscale_products` ("rows" or "tensor": see `upscale_masks`); "blocks_pallas"
     runs blocks' first conv, LayerNorm and GELU in XLA and the second conv, its GELU and the
     mask products as one GPU kernel (`sam_upscale.conv2_masks`: the GELU output is never
-    written; "blocks_pallas_interpret" in the interpreter).  Only
-    the requested masks are computed (3 of the 4 for multimask output).
+    written; "blocks_pallas_interpret" in the interpreter); "auto" (the default) is
+    "blocks_pallas" on a GPU in bfloat16 or float16 and "blocks" otherwise (online train step
+    134.5 vs 138.9 ms blocking, generator 35.2 vs 36.4 ms per 640² image on an H200:
+    docs/benchmarks.md, train run 22).  Only the requested masks are computed (3 of the 4 for
+    multimask output).
 
     Args:
       transformer_dim: token width (256).
@@ -58,8 +61,18 @@ class MaskDecoder(nnx.Module):
       transformer_depth, transformer_heads, transformer_mlp_dim: the TwoWayTransformer.
     """
 
-    upscale_implementation: str = "blocks"
+    upscale_implementation: str = "auto"
     upscale_products: str = "rows"
+
+    def resolved_upscale(self, dtype, num_tokens: int) -> str:
+        """The upscaling a call with image tokens of `dtype` (before the convs' own dtype) and
+        `num_tokens` per map runs: "auto" resolved, the others as set."""
+        impl = self.upscale_implementation
+        if impl != "auto":
+            return impl
+        dtype = jnp.dtype(self.output_upscaling[0].dtype or dtype)
+        fits = (4 * num_tokens) % 16 == 0 and dtype in (jnp.bfloat16, jnp.float16)
+        return "blocks_pallas" if fits and jax.default_backend() == "gpu" else "blocks"
 
     def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,
@@ -135,7 +148,8 @@ class MaskDecoder(nnx.Module):
         [b, m, 4h, 4w], by `upscale_implementation`.  `kernel_settings` (block_l, num_warps,
         num_stages, direct) go to the Pallas kernel (`sarformer bench sam_upscale` sweeps them)."""
         b, h, w, _ = x.shape
-        if self.upscale_implementation == "blocks":
+        impl = self.resolved_upscale(x.dtype, h * w)
+        if impl == "blocks":
             up1, norm, act1, up2, act2 = self.output_upscaling
             y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]
             y = act2(up2.blocks(y.reshape(b, h, w * 4, -1)))  # [b, h, 4w, 2, 2, c/8]
@@ -143,10 +157,10 @@ class MaskDecoder(nnx.Module):
             # row 4i + 2x + X, column 4j + 2y + Y of the upscaled grid
             masks = jnp.einsum("bmc,bhwxyXYc->bmhxXwyY", hyper_in, y)
             masks = masks.reshape(b, hyper_in.shape[1], 4 * h, 4 * w)
-        elif self.upscale_implementation in ("blocks_pallas", "blocks_pallas_interpret"):
+        elif impl in ("blocks_pallas", "blocks_pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import conv2_masks
 
-            interpret = self.upscale_implementation == "blocks_pallas_interpret"
+            interpret = impl == "blocks_pallas_interpret"
             if not interpret and jax.default_backend() != "gpu":
                 raise ValueError(f"upscale_implementation 'blocks_pallas' runs a GPU kernel (backend here: "
                                  f"{jax.default_backend()}); use 'blocks', or 'blocks_pallas_interpret' for tests")
@@ -157,24 +171,24 @@ class MaskDecoder(nnx.Module):
                             interpret=interpret, **kernel_settings)  # [b, 4hw, 4 mp], column 4k + 2X + Y
             r = r.reshape(b, h, w, 2, 2, -1, 2, 2)[:, :, :, :, :, :m]  # [b, h, w, x, y, k, X, Y]
             masks = r.transpose(0, 5, 1, 3, 6, 2, 4, 7).reshape(b, m, 4 * h, 4 * w)
-        elif self.upscale_implementation in ("pallas", "pallas_interpret"):
+        elif impl in ("pallas", "pallas_interpret"):
             from sarformer_jax.kernels.sam_upscale import upscale_masks
 
-            if self.upscale_implementation == "pallas" and jax.default_backend() != "gpu":
+            if impl == "pallas" and jax.default_backend() != "gpu":
                 raise ValueError(f"upscale_implementation 'pallas' is a GPU kernel (backend here: "
                                  f"{jax.default_backend()}); use 'blocks', or 'pallas_interpret' for tests")
             up1, norm, _, up2, _ = self.output_upscaling
             dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
             masks = upscale_masks(x.astype(dtype), up1.block_kernel(), up1.bias[...], norm.scale[...],
                                   norm.bias[...], up2.block_kernel(), up2.bias[...], hyper_in,
-                                  eps=norm.epsilon, interpret=self.upscale_implementation == "pallas_interpret",
+                                  eps=norm.epsilon, interpret=impl == "pallas_interpret",
                                   **{"products": self.upscale_products, **kernel_settings})
-        elif self.upscale_implementation == "upstream":
+        elif impl == "upstream":
             for layer in self.output_upscaling:
                 x = layer(x)
             masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x)
         else:
-            raise ValueError(f"upscale_implementation must be 'upstream', 'blocks', 'blocks_pallas', "
+            raise ValueError(f"upscale_implementation must be 'auto', 'upstream', 'blocks', 'blocks_pallas', "
                              f"'blocks_pallas_interpret', 'pallas' or 'pallas_interpret', got "
                              f"{self.upscale_implementation!r}")
         return masks
