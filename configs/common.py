@@ -168,7 +168,7 @@ def guidance(source: str = "online") -> Config:
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
             # kernel, bf16 only; no faster in the generator: SAM runs 6 and 12),
             # "blocks_pallas" (blocks' first half, the rest one GPU kernel, bf16 only: online
-            # train step 134.5 vs 138.9 ms blocking, train run 22), "upstream", or "auto" =
+            # guidance 66.4 vs 70.4 ms, train runs 22-23), "upstream", or "auto" =
             # blocks_pallas on a GPU in bf16, blocks elsewhere; and its
             # cross-attentions (TwoWayTransformer.attention_implementation): "absorbed"
             # (image-token projections moved to the prompt side), "absorbed_pallas" (absorbed,

@@ -26,11 +26,13 @@ the GELU outputs are rounded to that dtype where the XLA path stores them.
 product for the four second-conv sub-positions, and the mask-token dots of all of them as one
 product with a block-diagonal matrix (`hyper_blocks`), stored with computed indices.
 `conv2_masks` is the second half alone (second conv, GELU, mask-token product) for rows of the
-first conv's output, which the decoder's "blocks_pallas" upscaling feeds from XLA.  None of the
-three beats XLA's "blocks" path on an H200 (docs/benchmarks.md, SAM runs 6 and 12).
+first conv's output, which the decoder's "blocks_pallas" upscaling feeds from XLA; with its GELU
+as a polynomial (`_gelu_poly`, half precision) it makes the whole head 1.10-1.17 ms against
+1.63-1.70 ms for XLA's "blocks" per 128 prompts on an H200 and is the decoder's GPU default.
+The fused kernel in either form is slower than "blocks" (docs/benchmarks.md, SAM runs 6, 12, 13).
 
-GELU is exact (erf) as in SAM; Triton has no erf lowering in Pallas, so erf is the
-Abramowitz-Stegun 7.1.26 rational approximation (absolute error <= 1.5e-7 in exact arithmetic,
+GELU is exact (erf) as in SAM, up to float32 rounding in the "erf" form; Triton has no erf
+lowering in Pallas, so erf is the Abramowitz-Stegun 7.1.26 rational approximation (absolute error <= 1.5e-7 in exact arithmetic,
 <= 6e-7 in float32, where 1 - poly * exp(-x^2) cancels near 0; GELU multiplies it by x / 2).
 """
 

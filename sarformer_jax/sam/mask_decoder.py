@@ -49,9 +49,10 @@ class MaskDecoder(nnx.Module):
     runs blocks' first conv, LayerNorm and GELU in XLA and the second conv, its GELU and the
     mask products as one GPU kernel (`sam_upscale.conv2_masks`: the GELU output is never
     written; "blocks_pallas_interpret" in the interpreter); "auto" (the default) is
-    "blocks_pallas" on a GPU in bfloat16 or float16 and "blocks" otherwise (online train step
-    134.5 vs 138.9 ms blocking, generator 35.2 vs 36.4 ms per 640² image on an H200:
-    docs/benchmarks.md, train run 22).  Only the requested masks are computed (3 of the 4 for
+    "blocks_pallas" on a GPU in bfloat16 or float16 and "blocks" otherwise (the kernel's GELU
+    then a polynomial within 1.6e-5 of erf; guidance in the online train step 66.4 vs 70.4 ms,
+    generator 35.2 vs 36.4 ms per 640² image with the erf GELU, on an H200: docs/benchmarks.md,
+    train runs 22-23, SAM run 13).  Only the requested masks are computed (3 of the 4 for
     multimask output).
 
     Args:
