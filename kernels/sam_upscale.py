@@ -181,18 +181,34 @@ def _w2_side_by_side(w2: jax.Array, dtype) -> jax.Array:
     return w2.reshape(4, c1, c2).transpose(1, 0, 2).reshape(c1, 4 * c2).astype(dtype)
 
 
-def _conv2_kernel(y_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_n: int, per_program: int, gelu: str):
+def _conv2_kernel(*refs, block_n: int, per_program: int, gelu: str, first: bool, eps: float):
+    if first:
+        y_ref, b1_ref, g_ref, be_ref, w2_ref, b2_ref, h_ref, o_ref = refs
+    else:
+        y_ref, w2_ref, b2_ref, h_ref, o_ref = refs
     b, nb = pl.program_id(0), pl.program_id(1)
     prec = jax.lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
+    act = _gelu_poly if gelu == "poly" else _gelu
     w2 = w2_ref[...]
     b2 = b2_ref[...].astype(jnp.float32)[None, :]
     hb = h_ref[b, :, :]
+    if first:
+        b1 = b1_ref[...].astype(jnp.float32)[None, :]
+        g = g_ref[...].astype(jnp.float32)[None, :]
+        be = be_ref[...].astype(jnp.float32)[None, :]
 
     def rows(i):
         ns = pl.ds((nb * per_program + i) * block_n, block_n)
         y = y_ref[b, ns, :]  # [block_n, c1]
+        if first:  # the first conv's bias, the channel LayerNorm and the first GELU, per row
+            c1 = y.shape[-1]
+            v = y.astype(jnp.float32) + b1
+            mu = jnp.sum(v, axis=1)[:, None] * (1.0 / c1)
+            d = v - mu
+            var = jnp.sum(d * d, axis=1)[:, None] * (1.0 / c1)
+            y = act(d * jax.lax.rsqrt(var + eps) * g + be).astype(y.dtype)
         z = jnp.dot(y, w2, preferred_element_type=jnp.float32, precision=prec)
-        z = (_gelu_poly if gelu == "poly" else _gelu)(z + b2).astype(y.dtype)  # [block_n, 4 c2]
+        z = act(z + b2).astype(y.dtype)  # [block_n, 4 c2]
         r = jnp.dot(z, hb, preferred_element_type=jnp.float32, precision=prec)  # [block_n, 4 mp]
         o_ref[b, ns, :] = r.astype(o_ref.dtype)
 
@@ -202,11 +218,12 @@ def _conv2_kernel(y_ref, w2_ref, b2_ref, h_ref, o_ref, *, block_n: int, per_prog
         jax.lax.fori_loop(0, per_program, lambda i, c: (rows(i), c)[1], 0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "per_program", "gelu", "interpret", "num_warps",
+@functools.partial(jax.jit, static_argnames=("block_n", "per_program", "gelu", "eps", "interpret", "num_warps",
                                              "num_stages"))
-def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *, block_n: int | None = None,
-                per_program: int = 1, gelu: str | None = None, interpret: bool = False, num_warps: int = 4,
-                num_stages: int = 1) -> jax.Array:
+def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
+                first: tuple[jax.Array, jax.Array, jax.Array] | None = None, eps: float = 1e-6,
+                block_n: int | None = None, per_program: int = 1, gelu: str | None = None,
+                interpret: bool = False, num_warps: int = 4, num_stages: int = 1) -> jax.Array:
     """The second half of SAM's upscaling head as one streaming kernel: the second 2x2
     transposed conv, its GELU and the mask-token dots, for rows of first-conv outputs.
 
@@ -224,7 +241,10 @@ def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
     Triton pipelines with `num_stages` > 1.  `gelu`: "erf" (the module's float32 erf) or
     "poly" (`_gelu_poly`: multiply-adds only; half-precision inputs only; the whole head 1.10-1.17
     vs 1.27-1.52 ms per 128 prompts on an H200, SAM run 13); None (the default): "poly" for
-    bfloat16 / float16 inputs, else "erf"."""
+    bfloat16 / float16 inputs, else "erf".  `first` = (b1 [c1], scale [c1], offset [c1]): `y` is
+    then the first conv's product before its bias, and the kernel also adds that bias and applies
+    the channel LayerNorm (epsilon `eps`) and the first GELU per row, so XLA's pass for them (and
+    its output) is not needed either."""
     bsz, n, c1 = y.shape
     if gelu is None:
         gelu = "poly" if y.dtype in (jnp.bfloat16, jnp.float16) else "erf"
@@ -233,6 +253,9 @@ def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
     if w2.shape != (2, 2, c1, c2) or b2.shape != (c2,) or hyper.shape != (bsz, m, c2):
         raise ValueError(f"sam conv2 kernel: y {y.shape}, w2 {w2.shape}, b2 {b2.shape}, hyper {hyper.shape} "
                          "do not fit [b,n,c1], [2,2,c1,c2], [c2], [b,m,c2]")
+    if first is not None and (len(first) != 3 or any(a.shape != (c1,) for a in first)):
+        raise ValueError(f"sam conv2 kernel: first must be (bias, scale, offset) of shape ({c1},) each, got "
+                         f"{[tuple(a.shape) for a in first]}")
     if block_n is None:
         # 64 rows on 4 warps was the fastest of 32 / 64 / 128 rows on 4 / 8 warps (SAM run 12)
         block_n = next((bn for bn in (64, 32, 16) if n % bn == 0), None)
@@ -255,13 +278,14 @@ def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
     w2cat = _w2_side_by_side(w2, dtype)
     hb = hyper_blocks(hyper.astype(dtype))
     return pl.pallas_call(
-        functools.partial(_conv2_kernel, block_n=block_n, per_program=per_program, gelu=gelu),
+        functools.partial(_conv2_kernel, block_n=block_n, per_program=per_program, gelu=gelu,
+                          first=first is not None, eps=float(eps)),
         out_shape=jax.ShapeDtypeStruct((bsz, n, hb.shape[-1]), dtype),
         grid=(bsz, n // (block_n * per_program)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="sam_upscale_conv2_masks",
-    )(y, w2cat, jnp.tile(b2, 4), hb)
+        name="sam_upscale_conv2_masks" if first is None else "sam_upscale_norm_conv2_masks",
+    )(y, *(first or ()), w2cat, jnp.tile(b2, 4), hb)
 
 
 def default_block_l(num_tokens: int) -> int:

@@ -63,13 +63,16 @@ def test_blocks_pallas_decoder_on_gpu_matches_blocks():
     x = rng.normal(size=(64, 64, 64, 256)).astype(np.float32)
     hyper = rng.normal(size=(64, 3, 32)).astype(np.float32)
     outs = {}
-    for impl, dt in [("upstream", jnp.float32), ("blocks", jnp.bfloat16), ("blocks_pallas", jnp.bfloat16)]:
+    for impl, dt in [("upstream", jnp.float32), ("blocks", jnp.bfloat16), ("blocks_pallas", jnp.bfloat16),
+                     ("blocks_pallas+norm", jnp.bfloat16)]:
         dec = MaskDecoder(rngs=init_rngs(0), dtype=None if dt == jnp.float32 else dt)
-        dec.upscale_implementation = impl
+        dec.upscale_implementation = impl.removesuffix("+norm")
+        dec.upscale_fuse_norm = impl.endswith("+norm")  # the first conv's LayerNorm and GELU in the kernel
         graphdef, state = nnx.split(dec)
         f = jax.jit(lambda st, a, h: nnx.merge(graphdef, st).upscale_masks(a, h))
         with jax.default_matmul_precision("highest" if dt == jnp.float32 else "default"):
             outs[impl] = np.asarray(f(state, jnp.asarray(x, dt), jnp.asarray(hyper, dt)).astype(jnp.float32))
     assert outs["blocks_pallas"].shape == (64, 3, 256, 256) and np.isfinite(outs["blocks_pallas"]).all()
     assert rel_err(outs["blocks_pallas"], outs["upstream"]) <= RTOL["bfloat16"]
+    assert rel_err(outs["blocks_pallas+norm"], outs["upstream"]) <= RTOL["bfloat16"]
     assert rel_err(outs["blocks"], outs["upstream"]) <= RTOL["bfloat16"]

@@ -173,6 +173,35 @@ def test_conv2_kernel_matches_a_numpy_evaluation(n, masks, block_n, per_program)
     np.testing.assert_array_equal(got[:, :, masks:], np.repeat(got[:, :, masks - 1:masks], mp - masks, axis=2))
 
 
+@pytest.mark.parametrize("dtype,gelu", [(jnp.float32, "erf"), (jnp.bfloat16, "poly"), (jnp.bfloat16, "erf")])
+def test_conv2_kernel_with_the_first_convs_bias_norm_and_gelu(dtype, gelu):
+    """first=(b1, scale, offset): the input is the first conv's product; the kernel adds b1 and
+    applies the channel LayerNorm and GELU before the second conv (numpy evaluation)."""
+    rng = np.random.default_rng(12)
+    b, n, c1, c2, masks, eps = 2, 64, 16, 16, 3, 1e-6
+    y = (rng.normal(size=(b, n, c1)) * 3 + 1).astype(np.float32)
+    b1, g, be = (rng.normal(size=(c1,)).astype(np.float32), (1 + 0.2 * rng.normal(size=(c1,))).astype(np.float32),
+                 (0.3 * rng.normal(size=(c1,))).astype(np.float32))
+    w2 = (rng.normal(size=(2, 2, c1, c2)) / math.sqrt(c1)).astype(np.float32)
+    b2 = rng.normal(size=(c2,)).astype(np.float32)
+    hyper = rng.normal(size=(b, masks, c2)).astype(np.float32)
+    ya, ha = jnp.asarray(y, dtype), jnp.asarray(hyper, dtype)
+    v = np.asarray(ya.astype(jnp.float32), np.float64) + b1
+    mu = v.mean(-1, keepdims=True)
+    var = ((v - mu) ** 2).mean(-1, keepdims=True)
+    gelu_np = np.vectorize(lambda t: 0.5 * t * (1.0 + math.erf(t / math.sqrt(2.0))))
+    act = gelu_np((v - mu) / np.sqrt(var + eps) * g + be)
+    ref = _numpy_conv2(act, w2.astype(np.float64), b2.astype(np.float64),
+                       np.asarray(ha.astype(jnp.float32), np.float64))
+    out = conv2_masks(ya, jnp.asarray(w2), jnp.asarray(b2), ha, first=tuple(map(jnp.asarray, (b1, g, be))), eps=eps,
+                      gelu=gelu, interpret=True)
+    got = np.asarray(out, np.float64).reshape(b, n, 4, 2, 2)[:, :, :masks].transpose(0, 1, 3, 4, 2)
+    assert rel_err(got, ref) <= RTOL[jnp.dtype(dtype).name]
+    # without `first` the same input gives other masks: the prologue is really applied
+    plain = np.asarray(conv2_masks(ya, jnp.asarray(w2), jnp.asarray(b2), ha, gelu=gelu, interpret=True), np.float64)
+    assert rel_err(plain.reshape(got.shape[:2] + (4, 2, 2))[:, :, :masks].transpose(0, 1, 3, 4, 2), ref) > 0.05
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_conv2_kernel_polynomial_gelu_in_half_precision(dtype):
     """gelu='poly' against numpy's exact GELU (half-precision tolerance) and against the kernel's
@@ -205,16 +234,22 @@ def test_conv2_kernel_rejects_bad_input():
         conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16))
     with pytest.raises(ValueError, match="gelu='poly'.*bfloat16 / float16 inputs, got float32"):
         conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), gelu="poly", interpret=True)
+    with pytest.raises(ValueError, match=r"first must be \(bias, scale, offset\) of shape \(16,\) each, "
+                                         r"got \[\(16,\), \(8,\), \(16,\)\]"):
+        conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), first=(z(16), z(8), z(16)), interpret=True)
     with pytest.raises(ValueError, match="gelu must be 'erf' or 'poly', got 'tanh'"):
         conv2_masks(z(1, 32, 16), z(2, 2, 16, 16), z(16), z(1, 3, 16), gelu="tanh", interpret=True)
 
 
-@pytest.mark.parametrize("per_program,num_stages,gelu", [(1, 1, "erf"), (4, 3, "erf"), (1, 1, "poly")])
-def test_conv2_kernel_lowers_to_triton_for_a_gpu(per_program, num_stages, gelu):
+@pytest.mark.parametrize("per_program,num_stages,gelu,first", [(1, 1, "erf", False), (4, 3, "erf", False),
+                                                                (1, 1, "poly", False), (1, 1, "poly", True)])
+def test_conv2_kernel_lowers_to_triton_for_a_gpu(per_program, num_stages, gelu, first):
     s = jax.ShapeDtypeStruct
     args = [s((2, 16384, 64), jnp.bfloat16), s((2, 2, 64, 32), jnp.float32), s((32,), jnp.float32),
             s((2, 3, 32), jnp.bfloat16)]
     f = functools.partial(conv2_masks, per_program=per_program, num_stages=num_stages, gelu=gelu)
+    if first:
+        f = lambda y, w2, b2, hy, f=f: f(y, w2, b2, hy, first=(jnp.zeros(64), jnp.ones(64), jnp.zeros(64)))
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
 

@@ -102,6 +102,7 @@ def test_mask_prompt(pair):
                                                ("upstream", "absorbed"), ("blocks", "absorbed"),
                                                ("pallas_interpret", "absorbed"),
                                                ("blocks_pallas_interpret", "absorbed"),
+                                               ("blocks_pallas_interpret+norm", "absorbed"),
                                                ("blocks", "absorbed_pallas_interpret")])
 @pytest.mark.parametrize("groups,per_image,with_masks", [(2, 3, False), (1, 4, False), (2, 2, True)],
                          ids=["2img_x3", "1img_x4", "2img_x2_mask_prompts"])
@@ -111,7 +112,8 @@ def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale, at
     with every upscaling and two-way attention implementation of the mask decoder."""
     tsam, jsam, _, _, _ = pair
     jsam = nnx.clone(jsam)
-    jsam.mask_decoder.upscale_implementation = upscale
+    jsam.mask_decoder.upscale_implementation = upscale.removesuffix("+norm")
+    jsam.mask_decoder.upscale_fuse_norm = upscale.endswith("+norm")  # LayerNorm and GELU in the kernel
     jsam.mask_decoder.transformer.attention_implementation = attention
     rng = np.random.default_rng(5)
     b = groups * per_image

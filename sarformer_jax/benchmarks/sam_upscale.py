@@ -37,8 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tensor (second conv and mask dots as tensor-core products, indexed stores)")
     parser.add_argument("--conv2-block-n", default="64",
                         help="comma list of row blocks for the 'blocks_pallas' conv2 kernel (empty: skip it)")
-    parser.add_argument("--conv2-gelu", default="poly",
-                        help="comma list of the conv2 kernel's GELU forms: erf, poly (multiply-adds only)")
+    parser.add_argument("--conv2-gelu", default="auto",
+                        help="comma list of the conv2 kernel's GELU forms: auto (its default: poly in half "
+                             "precision, else erf), erf, poly (multiply-adds only)")
+    parser.add_argument("--conv2-fuse-norm", default="0",
+                        help="comma list: 1 = the conv2 kernel also does the first conv's bias, LayerNorm and GELU")
     parser.add_argument("--conv2-per-program", default="1",
                         help="comma list of row blocks each conv2 program loops over (with --num-stages: "
                              "Triton's software pipelining of the loop)")
@@ -107,15 +110,18 @@ def run(args: argparse.Namespace) -> int:
     # XLA's first conv, LayerNorm and GELU, then the second half as one kernel (block_l -> block_n)
     conv2 = "blocks_pallas" if on_gpu else "blocks_pallas_interpret"
     gelus = [g.strip() for g in args.conv2_gelu.split(",") if g.strip()]
-    for bn, nw, pp, ns, ge in itertools.product(int_list(args.conv2_block_n), int_list(args.num_warps),
-                                                int_list(args.conv2_per_program), int_list(args.num_stages), gelus):
+    for bn, nw, pp, ns, ge, fn in itertools.product(int_list(args.conv2_block_n), int_list(args.num_warps),
+                                                    int_list(args.conv2_per_program), int_list(args.num_stages),
+                                                    gelus, int_list(args.conv2_fuse_norm)):
         if pp == 1 and ns > 1:
             continue  # no loop to pipeline
         if ge == "poly" and dtype == jnp.float32:
             continue  # half precision only
         loop = f" x{pp} stages {ns}" if pp > 1 else ""
-        timed(f"blocks + pallas conv2 block_n {bn} warps {nw}{loop}{' gelu poly' if ge == 'poly' else ''}",
-              upscaler(conv2, dtype, block_n=bn, num_warps=nw, per_program=pp, num_stages=ns, gelu=ge))
+        name = f"blocks + pallas conv2 block_n {bn} warps {nw}{loop}{'' if ge == 'auto' else ' gelu ' + ge}"
+        timed(name + (" + norm" if fn else ""),
+              upscaler(conv2, dtype, block_n=bn, num_warps=nw, per_program=pp, num_stages=ns,
+                       gelu=None if ge == "auto" else ge, fuse_norm=bool(fn)))
     products = [p.strip() for p in args.products.split(",") if p.strip()]
     for pr, bl, nw, ns in itertools.product(products, int_list(args.block_l), int_list(args.num_warps),
                                             int_list(args.num_stages)):

@@ -48,7 +48,8 @@ class MaskDecoder(nnx.Module):
     product form `upscale_products` ("rows" or "tensor": see `upscale_masks`); "blocks_pallas"
     runs blocks' first conv, LayerNorm and GELU in XLA and the second conv, its GELU and the
     mask products as one GPU kernel (`sam_upscale.conv2_masks`: the GELU output is never
-    written; "blocks_pallas_interpret" in the interpreter); "auto" (the default) is
+    written; "blocks_pallas_interpret" in the interpreter; with `upscale_fuse_norm` the kernel
+    also does the first conv's bias, LayerNorm and GELU); "auto" (the default) is
     "blocks_pallas" on a GPU in bfloat16 or float16 and "blocks" otherwise (the kernel's GELU
     then a polynomial within 1.6e-5 of erf; guidance in the online train step 66.4 vs 70.4 ms,
     generator 35.2 vs 36.4 ms per 640² image with the erf GELU, on an H200: docs/benchmarks.md,
@@ -64,6 +65,9 @@ class MaskDecoder(nnx.Module):
 
     upscale_implementation: str = "auto"
     upscale_products: str = "rows"
+    # blocks_pallas: the first conv's bias, LayerNorm and GELU inside the kernel too (XLA then
+    # only runs the first conv's product)
+    upscale_fuse_norm: bool = False
 
     def resolved_upscale(self, dtype, num_tokens: int) -> str:
         """The upscaling a call with image tokens of `dtype` (before the convs' own dtype) and
@@ -166,10 +170,17 @@ class MaskDecoder(nnx.Module):
                 raise ValueError(f"upscale_implementation 'blocks_pallas' runs a GPU kernel (backend here: "
                                  f"{jax.default_backend()}); use 'blocks', or 'blocks_pallas_interpret' for tests")
             up1, norm, act1, up2, _ = self.output_upscaling
-            y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]: token (i, j), first block (x, y)
+            settings = dict(kernel_settings)
+            if settings.pop("fuse_norm", self.upscale_fuse_norm):
+                # the first conv's product alone; its bias, the LayerNorm and the GELU in the kernel
+                dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
+                y = jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), up1.block_kernel().astype(dtype))
+                settings.update(first=(up1.bias[...], norm.scale[...], norm.bias[...]), eps=norm.epsilon)
+            else:
+                y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]: token (i, j), first block (x, y)
             m = hyper_in.shape[1]
             r = conv2_masks(y.reshape(b, h * w * 4, -1), up2.block_kernel(), up2.bias[...], hyper_in,
-                            interpret=interpret, **kernel_settings)  # [b, 4hw, 4 mp], column 4k + 2X + Y
+                            interpret=interpret, **settings)  # [b, 4hw, 4 mp], column 4k + 2X + Y
             r = r.reshape(b, h, w, 2, 2, -1, 2, 2)[:, :, :, :, :, :m]  # [b, h, w, x, y, k, X, Y]
             masks = r.transpose(0, 5, 1, 3, 6, 2, 4, 7).reshape(b, m, 4 * h, 4 * w)
         elif impl in ("pallas", "pallas_interpret"):
