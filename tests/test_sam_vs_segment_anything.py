@@ -115,6 +115,8 @@ def test_decode_grouped_prompts(pair, groups, per_image, with_masks, upscale, at
     jsam.mask_decoder.upscale_implementation = upscale.removesuffix("+norm")
     jsam.mask_decoder.upscale_fuse_norm = upscale.endswith("+norm")  # LayerNorm and GELU in the kernel
     jsam.mask_decoder.transformer.attention_implementation = attention
+    if upscale.endswith("+norm") and (groups, per_image, with_masks) != (2, 2, True):
+        pytest.skip("the fused-norm kernel is checked on one grouping (the kernel sees only prompts)")
     rng = np.random.default_rng(5)
     b = groups * per_image
     emb = rng.normal(size=(groups, 64, 64, 256)).astype(np.float32)

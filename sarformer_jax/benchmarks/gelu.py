@@ -28,7 +28,8 @@ SHAPES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma list of {sorted(SHAPES)} or ROWSxCOLS")
     parser.add_argument("--formulas", default="erf,tanh,copy")
     parser.add_argument("--grad-shapes", default="beit_mlp", help="shapes also timed forward+backward")
     parser.add_argument("--reps", type=int, default=20)
@@ -53,6 +54,14 @@ def formula(name: str):
     raise ValueError(f"unknown formula {name!r}")
 
 
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bench gelu: shape {text!r} is neither one of {sorted(SHAPES)} nor ROWSxCOLS") from None
+    return rows, cols
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -66,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|", flush=True)
     grad_shapes = set(filter(None, args.grad_shapes.split(",")))
     for shape_name in args.shapes.split(","):
-        shape = SHAPES[shape_name]
+        shape = SHAPES[shape_name] if shape_name in SHAPES else _parse_shape(shape_name)
         x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32) * 2.0, jnp.bfloat16)
         x64 = np.asarray(x.astype(jnp.float32), np.float64)
         exact = 0.5 * x64 * (1.0 + erf64(x64 / np.sqrt(2.0)))
