@@ -31,9 +31,10 @@ as a polynomial (`_gelu_poly`, half precision) it makes the whole head 1.10-1.17
 1.63-1.70 ms for XLA's "blocks" per 128 prompts on an H200 and is the decoder's GPU default.
 The fused kernel in either form is slower than "blocks" (docs/benchmarks.md, SAM runs 6, 12, 13).
 
-GELU is exact (erf) as in SAM, up to float32 rounding in the "erf" form; Triton has no erf
-lowering in Pallas, so erf is the Abramowitz-Stegun 7.1.26 rational approximation (absolute error <= 1.5e-7 in exact arithmetic,
-<= 6e-7 in float32, where 1 - poly * exp(-x^2) cancels near 0; GELU multiplies it by x / 2).
+GELU is exact (erf) as in SAM, up to float32 rounding, in the "erf" form: Triton has no erf
+lowering in Pallas, so erf is the Abramowitz-Stegun 7.1.26 rational approximation (absolute
+error <= 1.5e-7 in exact arithmetic, <= 6e-7 in float32, where 1 - poly * exp(-x^2) cancels
+near 0; GELU multiplies it by x / 2).  `conv2_masks` in half precision uses `_gelu_poly`.
 """
 
 from __future__ import annotations
