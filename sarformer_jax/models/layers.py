@@ -402,13 +402,15 @@ class StridedConvTranspose(nnx.Module):
         (s*i + a, s*j + c) -- the stored kernel with flax's transposed-conv flip undone."""
         return self.kernel[...][::-1, ::-1]
 
-    def blocks(self, x: jax.Array) -> jax.Array:
+    def blocks(self, x: jax.Array, *, bias: bool = True) -> jax.Array:
         """The output before the depth-to-space step: [b, h, w, s, s, out] with
         `blocks(x)[:, i, j, a, c] == self(x)[:, s*i + a, s*j + c]` (same sums), for a consumer
-        that can contract or reduce the blocks without the interleaved copy."""
+        that can contract or reduce the blocks without the interleaved copy (`bias=False`: the
+        product alone, for a consumer that adds the bias itself)."""
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         k = self.block_kernel().astype(dtype)
-        return jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), k) + self.bias[...].astype(dtype)
+        y = jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), k)
+        return y + self.bias[...].astype(dtype) if bias else y
 
 
 def _casts_at_use(module) -> bool:

@@ -173,8 +173,7 @@ class MaskDecoder(nnx.Module):
             settings = dict(kernel_settings)
             if settings.pop("fuse_norm", self.upscale_fuse_norm):
                 # the first conv's product alone; its bias, the LayerNorm and the GELU in the kernel
-                dtype = up1.dtype or jnp.result_type(x, up1.kernel[...])
-                y = jnp.einsum("bhwc,xyco->bhwxyo", x.astype(dtype), up1.block_kernel().astype(dtype))
+                y = up1.blocks(x, bias=False)
                 settings.update(first=(up1.bias[...], norm.scale[...], norm.bias[...]), eps=norm.epsilon)
             else:
                 y = act1(norm(up1.blocks(x)))  # [b, h, w, 2, 2, c/4]: token (i, j), first block (x, y)
