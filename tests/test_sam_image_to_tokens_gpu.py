@@ -18,9 +18,10 @@ from sarformer_jax.sam.transformer import Attention
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("layout", ["loop", "merged"])
+@pytest.mark.parametrize("layout,settings", [("loop", {}), ("merged", {}),
+                                             ("merged", {"token_pad": 16})])
 @pytest.mark.parametrize("shared", [True, False])
-def test_kernel_on_gpu_matches_xla(shared, layout):
+def test_kernel_on_gpu_matches_xla(shared, layout, settings):
     g, p, l, c, t = 2, 32, 4096, 256, 7
     attn = Attention(c, 8, 2, rngs=nnx.Rngs(0))
     norm = layer_norm(c, 1e-5, rngs=nnx.Rngs(1))
@@ -38,7 +39,7 @@ def test_kernel_on_gpu_matches_xla(shared, layout):
     bf = lambda a: a.astype(jnp.bfloat16)
     attn_bf = nnx.clone(attn)
     attn_bf.q_proj.dtype = attn_bf.k_proj.dtype = attn_bf.v_proj.dtype = attn_bf.out_proj.dtype = jnp.bfloat16
-    out = jax.jit(lambda *a: attn_bf.image_to_tokens_norm(*a, norm, heads=layout))(bf(keys), bf(pe), bf(tk), bf(tv))
+    out = jax.jit(lambda *a: attn_bf.image_to_tokens_norm(*a, norm, heads=layout, **settings))(bf(keys), bf(pe), bf(tk), bf(tv))
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == (g, p, l, c) and np.isfinite(out).all()
     assert rel_err(out, want) <= RTOL["bfloat16"]

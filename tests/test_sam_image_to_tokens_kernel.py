@@ -67,7 +67,11 @@ def _grouped(keys, m, bias, u, g):
     return split(keys), split(m), split(bias), split(u)
 
 
-@pytest.mark.parametrize("layout", ["loop", "merged"])
+# merged heads padded to 16 tokens (the default pads them to 8: t=7 -> 8, 20 -> 24)
+MERGED_16 = ("merged", {"token_pad": 16})
+
+
+@pytest.mark.parametrize("layout,settings", [("loop", {}), ("merged", {}), MERGED_16])
 @pytest.mark.parametrize("bk,b,g,l,t,block_l", [
     (2, 6, 2, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
     (4, 4, 1, 48, 5, 16),  # one map per prompt
@@ -75,7 +79,7 @@ def _grouped(keys, m, bias, u, g):
     (1, 3, 1, 32, 16, 32),  # no padding
     (1, 2, 1, 64, 20, 16),  # padded to 32
 ])
-def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l, layout):
+def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l, layout, settings):
     rng = np.random.default_rng(b * l + t)
     c, inner, heads, eps = 32, 16, 4, 1e-5
     p = _weights(rng, c, inner)
@@ -86,13 +90,13 @@ def test_kernel_matches_a_numpy_evaluation(bk, b, g, l, t, block_l, layout):
                         {k: v.astype(np.float64) for k, v in p.items()}, heads, eps)
     gk, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), g)
     out = image_to_tokens_norm(*map(jnp.asarray, (gk, pe, m, bias, u, p["bo"], p["g"], p["be"])), eps=eps,
-                               block_l=block_l, interpret=True, heads=layout)
+                               block_l=block_l, interpret=True, heads=layout, **settings)
     assert out.shape == (g, b // g, l, c)
     assert rel_err(np.asarray(out).reshape(b, l, c), ref) <= RTOL["float32"]
 
 
-@pytest.mark.parametrize("layout", ["loop", "merged"])
-def test_kernel_in_bfloat16_interpreted(layout):
+@pytest.mark.parametrize("layout,settings", [("loop", {}), ("merged", {}), MERGED_16])
+def test_kernel_in_bfloat16_interpreted(layout, settings):
     rng = np.random.default_rng(3)
     c, inner, heads, b, l, t = 64, 32, 8, 2, 64, 7
     p = _weights(rng, c, inner)
@@ -103,7 +107,7 @@ def test_kernel_in_bfloat16_interpreted(layout):
     keys, m, bias, u = _grouped(keys, *_kernel_inputs(tk, tv, p, heads), 1)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
     out = image_to_tokens_norm(bf(keys), bf(pe), bf(m), jnp.asarray(bias), bf(u), *map(jnp.asarray, (p["bo"], p["g"], p["be"])),
-                               interpret=True, heads=layout)
+                               interpret=True, heads=layout, **settings)
     assert out.dtype == jnp.bfloat16
     assert rel_err(np.asarray(out.astype(jnp.float32))[0], ref) <= RTOL["bfloat16"]
 
@@ -121,6 +125,10 @@ def test_kernel_rejects_bad_shapes():
         image_to_tokens_norm(*ok, block_l=32, interpret=True)
     with pytest.raises(ValueError, match="12 image tokens are not a multiple of 16"):
         default_block_l(12)
+    with pytest.raises(ValueError, match="token_pad must be 16, or 8 with 'merged' heads.*heads='loop'"):
+        image_to_tokens_norm(*ok, interpret=True, heads="loop", token_pad=8)
+    with pytest.raises(ValueError, match="token_pad must be 16.*token_pad=4"):
+        image_to_tokens_norm(*ok, interpret=True, token_pad=4)
     with pytest.raises(ValueError, match="float32 image tokens are not supported on the GPU"):
         image_to_tokens_norm(*ok)
 

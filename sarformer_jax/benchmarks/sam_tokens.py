@@ -5,7 +5,7 @@ XLA "absorbed" path (`Attention.image_to_tokens` + `norm4`) against the fused Pa
 float32 XLA path, with the image tokens shared by an image's prompts (the first block) and with
 one map per prompt (the second).
 
-    sarformer bench sam_tokens --prompts 64 --block-l 32,64,128 --num-warps 4,8 --heads loop,merged
+    sarformer bench sam_tokens --prompts 64 --block-l 32,64,128 --num-warps 4,8 --heads loop,merged --token-pad 8,16
     python scripts/bench_sam_tokens.py
 
 One call is one block's update for one chunk of `--prompts` prompts per image, 2 images (the
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", default="loop,merged",
                         help="comma list of the kernel's head layouts (loop: a pair of products per head; "
                              "merged: all heads in one pair)")
+    parser.add_argument("--token-pad", default="0",
+                        help="comma list of the prompt tokens' padding multiple (16, or 8 with merged heads; "
+                             "0: the kernel's default)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
 
@@ -106,10 +109,13 @@ def run(args: argparse.Namespace) -> int:
 
         timed("xla absorbed", update(keys, None, dtype))
         layouts = [h for h in args.heads.split(",") if h.strip()]
-        for hl, bl, nw, ns in itertools.product(layouts, int_list(args.block_l), int_list(args.num_warps),
-                                                int_list(args.num_stages)):
-            timed(f"pallas heads {hl} block_l {bl} warps {nw} stages {ns}",
-                  update(keys, kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns, heads=hl))
+        for hl, bl, nw, ns, tpad in itertools.product(layouts, int_list(args.block_l), int_list(args.num_warps),
+                                                      int_list(args.num_stages), int_list(args.token_pad)):
+            if hl != "merged" and tpad == 8:
+                continue  # padding to 8 is a setting of the merged kernel only
+            timed(f"pallas heads {hl} block_l {bl} warps {nw} stages {ns}" + (f" pad {tpad}" if tpad else ""),
+                  update(keys, kernel, dtype, block_l=bl, num_warps=nw, num_stages=ns, heads=hl,
+                         token_pad=tpad or None))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam_tokens  {datetime.date.today()}  jax {jax.__version__}  device "
           f"{dev.device_kind}  dtype {args.dtype}  {g} images x {p} prompts x {l} tokens x {c}, {t} prompt tokens  "
