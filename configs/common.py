@@ -179,6 +179,9 @@ def guidance(source: str = "online") -> Config:
             # generator 57.2 vs 61.5 ms (SAM run 7), online train step 173.2 vs 184.3 ms (train
             # run 10); on the CPU auto is absorbed
             upscale="auto",
+            # blocks_pallas: the first conv's bias, LayerNorm and GELU in the kernel too
+            # (MaskDecoder.upscale_fuse_norm; equal within the spread alone: SAM run 13)
+            upscale_fuse_norm=False,
             decoder_attention="auto",
         ),
         invert_first_mask=False,  # §8 #4: True reproduces the released weights' behaviour

@@ -90,7 +90,8 @@ def load_guidance_sam(cfg, sam=None):
     `nnx` SAM, e.g. random weights for benchmarks and tests), else `guidance.sam.checkpoint`
     (.npz from `sarformer convert sam`, or an official .pth converted on the fly).  Sets the
     model's `postprocess_implementation` to `guidance.sam.postprocess`, its mask decoder's
-    `upscale_implementation` to `guidance.sam.upscale` and the decoder transformer's
+    `upscale_implementation` and `upscale_fuse_norm` to `guidance.sam.upscale` and
+    `guidance.sam.upscale_fuse_norm`, and the decoder transformer's
     `attention_implementation` to `guidance.sam.decoder_attention` (on `sam` too).  The state
     is `Sam.inference_state()`: the encoder's Linear / Conv weights held in the compute dtype."""
     from flax import nnx
@@ -121,6 +122,10 @@ def load_guidance_sam(cfg, sam=None):
         raise ValueError(f"guidance.sam.upscale must be 'auto', 'upstream', 'blocks', 'blocks_pallas' or 'pallas', "
                          f"got {up!r}")
     sam.mask_decoder.upscale_implementation = up
+    fuse = cfg.guidance.sam.get("upscale_fuse_norm", False)
+    if not isinstance(fuse, bool):
+        raise ValueError(f"guidance.sam.upscale_fuse_norm must be True or False, got {fuse!r}")
+    sam.mask_decoder.upscale_fuse_norm = fuse
     att = str(cfg.guidance.sam.get("decoder_attention", "auto"))
     allowed = ("auto", "upstream", "absorbed", "absorbed_pallas")
     if att not in allowed:

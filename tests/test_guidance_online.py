@@ -71,12 +71,18 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
     decoder = nnx.merge(graphdef, state).mask_decoder
     assert decoder.upscale_implementation == "auto"
     assert decoder.resolved_upscale(jnp.bfloat16, 4096) == "blocks"  # "auto" on the CPU
+    assert decoder.upscale_fuse_norm is False
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "blocks",
-                                                   "guidance.sam.decoder_attention": "absorbed"})
+                                                   "guidance.sam.decoder_attention": "absorbed",
+                                                   "guidance.sam.upscale_fuse_norm": True})
     graphdef, state = load_guidance_sam(cfg, tiny_sam())
     decoder = nnx.merge(graphdef, state).mask_decoder
     assert decoder.upscale_implementation == "blocks"
+    assert decoder.upscale_fuse_norm is True
     assert decoder.transformer.attention_implementation == "absorbed"
+    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale_fuse_norm": "yes"})
+    with pytest.raises(ValueError, match=r"guidance.sam.upscale_fuse_norm must be True or False, got 'yes'"):
+        load_guidance_sam(cfg, tiny_sam())
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.upscale": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.upscale.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())
