@@ -180,7 +180,8 @@ def guidance(source: str = "online") -> Config:
             # run 10); on the CPU auto is absorbed
             upscale="auto",
             # blocks_pallas: the first conv's bias, LayerNorm and GELU in the kernel too
-            # (MaskDecoder.upscale_fuse_norm; equal within the spread alone: SAM run 13)
+            # (MaskDecoder.upscale_fuse_norm; equal within the spread alone and in the online
+            # train step: SAM run 13, train run 25)
             upscale_fuse_norm=False,
             decoder_attention="auto",
         ),
