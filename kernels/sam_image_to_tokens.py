@@ -17,9 +17,10 @@ on chip, adds the residual and writes the normalised tokens: one read and one wr
 
 Layout: tokens are padded to `tp` (a multiple of 16, the smallest product width, or of 8 when
 the heads' products are merged) with zero columns in m and u and a -1e30 logit bias, so each
-head's softmax runs over one [block_l, tp] tile.  Products take the inputs' dtype with float32 accumulation; the softmax weights are
-rounded to that dtype before the output product (as the XLA path stores them); the residual
-and LayerNorm are float32.  Grid: (prompts, tokens / block_l).
+head's softmax runs over one [block_l, tp] tile.  Products take the inputs' dtype with float32
+accumulation; the softmax weights are rounded to that dtype before the output product (as the
+XLA path stores them); the residual and LayerNorm are float32.  Grid: (prompts, tokens /
+block_l).
 """
 
 from __future__ import annotations

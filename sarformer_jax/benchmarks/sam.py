@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "generator (auto, matmul, taps, pallas: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="auto",
                         help="comma list of mask-decoder upscaling implementations to time in the "
-                             "generator (auto, upstream, blocks, blocks_pallas, pallas, pallas:rows, pallas:tensor: see "
+                             "generator (auto, upstream, blocks, blocks_pallas, pallas, pallas:rows, "
+                             "pallas:tensor: see "
                              "MaskDecoder.upscale_implementation and upscale_products)")
     parser.add_argument("--decoder-attention", default="auto",
                         help="comma list of mask-decoder cross-attention implementations to time in "
