@@ -79,11 +79,14 @@ def test_masks_counts_and_boxes_match_torch(geometry, width):
     assert (st["low"] >= st["high"]).all() and st["low"].max() > 0
 
 
-def test_sam_methods_agree_with_the_taps_path():
-    """`Sam.mask_stats` / `threshold_masks` with "pallas_interpret" against "taps"."""
+@pytest.mark.parametrize("width", ["taps", "matmul"])
+def test_sam_methods_agree_with_the_taps_path(width):
+    """`Sam.mask_stats` / `threshold_masks` with "pallas_interpret" (and the kernel's width pass
+    `Sam.postprocess_width`) against "taps"."""
     from sarformer_jax.sam.build import build_sam
 
     sam = build_sam("vit_b", encoder_depth=1, global_attn_indexes=(0,))
+    sam.postprocess_width = width
     low = jnp.asarray(_low(np.random.default_rng(3), (2, 3), 256))
     args = (low, (1024, 683), (120, 80))
     sam.postprocess_implementation = "taps"
