@@ -118,9 +118,11 @@ def load_guidance_sam(cfg, sam=None):
     if post not in ("auto", "matmul", "taps", "pallas"):
         raise ValueError(f"guidance.sam.postprocess must be 'auto', 'matmul', 'taps' or 'pallas', got {post!r}")
     sam.postprocess_implementation = post
+    from sarformer_jax.kernels.sam_mask_stats import WIDTHS
+
     width = str(cfg.guidance.sam.get("postprocess_width", "taps"))
-    if width not in ("taps", "matmul"):
-        raise ValueError(f"guidance.sam.postprocess_width must be 'taps' or 'matmul', got {width!r}")
+    if width not in WIDTHS:
+        raise ValueError(f"guidance.sam.postprocess_width must be one of {WIDTHS}, got {width!r}")
     sam.postprocess_width = width
     up = str(cfg.guidance.sam.get("upscale", "auto"))
     if up not in ("auto", "upstream", "blocks", "blocks_pallas", "pallas"):

@@ -73,7 +73,7 @@ MERGED_16 = ("merged", {"token_pad": 16})
 
 @pytest.mark.parametrize("layout,settings", [("loop", {}), ("merged", {}), MERGED_16])
 @pytest.mark.parametrize("bk,b,g,l,t,block_l", [
-    (2, 6, 2, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 16
+    (2, 6, 2, 64, 7, None),  # tokens shared by 3 prompts per image (the first block); t padded to 8 or 16
     (4, 4, 1, 48, 5, 16),  # one map per prompt
     (4, 4, 2, 48, 5, 16),  # one map per prompt, 2 images
     (1, 3, 1, 32, 16, 32),  # no padding
