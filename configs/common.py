@@ -164,9 +164,6 @@ def guidance(source: str = "online") -> Config:
             # kernel, kernels/sam_mask_stats.py; 36.2 vs 42.8 ms, SAM run 11); "auto" = pallas
             # on a GPU, taps elsewhere
             postprocess="auto",
-            # the kernel's width pass (Sam.postprocess_width): "taps" or "matmul" (one product
-            # per block instead of gathers; CPU-tested, not yet timed on a GPU)
-            postprocess_width="taps",
             # the mask decoder's 4x upscaling (MaskDecoder.upscale_implementation): "blocks"
             # (convs kept as blocks, only the masks interleaved), "pallas" (one fused GPU
             # kernel, bf16 only; no faster in the generator: SAM runs 6 and 12),

@@ -17,9 +17,6 @@ fixed per geometry), the <= 4 taps of each output column (`common.postprocess_ta
 (`common.postprocess_matrix`, other entries exact zeros) as one matrix product on the tensor
 cores, in 3-pass TF32 ("TF32_TF32_F32_X3": float32 to ~1e-6; the interpreter uses exact float32
 products).  Same weights as the "taps" post-processing; the sums run in another order.
-With `width="matmul"` the width pass is a product too: the contiguous [span, span_w] tile of
-low-res logits that the block's output columns read, times the [span_w, block_cols] local
-weights of the composed width map (`width_blocks`), so no gathers at all.
 Grid: (masks, row blocks, column blocks).
 """
 
@@ -36,7 +33,6 @@ from jax.experimental.pallas import triton as plgpu
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 MODES = ("stats", "mask", "logits")
-WIDTHS = ("taps", "matmul")
 
 
 def _span_pow2(n: int) -> int:
@@ -47,12 +43,10 @@ def _span_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def height_blocks(low: int, img_size: int, crop: int, out: int, block_rows: int,
-                  axis: str = "rows") -> tuple[np.ndarray, np.ndarray]:
+def height_blocks(low: int, img_size: int, crop: int, out: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(first low-res row per row block [nb] int32, local weights [nb, block_rows, span] float32):
     output row r of block b = sum_j weights[b, r, j] * low-res row (first[b] + j); span is the
-    widest block's run of low-res rows rounded up to a power of two >= 16 (zero weights).
-    The same map serves the width (`width_blocks`, `axis` "columns" for its messages)."""
+    widest block's run of low-res rows rounded up to a power of two >= 16 (zero weights)."""
     from sarformer_jax.sam.common import postprocess_matrix
 
     m = postprocess_matrix(low, img_size, crop, out)  # [out, low]
@@ -65,21 +59,12 @@ def height_blocks(low: int, img_size: int, crop: int, out: int, block_rows: int,
     last = np.where(any_row.any(1), low - 1 - any_row[:, ::-1].argmax(1), 0)
     span = _span_pow2(int(max(1, (last - first + 1).max())))
     if span > low:
-        raise ValueError(f"sam mask post-processing kernel: {block_rows} output {axis} of {out} read {span} of the "
-                         f"{low} low-res {axis} (padded to a power of two >= 16); use fewer "
-                         f"{'block_rows' if axis == 'rows' else 'block_cols'}")
+        raise ValueError(f"sam mask post-processing kernel: {block_rows} output rows of {out} read {span} of the "
+                         f"{low} low-res rows (padded to a power of two >= 16); use fewer block_rows")
     first = np.minimum(first, low - span)  # the span stays inside the map
     idx = first[:, None] + np.arange(span)[None, :]  # [nb, span]
     local = np.take_along_axis(blocks, np.broadcast_to(idx[:, None, :], (nb, block_rows, span)), axis=2)
     return first.astype(np.int32), np.ascontiguousarray(local).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=32)
-def width_blocks(low: int, img_size: int, crop: int, out: int, block_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first low-res column per column block [ncb] int32, local weights [ncb, span_w, block_cols]
-    float32): `height_blocks` of the width, transposed for the product tile @ weights."""
-    first, local = height_blocks(low, img_size, crop, out, block_cols, "columns")
-    return first, np.ascontiguousarray(local.transpose(0, 2, 1))
 
 
 @functools.lru_cache(maxsize=32)
@@ -96,27 +81,18 @@ def width_taps(low: int, img_size: int, crop: int, out: int, block_cols: int) ->
     return pi, pw
 
 
-def _kernel(low_ref, first_ref, hw_ref, wa_ref, wb_ref, *out_refs, mode: str, per_lead: int, span: int, width: str,
-            taps: int, block_rows: int, block_cols: int, out_hw: tuple[int, int],
-            thresholds: tuple[float, float, float], precision):
-    """wa, wb: the width taps' indices and weights [g, taps, padded cols] ("taps") or the first
-    low-res column of each column block [g, ncb] and its local weights [g, ncb, span_w,
-    block_cols] ("matmul")."""
+def _kernel(low_ref, first_ref, hw_ref, ti_ref, tw_ref, *out_refs, mode: str, per_lead: int, span: int, taps: int,
+            block_rows: int, block_cols: int, out_hw: tuple[int, int], thresholds: tuple[float, float, float],
+            precision):
     n, rb, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi, mi = n // per_lead, n % per_lead  # the geometry arrays lead with the (sharded) first axis
     cols = pl.ds(cb * block_cols, block_cols)
     src = (first_ref[gi, rb] + jnp.arange(span, dtype=jnp.int32))[:, None]  # [span, 1] low-res rows
-    if width == "matmul":  # the width pass of the span's rows [span, block_cols] as one product
-        span_w = wb_ref.shape[2]
-        src_c = (wa_ref[gi, cb] + jnp.arange(span_w, dtype=jnp.int32))[None, :]
-        tile = low_ref[gi, mi, src, src_c].astype(jnp.float32)  # [span, span_w], contiguous
-        u = jnp.dot(tile, wb_ref[gi, cb], precision=precision, preferred_element_type=jnp.float32)
-    else:  # per width tap, a gathered [span, block_cols] tile, weighted and summed
-        u = None
-        for k in range(taps):
-            g = low_ref[gi, mi, src, wa_ref[gi, jnp.int32(k), cols][None, :]].astype(jnp.float32)
-            term = wb_ref[gi, jnp.int32(k), cols][None, :] * g
-            u = term if u is None else u + term
+    u = None  # the width pass of the span's rows [span, block_cols]
+    for k in range(taps):
+        g = low_ref[gi, mi, src, ti_ref[gi, jnp.int32(k), cols][None, :]].astype(jnp.float32)
+        term = tw_ref[gi, jnp.int32(k), cols][None, :] * g
+        u = term if u is None else u + term
     acc = jnp.dot(hw_ref[gi, rb], u, precision=precision, preferred_element_type=jnp.float32)
     r = rb * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     c = cb * block_cols + jnp.arange(block_cols, dtype=jnp.int32)
@@ -136,20 +112,18 @@ def _kernel(low_ref, first_ref, hw_ref, wa_ref, wb_ref, *out_refs, mode: str, pe
     cols_ref[n, rb, cols] = jnp.max(on.astype(jnp.int32), axis=0)
 
 
-def _call(low, first, hw, wa, wb, *, mode, width, out_hw, thresholds, block_rows, block_cols, num_warps,
-          interpret):
+def _call(low, first, hw, ti, tw, *, mode, out_hw, thresholds, block_rows, block_cols, num_warps, interpret):
     """The pallas_call on low [g, m, lh, lw] and the geometry (one copy per g: `_geometry`) ->
     the raw outputs, leading with g * m (per-tile partial statistics)."""
     g, m = low.shape[:2]
     n = g * m
     nb, span = hw.shape[1], hw.shape[3]
-    ncb = wa.shape[1] if width == "matmul" else wa.shape[2] // block_cols
+    ncb = ti.shape[2] // block_cols
     ph, pw = nb * block_rows, ncb * block_cols
     # 3-pass TF32 on the tensor cores (float32 to ~1e-6); exact float32 in the interpreter
     precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    kernel = functools.partial(_kernel, mode=mode, per_lead=m, span=span, width=width, taps=wa.shape[1],
-                               block_rows=block_rows, block_cols=block_cols, out_hw=out_hw, thresholds=thresholds,
-                               precision=precision)
+    kernel = functools.partial(_kernel, mode=mode, per_lead=m, span=span, taps=ti.shape[1], block_rows=block_rows,
+                               block_cols=block_cols, out_hw=out_hw, thresholds=thresholds, precision=precision)
     if mode == "stats":
         out_shape = (jax.ShapeDtypeStruct((n, nb, ncb), jnp.int32), jax.ShapeDtypeStruct((n, nb, ncb), jnp.int32),
                      jax.ShapeDtypeStruct((n, ncb, ph), jnp.int32), jax.ShapeDtypeStruct((n, nb, pw), jnp.int32))
@@ -159,26 +133,23 @@ def _call(low, first, hw, wa, wb, *, mode, width, out_hw, thresholds, block_rows
         kernel, out_shape=out_shape, grid=(n, nb, ncb),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name=f"sam_postprocess_{mode}",
-    )(low, first, hw, wa, wb)
+    )(low, first, hw, ti, tw)
     return jax.tree.map(lambda a: a.reshape((g, m) + a.shape[1:]), outs)
 
 
 @functools.lru_cache(maxsize=None)
-def _partitioned(mode, width, out_hw, thresholds, block_rows, block_cols, num_warps, interpret):
+def _partitioned(mode, out_hw, thresholds, block_rows, block_cols, num_warps, interpret):
     """`_call` run on each device's part of the first axis under a batch-sharded jit
     (`sharding.batch_partitioned`)."""
-    def fn(low, first, hw, wa, wb):  # positional only: custom_partitioning binds by position
-        return _call(low, first, hw, wa, wb, mode=mode, width=width, out_hw=out_hw, thresholds=thresholds,
-                     block_rows=block_rows, block_cols=block_cols, num_warps=num_warps, interpret=interpret)
+    def fn(low, first, hw, ti, tw):  # positional only: custom_partitioning binds by position
+        return _call(low, first, hw, ti, tw, mode=mode, out_hw=out_hw, thresholds=thresholds, block_rows=block_rows,
+                     block_cols=block_cols, num_warps=num_warps, interpret=interpret)
 
-    if width == "matmul":
-        ins, dims = "g m h w, g a, g a r q, g b, g b s e", ("m", "h", "w", "a", "r", "q", "b", "s", "e")
-    else:
-        ins, dims = "g m h w, g a, g a r q, g k c, g k c", ("m", "h", "w", "a", "r", "q", "k", "c")
+    ins = "g m h w, g a, g a r q, g k c, g k c"
     if mode == "stats":
-        out = " -> g m a b, g m a b, g m b y, g m a z"
-        return batch_partitioned(fn, 4, ins + out, tuple(dict.fromkeys(dims + ("b", "y", "z"))))
-    return batch_partitioned(fn, 1, ins + " -> g m y z", dims + ("y", "z"))
+        return batch_partitioned(fn, 4, ins + " -> g m a b, g m a b, g m b y, g m a z",
+                                 ("m", "h", "w", "a", "r", "q", "k", "c", "b", "y", "z"))
+    return batch_partitioned(fn, 1, ins + " -> g m y z", ("m", "h", "w", "a", "r", "q", "k", "c", "y", "z"))
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -189,12 +160,11 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("img_size", "input_size", "original_size", "mode", "thresholds",
-                                             "block_rows", "block_cols", "num_warps", "interpret", "width"))
+                                             "block_rows", "block_cols", "num_warps", "interpret"))
 def postprocess_stats(low: jax.Array, *, img_size: int, input_size: tuple[int, int],
                       original_size: tuple[int, int], mode: str = "stats",
                       thresholds: tuple[float, float, float] = (1.0, -1.0, 0.0), block_rows: int | None = None,
-                      block_cols: int | None = None, num_warps: int = 4, interpret: bool = False,
-                      width: str = "taps"):
+                      block_cols: int | None = None, num_warps: int = 4, interpret: bool = False):
     """SAM's post-processing of low-res mask logits `low` [..., lh, lw] (float32 or bf16),
     thresholded on chip.
 
@@ -208,15 +178,9 @@ def postprocess_stats(low: jax.Array, *, img_size: int, input_size: tuple[int, i
       thresholds: (high, low, mask) = (threshold + offset, threshold - offset, threshold).
       block_rows, block_cols, num_warps: launch settings (None: 32 rows, 128 columns or the
         largest power of two from 16 that the image fits).
-      interpret: run in the Pallas interpreter (CPU tests).
-      width: the width pass as gathered taps ("taps", the default) or as one product per block
-        ("matmul": a contiguous tile of low-res logits times the block's local width weights;
-        Nsight Compute found the conv2 upscaling kernel bound by instruction issue, and the
-        gathers' address arithmetic is such work; not yet timed on a GPU)."""
+      interpret: run in the Pallas interpreter (CPU tests)."""
     if mode not in MODES:
         raise ValueError(f"sam mask post-processing kernel: mode must be one of {MODES}, got {mode!r}")
-    if width not in WIDTHS:
-        raise ValueError(f"sam mask post-processing kernel: width must be one of {WIDTHS}, got {width!r}")
     *lead, lh, lw = low.shape
     if len(lead) == 0 or low.dtype not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"sam mask post-processing kernel: low-res logits {low.shape} {low.dtype}: expected "
@@ -226,15 +190,12 @@ def postprocess_stats(low: jax.Array, *, img_size: int, input_size: tuple[int, i
     block_cols = block_cols or _pow2_at_most(out_w, 128)
     g, m = lead[0], int(np.prod(lead[1:]))
     first, hw = height_blocks(lh, img_size, int(input_size[0]), out_h, block_rows)
-    if width == "matmul":
-        wa, wb = width_blocks(lw, img_size, int(input_size[1]), out_w, block_cols)
-    else:
-        wa, wb = width_taps(lw, img_size, int(input_size[1]), out_w, block_cols)
+    ti, tw = width_taps(lw, img_size, int(input_size[1]), out_w, block_cols)
     copies = lambda a: jnp.broadcast_to(jnp.asarray(a), (g,) + a.shape)  # one per row of the first axis
-    fn = _partitioned(mode, width, (out_h, out_w), tuple(float(t) for t in thresholds), block_rows, block_cols,
-                      num_warps, interpret)
+    fn = _partitioned(mode, (out_h, out_w), tuple(float(t) for t in thresholds), block_rows, block_cols, num_warps,
+                      interpret)
     outs = per_batch_shard(fn, 4 if mode == "stats" else 1, low.reshape(g, m, lh, lw), copies(first), copies(hw),
-                           copies(wa), copies(wb))
+                           copies(ti), copies(tw))
     outs = outs if mode == "stats" else (outs,)
     if mode == "logits":
         return outs[0][:, :, :out_h, :out_w].reshape(*lead, out_h, out_w)

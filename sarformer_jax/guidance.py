@@ -89,8 +89,7 @@ def load_guidance_sam(cfg, sam=None):
     """(graphdef, state) of the guidance SAM in `guidance.sam.dtype`: `sam` if given (an
     `nnx` SAM, e.g. random weights for benchmarks and tests), else `guidance.sam.checkpoint`
     (.npz from `sarformer convert sam`, or an official .pth converted on the fly).  Sets the
-    model's `postprocess_implementation` and `postprocess_width` to `guidance.sam.postprocess`
-    and `guidance.sam.postprocess_width`, its mask decoder's
+    model's `postprocess_implementation` to `guidance.sam.postprocess`, its mask decoder's
     `upscale_implementation` and `upscale_fuse_norm` to `guidance.sam.upscale` and
     `guidance.sam.upscale_fuse_norm`, and the decoder transformer's
     `attention_implementation` to `guidance.sam.decoder_attention` (on `sam` too).  The state
@@ -118,12 +117,6 @@ def load_guidance_sam(cfg, sam=None):
     if post not in ("auto", "matmul", "taps", "pallas"):
         raise ValueError(f"guidance.sam.postprocess must be 'auto', 'matmul', 'taps' or 'pallas', got {post!r}")
     sam.postprocess_implementation = post
-    from sarformer_jax.kernels.sam_mask_stats import WIDTHS
-
-    width = str(cfg.guidance.sam.get("postprocess_width", "taps"))
-    if width not in WIDTHS:
-        raise ValueError(f"guidance.sam.postprocess_width must be one of {WIDTHS}, got {width!r}")
-    sam.postprocess_width = width
     up = str(cfg.guidance.sam.get("upscale", "auto"))
     if up not in ("auto", "upstream", "blocks", "blocks_pallas", "pallas"):
         raise ValueError(f"guidance.sam.upscale must be 'auto', 'upstream', 'blocks', 'blocks_pallas' or 'pallas', "

@@ -25,12 +25,11 @@ def _small_sam():  # a 64-pixel SAM: 16² low-res logits as in the kernel's own 
 
 def test_bench_runs_every_variant_and_checks_it(capsys, monkeypatch):
     monkeypatch.setattr(sam_post, "_sam", _small_sam)
-    rc, out = _run(capsys, *ARGS, "--block-rows", "16,32", "--block-cols", "16,64", "--width", "taps,matmul")
+    rc, out = _run(capsys, *ARGS, "--block-rows", "16,32", "--block-cols", "16,64")
     assert rc == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "ms per call" not in line]
     names = [r.split(" | ")[0].lstrip("| ") for r in rows]
-    assert names == ["xla taps"] + [f"pallas {w} rows {r} cols {c} warps 4" for w in ("taps", "matmul")
-                                    for r in (16, 32) for c in (16, 64)]
+    assert names == ["xla taps"] + [f"pallas rows {r} cols {c} warps 4" for r in (16, 32) for c in (16, 64)]
     errs = [float(r.split(" | ")[3].rstrip(" |")) for r in rows]
     assert max(errs) <= 1e-5
 
@@ -47,4 +46,4 @@ def test_bench_fails_on_a_wrong_result(capsys, monkeypatch):
     monkeypatch.setattr(sam_mask_stats, "postprocess_stats", broken)
     rc, out = _run(capsys, *ARGS, "--block-rows", "16")
     assert rc == 1
-    assert "logits rel err above 1e-05: pallas taps rows 16 cols 128 warps 4" in out
+    assert "logits rel err above 1e-05: pallas rows 16 cols 128 warps 4" in out

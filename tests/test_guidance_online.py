@@ -66,12 +66,6 @@ def test_guidance_postprocess_and_upscale_keys_select_the_implementations(tmp_pa
     cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess": "bicubic"})
     with pytest.raises(ValueError, match=r"guidance.sam.postprocess.*'bicubic'"):
         load_guidance_sam(cfg, tiny_sam())
-    assert nnx.merge(*load_guidance_sam(micro_config(root=tmp_path, **ONLINE), tiny_sam())).postprocess_width == "taps"
-    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess_width": "matmul"})
-    assert nnx.merge(*load_guidance_sam(cfg, tiny_sam())).postprocess_width == "matmul"
-    cfg = micro_config(root=tmp_path, **ONLINE, **{"guidance.sam.postprocess_width": "fft"})
-    with pytest.raises(ValueError, match=r"guidance.sam.postprocess_width must be one of \('taps', 'matmul'\), got 'fft'"):
-        load_guidance_sam(cfg, tiny_sam())
     graphdef, state = load_guidance_sam(micro_config(root=tmp_path, **ONLINE), tiny_sam())
     assert nnx.merge(graphdef, state).mask_decoder.transformer.attention_implementation == "auto"
     decoder = nnx.merge(graphdef, state).mask_decoder

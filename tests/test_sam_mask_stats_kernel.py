@@ -33,13 +33,12 @@ def _low(rng, lead, side):
     return (rng.normal(size=lead + (side, side)) * 4).astype(np.float32)
 
 
-@pytest.mark.parametrize("width", ["taps", "matmul"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[2]}->{g[3]}")
-def test_logits_match_torch(geometry, width):
+def test_logits_match_torch(geometry):
     side, img, inp, out = geometry
     low = _low(np.random.default_rng(side + out[0]), (2, 3), side)
     got = postprocess_stats(jnp.asarray(low), img_size=img, input_size=inp, original_size=out, mode="logits",
-                            interpret=True, width=width)
+                            interpret=True)
     assert got.shape == (2, 3) + out
     assert rel_err(np.asarray(got), _torch_logits(low, img, inp, out)) <= RTOL["float32"]
 
@@ -52,14 +51,13 @@ def test_bfloat16_logits_are_read_as_float32():
     assert got.dtype == jnp.float32 and rel_err(np.asarray(got), want) <= RTOL["float32"]
 
 
-@pytest.mark.parametrize("width", ["taps", "matmul"])
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=lambda g: f"{g[2]}->{g[3]}")
-def test_masks_counts_and_boxes_match_torch(geometry, width):
+def test_masks_counts_and_boxes_match_torch(geometry):
     side, img, inp, out = geometry
     low = _low(np.random.default_rng(7), (4, 3), side)
     low[0, 0] = -5.0  # an empty mask: zero box, zero counts
     want = _torch_logits(low, img, inp, out)
-    kw = dict(img_size=img, input_size=inp, original_size=out, interpret=True, width=width)
+    kw = dict(img_size=img, input_size=inp, original_size=out, interpret=True)
     high_t, low_t, mask_t = 1.5, -0.5, 0.25
     st = {k: np.asarray(v) for k, v in postprocess_stats(jnp.asarray(low), mode="stats",
                                                            thresholds=(high_t, low_t, mask_t), **kw).items()}
@@ -79,14 +77,11 @@ def test_masks_counts_and_boxes_match_torch(geometry, width):
     assert (st["low"] >= st["high"]).all() and st["low"].max() > 0
 
 
-@pytest.mark.parametrize("width", ["taps", "matmul"])
-def test_sam_methods_agree_with_the_taps_path(width):
-    """`Sam.mask_stats` / `threshold_masks` with "pallas_interpret" (and the kernel's width pass
-    `Sam.postprocess_width`) against "taps"."""
+def test_sam_methods_agree_with_the_taps_path():
+    """`Sam.mask_stats` / `threshold_masks` with "pallas_interpret" against "taps"."""
     from sarformer_jax.sam.build import build_sam
 
     sam = build_sam("vit_b", encoder_depth=1, global_attn_indexes=(0,))
-    sam.postprocess_width = width
     low = jnp.asarray(_low(np.random.default_rng(3), (2, 3), 256))
     args = (low, (1024, 683), (120, 80))
     sam.postprocess_implementation = "taps"
@@ -120,14 +115,14 @@ def test_generator_with_the_kernel_matches_upstream(sam_pair):
     _assert_same_records(ours, _run_upstream(tsam, image, **kw))
 
 
-@pytest.mark.parametrize("axis_type,width", [("Auto", "taps"), ("Explicit", "taps"), ("Explicit", "matmul")])
-def test_kernel_runs_per_batch_shard_without_gathering(axis_type, width):
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_kernel_runs_per_batch_shard_without_gathering(axis_type):
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     assert len(jax.devices()) >= 8  # conftest's fake CPU devices
     mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(AxisType, axis_type),))
     low = jnp.asarray(_low(np.random.default_rng(5), (8, 3), 16))
-    kw = dict(img_size=64, input_size=(64, 43), original_size=(50, 33), interpret=True, width=width)
+    kw = dict(img_size=64, input_size=(64, 43), original_size=(50, 33), interpret=True)
     x = jax.device_put(low, NamedSharding(mesh, P("data")))
     for mode in ("stats", "mask"):
         want = postprocess_stats(low, mode=mode, **kw)
@@ -138,12 +133,11 @@ def test_kernel_runs_per_batch_shard_without_gathering(axis_type, width):
         assert "all-gather" not in f.lower(x).compile().as_text()
 
 
-@pytest.mark.parametrize("mode,width", [("stats", "taps"), ("mask", "taps"), ("logits", "taps"),
-                                        ("stats", "matmul")])
-def test_kernel_lowers_to_triton_for_a_gpu(mode, width):
+@pytest.mark.parametrize("mode", ["stats", "mask", "logits"])
+def test_kernel_lowers_to_triton_for_a_gpu(mode):
     low = jax.ShapeDtypeStruct((128, 3, 256, 256), jnp.bfloat16)
     f = jax.jit(lambda x: postprocess_stats(x, img_size=1024, input_size=(1024, 1024), original_size=(640, 640),
-                                            mode=mode, width=width))
+                                            mode=mode))
     assert "__gpu$xla.gpu.triton" in f.trace(low).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -173,23 +167,8 @@ def test_height_blocks_pad_the_span_to_a_power_of_two():
     for b in range(20):
         dense[b * 32:(b + 1) * 32, first[b]:first[b] + 16] = local[b]
     np.testing.assert_array_equal(dense, m)  # every weight kept, in place
-    with pytest.raises(ValueError, match="32 output rows of 50 read 16 of the 8 low-res rows.*fewer block_rows"):
+    with pytest.raises(ValueError, match="32 output rows of 50 read 16 of the 8 low-res rows"):
         height_blocks(8, 64, 64, 50, 32)
-
-
-def test_width_blocks_hold_the_width_map():
-    from sarformer_jax.kernels.sam_mask_stats import width_blocks
-    from sarformer_jax.sam.common import postprocess_matrix
-
-    first, local = width_blocks(256, 1024, 683, 600, 128)  # portrait: 128 of 600 columns read < 64 of 256
-    assert local.shape == (5, 64, 128) and first.max() + 64 <= 256
-    dense = np.zeros((256, 5 * 128), np.float32)
-    for b in range(5):
-        dense[first[b]:first[b] + 64, b * 128:(b + 1) * 128] = local[b]
-    np.testing.assert_array_equal(dense[:, :600], postprocess_matrix(256, 1024, 683, 600).T)
-    assert not dense[:, 600:].any()  # padded columns weigh nothing
-    with pytest.raises(ValueError, match="16 output columns of 16 read 32 of the 24 low-res columns.*block_cols"):
-        width_blocks(24, 96, 96, 16, 16)
 
 
 def test_errors():
@@ -198,8 +177,6 @@ def test_errors():
     kw = dict(img_size=64, input_size=(64, 64), original_size=(32, 32), interpret=True)
     with pytest.raises(ValueError, match="mode must be one of"):
         postprocess_stats(jnp.zeros((1, 16, 16)), mode="bits", **kw)
-    with pytest.raises(ValueError, match=r"width must be one of \('taps', 'matmul'\), got 'fft'"):
-        postprocess_stats(jnp.zeros((1, 16, 16)), width="fft", **kw)
     with pytest.raises(ValueError, match=r"low-res logits \(16, 16\) float32"):
         postprocess_stats(jnp.zeros((16, 16)), **kw)
     with pytest.raises(ValueError, match=r"\(1, 16, 16\) int32"):

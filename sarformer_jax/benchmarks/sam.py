@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Sam.inference_state(), as the predictor runs), 'float32' (cast at every call)")
     parser.add_argument("--postprocess", default="auto",
                         help="comma list of mask post-processing implementations to time in the "
-                             "generator (auto, matmul, taps, pallas, or auto:matmul / pallas:matmul for the "
-                             "kernel's width pass as a product: see Sam.postprocess_implementation and "
-                             "postprocess_width)")
+                             "generator (auto, matmul, taps, pallas: see Sam.postprocess_implementation)")
     parser.add_argument("--upscale", default="auto",
                         help="comma list of mask-decoder upscaling implementations to time in the "
                              "generator (auto, upstream, blocks, blocks_pallas, pallas, pallas:rows, "
@@ -176,9 +174,7 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
 
     sam = build_sam(model_type, rngs=init_rngs(0), dtype=jnp.dtype(dtype),
                     attention_implementation=attention)
-    sam.postprocess_implementation, _, width = postprocess.partition(":")
-    if width:  # "pallas:matmul": the kernel's width pass
-        sam.postprocess_width = width
+    sam.postprocess_implementation = postprocess
     sam.mask_decoder.upscale_implementation, _, products = upscale.partition(":")
     if products:  # "pallas:tensor": the kernel's product form
         sam.mask_decoder.upscale_products = products

@@ -34,8 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-rows", default="32", help="comma list of output rows per program")
     parser.add_argument("--block-cols", default="128", help="comma list of output columns per program")
     parser.add_argument("--num-warps", default="4", help="comma list of warps per program")
-    parser.add_argument("--width", default="taps",
-                        help="comma list of the kernel's width passes: taps (gathered), matmul (one product)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
 
@@ -87,14 +85,13 @@ def run(args: argparse.Namespace) -> int:
     sam.postprocess_implementation = "taps"
     timed("xla taps", stats_fn("taps"), jax.jit(lambda x: sam.postprocess_masks(x, input_size, (h, w))))
     kw = dict(img_size=s, input_size=input_size, original_size=(h, w), interpret=not on_gpu)
-    widths = [v.strip() for v in args.width.split(",") if v.strip()]
-    for wd, br, bc, nw in itertools.product(widths, int_list(args.block_rows), int_list(args.block_cols),
-                                            int_list(args.num_warps)):
-        launch = dict(block_rows=br, block_cols=bc, num_warps=nw, width=wd)
+    for br, bc, nw in itertools.product(int_list(args.block_rows), int_list(args.block_cols),
+                                        int_list(args.num_warps)):
+        launch = dict(block_rows=br, block_cols=bc, num_warps=nw)
         stats = jax.jit(lambda x, launch=launch: postprocess_stats(
             x, mode="stats", thresholds=(offset, -offset, 0.0), **launch, **kw))
         logits = jax.jit(lambda x, launch=launch: postprocess_stats(x, mode="logits", **launch, **kw))
-        timed(f"pallas {wd} rows {br} cols {bc} warps {nw}", stats, logits)
+        timed(f"pallas rows {br} cols {bc} warps {nw}", stats, logits)
     dev = jax.devices()[0]
     print(f"# sarformer bench sam_post  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"{args.images} images x {args.prompts} prompts x 3 masks, {args.low}² {args.dtype} -> {h}x{w}  "

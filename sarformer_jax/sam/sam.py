@@ -34,9 +34,6 @@ class Sam(nnx.Module):
     # kernel: generator 36.2 vs 42.8 ms per 640² image on an H200, benchmarks SAM run 11); same
     # weights, sums in another order.  Set on an instance to change it.
     postprocess_implementation: str = "matmul"
-    # the kernel's width pass (`postprocess_stats(width=...)`): "taps" (gathered) or "matmul"
-    # (one product per block; CPU-tested, not yet timed on a GPU)
-    postprocess_width: str = "taps"
 
     def __init__(self, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
         self.image_encoder = image_encoder
@@ -113,7 +110,7 @@ class Sam(nnx.Module):
         return postprocess_stats(masks if masks.dtype in (jnp.float32, jnp.bfloat16) else masks.astype(jnp.float32),
                                  img_size=self.img_size, input_size=tuple(int(v) for v in input_size),
                                  original_size=tuple(int(v) for v in original_size), mode=mode,
-                                 thresholds=(t + offset, t - offset, t), width=self.postprocess_width,
+                                 thresholds=(t + offset, t - offset, t),
                                  interpret=self.resolved_postprocess() == "pallas_interpret")
 
     def threshold_masks(self, masks: jax.Array, input_size: tuple[int, int],
