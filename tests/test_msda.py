@@ -68,19 +68,39 @@ def test_reference_vs_torch_grid_sample(rng, shapes):
     assert rel_err(got, want.numpy()) <= RTOL["float32"]
 
 
-def test_bench_fwd_bwd_keeps_the_forward(rng):
+@pytest.mark.parametrize("mode", ["vjp", "loss"])
+def test_bench_fwd_bwd_keeps_the_forward(rng, mode):
     """The benchmark's fwd+bwd must run the forward too: `jit(grad)` of a sum would let XLA drop
-    the forward kernel (its output is dead) and time the backward alone."""
+    the forward kernel (its output is dead) and time the backward alone.  Both modes return the
+    forward's result ("vjp" the output itself, "loss" the sum against ct) and the gradients for
+    the cotangent ct."""
     from sarformer_jax.benchmarks.msda import _jax_fns
 
     shapes = ((5, 7), (3, 4))
     value, loc, att = random_inputs(rng, shapes, b=1, q=6, n=2, p=2, d=4, lo=0.0, hi=1.0)
     ct = rng.standard_normal((1, 6, 8)).astype(np.float32)
-    fwd, fwd_bwd = _jax_fns("xla", shapes, None)
-    loss, grads = fwd_bwd(value, loc, att, ct)
-    assert len(grads) == 3
-    want = float(np.sum(np.asarray(fwd(value, loc, att)) * ct))
-    assert abs(float(loss) - want) <= 1e-4 * max(1.0, abs(want))
+    fwd, fwd_bwd = _jax_fns("xla", shapes, None, mode)
+    first, grads = fwd_bwd(value, loc, att, ct)
+    out = np.asarray(fwd(value, loc, att))
+    if mode == "vjp":
+        np.testing.assert_allclose(np.asarray(first), out, rtol=1e-6, atol=1e-6)
+    else:
+        want = float(np.sum(out * ct))
+        assert abs(float(first) - want) <= 1e-4 * max(1.0, abs(want))
+    assert [g.shape for g in grads] == [value.shape, loc.shape, att.shape]
+    # d(sum(out * ct)) / d value, by a finite difference along a random direction
+    dv = rng.standard_normal(value.shape).astype(np.float32)
+    eps = 1e-2
+    num = (np.sum(np.asarray(fwd(value + eps * dv, loc, att)) * ct)
+           - np.sum(np.asarray(fwd(value - eps * dv, loc, att)) * ct)) / (2 * eps)
+    assert float(np.sum(np.asarray(grads[0]) * dv)) == pytest.approx(float(num), rel=1e-3)
+
+
+def test_bench_fwd_bwd_mode_checked():
+    from sarformer_jax.benchmarks.msda import _jax_fns
+
+    with pytest.raises(ValueError, match="fwd\\+bwd mode 'grad'"):
+        _jax_fns("xla", ((2, 2),), None, "grad")
 
 
 def _one_point(fmap, x, y, a=1.0):

@@ -27,6 +27,9 @@ CASES = {
 }
 
 
+FWDBWD_MODES = ("vjp", "loss")  # what "fwd+bwd" times: see _jax_fns
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -44,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the backward's parts alone (value-gradient atomics at "
                              "the real rows, at consecutive positions, and plain stores): "
                              "benchmarks/msda_roofline.py")
+    parser.add_argument("--fwdbwd", default="vjp", choices=FWDBWD_MODES,
+                        help="what fwd+bwd times: 'vjp' the output and gradients for a given "
+                             "cotangent, as the torch peer; 'loss' value_and_grad of "
+                             "sum(out * ct), as MSDA runs 3-7")
     parser.add_argument("--out", default=None, help="write results (json) here")
 
 
@@ -76,20 +83,38 @@ def _time_jax(fn, args, reps: int, inner: int = 10) -> float:
     return float(np.median(times)) * 1e3
 
 
-def _jax_fns(impl: str, shapes, block_sizes):
+def _jax_fns(impl: str, shapes, block_sizes, mode: str = "vjp"):
+    """Jitted forward and forward+backward.  `mode` says what fwd+bwd times:
+
+    - "vjp" (default): the output and the three gradients for a given cotangent, what the
+      PyTorch peer times (`autograd.grad(out, inputs, ct)`): the two kernels and the zero
+      fill of the value gradient;
+    - "loss": `value_and_grad` of sum(out * ct) (MSDA runs 3-7), which also reduces the output
+      to the scalar and builds the cotangent from ct in the graph: ~0.02 ms more at pixdec_enc.
+    Both return the forward's result too, so XLA cannot drop the forward kernel (with `grad` of a
+    sum alone the loss is dead code: runs 1 and 2 of docs/benchmarks.md timed the backward only).
+    """
     import jax
     import jax.numpy as jnp
 
     from sarformer_jax.kernels import ms_deform_attn
 
+    if mode not in FWDBWD_MODES:
+        raise ValueError(f"fwd+bwd mode {mode!r}: expected one of {FWDBWD_MODES}")
+
     def fwd(v, loc, att):
         return ms_deform_attn(v, shapes, loc, att, implementation=impl, block_sizes=block_sizes)
+
+    if mode == "vjp":
+        def fwd_bwd(v, loc, att, ct):
+            out, pull = jax.vjp(fwd, v, loc, att)
+            return out, pull(ct.reshape(out.shape).astype(out.dtype))
+
+        return jax.jit(fwd), jax.jit(fwd_bwd)
 
     def loss(v, loc, att, ct):
         return jnp.sum(fwd(v, loc, att).astype(jnp.float32) * ct)
 
-    # value_and_grad, not grad: with grad alone the loss is dead code, XLA drops the forward
-    # kernel and "fwd+bwd" would time the backward only (runs 1 and 2 of docs/benchmarks.md did)
     return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
@@ -236,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
             for name, vbs in variants:
                 impl = "xla" if name == "xla" else "pallas"
                 try:
-                    fwd, grad = _jax_fns(impl, shapes_, vbs)
+                    fwd, grad = _jax_fns(impl, shapes_, vbs, args.fwdbwd)
                     t_f = _time_jax(fwd, jargs, args.reps)
                     t_fb = _time_jax(grad, jargs + (ct,), args.reps)
                 except Exception as e:  # report and go on: one variant failing is a result
@@ -273,5 +298,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                           results=results), f, indent=1)
+                           fwdbwd=args.fwdbwd, results=results), f, indent=1)
     return 0
