@@ -189,3 +189,28 @@ def test_bad_spatial_shapes_and_implementation():
         ms_deform_attn(v, ((2, 2),), lo, a, implementation="cuda")
     with pytest.raises(ValueError, match="head dim"):
         ms_deform_attn(jnp.zeros((1, 4, 1, 12)), ((2, 2),), lo, a, implementation="pallas")
+
+
+def test_bench_copies_runs_each_call_on_its_own_inputs(monkeypatch):
+    """`--copies k` times one jitted program of k calls, each on a separate copy of the inputs,
+    and divides by k."""
+    import sarformer_jax.benchmarks.msda as bench
+
+    seen = {}
+
+    def fake_time(fn, args, reps):
+        seen["outs"] = fn(*args)
+        seen["args"] = args
+        return 6.0
+
+    monkeypatch.setattr(bench, "_time_jax", fake_time)
+    x = jnp.arange(4.0)
+    y = jnp.ones(4)
+    t = bench._time_copies(lambda a, b: a * 2 + b, (x, y), reps=1, copies=3)
+    assert t == pytest.approx(2.0)
+    assert len(seen["args"]) == 6 and len(seen["outs"]) == 3
+    ptrs = {a.unsafe_buffer_pointer() for a in seen["args"]}
+    assert len(ptrs) == 6  # six separate buffers
+    for out in seen["outs"]:
+        np.testing.assert_array_equal(np.asarray(out), np.arange(4.0) * 2 + 1)
+    assert bench._time_copies(lambda a, b: a + b, (x, y), reps=1, copies=1) == 6.0
