@@ -214,3 +214,5 @@ def test_bench_copies_runs_each_call_on_its_own_inputs(monkeypatch):
     for out in seen["outs"]:
         np.testing.assert_array_equal(np.asarray(out), np.arange(4.0) * 2 + 1)
     assert bench._time_copies(lambda a, b: a + b, (x, y), reps=1, copies=1) == 6.0
+    with pytest.raises(ValueError, match="--copies must be >= 1, got 0"):
+        bench._time_copies(lambda a, b: a + b, (x, y), reps=1, copies=0)

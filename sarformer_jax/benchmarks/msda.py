@@ -78,6 +78,8 @@ def _time_copies(fn, args, reps: int, copies: int) -> float:
     import jax
     import jax.numpy as jnp
 
+    if copies < 1:
+        raise ValueError(f"--copies must be >= 1, got {copies}")
     if copies == 1:
         return _time_jax(fn, args, reps)
     n = len(args)
