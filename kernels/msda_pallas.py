@@ -13,7 +13,7 @@ Backward: per corner, dot = <value row, grad_out row>.  Attention-weight and loc
 come from the four dots (no atomics: each program owns its queries); the value gradient is
 scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the caller.
 
-Grid: (B, cdiv(Lq, block_q), H).  Queries past Lq are masked on every load and store.
+Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are masked on every load and store.
 Corners outside the map use a clamped index and a zero weight (zero padding), which also keeps
 every address in bounds.
 
@@ -47,6 +47,15 @@ class BlockSizes:
     block_q_bwd: int | None = None  # None = block_q
     num_warps_bwd: int | None = None  # None = num_warps
     relaxed_atomics: bool = True  # relaxed-order fp32 adds for d value (see _relaxed_atomic_add)
+    # Launch order of the grid axes, fastest first: "b" batch, "q" query block, "h" head.  The
+    # GPU starts programs in this order, so it decides which programs run at the same time and
+    # share the value rows they gather in L1.
+    grid_order: str = "bqh"
+
+    def __post_init__(self):
+        if sorted(self.grid_order) != ["b", "h", "q"]:
+            raise ValueError(f"BlockSizes.grid_order must order 'b', 'q' and 'h', got "
+                             f"{self.grid_order!r}")
 
     @classmethod
     def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
@@ -118,6 +127,15 @@ def _make_relaxed_atomic_add():
 _relaxed_atomic_add = _make_relaxed_atomic_add()
 
 
+def _grid(order: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[a] for a in order)
+
+
+def _program_ids(order: str):
+    """(b, query block, h) of this program under the launch order `order`."""
+    return tuple(pl.program_id(order.index(a)) for a in "bqh")
+
+
 def _level_starts(shapes: Shapes) -> list[int]:
     starts, acc = [], 0
     for h, w in shapes:
@@ -160,8 +178,8 @@ def _corners(x, y, h: int, w: int):
 
 
 def _msda_fwd_kernel(value_ref, loc_ref, att_ref, out_ref, *, shapes: Shapes, n_points: int,
-                     num_q: int, block_q: int):
-    b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                     num_q: int, block_q: int, order: str):
+    b, qb, h = _program_ids(order)
     q0 = qb * block_q
     qs = pl.ds(q0, block_q)
     qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
@@ -203,9 +221,9 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool, relaxed: bool):
 
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
-                     interpret: bool, relaxed: bool):
+                     interpret: bool, relaxed: bool, order: str):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
-    b, qb, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, qb, h = _program_ids(order)
     q0 = qb * block_q
     qs = pl.ds(q0, block_q)
     qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
@@ -252,8 +270,9 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
     bsz, _, n_heads, d = value.shape
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q
+    order = block_sizes.grid_order
     kernel = functools.partial(_msda_fwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
-                               block_q=block_q)
+                               block_q=block_q, order=order)
     out_shape = jax.ShapeDtypeStruct((bsz, num_q, n_heads, d), value.dtype)
     args, aliases = (value, loc, att), {}
     if poison:
@@ -262,7 +281,7 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(bsz, pl.cdiv(num_q, block_q), n_heads),
+        grid=_grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads)),
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                              num_stages=block_sizes.num_stages),
@@ -281,7 +300,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
     kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
-                               relaxed=block_sizes.relaxed_atomics)
+                               relaxed=block_sizes.relaxed_atomics, order=block_sizes.grid_order)
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
@@ -298,7 +317,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
             jax.ShapeDtypeStruct(loc.shape, loc.dtype),
             jax.ShapeDtypeStruct(att.shape, att.dtype),
         ),
-        grid=(bsz, pl.cdiv(num_q, block_q), n_heads),
+        grid=_grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads)),
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,

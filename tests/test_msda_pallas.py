@@ -47,6 +47,27 @@ def test_kernel_matches_reference(shapes, dtype):
         assert rel_err(got.astype(jnp.float32), want) <= tol, name
 
 
+@pytest.mark.parametrize("order", ["qhb", "hbq"])
+def test_grid_order_matches_reference(order):
+    """Any launch order of (batch, query block, head) finds each program's own b, queries and h:
+    batch and heads differ in value, so a swapped axis shows in the output and gradients."""
+    import dataclasses
+    shapes = ((6, 9), (3, 5))
+    value, loc, att, ct = inputs(3, shapes, b=2, q=37, n=3)
+    bs = dataclasses.replace(BS, grid_order=order)
+    args = [jnp.asarray(x) for x in (value, loc, att)]
+    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
+    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*args)
+    assert rel_err(out, ref) <= RTOL["float32"]
+    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
+        assert rel_err(got, want) <= RTOL["float32"], name
+
+
+def test_grid_order_rejects_unknown_axes():
+    with pytest.raises(ValueError, match="grid_order.*'bqq'"):
+        BlockSizes(block_q=16, num_warps=4, grid_order="bqq")
+
+
 def test_pixel_centres_and_borders_exact():
     """Hand-placed points: centres, the map's edge, fully outside; Lq = 5 < block."""
     shapes = ((2, 3),)
