@@ -216,3 +216,19 @@ def test_bench_copies_runs_each_call_on_its_own_inputs(monkeypatch):
     assert bench._time_copies(lambda a, b: a + b, (x, y), reps=1, copies=1) == 6.0
     with pytest.raises(ValueError, match="--copies must be >= 1, got 0"):
         bench._time_copies(lambda a, b: a + b, (x, y), reps=1, copies=0)
+
+
+def test_bench_grid_order_variants():
+    """`--grid-orders` adds one Pallas variant per order other than the default's; a string that
+    is not a permutation of 'bqh' is an error naming it."""
+    from sarformer_jax.benchmarks.msda import _grid_order_variants
+    from sarformer_jax.kernels import BlockSizes
+
+    bs = BlockSizes.get_default(32)
+    got = _grid_order_variants(bs, "bqh,qhb,hqb")
+    assert [name for name, _ in got] == ["pallas", "pallas[qhb]", "pallas[hqb]"]
+    assert [v.grid_order for _, v in got] == ["bqh", "qhb", "hqb"]
+    assert all(v.block_q == bs.block_q and v.num_warps == bs.num_warps for _, v in got)
+    assert _grid_order_variants(bs, None) == [("pallas", bs)]
+    with pytest.raises(ValueError, match="'qhx'"):
+        _grid_order_variants(bs, "qhx")

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-q", type=int, default=None, help="override forward block_q")
     parser.add_argument("--block-q-bwd", type=int, default=None)
     parser.add_argument("--num-warps", type=int, default=None)
+    parser.add_argument("--grid-orders", default=None, metavar="ORDERS",
+                        help="also time the Pallas kernels launched in these grid orders "
+                             "(comma-separated permutations of 'bqh', fastest axis first; "
+                             "BlockSizes.grid_order)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -248,6 +252,17 @@ def _roofline(args) -> list[dict]:
     return out
 
 
+def _grid_order_variants(bs, orders: str | None) -> list:
+    """("pallas", bs), then one ("pallas[ORDER]", bs launched in ORDER) per other grid order."""
+    import dataclasses
+
+    variants = [("pallas", bs)]
+    for order in (orders.split(",") if orders else []):
+        if order != bs.grid_order:
+            variants.append((f"pallas[{order}]", dataclasses.replace(bs, grid_order=order)))
+    return variants
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -268,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
                             num_warps=args.num_warps or bs.num_warps,
                             block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
                             num_warps_bwd=args.num_warps or bs.num_warps_bwd)
-        variants = [("pallas", bs)] if "pallas" in impls else []
+        variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
