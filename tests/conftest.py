@@ -37,6 +37,21 @@ def _cpu_compile_flags() -> None:
 
 _cpu_compile_flags()
 
+
+def _drop_checkout_root_from_path() -> None:
+    """`python -m pytest` in the checkout puts the checkout's root on sys.path, where our
+    top-level folders `kernels/`, `convert/` and `configs/` would shadow installed packages of
+    the same generic names: transformers >= 5 imports Hugging Face's `kernels` distribution, and
+    would get ours.  The tests import our code as `sarformer_jax.*` (the install maps those
+    folders under it), so the root is not needed on the path."""
+    import sys
+
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+
+
+_drop_checkout_root_from_path()
+
 import jax
 import numpy as np
 import pytest

@@ -69,9 +69,17 @@ def test_wheel_contains_only_sarformer_jax(tmp_path):
 
 @pytest.mark.parametrize("name", ["kernels", "convert", "configs"])
 def test_generic_names_not_importable_outside_repo(tmp_path, name):
-    proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path,
-                          capture_output=True, text=True)
-    assert proc.returncode != 0, f"`import {name}` works outside the repo"
+    """Outside the checkout, `import NAME` must not find our folder.  Another distribution may
+    own the name (transformers >= 5 installs Hugging Face's `kernels`): then it is theirs."""
+    code = ("import importlib.util as u; s = u.find_spec(%r); "
+            "print(s.origin if s and s.origin else '', *(s.submodule_search_locations or []) "
+            "if s else [], sep='\\n')" % name)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    found = [pathlib.Path(p).resolve() for p in proc.stdout.splitlines() if p]
+    ours = [p for p in found if p == ROOT or ROOT in p.parents]
+    assert not ours, f"`import {name}` outside the repo finds our folder: {ours}"
     proc = subprocess.run([sys.executable, "-c", f"import sarformer_jax.{name}"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
