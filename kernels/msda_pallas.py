@@ -131,9 +131,21 @@ def _grid(order: str, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(sizes[a] for a in order)
 
 
-def _program_ids(order: str):
-    """(b, query block, h) of this program under the launch order `order`."""
-    return tuple(pl.program_id(order.index(a)) for a in "bqh")
+def _this_block(order: str, block_q: int, num_q: int):
+    """This program's batch b, head h, query slice and [block_q] mask of the queries < num_q,
+    under the launch order `order`."""
+    b, qb, h = (pl.program_id(order.index(a)) for a in "bqh")
+    q0 = qb * block_q
+    return b, h, pl.ds(q0, block_q), q0 + jnp.arange(block_q) < num_q
+
+
+def _load_point(loc_ref, att_ref, b, qs, h, lvl: int, p: int, qmask):
+    """Point p of level lvl for the block's queries: x, y and attention weight, [block_q] fp32
+    each (strided loads, H*L*P*2 elements apart); zero on masked queries."""
+    x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
+    y = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], mask=qmask, other=0.0)
+    a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
+    return x.astype(jnp.float32), y.astype(jnp.float32), a.astype(jnp.float32)
 
 
 def _level_starts(shapes: Shapes) -> list[int]:
@@ -179,20 +191,13 @@ def _corners(x, y, h: int, w: int):
 
 def _msda_fwd_kernel(value_ref, loc_ref, att_ref, out_ref, *, shapes: Shapes, n_points: int,
                      num_q: int, block_q: int, order: str):
-    b, qb, h = _program_ids(order)
-    q0 = qb * block_q
-    qs = pl.ds(q0, block_q)
-    qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
+    b, h, qs, qmask = _this_block(order, block_q, num_q)
     d = value_ref.shape[-1]
     acc = jnp.zeros((block_q, d), jnp.float32)  # [block_q, D], the only on-chip state
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
-            # [block_q] each, stride H*L*P*2 elements apart
-            x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
-            y = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], mask=qmask, other=0.0)
-            a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
-            a = a.astype(jnp.float32)
-            _, _, corners = _corners(x.astype(jnp.float32), y.astype(jnp.float32), hl, wl)
+            x, y, a = _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
+            _, _, corners = _corners(x, y, hl, wl)
             for idx, cw, _ in corners:
                 row = value_ref[b, start + idx, h, :]  # gather [block_q, D]
                 acc += (a * cw)[:, None] * row.astype(jnp.float32)
@@ -223,19 +228,13 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
                      interpret: bool, relaxed: bool, order: str):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
-    b, qb, h = _program_ids(order)
-    q0 = qb * block_q
-    qs = pl.ds(q0, block_q)
-    qmask = q0 + jnp.arange(block_q) < num_q  # [block_q]
+    b, h, qs, qmask = _this_block(order, block_q, num_q)
     g = plgpu.load(g_ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
     g = g.astype(jnp.float32)  # [block_q, D], zero on masked queries
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
-            x = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], mask=qmask, other=0.0)
-            y = plgpu.load(loc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], mask=qmask, other=0.0)
-            a = plgpu.load(att_ref.at[b, qs, h, _i(lvl), _i(p)], mask=qmask, other=0.0)
-            a = a.astype(jnp.float32)
-            fx, fy, corners = _corners(x.astype(jnp.float32), y.astype(jnp.float32), hl, wl)
+            x, y, a = _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
+            fx, fy, corners = _corners(x, y, hl, wl)
             dots = []
             for idx, cw, valid in corners:
                 row = value_ref[b, start + idx, h, :].astype(jnp.float32)  # gather [block_q, D]
