@@ -70,6 +70,78 @@ def test_generate_with_nms(sam_pair, kw):
     _assert_same_records(SamAutomaticMaskGenerator(jsam, **kw).generate(image), _run_upstream(tsam, image, **kw))
 
 
+def test_generate_point_grids_matches_upstream(sam_pair):
+    """Explicit point grids (upstream's `point_grids`, here 27 scattered points, some near the
+    border) instead of `points_per_side`: the same records as upstream's."""
+    tsam, jsam, _ = sam_pair
+    image = natural_image()
+    rng = np.random.default_rng(5)
+    grid = np.concatenate([rng.uniform(0.0, 1.0, (25, 2)), [[0.0, 0.0], [0.999, 0.5]]])
+    kw = dict(LOOSE, points_per_side=None, point_grids=[grid], box_nms_thresh=1.0)
+    ref = _run_upstream(tsam, image, **kw)
+    assert len(ref) >= 3
+    _assert_same_records(SamAutomaticMaskGenerator(jsam, **kw).generate(image), ref)
+
+
+def test_generate_crop_layers_and_small_regions_match_upstream(sam_pair, monkeypatch):
+    """One layer of crops (the whole image, then 4 overlapping crops with a 2x sparser grid),
+    the NMS across crops and the small-region clean-up: upstream's records.  Random weights give
+    masks that fill most of their crop, so the crop-edge filter drops every crop's masks on both
+    sides; the second run turns that filter off on both sides, so that the crops' masks reach
+    the un-cropping (masks, boxes, points) and the NMS across crops."""
+    import segment_anything.automatic_mask_generator as upstream
+
+    from sarformer_jax.sam.automatic_mask_generator import _crop_keep
+
+    tsam, jsam, _ = sam_pair
+    image = natural_image()
+    kw = dict(LOOSE, points_per_side=4, crop_n_layers=1, crop_n_points_downscale_factor=2,
+              min_mask_region_area=400)
+    ref = _run_upstream(tsam, image, **kw)
+    assert len(ref) >= 1
+    _assert_same_records(SamAutomaticMaskGenerator(jsam, **kw).generate(image), ref)
+
+    monkeypatch.setattr(upstream, "is_box_near_crop_edge",
+                        lambda boxes, crop_box, orig_box: torch.zeros(len(boxes), dtype=torch.bool))
+    monkeypatch.setattr(amg, "is_box_near_crop_edge",
+                        lambda boxes, crop_box, orig_box: jnp.zeros(boxes.shape[:-1], bool))
+    _crop_keep.clear_cache()  # trace again with the patched filter (and again after the test)
+    try:
+        ref = _run_upstream(tsam, image, **kw)
+        assert len({tuple(r["crop_box"]) for r in ref}) >= 3  # several crops contribute
+        _assert_same_records(SamAutomaticMaskGenerator(jsam, **kw).generate(image), ref)
+    finally:
+        _crop_keep.clear_cache()
+
+
+def test_box_near_crop_edge_matches_upstream():
+    from segment_anything.utils.amg import is_box_near_crop_edge
+
+    rng = np.random.default_rng(0)
+    crop, orig = [100, 50, 400, 300], [0, 0, 600, 400]
+    xy = rng.integers(0, 320, (200, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(1, 200, (200, 2))], 1)
+    boxes[:20] = [0, 0, 300, 250]  # the whole crop: on all four crop edges, none the image's
+    # upstream takes boxes in the crop's frame; ours, in the image's (already un-cropped)
+    want = is_box_near_crop_edge(torch.as_tensor(boxes), crop, orig).numpy()
+    shifted = boxes + np.array(crop[:2] * 2)
+    got = np.asarray(amg.is_box_near_crop_edge(jnp.asarray(shifted, jnp.int32), tuple(crop), tuple(orig)))
+    assert 0 < want.sum() < len(want)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_point_grids_errors(sam_pair):
+    _, jsam, _ = sam_pair
+    with pytest.raises(ValueError, match="Exactly one of points_per_side or point_grids"):
+        SamAutomaticMaskGenerator(jsam, points_per_side=4, point_grids=[np.zeros((3, 2))])
+    with pytest.raises(ValueError, match=r"shapes 1: \(3, 3\)"):
+        SamAutomaticMaskGenerator(jsam, points_per_side=None,
+                                  point_grids=[np.zeros((3, 2)), np.zeros((3, 3))], crop_n_layers=1)
+    with pytest.raises(ValueError, match="has 1 grids; crop_n_layers=1 needs one per layer, 2"):
+        SamAutomaticMaskGenerator(jsam, points_per_side=None, point_grids=[np.zeros((3, 2))],
+                                  crop_n_layers=1)
+
+
 def test_generate_masks_batched(sam_pair, loose_pair):
     """Two images in one jit: image 0 = upstream's records, image 1 = the host generator's; plus
     external box prompts (one absent) = the predictor's single-mask output."""

@@ -41,6 +41,14 @@ class AmgSettings:
     max_masks: int = 256
     crop_box: tuple[int, int, int, int] | None = None  # xyxy of the crop in the full image
     orig_size: tuple[int, int] | None = None  # (H, W) of the full image when cropping
+    # explicit (x, y) points in [0, 1] of the crop, instead of the points_per_side grid
+    point_grid: tuple[tuple[float, float], ...] | None = None
+
+    def points(self) -> np.ndarray:
+        """[n, 2] (x, y) prompts, normalised to the (crop) image."""
+        if self.point_grid is not None:
+            return np.asarray(self.point_grid, np.float64).reshape(-1, 2)
+        return amg.build_point_grid(self.points_per_side)
 
 
 def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
@@ -121,7 +129,7 @@ def automatic_masks(sam: Sam, images, s: AmgSettings, emb: jax.Array | None = No
     uint8 (or only its shape when the image embeddings `emb` [b, 64, 64, 256] are given)."""
     b, h, w, _ = images.shape
     input_size = get_preprocess_shape(h, w, sam.img_size)
-    cand = _candidates(sam, images, amg.build_point_grid(s.points_per_side), s, emb=emb)
+    cand = _candidates(sam, images, s.points(), s, emb=emb)
     out = _select(sam, cand, s, (h, w), s.max_masks)
     low = out.pop("low_res")
     with jax.named_scope("sam_postprocess"):
@@ -216,7 +224,7 @@ def _crop_keep(graphdef, state, crop_hw: tuple[int, int], emb, s: AmgSettings):
     """Host-path device core: kept candidates of one embedded crop (up to every candidate)."""
     sam: Sam = nnx.merge(graphdef, state)
     shape = jax.ShapeDtypeStruct((1,) + tuple(crop_hw) + (3,), jnp.uint8)
-    cand = _candidates(sam, shape, amg.build_point_grid(s.points_per_side), s, emb=emb)
+    cand = _candidates(sam, shape, s.points(), s, emb=emb)
     n = cand["iou"].shape[1]
     out = _select(sam, cand, s, crop_hw, n)
     return jax.tree.map(lambda x: x[0], out)
@@ -238,7 +246,16 @@ class SamAutomaticMaskGenerator:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
         if point_grids is not None:
-            raise NotImplementedError("explicit point_grids are not supported; use points_per_side")
+            point_grids = [np.asarray(g, np.float64) for g in point_grids]
+            bad = [f"{i}: {g.shape}" for i, g in enumerate(point_grids)
+                   if g.ndim != 2 or g.shape[0] == 0 or g.shape[1] != 2]
+            if bad:
+                raise ValueError(f"point_grids must be [n, 2] arrays of (x, y) in [0, 1], got "
+                                 f"shapes {', '.join(bad)}")
+            if len(point_grids) < crop_n_layers + 1:
+                raise ValueError(f"point_grids has {len(point_grids)} grids; crop_n_layers="
+                                 f"{crop_n_layers} needs one per layer, {crop_n_layers + 1}")
+        self.point_grids = point_grids
         if output_mode not in ("binary_mask", "uncompressed_rle", "coco_rle"):
             raise ValueError(f"Unknown output_mode {output_mode}.")
         if output_mode == "coco_rle":
@@ -261,12 +278,15 @@ class SamAutomaticMaskGenerator:
         self._graphdef, self._state = self._predictor._graphdef, self._predictor._state
 
     def _settings(self, layer: int, crop_box, orig_size) -> AmgSettings:
-        pps = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer))
+        if self.point_grids is None:
+            pps, grid = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer)), None
+        else:  # the layer's own grid, as upstream (points_per_side is then unused)
+            pps, grid = 0, tuple(map(tuple, self.point_grids[layer].tolist()))
         full = list(crop_box) == [0, 0, orig_size[1], orig_size[0]]
         return AmgSettings(pps, self.points_per_batch, float(self.pred_iou_thresh),
                            float(self.stability_score_thresh), float(self.stability_score_offset),
                            float(self.box_nms_thresh), 0, None if full else tuple(crop_box),
-                           None if full else tuple(orig_size))
+                           None if full else tuple(orig_size), grid)
 
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int,
                       orig_size: tuple[int, int]) -> dict[str, np.ndarray]:
