@@ -32,9 +32,30 @@ def host_device():
     build then runs op by op on the first default device instead.  The parameters are drawn
     from the same threefry bits either way."""
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]  # this process's own (multi-host: not device 0)
     except RuntimeError:
-        return jax.devices()[0]
+        return jax.local_devices()[0]
+
+
+def put_on_mesh(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` of host-built values (every process built the same ones, from the same
+    seed) onto `shardings` (a tree, or one sharding for every leaf).  With several processes a
+    sharding spans devices this process cannot address, and device_put refuses host values
+    (numpy arrays, scalars) there, so each process supplies the shards of its own devices from
+    its copy."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=impl)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:

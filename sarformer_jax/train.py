@@ -44,6 +44,26 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE
                 "TPU_WORKER_HOSTNAMES")
 
 
+def initialize_distributed() -> bool:
+    """Multi-host: `jax.distributed.initialize` when the environment names a cluster (SLURM,
+    Open MPI, TPU pods) or a coordinator (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES`
+    and `JAX_PROCESS_ID`); a CPU-only run's cross-process collectives go through gloo.  Returns
+    whether it initialised.  Call before anything touches a jax device."""
+    if not any(v in os.environ for v in _CLUSTER_ENV):
+        return False
+    kwargs = {}
+    for env, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if env in os.environ:
+            try:
+                kwargs[key] = int(os.environ[env])
+            except ValueError:
+                raise ValueError(f"{env} must be an integer, got {os.environ[env]!r}") from None
+    # the CPU backend's cross-process collectives (the accelerators' go through NCCL)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -202,15 +222,15 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
             _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
             state = train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
                                 jax.random.key_data(jax.random.key(seed + 2)))
-        return (jax.device_put(state, shardings),
-                jax.device_put(rest, shard_lib.replicated(mesh)))
+        return (shard_lib.put_on_mesh(state, shardings),
+                shard_lib.put_on_mesh(rest, shard_lib.replicated(mesh)))
 
     state, rest = init()
 
     sam_graphdef, guide = None, {}
     if uses_sam(cfg):
         sam_graphdef, sam_state = load_guidance_sam(cfg, sam)
-        guide = {"sam": jax.device_put(sam_state, shard_lib.replicated(mesh))}
+        guide = {"sam": shard_lib.put_on_mesh(sam_state, shard_lib.replicated(mesh))}
     trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=rest, tx=tx,
                       schedule=schedule, proposal_fn=make_proposal_fn(cfg, sam_graphdef),
                       state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef)
@@ -438,21 +458,22 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
     if latest is not None:
         state, extra, _ = checkpointer.restore(ckpt_lib.abstract_like(state), latest)
         start_state = extra.get("data_state")
-        print(f"resumed from {workdir / 'checkpoints' / str(latest)}", flush=True)
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
+        _say(f"resumed from {workdir / 'checkpoints' / str(latest)}")
+    if jax.process_index() == 0:  # multi-host: the first process writes the run's files
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
 
     num_steps = int(cfg.train.num_steps)
     step = int(jax.device_get(state["step"]))
     loader = build_train_loader(cfg, seed=int(cfg.data.seed), process_index=jax.process_index(),
                                 process_count=jax.process_count(), start_state=start_state)
-    writer = _summary_writer(workdir)
+    writer = _summary_writer(workdir) if jax.process_index() == 0 else None
     log_every = int(cfg.train.log_every)
     curve: list[tuple[int, float]] = []
     evals: list[tuple[int, float]] = []
     best = -1.0
     last_good = latest
     done_here = 0
-    pbar = _progress(total=num_steps, initial=step, enabled=progress)
+    pbar = _progress(total=num_steps, initial=step, enabled=progress and jax.process_index() == 0)
     t0, imgs = time.perf_counter(), 0
     tracer = _StepTracer(cfg.train.get("profile", ""), cfg.train.get("profile_window", (10, 5)))
     try:
@@ -484,12 +505,15 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                 _write_scalars(writer, step, m)
                 pbar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}")
                 if not progress:
-                    print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}", flush=True)
+                    _say(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.2e}")
             pbar.update(1)
             if boundary:
                 data_state = loader.get_state()
                 if isinstance(data_state, bytes):
                     data_state = data_state.decode()
+                # Multi-host: the first process's copy is saved and every process resumes from
+                # it.  It holds only the position (grain's next_index), the same in every
+                # process; each applies it to its own shard of the records.
                 extra = {"data_state": data_state, "shapes": fingerprint, "step": step}
                 checkpointer.save(step, state, extra)
                 last_good = step
@@ -499,7 +523,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                 evals.append((step, miou))
                 _write_scalars(writer, step, {"val/mIoU": miou, "val/mAcc": results["mAcc"],
                                               "val/aAcc": results["aAcc"]})
-                print(f"step {step}: mIoU {100 * miou:.2f}", flush=True)
+                _say(f"step {step}: mIoU {100 * miou:.2f}")
                 if cfg.train.get("freeze_gc", True):
                     freeze_heap()  # and the evaluation's programs
                 if cfg.train.keep_best and miou > best:
@@ -517,6 +541,12 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
             loader.close()
     return {"step": step, "curve": curve, "evals": evals, "state": state, "trainer": trainer,
             "best_mIoU": best}
+
+
+def _say(line: str) -> None:
+    """A log line, from the first process only (multi-host: the others would repeat it)."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -572,16 +602,16 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
-    if any(v in os.environ for v in _CLUSTER_ENV):
-        jax.distributed.initialize()  # multi-host: coordinator and ranks from the environment
+    initialize_distributed()
     try:
         out = train(cfg, args.workdir, progress=not args.no_progress)
     except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print_curve(out["curve"], out["evals"])
-    if out["evals"]:
-        print(f"final mIoU: {100 * out['evals'][-1][1]:.2f}")
+    if jax.process_index() == 0:
+        print_curve(out["curve"], out["evals"])
+        if out["evals"]:
+            print(f"final mIoU: {100 * out['evals'][-1][1]:.2f}")
     if args.demo_image:
         from sarformer_jax.predict import predict_dataset_examples
 

@@ -1,0 +1,49 @@
+"""One process of the multi-host test (tests/test_multihost.py), started by it with
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID and 2 CPU devices.
+
+argv: data_root out_dir.  Through `initialize_distributed`, as `sarformer train` does:
+1. one train step of the global first batch (each process feeds its half of the rows) on a
+   2 (data) x 2 (fsdp) mesh that spans both processes; process 0 writes the parameters;
+2. the training loop: 2 steps with a checkpoint, stopped, then resumed to 3."""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from sarformer_jax.train import initialize_distributed  # noqa: E402
+
+assert initialize_distributed()
+
+import jax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from micro import micro_config  # noqa: E402
+
+from sarformer_jax.data.pipeline import build_train_loader  # noqa: E402
+from sarformer_jax.train import create_trainer, device_batch, train  # noqa: E402
+
+root, out = sys.argv[1], sys.argv[2]
+pid, n = jax.process_index(), jax.process_count()
+assert n == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+
+cfg = micro_config(root=root, **{"train.eps": 1.0, "train.mesh.fsdp": 2,
+                                 "train.mesh.fsdp_min_size": 512})
+batch = next(build_train_loader(cfg, seed=0))  # the whole global batch, the same in each process
+rows = len(batch["image"]) // n
+local = {k: v[pid * rows:(pid + 1) * rows] for k, v in batch.items()
+         if isinstance(v, np.ndarray) and v.dtype != object}
+trainer, state = create_trainer(cfg)
+assert len(trainer.mesh.devices.flat) == 4
+state, metrics = trainer.train_step(state, device_batch(local, trainer.mesh), trainer.guide)
+params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+          for x in jax.tree_util.tree_leaves(state["params"])]
+loss = float(np.asarray(multihost_utils.process_allgather(metrics["loss"], tiled=True)).reshape(-1)[0])
+if pid == 0:
+    np.savez(os.path.join(out, "step.npz"), loss=loss, *params)
+
+loop = micro_config(root=root, **{"train.num_steps": 3, "train.ckpt_every": 2})
+first = train(loop, os.path.join(out, "run"), progress=False, stop_after=2)
+again = train(loop, os.path.join(out, "run"), progress=False)
+print(f"process {pid}: steps {first['step']} then {again['step']}", flush=True)
