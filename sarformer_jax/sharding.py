@@ -49,7 +49,8 @@ def put_on_mesh(tree: Any, shardings: Any) -> Any:
         return jax.device_put(tree, shardings)
 
     def put(x, sharding):
-        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             impl = jax.random.key_impl(x)
             return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=impl)
         host = np.asarray(x)

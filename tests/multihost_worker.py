@@ -2,6 +2,7 @@
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID and 2 CPU devices.
 
 argv: data_root out_dir.  Through `initialize_distributed`, as `sarformer train` does:
+0. `put_on_mesh` of host values (a typed key, an array, a scalar) onto the 4-device mesh;
 1. one train step of the global first batch (each process feeds its half of the rows) on a
    2 (data) x 2 (fsdp) mesh that spans both processes; process 0 writes the parameters;
 2. the training loop: 2 steps with a checkpoint, stopped, then resumed to 3."""
@@ -36,6 +37,19 @@ local = {k: v[pid * rows:(pid + 1) * rows] for k, v in batch.items()
          if isinstance(v, np.ndarray) and v.dtype != object}
 trainer, state = create_trainer(cfg)
 assert len(trainer.mesh.devices.flat) == 4
+
+# host values of every kind onto the mesh that spans both processes: typed keys, numpy, scalars
+from sarformer_jax import sharding as shard_lib  # noqa: E402
+
+rep = shard_lib.replicated(trainer.mesh)
+placed = shard_lib.put_on_mesh({"key": jax.random.key(7), "x": np.arange(8.0), "s": 3.0},
+                               {"key": rep, "x": shard_lib.batch_sharding(trainer.mesh), "s": rep})
+assert not placed["x"].is_fully_addressable and len(placed["x"].sharding.device_set) == 4
+gathered = multihost_utils.process_allgather(placed["x"], tiled=True)
+assert np.array_equal(np.asarray(gathered), np.arange(8.0)), gathered
+key_bits = multihost_utils.process_allgather(jax.random.key_data(placed["key"]), tiled=True)
+assert np.array_equal(np.asarray(key_bits), np.asarray(jax.random.key_data(jax.random.key(7))))
+assert float(multihost_utils.process_allgather(placed["s"], tiled=True).reshape(-1)[0]) == 3.0
 state, metrics = trainer.train_step(state, device_batch(local, trainer.mesh), trainer.guide)
 params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
           for x in jax.tree_util.tree_leaves(state["params"])]
