@@ -13,7 +13,8 @@ Backward: per corner, dot = <value row, grad_out row>.  Attention-weight and loc
 come from the four dots (no atomics: each program owns its queries); the value gradient is
 scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the caller.
 
-Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are masked on every load and store.
+Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are
+masked on every load and store.
 Corners outside the map use a clamped index and a zero weight (zero padding), which also keeps
 every address in bounds.
 
@@ -269,9 +270,8 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
     bsz, _, n_heads, d = value.shape
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q
-    order = block_sizes.grid_order
     kernel = functools.partial(_msda_fwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
-                               block_q=block_q, order=order)
+                               block_q=block_q, order=block_sizes.grid_order)
     out_shape = jax.ShapeDtypeStruct((bsz, num_q, n_heads, d), value.dtype)
     args, aliases = (value, loc, att), {}
     if poison:

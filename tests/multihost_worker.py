@@ -53,7 +53,8 @@ assert float(multihost_utils.process_allgather(placed["s"], tiled=True).reshape(
 state, metrics = trainer.train_step(state, device_batch(local, trainer.mesh), trainer.guide)
 params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
           for x in jax.tree_util.tree_leaves(state["params"])]
-loss = float(np.asarray(multihost_utils.process_allgather(metrics["loss"], tiled=True)).reshape(-1)[0])
+loss = float(np.asarray(multihost_utils.process_allgather(metrics["loss"], tiled=True))
+             .reshape(-1)[0])
 if pid == 0:
     np.savez(os.path.join(out, "step.npz"), loss=loss, *params)
 

@@ -125,7 +125,8 @@ def test_box_near_crop_edge_matches_upstream():
     # upstream takes boxes in the crop's frame; ours, in the image's (already un-cropped)
     want = is_box_near_crop_edge(torch.as_tensor(boxes), crop, orig).numpy()
     shifted = boxes + np.array(crop[:2] * 2)
-    got = np.asarray(amg.is_box_near_crop_edge(jnp.asarray(shifted, jnp.int32), tuple(crop), tuple(orig)))
+    got = np.asarray(amg.is_box_near_crop_edge(jnp.asarray(shifted, jnp.int32), tuple(crop),
+                                               tuple(orig)))
     assert 0 < want.sum() < len(want)
     np.testing.assert_array_equal(got, want)
 

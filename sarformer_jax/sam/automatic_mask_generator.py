@@ -279,7 +279,8 @@ class SamAutomaticMaskGenerator:
 
     def _settings(self, layer: int, crop_box, orig_size) -> AmgSettings:
         if self.point_grids is None:
-            pps, grid = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer)), None
+            pps = int(self.points_per_side / (self.crop_n_points_downscale_factor**layer))
+            grid = None
         else:  # the layer's own grid, as upstream (points_per_side is then unused)
             pps, grid = 0, tuple(map(tuple, self.point_grids[layer].tolist()))
         full = list(crop_box) == [0, 0, orig_size[1], orig_size[0]]
