@@ -98,7 +98,11 @@ def mask2former_head(d: int = 256, *, pd_heads: int = 8, pd_ffn: int = 1024, dec
         pixel_decoder=Config(
             num_layers=6, num_heads=pd_heads, n_levels=3, n_points=4, ffn_dim=pd_ffn,
             num_feats=num_feats, gn_groups=32, norm_eps=1e-5,
-            scan_layers=True,  # the encoder layers as one lax.scan (compile time; same numbers)
+            # the encoder layers as one lax.scan (same numbers): "auto" = scanned on the CPU
+            # (compile time), unrolled on an accelerator, where the scan's per-layer stores of
+            # its residuals cost step time and memory (H100, SARFormer-B 640² b2: 66.2 -> 62.2
+            # ms pipelined, 9.47 -> 8.63 GiB peak; docs/benchmarks.md, train run 28)
+            scan_layers="auto",
         ),
         decoder=Config(num_layers=9, num_heads=dec_heads, ffn_dim=dec_ffn, num_feats=num_feats,
                        norm_eps=1e-5),

@@ -407,3 +407,24 @@ def test_full_size_gradients_reach_every_parameter(variant, size, reduced):
     unexplained = sorted(set(zero) - set(dead) - explained)
     assert not unexplained, f"no gradient reaches {unexplained}"
     assert set(dead) <= set(zero)
+
+
+def test_pixel_decoder_scan_setting_resolves_by_backend():
+    """`head.pixel_decoder.scan_layers`: the default "auto" scans the encoder layers on the CPU
+    and unrolls them on an accelerator (train run 28); True / False force one; other strings
+    are refused with the setting named."""
+    cfg = common.mask2former_head(48, pd_heads=4, pd_ffn=64, dec_heads=4, dec_ffn=64,
+                                  num_feats=24)
+    cfg.pixel_decoder.gn_groups = 8
+    assert cfg.pixel_decoder.scan_layers == "auto"
+
+    def encoder_scans(value):
+        cfg.pixel_decoder.scan_layers = value
+        head = nnx.eval_shape(lambda: Mask2FormerHead(cfg, [32] * 4, num_classes=3,
+                                                      rngs=nnx.Rngs(0)))
+        return head.pixel_decoder.encoder.scan
+
+    assert encoder_scans("auto") is (jax.default_backend() == "cpu")
+    assert encoder_scans(True) is True and encoder_scans(False) is False
+    with pytest.raises(ValueError, match="scan_layers.*'sometimes'"):
+        encoder_scans("sometimes")

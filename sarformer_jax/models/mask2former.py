@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sarformer_jax.models.beit import resolve_scan_layers
 from sarformer_jax.models.layers import resize_bilinear
 from sarformer_jax.models.pixel_decoder import (FFN, MSDeformAttnPixelDecoder, ReLU,
                                                 SinePositionalEncoding)
@@ -225,8 +226,8 @@ class Mask2FormerHead(nnx.Module):
             in_channels, feat_channels=d, num_layers=pd.num_layers, num_heads=pd.num_heads,
             n_points=pd.n_points, ffn_dim=pd.ffn_dim, num_encoder_levels=pd.n_levels,
             num_feats=pd.num_feats, gn_groups=pd.gn_groups, norm_eps=pd.norm_eps,
-            msda_implementation=msda_implementation, scan_layers=bool(pd.get("scan_layers", False)),
-            **kw)
+            msda_implementation=msda_implementation,
+            scan_layers=resolve_scan_layers(pd.get("scan_layers", False)), **kw)
         self.transformer_decoder = Mask2FormerTransformerDecoder(
             dec.num_layers, d, dec.num_heads, dec.ffn_dim, eps=dec.norm_eps, **kw)
         self.decoder_positional_encoding = SinePositionalEncoding(dec.num_feats, normalize=True)
