@@ -61,3 +61,20 @@ def test_variant_specs():
     assert argv[argv.index("--tag") + 1] == "sarformer@cmdbuf"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == ["train.seed=1"] + sets
     assert argv[argv.index("--sync-names") + 1] == "sarformer@cmdbuf,sarformer@base"
+
+
+def test_lower_only_counts_unrolled_layers():
+    """XLA's cost analysis counts a scanned loop's body once, and the CPU scans the layers by
+    default: `--lower-only` (the FLOP count for the MFU) builds them unrolled, and `--set` can
+    still override that."""
+    args = bench_train.argparse.Namespace(batch_per_device=2, size=[64], dtype="float32",
+                                          config="tiny", set=[], lower_only=True)
+    cfg = bench_train.make_config("sarformer", args, 1)
+    assert cfg.model.backbone.scan_layers is False
+    assert cfg.model.head.pixel_decoder.scan_layers is False
+    args.lower_only = False
+    cfg = bench_train.make_config("sarformer", args, 1)
+    assert cfg.model.backbone.scan_layers == "auto"
+    assert cfg.model.head.pixel_decoder.scan_layers == "auto"
+    args.lower_only, args.set = True, ["model.head.pixel_decoder.scan_layers=True"]
+    assert bench_train.make_config("sarformer", args, 1).model.head.pixel_decoder.scan_layers is True
