@@ -232,3 +232,23 @@ def test_bench_grid_order_variants():
     assert _grid_order_variants(bs, None) == [("pallas", bs)]
     with pytest.raises(ValueError, match="'qhx'"):
         _grid_order_variants(bs, "qhx")
+
+
+def test_bench_skip_outside_variants():
+    """`--skip-outside both` follows each Pallas variant with its `skip_outside` twin, `on`
+    keeps only the twins, `default` the variants as they are."""
+    from sarformer_jax.benchmarks.msda import _grid_order_variants, _skip_outside_variants
+    from sarformer_jax.kernels import BlockSizes
+
+    bs = BlockSizes.get_default(32)
+    assert not bs.skip_outside
+    plain = _grid_order_variants(bs, "bqh,qhb")
+    both = _skip_outside_variants(plain, "both")
+    assert [n for n, _ in both] == ["pallas", "pallas+skip", "pallas[qhb]", "pallas[qhb]+skip"]
+    assert [v.skip_outside for _, v in both] == [False, True, False, True]
+    assert both[3][1].grid_order == "qhb" and both[1][1].block_q == bs.block_q
+    assert [n for n, _ in _skip_outside_variants(plain, "on")] == ["pallas+skip",
+                                                                  "pallas[qhb]+skip"]
+    assert _skip_outside_variants(plain, "default") == plain
+    with pytest.raises(ValueError, match="'yes'"):
+        _skip_outside_variants(plain, "yes")

@@ -65,6 +65,15 @@ def test_block_override(bs):
     _check(*_random_case(7, 32), jnp.float32, bs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("seed", [21, 22])
+def test_skip_outside(seed, dtype):
+    """The masked gathers and atomics of `BlockSizes.skip_outside` (the interpreter has no
+    masked gather, so only here is that lowering checked)."""
+    _check(*_random_case(seed), dtype, BlockSizes(64, 8, block_q_bwd=16, num_warps_bwd=4,
+                                                  skip_outside=True))
+
+
 def test_public_op_grad_matches_reference():
     shapes, value, loc, att, ct = _random_case(11, 32)
 

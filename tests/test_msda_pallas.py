@@ -63,6 +63,26 @@ def test_grid_order_matches_reference(order):
         assert rel_err(got, want) <= RTOL["float32"], name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_skip_outside_matches_reference(dtype):
+    """`BlockSizes.skip_outside`: corners outside the map are neither read nor scattered (masked
+    loads and atomics).  Locations spread to [-0.3, 1.3] put about half the corners outside;
+    a mask that dropped an inside corner, or kept the value gradient's adds of an outside one
+    on its clamped border row, shows in the output or the gradients.  Lq = 37 (masked tail)."""
+    import dataclasses
+    shapes = ((6, 9), (3, 5), (2, 1))
+    value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
+    bs = dataclasses.replace(BS, skip_outside=True)
+    args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
+    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
+    ref_args = [a.astype(jnp.float32) for a in args]
+    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*ref_args)
+    tol = RTOL[dtype]
+    assert rel_err(out.astype(jnp.float32), ref) <= tol
+    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
+        assert rel_err(got.astype(jnp.float32), want) <= tol, name
+
+
 def test_grid_order_rejects_unknown_axes():
     with pytest.raises(ValueError, match="grid_order.*'bqq'"):
         BlockSizes(block_q=16, num_warps=4, grid_order="bqq")

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the Pallas kernels launched in these grid orders "
                              "(comma-separated permutations of 'bqh', fastest axis first; "
                              "BlockSizes.grid_order)")
+    parser.add_argument("--skip-outside", default="default", choices=("default", "on", "both"),
+                        help="BlockSizes.skip_outside (corners outside the map neither gathered "
+                             "nor scattered): 'on' times the Pallas variants with it, 'both' "
+                             "with and without it")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -263,6 +267,22 @@ def _grid_order_variants(bs, orders: str | None) -> list:
     return variants
 
 
+def _skip_outside_variants(variants: list, mode: str) -> list:
+    """The Pallas variants as they are ("default"), with `skip_outside` on ("on": named
+    NAME+skip), or both, each plain variant followed by its skipping twin ("both")."""
+    import dataclasses
+
+    if mode not in ("default", "on", "both"):
+        raise ValueError(f"--skip-outside must be default, on or both, got {mode!r}")
+    if mode == "default":
+        return list(variants)
+    out = []
+    for name, bs in variants:
+        twin = (f"{name}+skip", dataclasses.replace(bs, skip_outside=True))
+        out += [twin] if mode == "on" else [(name, bs), twin]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -284,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
                             block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
                             num_warps_bwd=args.num_warps or bs.num_warps_bwd)
         variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
+        variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
