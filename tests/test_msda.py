@@ -252,3 +252,35 @@ def test_bench_skip_outside_variants():
     assert _skip_outside_variants(plain, "default") == plain
     with pytest.raises(ValueError, match="'yes'"):
         _skip_outside_variants(plain, "yes")
+
+
+def test_bench_vjp_cotangent_in_the_output_dtype():
+    """fwd+bwd in "vjp" mode is timed with a cotangent already in the output's dtype, as the
+    torch peer's `randn_like(out)`: no cast of it inside the timed bf16 program (MSDA runs
+    8-12 had one).  "loss" mode multiplies it with the float32 output, so it stays float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from sarformer_jax.benchmarks.msda import _jax_fns, cotangent
+
+    assert cotangent((2, 3), "bfloat16", "vjp").dtype == jnp.bfloat16
+    assert cotangent((2, 3), "float32", "vjp").dtype == jnp.float32
+    assert cotangent((2, 3), "bfloat16", "loss").dtype == jnp.float32
+    shapes = ((3, 4), (2, 2))
+    b, q, n, d = 1, 5, 2, 16
+    rng = np.random.default_rng(0)
+    value = jnp.asarray(rng.standard_normal((b, 16, n, d)), jnp.bfloat16)
+    loc = jnp.asarray(rng.uniform(0, 1, (b, q, n, 2, 2, 2)), jnp.bfloat16)
+    att = jnp.asarray(rng.uniform(0, 1, (b, q, n, 2, 2)), jnp.bfloat16)
+    # the kernels (interpreted): the XLA reference computes in float32, so its own backward
+    # casts any cotangent
+    _, fwd_bwd = _jax_fns("pallas_interpret", shapes, None, "vjp")
+
+    def casts_of_ct(ct):
+        jaxpr = jax.make_jaxpr(fwd_bwd)(value, loc, att, ct).jaxpr.eqns[0].params["jaxpr"].jaxpr
+        ct_var = jaxpr.invars[3]
+        return [e for e in jaxpr.eqns
+                if e.primitive.name == "convert_element_type" and ct_var in e.invars]
+
+    assert casts_of_ct(cotangent((b, q, n * d), "bfloat16", "vjp")) == []
+    assert len(casts_of_ct(cotangent((b, q, n * d), "bfloat16", "loss"))) == 1  # the old way
