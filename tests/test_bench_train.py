@@ -78,3 +78,26 @@ def test_lower_only_counts_unrolled_layers():
     assert cfg.model.head.pixel_decoder.scan_layers == "auto"
     args.lower_only, args.set = True, ["model.head.pixel_decoder.scan_layers=True"]
     assert bench_train.make_config("sarformer", args, 1).model.head.pixel_decoder.scan_layers is True
+
+
+def test_flops_per_model():
+    """`--flops` takes one figure for every model or MODEL=TFLOP pairs, and passes either form
+    on to the per-model worker unchanged; a bad model name or number is refused by name."""
+    one = bench_train.parse_flops("4.952")
+    assert one == 4.952 and bench_train.flops_for(one, "mask2former") == 4.952
+    per = bench_train.parse_flops("sarformer=4.952, mask2former=4.166")
+    assert bench_train.flops_for(per, "mask2former") == 4.166
+    assert bench_train.flops_for(per, "sarformer") == 4.952
+    assert bench_train.flops_for(per, "sarformer_online") is None
+    assert bench_train.flops_for(None, "sarformer") is None
+    for value in (one, per):
+        assert bench_train.parse_flops(bench_train.format_flops(value)) == value
+    for bad, what in (("segformer=1.0", "segformer"), ("sarformer=x", "sarformer=x"),
+                      ("lots", "lots")):
+        with pytest.raises(bench_train.argparse.ArgumentTypeError, match=what):
+            bench_train.parse_flops(bad)
+    args = bench_train.argparse.Namespace(
+        batch_per_device=2, size=[640], dtype="bfloat16", steps=3, warmup=1, matmul_size=256,
+        profile=None, flops=per, lower_only=False, config=None, worker_timeout=None, set=[])
+    argv = bench_train._worker_argv(args, "mask2former", "/tmp/x.json")
+    assert bench_train.parse_flops(argv[argv.index("--flops") + 1]) == per

@@ -96,9 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the models in this process (peak memory then accumulates)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace 5 steps into DIR and print GPU time by scope / kernel")
-    parser.add_argument("--flops", type=float, default=None, metavar="TFLOP",
-                        help="FLOPs per step for the MFU when the device's lowered cost analysis "
-                             "gives none (count them on CPU with --lower-only)")
+    parser.add_argument("--flops", type=parse_flops, default=None, metavar="TFLOP",
+                        help="TFLOPs per step for the MFU when the device's lowered cost analysis "
+                             "gives none (count them on CPU with --lower-only): one number for "
+                             "every model, or MODEL=TFLOP,... per model (e.g. "
+                             "sarformer=4.952,mask2former=4.166; a model not named gets none)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
                         help="a named set of overrides, repeatable; every model runs once per "
                              "variant, all compile at once and measure one at a time (A/B "
@@ -115,6 +117,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
+
+
+def parse_flops(text: str) -> float | dict[str, float]:
+    """`--flops`: "4.952" (every model) or "sarformer=4.952,mask2former=4.166" (per model)."""
+    text = text.strip()
+    try:
+        if "=" not in text:
+            return float(text)
+        out = {}
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            if name.strip() not in MODELS:
+                raise ValueError(f"unknown model {name.strip()!r} (known: {', '.join(MODELS)})")
+            out[name.strip()] = float(value)
+        return out
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--flops {text!r}: {e}") from None
+
+
+def format_flops(flops: float | dict[str, float]) -> str:
+    if isinstance(flops, dict):
+        return ",".join(f"{k}={v!r}" for k, v in flops.items())
+    return repr(float(flops))
+
+
+def flops_for(flops: float | dict[str, float] | None, model: str) -> float | None:
+    """The `--flops` figure (TFLOP per step) that applies to `model`, or None."""
+    if isinstance(flops, dict):
+        return flops.get(model)
+    return flops
 
 
 def make_config(model: str, args: argparse.Namespace, num_devices: int):
@@ -382,8 +414,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     res["matmul_flops_per_s"] = ceiling
     nominal = next((v for k, v in NOMINAL_TFLOPS.items() if k in dev.device_kind), None)
     res["nominal_flops_per_s"] = nominal * 1e12 if nominal else None
-    if not np.isfinite(res["flops"]) and args.flops:
-        res["flops"] = args.flops * 1e12
+    given = flops_for(args.flops, model)
+    if not np.isfinite(res["flops"]) and given:
+        res["flops"] = given * 1e12
         res["flops_source"] = "--flops (counted on CPU with --lower-only)"
     res["achieved_flops_per_s"] = res["flops"] / sec
     res["mfu_measured"] = res["achieved_flops_per_s"] / ceiling
@@ -439,7 +472,7 @@ def _worker_argv(args: argparse.Namespace, model: str, json_path: str,
     if args.profile:
         argv += ["--profile", args.profile]
     if args.flops:
-        argv += ["--flops", str(args.flops)]
+        argv += ["--flops", format_flops(args.flops)]
     if args.lower_only:
         argv.append("--lower-only")
     if args.config:
