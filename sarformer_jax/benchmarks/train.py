@@ -34,9 +34,9 @@ while-loop bodies (the Hungarian matcher, scanned layers) once, a `lax.cond` as 
 branch (the loss's all-slots program, not the matched-slots one the step usually runs), and the
 MSDA as its XLA-reference gathers on CPU or as Pallas custom calls (0) on GPU, so the count is
 close to, not exactly, the work done; `--lower-only` counts it without compiling (on CPU), with
-the backbone's and the pixel decoder's layers unrolled so that each is counted.  MFU = FLOPs / step time / ceiling, where
-the ceiling is the median rate of an 8192³ bf16 matmul timed in the same process (and, for
-reference, against the nominal dense bf16 peak of the device).
+the backbone's and the pixel decoder's layers unrolled so that each is counted.  MFU = FLOPs /
+step time / ceiling, where the ceiling is the median rate of an 8192³ bf16 matmul timed in the
+same process (and, for reference, against the nominal dense bf16 peak of the device).
 
 Each model runs in its own subprocess (so peak memory is per model and one model failing to
 compile or running out of memory does not stop the other); `--in-process` turns that off.
