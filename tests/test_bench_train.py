@@ -77,7 +77,8 @@ def test_lower_only_counts_unrolled_layers():
     assert cfg.model.backbone.scan_layers == "auto"
     assert cfg.model.head.pixel_decoder.scan_layers == "auto"
     args.lower_only, args.set = True, ["model.head.pixel_decoder.scan_layers=True"]
-    assert bench_train.make_config("sarformer", args, 1).model.head.pixel_decoder.scan_layers is True
+    cfg = bench_train.make_config("sarformer", args, 1)
+    assert cfg.model.head.pixel_decoder.scan_layers is True
 
 
 def test_flops_per_model():
