@@ -16,8 +16,8 @@ scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the ca
 Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are
 masked on every load and store.
 Corners outside the map use a clamped index and a zero weight (zero padding), which also keeps
-every address in bounds; with `BlockSizes.skip_outside` their gathers and value-gradient adds are
-also masked off, so they cost no memory traffic.
+every address in bounds; with `BlockSizes.skip_outside` (the backward's default) their gathers
+and value-gradient adds are also masked off, so they cost no memory traffic.
 
 Both calls are wrapped so that they work under vmap (the vmapped axis is folded into B) and
 under a batch-sharded jit (custom_partitioning runs the kernel on each device's batch shard).
@@ -55,9 +55,19 @@ class BlockSizes:
     grid_order: str = "bqh"
     # Corners outside the map (zero padding) neither gathered nor, in the backward, added to the
     # value gradient: their loads and atomics are masked off.  Off, they gather a clamped row and
-    # add zeros to it, as before.  With the anchors' locations, uniform in [-0.05, 1.05], 17 % of
-    # the corners are outside (each axis' corner misses with probability 0.1 / 1.1).
+    # add zeros to it.  With the anchors' locations, uniform in [-0.05, 1.05], 17 % of the
+    # corners are outside (each axis' corner misses with probability 0.1 / 1.1).
+    # `skip_outside` is the forward's setting, `skip_outside_bwd` the backward's (None = the
+    # forward's).  The default skips in the backward only: there the masked atomics saved 3-13 %
+    # of fwd+bwd, while in the forward the clamped rows hit in cache anyway and the masked
+    # loads cost about 2 us a call (MSDA run 13, H100).
     skip_outside: bool = False
+    skip_outside_bwd: bool | None = None
+
+    @property
+    def skips_bwd(self) -> bool:
+        """Whether the backward skips corners outside the map."""
+        return self.skip_outside if self.skip_outside_bwd is None else self.skip_outside_bwd
 
     def __post_init__(self):
         if sorted(self.grid_order) != ["b", "h", "q"]:
@@ -78,12 +88,13 @@ def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes
     were as fast as 32 or faster in every case and dtype of three runs (benchmarks.md MSDA runs
     3, 5 and 7), by up to 13 % in bf16 (adapter_inj 0.170 vs 0.195 ms).  So are the forward's 8
     warps (8 elements a thread): on an H100, pixdec_enc's forward took 0.079 / 0.060 ms (fp32 /
-    bf16) against 0.091 / 0.068 ms at 4 warps (MSDA run 10)."""
+    bf16) against 0.091 / 0.068 ms at 4 warps (MSDA run 10).  The backward skips corners outside
+    the map, the forward does not (see `BlockSizes.skip_outside`; MSDA run 13)."""
     block_q = max(16, min(128, 2048 // head_dim))
     block_q = min(block_q, max(16, pl.next_power_of_2(num_queries)))
     block_q_bwd = min(block_q, max(16, 512 // head_dim))
     return BlockSizes(block_q=block_q, num_warps=8, num_stages=1, block_q_bwd=block_q_bwd,
-                      num_warps_bwd=4)
+                      num_warps_bwd=4, skip_outside=False, skip_outside_bwd=True)
 
 
 def _make_relaxed_atomic_add():
@@ -332,7 +343,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
                                relaxed=block_sizes.relaxed_atomics, order=block_sizes.grid_order,
-                               skip=block_sizes.skip_outside)
+                               skip=block_sizes.skips_bwd)
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:

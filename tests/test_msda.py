@@ -2,6 +2,8 @@
 numpy loop, PyTorch grid_sample, hand-computed bilinear cases, numerical gradients; and the
 argument checks of the public op."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,20 +237,29 @@ def test_bench_grid_order_variants():
 
 
 def test_bench_skip_outside_variants():
-    """`--skip-outside both` follows each Pallas variant with its `skip_outside` twin, `on`
-    keeps only the twins, `default` the variants as they are."""
+    """`--skip-outside both` follows each Pallas variant (the default: skipping in the backward
+    only) with its twins skipping in neither kernel and in both, `on` / `off` keep only those
+    twins, `default` the variants as they are."""
     from sarformer_jax.benchmarks.msda import _grid_order_variants, _skip_outside_variants
     from sarformer_jax.kernels import BlockSizes
 
     bs = BlockSizes.get_default(32)
-    assert not bs.skip_outside
+    assert (bs.skip_outside, bs.skips_bwd) == (False, True)
     plain = _grid_order_variants(bs, "bqh,qhb")
     both = _skip_outside_variants(plain, "both")
-    assert [n for n, _ in both] == ["pallas", "pallas+skip", "pallas[qhb]", "pallas[qhb]+skip"]
-    assert [v.skip_outside for _, v in both] == [False, True, False, True]
-    assert both[3][1].grid_order == "qhb" and both[1][1].block_q == bs.block_q
+    assert [n for n, _ in both] == ["pallas", "pallas-skip", "pallas+skip",
+                                    "pallas[qhb]", "pallas[qhb]-skip", "pallas[qhb]+skip"]
+    assert [(v.skip_outside, v.skips_bwd) for _, v in both[:3]] == [(False, True),
+                                                                    (False, False), (True, True)]
+    assert both[5][1].grid_order == "qhb" and both[2][1].block_q == bs.block_q
     assert [n for n, _ in _skip_outside_variants(plain, "on")] == ["pallas+skip",
                                                                   "pallas[qhb]+skip"]
+    assert [n for n, _ in _skip_outside_variants(plain, "off")] == ["pallas-skip",
+                                                                   "pallas[qhb]-skip"]
+    # a twin equal to its variant is not timed twice
+    on = dataclasses.replace(bs, skip_outside=True, skip_outside_bwd=None)
+    assert [n for n, _ in _skip_outside_variants([("pallas", on)], "both")] == ["pallas",
+                                                                              "pallas-skip"]
     assert _skip_outside_variants(plain, "default") == plain
     with pytest.raises(ValueError, match="'yes'"):
         _skip_outside_variants(plain, "yes")

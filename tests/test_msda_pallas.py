@@ -63,16 +63,18 @@ def test_grid_order_matches_reference(order):
         assert rel_err(got, want) <= RTOL["float32"], name
 
 
+@pytest.mark.parametrize("skip", [(True, None), (False, True)], ids=["both", "bwd_only"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_skip_outside_matches_reference(dtype):
-    """`BlockSizes.skip_outside`: corners outside the map are neither read nor scattered (masked
-    loads and atomics).  Locations spread to [-0.3, 1.3] put about half the corners outside;
+def test_skip_outside_matches_reference(dtype, skip):
+    """`BlockSizes.skip_outside` / `skip_outside_bwd`: corners outside the map are neither read
+    nor scattered (masked loads and atomics), in both kernels or (the default) in the backward
+    only.  Locations spread to [-0.3, 1.3] put about half the corners outside;
     a mask that dropped an inside corner, or kept the value gradient's adds of an outside one
     on its clamped border row, shows in the output or the gradients.  Lq = 37 (masked tail)."""
     import dataclasses
     shapes = ((6, 9), (3, 5), (2, 1))
     value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
-    bs = dataclasses.replace(BS, skip_outside=True)
+    bs = dataclasses.replace(BS, skip_outside=skip[0], skip_outside_bwd=skip[1])
     args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
     (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
     ref_args = [a.astype(jnp.float32) for a in args]
@@ -83,8 +85,8 @@ def test_skip_outside_matches_reference(dtype):
         assert rel_err(got.astype(jnp.float32), want) <= tol, name
 
 
-@pytest.mark.parametrize("skip_outside", [False, True])
-def test_triton_lowering_on_the_cpu(skip_outside):
+@pytest.mark.parametrize("skip", [(False, False), (False, True), (True, True)])
+def test_triton_lowering_on_the_cpu(skip):
     """Both kernels lower to Triton for a CUDA target here, without a GPU (jax lowers for another
     platform): the masked gathers and atomics of `skip_outside`, which the interpreter cannot
     run, at least pass the Pallas Triton lowering.  (Compiling them needs the GPU tests.)"""
@@ -93,7 +95,7 @@ def test_triton_lowering_on_the_cpu(skip_outside):
     b, q, n, d = 2, 37, 2, 32
     sds = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
            for s in ((b, 69, n, d), (b, q, n, 2, 2, 2), (b, q, n, 2, 2))]
-    bs = dataclasses.replace(BS, skip_outside=skip_outside)
+    bs = dataclasses.replace(BS, skip_outside=skip[0], skip_outside_bwd=skip[1])
 
     def fwd_bwd(v, lo, a):
         out, pull = jax.vjp(lambda *x: ms_deform_attn(*x[:1], shapes, *x[1:],
@@ -168,6 +170,10 @@ def test_default_block_sizes_heuristic():
     assert BlockSizes.get_default(32, num_queries=5).block_q == 16
     # the backward's tile is about a quarter of the forward's (measured: MSDA runs 3, 5, 7)
     assert [BlockSizes.get_default(d).block_q_bwd for d in (16, 32, 64, 128)] == [32, 16, 16, 16]
+    # corners outside the map are skipped in the backward, not in the forward (MSDA run 13)
+    bs = BlockSizes.get_default(32)
+    assert (bs.skip_outside, bs.skip_outside_bwd, bs.skips_bwd) == (False, True, True)
+    assert not BS.skips_bwd and BlockSizes(16, 4, skip_outside=True).skips_bwd
     assert BlockSizes.get_default(32, num_queries=5).block_q_bwd == 16
 
 

@@ -13,6 +13,7 @@ triton.testing.do_bench median of forward + autograd.grad.  Writes a markdown ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -42,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time the Pallas kernels launched in these grid orders "
                              "(comma-separated permutations of 'bqh', fastest axis first; "
                              "BlockSizes.grid_order)")
-    parser.add_argument("--skip-outside", default="default", choices=("default", "on", "both"),
-                        help="BlockSizes.skip_outside (corners outside the map neither gathered "
-                             "nor scattered): 'on' times the Pallas variants with it, 'both' "
-                             "with and without it")
+    parser.add_argument("--skip-outside", default="default",
+                        choices=("default", "on", "off", "both"),
+                        help="BlockSizes.skip_outside / skip_outside_bwd (corners outside the "
+                             "map neither gathered nor scattered; the default skips in the "
+                             "backward only): 'on' times the Pallas variants skipping in both "
+                             "kernels, 'off' in neither, 'both' the default and those twins")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -280,18 +283,24 @@ def _grid_order_variants(bs, orders: str | None) -> list:
 
 
 def _skip_outside_variants(variants: list, mode: str) -> list:
-    """The Pallas variants as they are ("default"), with `skip_outside` on ("on": named
-    NAME+skip), or both, each plain variant followed by its skipping twin ("both")."""
-    import dataclasses
-
-    if mode not in ("default", "on", "both"):
-        raise ValueError(f"--skip-outside must be default, on or both, got {mode!r}")
+    """The Pallas variants as they are ("default"), with corners outside the map skipped in
+    both kernels ("on": named NAME+skip) or in neither ("off": NAME-skip), or all three
+    ("both": each variant followed by those of its twins that differ from it)."""
+    if mode not in ("default", "on", "off", "both"):
+        raise ValueError(f"--skip-outside must be default, on, off or both, got {mode!r}")
     if mode == "default":
         return list(variants)
     out = []
     for name, bs in variants:
-        twin = (f"{name}+skip", dataclasses.replace(bs, skip_outside=True))
-        out += [twin] if mode == "on" else [(name, bs), twin]
+        twins = {m: (f"{name}{sign}skip", dataclasses.replace(bs, skip_outside=m == "on",
+                                                             skip_outside_bwd=m == "on"))
+                 for m, sign in (("off", "-"), ("on", "+"))}
+        if mode != "both":
+            out.append(twins[mode])
+            continue
+        out.append((name, bs))
+        out += [t for t in twins.values()
+                if (t[1].skip_outside, t[1].skips_bwd) != (bs.skip_outside, bs.skips_bwd)]
     return out
 
 
@@ -311,10 +320,10 @@ def run(args: argparse.Namespace) -> int:
         b, q, shapes, n, p, d = CASES[case]
         bs = default_block_sizes(d, q)
         if args.block_q or args.block_q_bwd or args.num_warps:
-            bs = BlockSizes(block_q=args.block_q or bs.block_q,
-                            num_warps=args.num_warps or bs.num_warps,
-                            block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
-                            num_warps_bwd=args.num_warps or bs.num_warps_bwd)
+            bs = dataclasses.replace(bs, block_q=args.block_q or bs.block_q,
+                                     num_warps=args.num_warps or bs.num_warps,
+                                     block_q_bwd=args.block_q_bwd or bs.block_q_bwd,
+                                     num_warps_bwd=args.num_warps or bs.num_warps_bwd)
         variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
         variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
         if args.sweep and "pallas" in impls:
