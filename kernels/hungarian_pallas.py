@@ -31,7 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from sarformer_jax.kernels.triton_backend import plgpu, require
 
 _BIG_POS = 1 << 30  # the position of a scanned (removed) or invalid column
 
@@ -144,6 +145,7 @@ def lsap_rows_pallas(cost: jax.Array, row_valid: jax.Array, col_valid: jax.Array
     """`matcher._lsap_rows` as one Pallas program: a square float32 [n, n] problem with
     #valid rows <= #valid columns (invalid entries may hold anything).  Returns (col4row,
     row4col) int32 [n], -1 where unassigned."""
+    require("hungarian (lsap_rows_pallas)")
     n = cost.shape[0]
     if cost.ndim != 2 or cost.shape != (n, n) or row_valid.shape != (n,) or col_valid.shape != (n,):
         raise ValueError(f"lsap_rows_pallas: cost {cost.shape}, row_valid {row_valid.shape}, "

@@ -17,6 +17,7 @@ import numpy as np
 
 from sarformer_jax.kernels.msda_pallas import BlockSizes, msda_pallas_bwd, msda_pallas_fwd
 from sarformer_jax.kernels.msda_reference import ms_deform_attn_reference
+from sarformer_jax.kernels.triton_backend import gpu_kernels
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 
@@ -62,8 +63,9 @@ def check_shapes(value, spatial_shapes, sampling_locations, attention_weights) -
 
 
 def default_implementation() -> str:
-    """"pallas" when the default backend is a GPU, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """"pallas" when the default backend is a GPU (and this jax has Pallas' Triton backend),
+    "xla" elsewhere."""
+    return "pallas" if gpu_kernels() else "xla"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -32,8 +32,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from sarformer_jax.kernels.triton_backend import plgpu, require
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 Shapes = tuple[tuple[int, int], ...]
@@ -395,6 +395,7 @@ def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, 
                     block_sizes: BlockSizes | None = None, interpret: bool = False,
                     poison: bool = False) -> jax.Array:
     """Forward kernel: [B, Lq, H, D] in value's dtype (no custom_vjp here; see msda.py)."""
+    require("msda_fwd")
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
     return per_batch_shard(_ops(shapes, bs, interpret, poison)[0], 1, value, loc, att)
@@ -404,6 +405,7 @@ def msda_pallas_bwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, 
                     block_sizes: BlockSizes | None = None, interpret: bool = False,
                     poison: bool = False):
     """Backward kernel: (d value fp32, d loc, d att) for g = d out [B, Lq, H, D]."""
+    require("msda_bwd")
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])
     return per_batch_shard(_ops(shapes, bs, interpret, poison)[1], 3, value, loc, att, g)

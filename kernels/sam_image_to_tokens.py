@@ -30,8 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from sarformer_jax.kernels.triton_backend import plgpu, require
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 PAD_LOGIT = -1e30
@@ -182,6 +182,7 @@ def image_to_tokens_norm(keys: jax.Array, key_pe: jax.Array, m: jax.Array, bias:
         for the first block's shared tokens, 0.80 -> 0.59 ms per prompt, 2 x 64 prompts on an
         H200: SAM run 14).  None: 8 where allowed, else 16.
     float32 `keys` runs only in the interpreter (`interpret=True`), as the upscaling kernel."""
+    require("sam_image_to_tokens")
     g, pk, l, c = keys.shape
     p, n, t = m.shape[1], m.shape[2], m.shape[-1]
     if (key_pe.shape != (l, c) or m.shape != (g, p, n, c, t) or bias.shape != (g, p, n, t)

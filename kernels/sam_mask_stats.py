@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from sarformer_jax.kernels.triton_backend import plgpu, require
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 MODES = ("stats", "mask", "logits")
@@ -179,6 +179,7 @@ def postprocess_stats(low: jax.Array, *, img_size: int, input_size: tuple[int, i
       block_rows, block_cols, num_warps: launch settings (None: 32 rows, 128 columns or the
         largest power of two from 16 that the image fits).
       interpret: run in the Pallas interpreter (CPU tests)."""
+    require("sam_mask_stats")
     if mode not in MODES:
         raise ValueError(f"sam mask post-processing kernel: mode must be one of {MODES}, got {mode!r}")
     *lead, lh, lw = low.shape

@@ -45,7 +45,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+from sarformer_jax.kernels.triton_backend import plgpu, require
 
 _AS_P = 0.3275911
 _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
@@ -246,6 +247,7 @@ def conv2_masks(y: jax.Array, w2: jax.Array, b2: jax.Array, hyper: jax.Array, *,
     then the first conv's product before its bias, and the kernel also adds that bias and applies
     the channel LayerNorm (epsilon `eps`) and the first GELU per row, so XLA's pass for them (and
     its output) is not needed either."""
+    require("sam_conv2_masks")
     bsz, n, c1 = y.shape
     if gelu is None:
         gelu = "poly" if y.dtype in (jnp.bfloat16, jnp.float16) else "erf"
@@ -324,6 +326,7 @@ def upscale_masks(x: jax.Array, w1: jax.Array, b1: jax.Array, ln_scale: jax.Arra
         the final masks for any block_l; `direct` does not apply).
     Same values as the XLA path up to rounding (float32 LayerNorm input, erf approximation).
     float32 `x` runs only in the interpreter (`interpret=True`)."""
+    require("sam_upscale_masks")
     bsz, h, w, c = x.shape
     c1, c2 = w1.shape[-1], w2.shape[-1]
     m = hyper.shape[1]

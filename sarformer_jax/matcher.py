@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sarformer_jax.kernels.triton_backend import gpu_kernels
+
 _BIG = 1e30
 
 
@@ -124,8 +126,9 @@ IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 
 
 def default_implementation() -> str:
-    """"pallas" when the default backend is a GPU, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """"pallas" when the default backend is a GPU (and this jax has Pallas' Triton backend),
+    "xla" elsewhere."""
+    return "pallas" if gpu_kernels() else "xla"
 
 
 def _solve_rows(cost, row_valid, col_valid, implementation):

@@ -23,9 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sarformer_jax.kernels import msda_pallas as mp
+from sarformer_jax.kernels.triton_backend import plgpu
 
 PROBES = ("scatter", "scatter_seq", "store")
 

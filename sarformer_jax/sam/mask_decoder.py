@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sarformer_jax.kernels.triton_backend import gpu_kernels
 from sarformer_jax.models.layers import StridedConvTranspose
 from sarformer_jax.sam.common import GELU, layer_norm
 from sarformer_jax.sam.transformer import TwoWayTransformer
@@ -77,7 +78,7 @@ class MaskDecoder(nnx.Module):
             return impl
         dtype = jnp.dtype(self.output_upscaling[0].dtype or dtype)
         fits = (4 * num_tokens) % 16 == 0 and dtype in (jnp.bfloat16, jnp.float16)
-        return "blocks_pallas" if fits and jax.default_backend() == "gpu" else "blocks"
+        return "blocks_pallas" if fits and gpu_kernels() else "blocks"
 
     def __init__(self, *, transformer_dim: int = 256, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, transformer_depth: int = 2,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sarformer_jax.kernels.triton_backend import gpu_kernels
 from sarformer_jax.sam.common import postprocess_matrix, postprocess_taps
 from sarformer_jax.sam.image_encoder import ImageEncoderViT
 from sarformer_jax.sam.mask_decoder import MaskDecoder
@@ -93,7 +94,7 @@ class Sam(nnx.Module):
         """`postprocess_implementation` with "auto" resolved for the default backend."""
         impl = self.postprocess_implementation
         if impl == "auto":
-            return "pallas" if jax.default_backend() == "gpu" else "taps"
+            return "pallas" if gpu_kernels() else "taps"
         return impl
 
     def _postprocess_kernel(self) -> bool:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sarformer_jax.kernels.triton_backend import gpu_kernels
 from sarformer_jax.sam.common import MLPBlock, layer_norm
 
 
@@ -248,7 +249,7 @@ class TwoWayTransformer(nnx.Module):
             return impl
         dtype = jnp.dtype(self.final_attn_token_to_image.q_proj.dtype or dtype)
         fits = num_tokens % 16 == 0 and dtype in (jnp.bfloat16, jnp.float16)
-        return "absorbed_pallas" if fits and jax.default_backend() == "gpu" else "absorbed"
+        return "absorbed_pallas" if fits and gpu_kernels() else "absorbed"
 
     attention_implementation: str = "auto"
 
