@@ -1,6 +1,7 @@
 """A jax without Pallas' Triton backend (deprecated in jax 0.11): the package still imports,
 every default takes its XLA path, and a kernel asked for by name fails with a one-line error."""
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -66,7 +67,7 @@ def test_package_runs_without_the_triton_backend(tmp_path):
     err = out["ERROR"]
     assert "msda_fwd" in err and "Triton" in err and jax.__version__ in err, err
     assert out["DEFAULTS"] == "['xla', 'xla', 'absorbed']"
-    warned = eval(out["WARNINGS"])  # a list literal printed by the child
+    warned = ast.literal_eval(out["WARNINGS"])  # a list printed by the child
     assert len(warned) == 1 and "XLA" in warned[0], warned
 
 
