@@ -16,8 +16,9 @@ scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the ca
 Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are
 masked on every load and store.
 Corners outside the map use a clamped index and a zero weight (zero padding), which also keeps
-every address in bounds; with `BlockSizes.skip_outside` (the backward's default) their gathers
-and value-gradient adds are also masked off, so they cost no memory traffic.
+every address in bounds; with `BlockSizes.skip_outside` / `skip_outside_bwd` (by default in the
+backward only) their gathers and value-gradient adds are also masked off, so they cost no memory
+traffic.
 
 Both calls are wrapped so that they work under vmap (the vmapped axis is folded into B) and
 under a batch-sharded jit (custom_partitioning runs the kernel on each device's batch shard).

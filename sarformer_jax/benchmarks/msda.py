@@ -308,7 +308,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from sarformer_jax.kernels import BlockSizes
     from sarformer_jax.kernels.msda_pallas import default_block_sizes
 
     impls = args.impls.split(",")
@@ -330,8 +329,8 @@ def run(args: argparse.Namespace) -> int:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
                                      (64, 64, 4, True), (128, 64, 8, True)):
-                alt = BlockSizes(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nw,
-                                 relaxed_atomics=rel)
+                alt = dataclasses.replace(bs, block_q=bq, num_warps=nw, block_q_bwd=bqb,
+                                          num_warps_bwd=nw, relaxed_atomics=rel)
                 if alt != bs:
                     variants.append((f"pallas[{bq},{bqb},w{nw}{'' if rel else ',acqrel'}]", alt))
         if "xla" in impls:
