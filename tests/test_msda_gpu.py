@@ -1,7 +1,8 @@
 """The compiled Pallas kernels on the GPU against the XLA reference in fp32 (marker gpu).
 
 Random shapes (seeded), outputs poisoned with NaN before each run so an unwritten element fails.
-Run on the device machine: `python3 -m pytest -q -m gpu tests/test_msda_gpu.py`.
+Run on the device machine: `JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_msda_gpu.py`
+(conftest sets the CPU platform otherwise; the whole file takes ~7 min on an H100).
 """
 
 import jax

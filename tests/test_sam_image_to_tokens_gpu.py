@@ -3,7 +3,7 @@ the generator's size (64 prompts of 64 x 64 x 256 image tokens, 7 tokens, 8 head
 the same update in XLA in float32 (`Attention.image_to_tokens` + residual + LayerNorm, full
 precision): bfloat16 rel err <= 1e-2, with the image tokens shared by the prompts of 2 images
 (the first block) and one map per prompt (the second).  Run on the device:
-`python3 -m pytest -q -m gpu tests/test_sam_image_to_tokens_gpu.py`."""
+`JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_sam_image_to_tokens_gpu.py`."""
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,7 @@ prompts of 64 x 64 x 256 image tokens, 3 masks) against an XLA evaluation of the
 (explicit depth-to-space, exact GELU): bfloat16 rel err <= 1e-2 against the float32 reference,
 with the masks written directly and as planes by the "rows" form, and by the "tensor" form.  (The kernel refuses float32 on the GPU: with
 full-precision Triton products one call did not finish within 100 s.)  Run on the device:
-`python3 -m pytest -q -m gpu tests/test_sam_upscale_gpu.py`."""
+`JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_sam_upscale_gpu.py`."""
 
 import math
 
