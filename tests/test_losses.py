@@ -255,7 +255,7 @@ def test_point_sample_against_torch_grid_sample(shared, dtype):
     pts = rng.uniform(-0.1, 1.1, size=(40, 2) if shared else (5, 40, 2)).astype(np.float32)
     pts[:4] = [[0.0, 0.0], [1.0, 1.0], [0.5, 0.0], [0.0, 0.5]] if shared else pts[:4]
     got = jax.jit(point_sample)(maps, jnp.asarray(pts))
-    m = torch.from_numpy(np.asarray(maps.astype(jnp.float32)))[:, None]
+    m = torch.from_numpy(np.array(maps.astype(jnp.float32)))[:, None]
     grid = torch.from_numpy(np.broadcast_to(pts, (5, 40, 2)).copy())[:, :, None] * 2 - 1
     want = torch.nn.functional.grid_sample(m, grid, mode="bilinear", padding_mode="zeros",
                                            align_corners=False)[:, 0, :, 0].numpy()

@@ -78,7 +78,7 @@ def test_whole_factor_downscale_is_the_matrix_product_bit_for_bit(src, dst, dtyp
     g_want = jax.grad(lambda v: jnp.sum((by_matrices(v) * ct).astype(jnp.float32)))(x)
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_want, np.float32))
     if dtype == "float32":
-        ref = torch.nn.functional.interpolate(torch.as_tensor(np.asarray(x)), size=dst, mode="bilinear",
+        ref = torch.nn.functional.interpolate(torch.as_tensor(np.array(x)), size=dst, mode="bilinear",
                                               align_corners=False)
         assert rel_err(ours, ref.numpy()) <= RTOL["float32"]
 
