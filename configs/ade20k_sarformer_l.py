@@ -16,8 +16,8 @@ def get_config(arg: str | None = None) -> Config:
     # §4.8: D=1024, pixel decoder 32 heads / FFN 4096 / sine 512 feats, decoder 32 heads / 4096
     cfg.model.head = common.mask2former_head(1024, pd_heads=32, pd_ffn=4096, dec_heads=32,
                                              dec_ffn=4096, num_feats=512)
-    # L keeps its pixel decoder scanned, as its backbone: the unrolled layers' GPU compile time
-    # and memory at D = 1024 are not measured (B's are: train run 28)
-    cfg.model.head.pixel_decoder.scan_layers = True
+    # the pixel decoder keeps B's "auto" (scanned on the CPU, unrolled on a GPU): at D = 1024 on
+    # an H100 unrolled is 208.7 -> 186.1 ms a step and 23.9 -> 19.8 GiB, compiling in 228
+    # against 214 s (docs/benchmarks.md, train run 30); the backbone stays scanned (common.py)
     cfg.model.aux_head = common.aux_head(False, 1024)
     return cfg

@@ -1,6 +1,8 @@
 """`layers.column_sum` / `broadcast_param` and the Linear / LayerNorm built on them: the same
 forward values as flax's layers, parameter gradients summed in float32 in two passes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,12 @@ from flax import nnx
 from sarformer_jax.models.layers import LayerNorm, Linear, broadcast_param, column_sum
 
 
+@pytest.mark.parametrize("method", ["auto", "sum", "blocks", "dot"])
 @pytest.mark.parametrize("n", [5, 1023, 1024, 1601, 3202, 8191, 8192, 16800])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_column_sum_against_numpy(n, dtype):
+def test_column_sum_against_numpy(n, dtype, method):
     x = jnp.asarray(np.random.default_rng(n).normal(size=(n, 24)) + 0.5, dtype)
-    got = jax.jit(column_sum)(x)
+    got = jax.jit(functools.partial(column_sum, method=method))(x)
     want = np.asarray(x.astype(jnp.float32), np.float64).sum(0)
     assert got.dtype == jnp.float32 and got.shape == (24,)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
@@ -27,6 +30,29 @@ def test_column_sum_runs_two_passes_behind_a_barrier():
     for n in (100, 16800):  # one pass: too few rows to gain, or XLA splits them itself
         text = jax.jit(column_sum).lower(jnp.zeros((n, 768), jnp.bfloat16)).as_text()
         assert "optimization_barrier" not in text
+
+
+def _lowered(x, method=None):
+    return jax.jit(functools.partial(column_sum, method=method)).lower(x).as_text()
+
+
+def test_column_sum_dot_is_a_product_with_hidden_ones(monkeypatch):
+    bf = jnp.zeros((3202, 768), jnp.bfloat16)
+    text = _lowered(bf, "dot")
+    assert "stablehlo.dot_general" in text and "optimization_barrier" in text
+    assert "stablehlo.reduce" not in text
+    # float32 would be rounded to TF32 by a GPU product: it keeps the two passes
+    text = _lowered(jnp.zeros((3202, 768), jnp.float32), "dot")
+    assert "dot_general" not in text and text.count("stablehlo.reduce") >= 2
+    # the environment picks the method when the caller does not
+    monkeypatch.setenv("SARFORMER_COLUMN_SUM", "dot")
+    assert "stablehlo.dot_general" in _lowered(bf)
+    monkeypatch.setenv("SARFORMER_COLUMN_SUM", "sum")
+    text = _lowered(bf)
+    assert text.count("stablehlo.reduce") == 1 and "optimization_barrier" not in text
+    monkeypatch.setenv("SARFORMER_COLUMN_SUM", "rows")
+    with pytest.raises(ValueError, match="'rows' is not one of"):
+        _lowered(bf)
 
 
 @pytest.mark.parametrize("p_shape", [(24,), (3, 4, 2)])

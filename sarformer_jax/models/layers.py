@@ -7,6 +7,7 @@ Legend: b batch, h w spatial, c channels.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -83,19 +84,39 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
     return x
 
 
-def column_sum(x: jax.Array) -> jax.Array:
-    """float32 sum of `x` [n, c] over its rows, in two passes for long columns.
+COLUMN_SUM_METHODS = ("auto", "sum", "blocks", "dot")
 
-    XLA's GPU emitter runs a column reduction of a few thousand rows (a parameter gradient of
-    the batch's tokens: BEiT-B's [3202, 768]) as one pass with a handful of thread blocks per
-    column tile: 300-430 GB/s (docs/benchmarks.md, train run 17).  Here the rows are summed in
-    ~sqrt(n) blocks first, then the block sums; `optimization_barrier` keeps XLA from merging
-    the two reductions back into one.  Outside [1024, 8192) rows it is one `jnp.sum`: fewer
-    rows gain nothing from a second kernel, and XLA splits longer columns itself (the pixel
-    decoder's 16800 rows) and can fuse the sums that share an operand.  Sums in another order
-    than one pass, so not bit-identical to it."""
+
+def column_sum(x: jax.Array, method: str | None = None) -> jax.Array:
+    """float32 sum of `x` [n, c] over its rows.
+
+    Methods (`method`, else the environment's `SARFORMER_COLUMN_SUM`, else "auto"):
+    - "sum": one `jnp.sum` (XLA's column reduction);
+    - "blocks": two passes for long columns.  XLA's GPU emitter runs a column reduction of a
+      few thousand rows (a parameter gradient of the batch's tokens: BEiT-B's [3202, 768]) as
+      one pass with a handful of thread blocks per column tile: 300-430 GB/s
+      (docs/benchmarks.md, train run 17).  Here the rows are summed in ~sqrt(n) blocks first,
+      then the block sums; `optimization_barrier` keeps XLA from merging the two reductions
+      back into one.  Outside [1024, 8192) rows it is one `jnp.sum`: fewer rows gain nothing
+      from a second kernel, and XLA splits longer columns itself (the pixel decoder's 16800
+      rows) and can fuse the sums that share an operand;
+    - "dot": for 16-bit `x`, a matrix product with a [16, n] block of ones (row 0 kept), so a
+      GEMM library reads `x` once with its split-K machinery and accumulates in float32; every
+      product is exact (x times 1), so it is a float32 sum in another order.  The ones pass
+      an `optimization_barrier` so that XLA does not turn the product back into a reduction.
+      float32 `x` falls back to "blocks" (a GPU product would round it to TF32).  Alone it
+      reads a BEiT-B layer's ten sums 21 % faster than "blocks", but the SARFormer-B step was
+      2.2 ms slower with it on an H100 (docs/benchmarks.md, column sums run 1, train run 31);
+    - "auto": "blocks".
+    The methods sum in different orders, so they are not bit-identical to one another."""
+    method = method or os.environ.get("SARFORMER_COLUMN_SUM") or "auto"
+    if method not in COLUMN_SUM_METHODS:
+        raise ValueError(f"column_sum: method {method!r} is not one of {COLUMN_SUM_METHODS}")
     n, c = x.shape
-    if not 1024 <= n < 8192:
+    if method == "dot" and jnp.dtype(x.dtype).itemsize == 2 and n >= 1024:
+        ones = jax.lax.optimization_barrier(jnp.ones((16, n), x.dtype))
+        return jnp.dot(ones, x, preferred_element_type=jnp.float32)[0]
+    if method == "sum" or not 1024 <= n < 8192:
         return jnp.sum(x.astype(jnp.float32), axis=0)
     rows = _round_up(int(np.ceil(np.sqrt(n))), 8)
     blocks = -(-n // rows)
