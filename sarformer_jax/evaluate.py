@@ -10,6 +10,10 @@ applies to them exactly as to the image; detector boxes (`guidance.source="boxes
 same way, as one raster channel per box, and each window reads its boxes back from them.
 Evaluation is deterministic by default: each image's
 proposal slots come from a fixed key (`guidance.deterministic_eval`).
+
+On several devices, slide evaluation without TTA runs the windows of consecutive images in
+batches split over the devices (`parallel_predictions`, `eval.parallel`); otherwise one image's
+windows go at a time, and a call's windows are copied to every device of the mesh.
 """
 
 from __future__ import annotations
@@ -221,6 +225,113 @@ def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: i
     return np.asarray(scores[0])
 
 
+def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | None:
+    """None when `parallel_predictions` applies (`eval.parallel`, default "auto"), else why not.
+
+    The parallel path runs the windows of consecutive images together, split over every device
+    of the mesh, instead of one image's windows at a time with each call's windows copied to
+    every device.  It needs slide mode without multi-scale / flip (every window has the crop's
+    size), one process, and a window computation that does not depend on the image's key:
+    deterministic evaluation, or no proposals at all.  Detector boxes and the original's stale
+    SAM embedding (`seed_compat`) keep the per-image path.  `eval.parallel=True` makes any of
+    these an error; False always takes the per-image path."""
+    flag = cfg.eval.get("parallel", "auto")
+    if flag not in ("auto", True, False):
+        raise ValueError(f"eval.parallel must be auto, True or False, got {flag!r}")
+    if flag is False:
+        return "eval.parallel=False"
+    reason = None
+    if mode != "slide":
+        reason = f"mode {mode!r} (needs 'slide')"
+    elif aug_test:
+        reason = "multi-scale / flip test (aug_test)"
+    elif jax.process_count() > 1:
+        reason = f"{jax.process_count()} processes (one needed)"
+    elif cfg.guidance.source == "boxes" and uses_sam(cfg):
+        reason = "guidance.source='boxes'"
+    elif uses_sam(cfg) and cfg.guidance.seed_compat:
+        reason = "guidance.seed_compat (the stale embedding of the first window)"
+    elif (uses_sam(cfg) or cfg.model.head.query_init == "sam_pooling") and not bool(
+            cfg.guidance.get("deterministic_eval", True)):
+        reason = "guidance.deterministic_eval=False (each image's own key)"
+    elif trainer.mesh.size == 1 and flag == "auto":
+        reason = "one device"
+    if reason and flag is True:
+        raise ValueError(f"eval.parallel=True, but the parallel evaluation cannot run here: {reason}")
+    return reason
+
+
+def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *,
+                         with_proposals: bool, labels: bool = True):
+    """Yields (label [H0, W0], prediction) per record, in order: the argmax class map (int32),
+    or with `labels=False` the class scores [H0, W0, K] float32.  The same per-image results as
+    `predict_scores` in slide mode without TTA, computed differently: the windows of consecutive
+    images are queued and run `per_call` at a time (`eval.batch_size` rounded up to a multiple
+    of the mesh's devices), split over the devices (`sharding.batch_sharding`); the last call is
+    padded with zero windows.  Each image's outputs are then merged, resized and reduced on the
+    first device.  See `parallel_refusal` for when it applies."""
+    import collections
+
+    from sarformer_jax.data.pipeline import eval_preprocess
+    from sarformer_jax.models.layers import resize_bilinear
+    from sarformer_jax.sharding import batch_sharding
+
+    ev = cfg.eval
+    n_dev = mesh.size
+    per_call = -(-max(int(ev.batch_size), n_dev) // n_dev) * n_dev
+    sharding = batch_sharding(mesh)
+    first = mesh.devices.flat[0]
+    key = inference.eval_key(int(cfg.train.seed), 0)  # unused: see parallel_refusal
+    q = int(cfg.model.head.num_queries)
+    queued, outs = [], []  # windows not run yet; outputs not merged yet (device arrays)
+    images = collections.deque()  # (label, layout, original size, windows) in order
+
+    def run_calls(final: bool):
+        nonlocal queued
+        waiting = sum(w.shape[0] for w in queued)
+        while waiting >= per_call or (final and waiting):
+            allw = jnp.concatenate(queued) if len(queued) > 1 else queued[0]
+            chunk, rest = allw[:per_call], allw[per_call:]
+            real = chunk.shape[0]
+            if real < per_call:
+                chunk = jnp.pad(chunk, ((0, per_call - real), (0, 0), (0, 0), (0, 0)))
+            out = window_fn(params, stats, jax.device_put(chunk, sharding), key)
+            outs.append(jax.device_put(out, first)[:real])
+            queued = [rest] if rest.shape[0] else []
+            waiting = rest.shape[0]
+
+    def finished():
+        nonlocal outs
+        done = sum(o.shape[0] for o in outs)
+        while images and images[0][3] <= done:
+            label, layout, size, n = images.popleft()
+            allo = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+            mine, rest = allo[:n], allo[n:]
+            outs = [rest] if rest.shape[0] else []
+            done -= n
+            scores = resize_bilinear(inference.slide_join(mine, layout), size)[0]
+            if labels:
+                yield label, np.asarray(jnp.argmax(scores, axis=-1).astype(jnp.int32))
+            else:
+                yield label, np.asarray(scores)
+
+    for record in records:
+        image = record["image"]
+        with jax.default_device(first):
+            x = jnp.asarray(eval_preprocess(image, cfg))  # [h, w, 3], at the eval scale
+            if with_proposals:
+                props = proposal_channels_on_device(record, x.shape[:2], q)
+                x = jnp.concatenate([x, props.astype(x.dtype)], -1)
+            crops, layout = inference.slide_split(x[None].astype(jnp.float32), tuple(ev.crop_size),
+                                                  tuple(ev.stride))
+        queued.append(crops)
+        images.append((record["label"], layout, image.shape[:2], crops.shape[0]))
+        run_calls(final=False)
+        yield from finished()
+    run_calls(final=True)
+    yield from finished()
+
+
 def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
                    mode: str | None = None, aug_test: bool | None = None,
                    split: str = "validation", dataset=None) -> dict[str, Any]:
@@ -239,11 +350,18 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
     from tqdm.auto import tqdm
 
     n = 0
-    for i, record in enumerate(tqdm(dataset, desc="eval", unit="img", disable=not progress)):
-        pred = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
-                              aug_test=aug_test, with_proposals=with_proposals, labels=True)
-        acc.update(pred, record["label"])
-        n += 1
+    records = tqdm(dataset, desc="eval", unit="img", disable=not progress)
+    if parallel_refusal(cfg, trainer, mode, aug_test) is None:
+        for label, pred in parallel_predictions(cfg, window_fn, params, stats, records,
+                                                trainer.mesh, with_proposals=with_proposals):
+            acc.update(pred, label)
+            n += 1
+    else:
+        for i, record in enumerate(records):
+            pred = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
+                                  aug_test=aug_test, with_proposals=with_proposals, labels=True)
+            acc.update(pred, record["label"])
+            n += 1
     results = acc.compute()
     results["num_images"] = n
     results["skipped"] = int(getattr(dataset, "skipped", 0))

@@ -117,17 +117,32 @@ def slide_inference(prob_fn: ProbFn, image: jax.Array, crop: int | Sequence[int]
     Returns:
       [B, H, W, K] float32: window outputs averaged by the per-pixel window count.
     """
+    crops, layout = slide_split(image, crop, stride, pad_value=pad_value, pad_to_crop=pad_to_crop)
+    out = _run_windows(prob_fn, crops, window_batch)
+    if out.shape[-1] != num_classes or out.shape[1:3] != crops.shape[1:3]:
+        raise ValueError(f"slide_inference: prob_fn returned {out.shape} for windows "
+                         f"{crops.shape[1:]}, expected K={num_classes} channels")
+    return slide_join(out, layout)
+
+
+def slide_split(image: jax.Array, crop: int | Sequence[int], stride: int | Sequence[int], *,
+                pad_value: float = 0.0, pad_to_crop: bool = True) -> tuple[jax.Array, tuple]:
+    """The windows of `slide_inference`: image [B, H, W, C] -> (crops [B * n, ch, cw, C], layout),
+    image-major.  `slide_join(outputs of the crops, layout)` is `slide_inference`'s result, so
+    a caller may run the crops of several images in one batch (`evaluate`'s parallel path)."""
     _, h, w, _ = image.shape
     ch, cw = _pair(crop)
     boxes = tuple(map(tuple, slide_windows(h, w, (ch, cw), stride).tolist()))
     wh, ww = min(ch, h), min(cw, w)  # every window has this size
     pad = (ch - wh, cw - ww) if pad_to_crop else (0, 0)
-    crops = _gather_windows(image, boxes, pad, pad_value)  # [b * n, ch, cw, 3]
-    out = _run_windows(prob_fn, crops, window_batch)
-    if out.shape[-1] != num_classes or out.shape[1:3] != crops.shape[1:3]:
-        raise ValueError(f"slide_inference: prob_fn returned {out.shape} for windows "
-                         f"{crops.shape[1:]}, expected K={num_classes} channels")
-    return _merge_windows(out, boxes, (h, w))
+    return _gather_windows(image, boxes, pad, pad_value), (boxes, (h, w))
+
+
+def slide_join(out: jax.Array, layout: tuple) -> jax.Array:
+    """Window outputs [B * n, ch, cw, K] of `slide_split`'s crops -> [B, H, W, K] float32,
+    averaged by the per-pixel window count."""
+    boxes, size = layout
+    return _merge_windows(out, boxes, size)
 
 
 # The gather and merge are jitted on their own (boxes static) so that eager callers run two
