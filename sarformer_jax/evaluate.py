@@ -229,9 +229,10 @@ def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | N
     """None when `parallel_predictions` applies (`eval.parallel`, default "auto"), else why not.
 
     The parallel path runs the windows of consecutive images together, split over every device
-    of the mesh, instead of one image's windows at a time with each call's windows copied to
-    every device.  It needs slide mode without multi-scale / flip (every window has the crop's
-    size), one process, and a window computation that does not depend on the image's key:
+    of the mesh (with several processes, each process's own images on its own devices), instead
+    of one image's windows at a time with each call's windows copied to every device (and every
+    process evaluating every image).  It needs slide mode without multi-scale / flip (every
+    window has the crop's size) and a window computation that does not depend on the image's key:
     deterministic evaluation, or no proposals at all.  Detector boxes and the original's stale
     SAM embedding (`seed_compat`) keep the per-image path.  `eval.parallel=True` makes any of
     these an error; False always takes the per-image path."""
@@ -245,8 +246,6 @@ def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | N
         reason = f"mode {mode!r} (needs 'slide')"
     elif aug_test:
         reason = "multi-scale / flip test (aug_test)"
-    elif jax.process_count() > 1:
-        reason = f"{jax.process_count()} processes (one needed)"
     elif cfg.guidance.source == "boxes" and uses_sam(cfg):
         reason = "guidance.source='boxes'"
     elif uses_sam(cfg) and cfg.guidance.seed_compat:
@@ -267,9 +266,14 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
     or with `labels=False` the class scores [H0, W0, K] float32.  The same per-image results as
     `predict_scores` in slide mode without TTA, computed differently: the windows of consecutive
     images are queued and run `per_call` at a time (`eval.batch_size` rounded up to a multiple
-    of the mesh's devices), split over the devices (`sharding.batch_sharding`); the last call is
-    padded with zero windows.  Each image's outputs are then merged, resized and reduced on the
-    first device.  See `parallel_refusal` for when it applies."""
+    of the mesh's devices), split over the devices (`sharding.batch_sharding`); a call short of
+    windows is padded with zero windows.  Each image's outputs are then merged, resized and
+    reduced on this process's first device of the mesh.
+
+    Several processes: each passes its own records (`evaluate_state` deals them round robin)
+    and fills the rows of each call that its own devices hold; before every call the processes
+    agree (one small all-gather) whether any of them has windows left, so that all run the same
+    number of calls.  See `parallel_refusal` for when this path applies."""
     import collections
 
     from sarformer_jax.data.pipeline import eval_preprocess
@@ -280,25 +284,24 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
     n_dev = mesh.size
     per_call = -(-max(int(ev.batch_size), n_dev) // n_dev) * n_dev
     sharding = batch_sharding(mesh)
-    first = mesh.devices.flat[0]
+    first = mesh.local_devices[0]
     key = inference.eval_key(int(cfg.train.seed), 0)  # unused: see parallel_refusal
     q = int(cfg.model.head.num_queries)
     queued, outs = [], []  # windows not run yet; outputs not merged yet (device arrays)
     images = collections.deque()  # (label, layout, original size, windows) in order
+    records = iter(records)
+    exhausted = False
+    local_rows = mine_rows = None  # this process's row ranges of a call, and how many
 
-    def run_calls(final: bool):
-        nonlocal queued
-        waiting = sum(w.shape[0] for w in queued)
-        while waiting >= per_call or (final and waiting):
-            allw = jnp.concatenate(queued) if len(queued) > 1 else queued[0]
-            chunk, rest = allw[:per_call], allw[per_call:]
-            real = chunk.shape[0]
-            if real < per_call:
-                chunk = jnp.pad(chunk, ((0, per_call - real), (0, 0), (0, 0), (0, 0)))
-            out = window_fn(params, stats, jax.device_put(chunk, sharding), key)
-            outs.append(jax.device_put(out, first)[:real])
-            queued = [rest] if rest.shape[0] else []
-            waiting = rest.shape[0]
+    def call(chunk, global_shape):
+        """Places this process's `chunk` (its rows of the call, in row order) and runs the
+        window function; returns this process's rows of the output, on `first`."""
+        pieces = [jax.device_put(chunk[lo:lo + (b - a)], d) for d, (a, b), lo in local_rows]
+        windows = jax.make_array_from_single_device_arrays(global_shape, sharding, pieces)
+        out = window_fn(params, stats, windows, key)
+        shards = sorted(out.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+        parts = [jax.device_put(sh.data, first) for sh in shards]
+        return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def finished():
         nonlocal outs
@@ -315,21 +318,108 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
             else:
                 yield label, np.asarray(scores)
 
-    for record in records:
-        image = record["image"]
+    while True:
+        waiting = sum(w.shape[0] for w in queued)
+        need = per_call if mine_rows is None else mine_rows
+        while waiting < need and not exhausted:
+            record = next(records, None)
+            if record is None:
+                exhausted = True
+                break
+            image = record["image"]
+            with jax.default_device(first):
+                x = jnp.asarray(eval_preprocess(image, cfg))  # [h, w, 3], at the eval scale
+                if with_proposals:
+                    props = proposal_channels_on_device(record, x.shape[:2], q)
+                    x = jnp.concatenate([x, props.astype(x.dtype)], -1)
+                crops, layout = inference.slide_split(x[None].astype(jnp.float32),
+                                                      tuple(ev.crop_size), tuple(ev.stride))
+            queued.append(crops)
+            images.append((record["label"], layout, image.shape[:2], crops.shape[0]))
+            waiting += crops.shape[0]
+        if local_rows is None:
+            if not queued:  # nothing to learn the window shape from (no record here)
+                shape = None
+            else:
+                shape = (per_call,) + tuple(queued[0].shape[1:])
+            shape = _agree_on_shape(shape)
+            if shape is None:
+                return
+            global_shape = shape
+            local_rows, mine_rows = _local_rows(sharding, global_shape)
+            need = mine_rows
+            continue  # fill up to this process's share before the first call
+        if _any_process(waiting > 0) is False:
+            break
+        allw = (jnp.concatenate(queued) if len(queued) > 1 else queued[0]) if queued else None
         with jax.default_device(first):
-            x = jnp.asarray(eval_preprocess(image, cfg))  # [h, w, 3], at the eval scale
-            if with_proposals:
-                props = proposal_channels_on_device(record, x.shape[:2], q)
-                x = jnp.concatenate([x, props.astype(x.dtype)], -1)
-            crops, layout = inference.slide_split(x[None].astype(jnp.float32), tuple(ev.crop_size),
-                                                  tuple(ev.stride))
-        queued.append(crops)
-        images.append((record["label"], layout, image.shape[:2], crops.shape[0]))
-        run_calls(final=False)
+            if allw is None:
+                allw = jnp.zeros((0,) + global_shape[1:], jnp.float32)
+            chunk, rest = allw[:mine_rows], allw[mine_rows:]
+            real = chunk.shape[0]
+            if real < mine_rows:
+                chunk = jnp.pad(chunk, ((0, mine_rows - real), (0, 0), (0, 0), (0, 0)))
+        outs.append(call(chunk, global_shape)[:real])
+        queued = [rest] if rest.shape[0] else []
         yield from finished()
-    run_calls(final=True)
     yield from finished()
+
+
+def _local_rows(sharding, global_shape):
+    """([(device, (first row, end row), row in this process's chunk)], rows this process holds)
+    of a batch-sharded [N, ...] call, in row order."""
+    index_map = sharding.addressable_devices_indices_map(global_shape)
+    spans = sorted(((idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_shape[0]), d)
+                   for d, idx in index_map.items())
+    rows, lo = [], 0
+    for (a, b), d in spans:
+        rows.append((d, (a, b), lo))
+        lo += b - a
+    return rows, lo
+
+
+def _any_process(flag: bool) -> bool:
+    """True when `flag` holds in any process (an all-gather when there are several)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
+def _agree_on_shape(shape):
+    """The window batch shape every process will use: this process's, or, when it has no
+    record, another's (all processes' shapes are the same: crop size and channels come from
+    the config).  None when no process has any window."""
+    if jax.process_count() == 1:
+        return shape
+    from jax.experimental import multihost_utils
+
+    mine = np.asarray(shape if shape is not None else (0, 0, 0, 0), np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 4)
+    have = [tuple(int(v) for v in s) for s in every if s[0] > 0]
+    if not have:
+        return None
+    if len(set(have)) > 1:
+        raise ValueError(f"parallel evaluation: the processes' window batches differ: {sorted(set(have))}")
+    return have[0]
+
+
+def sum_over_processes(totals: np.ndarray) -> np.ndarray:
+    """int64 array summed over the processes (exact: sent as three 21-bit int32 limbs, since
+    jax without x64 would cast int64 to int32)."""
+    if jax.process_count() == 1:
+        return totals
+    from jax.experimental import multihost_utils
+
+    t = np.asarray(totals, np.int64)
+    if (t < 0).any() or (t >= 2 ** 62).any():
+        raise ValueError("sum_over_processes: totals must lie in [0, 2**62)")
+    mask = (1 << 21) - 1
+    limbs = np.stack([(t >> 42) & mask, (t >> 21) & mask, t & mask]).astype(np.int32)
+    every = np.asarray(multihost_utils.process_allgather(limbs)).astype(np.int64)
+    every = every.reshape((jax.process_count(),) + limbs.shape).sum(0)
+    return (every[0] << 42) + (every[1] << 21) + every[2]
 
 
 def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
@@ -350,8 +440,17 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
     from tqdm.auto import tqdm
 
     n = 0
-    records = tqdm(dataset, desc="eval", unit="img", disable=not progress)
-    if parallel_refusal(cfg, trainer, mode, aug_test) is None:
+    procs, me = jax.process_count(), jax.process_index()
+    parallel = parallel_refusal(cfg, trainer, mode, aug_test) is None
+    if parallel and procs > 1:  # each process its own images, round robin
+        mine = range(me, len(dataset), procs)
+        records = (dataset.iter_indices(mine) if hasattr(dataset, "iter_indices")
+                   else (dataset[i] for i in mine))
+        records = tqdm(records, desc="eval", unit="img", total=len(mine),
+                       disable=not progress or me != 0)
+    else:
+        records = tqdm(dataset, desc="eval", unit="img", disable=not progress)
+    if parallel:
         for label, pred in parallel_predictions(cfg, window_fn, params, stats, records,
                                                 trainer.mesh, with_proposals=with_proposals):
             acc.update(pred, label)
@@ -362,9 +461,13 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
                                   aug_test=aug_test, with_proposals=with_proposals, labels=True)
             acc.update(pred, record["label"])
             n += 1
+    skipped = int(getattr(dataset, "skipped", 0))
+    if parallel and procs > 1:  # every process counted its own images
+        acc.totals = sum_over_processes(acc.totals)
+        n, skipped = (int(v) for v in sum_over_processes(np.asarray([n, skipped], np.int64)))
     results = acc.compute()
     results["num_images"] = n
-    results["skipped"] = int(getattr(dataset, "skipped", 0))
+    results["skipped"] = skipped
     return results
 
 

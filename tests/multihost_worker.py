@@ -5,7 +5,9 @@ argv: data_root out_dir.  Through `initialize_distributed`, as `sarformer train`
 0. `put_on_mesh` of host values (a typed key, an array, a scalar) onto the 4-device mesh;
 1. one train step of the global first batch (each process feeds its half of the rows) on a
    2 (data) x 2 (fsdp) mesh that spans both processes; process 0 writes the parameters;
-2. the training loop: 2 steps with a checkpoint, stopped, then resumed to 3."""
+2. slide evaluation with each process's images on its own devices equals every process
+   evaluating every image;
+3. the training loop: 2 steps with a checkpoint, stopped, then resumed to 3."""
 
 import os
 import sys
@@ -57,6 +59,24 @@ loss = float(np.asarray(multihost_utils.process_allgather(metrics["loss"], tiled
              .reshape(-1)[0])
 if pid == 0:
     np.savez(os.path.join(out, "step.npz"), loss=loss, *params)
+
+# slide evaluation: each process its own images on its own devices (parallel path), against
+# every process evaluating every image one at a time; totals summed exactly over processes
+from sarformer_jax.evaluate import evaluate_state, parallel_refusal, sum_over_processes  # noqa: E402
+
+big = np.asarray([[2 ** 40 + pid, 7], [3, 2 ** 61 - 1 + pid]], np.int64)
+assert np.array_equal(sum_over_processes(big), [[2 ** 41 + 1, 14], [6, 2 ** 62 - 1]])
+ev_cfg = micro_config(root=root, **{"eval.mode": "slide", "eval.batch_size": 2})
+ev_trainer, ev_state = create_trainer(ev_cfg)
+assert parallel_refusal(ev_cfg, ev_trainer, "slide", False) is None
+par = evaluate_state(ev_cfg, ev_trainer, ev_state, progress=False)
+seq_cfg = ev_cfg.copy()
+seq_cfg.eval.parallel = False
+seq = evaluate_state(seq_cfg, ev_trainer, ev_state, progress=False)
+assert par["num_images"] == seq["num_images"] == 2, (par["num_images"], seq["num_images"])
+for k in ("area_intersect", "area_union", "area_pred", "area_label"):
+    assert np.array_equal(par[k], seq[k]), (k, par[k], seq[k])
+print(f"process {pid}: eval mIoU parallel {par['mIoU']:.6f} per-image {seq['mIoU']:.6f}", flush=True)
 
 loop = micro_config(root=root, **{"train.num_steps": 3, "train.ckpt_every": 2})
 first = train(loop, os.path.join(out, "run"), progress=False, stop_after=2)

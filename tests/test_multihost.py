@@ -1,8 +1,9 @@
 """Multi-host training on the CPU: two processes of 2 devices each, joined through
 `initialize_distributed` (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, gloo
 collectives), as `sarformer train` joins a cluster.  One step on a mesh spanning both processes,
-each feeding half of the global batch, equals the one-device step; the training loop saves,
-stops and resumes on both processes (tests/multihost_worker.py)."""
+each feeding half of the global batch, equals the one-device step; slide evaluation with each
+process's images on its own devices gives the totals of every process evaluating every image;
+the training loop saves, stops and resumes on both processes (tests/multihost_worker.py)."""
 
 import os
 import re
@@ -44,6 +45,7 @@ def test_two_processes_step_equals_one_device_and_loop_resumes(data_root, tmp_pa
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
         assert f"process {i}: steps 2 then 3" in out, out[-2000:]
+        assert f"process {i}: eval mIoU parallel" in out, out[-2000:]
         # the first process logs and writes the run's files; the other stays quiet
         assert ("resumed from" in out) == (i == 0) and ("step      3  loss" in out) == (i == 0)
     assert len(list((tmp_path / "run" / "tb").iterdir())) == 2  # one event file per invocation

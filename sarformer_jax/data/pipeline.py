@@ -388,7 +388,12 @@ class EvalDataset:
         return record
 
     def __iter__(self) -> Iterator[dict]:
-        for i in range(len(self)):
+        return self.iter_indices(range(len(self)))
+
+    def iter_indices(self, indices) -> Iterator[dict]:
+        """The records at `indices`, in order, with `data.on_error` as in iteration (a process's
+        share of a split in multi-process evaluation)."""
+        for i in indices:
             try:
                 yield self[i]
             except DataError as e:
