@@ -231,7 +231,9 @@ def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | N
     The parallel path runs the windows of consecutive images together, split over every device
     of the mesh (with several processes, each process's own images on its own devices), instead
     of one image's windows at a time with each call's windows copied to every device (and every
-    process evaluating every image).  It needs slide mode without multi-scale / flip (every
+    process evaluating every image); and it takes an image's result to the host only after the
+    next image's work is queued, where the per-image path waits for each image.  On one device
+    with `eval.batch_size` 1 it runs the per-image path's programs, in another order.  It needs slide mode without multi-scale / flip (every
     window has the crop's size) and a window computation that does not depend on the image's key:
     deterministic evaluation, or no proposals at all.  Detector boxes and the original's stale
     SAM embedding (`seed_compat`) keep the per-image path.  `eval.parallel=True` makes any of
@@ -253,8 +255,6 @@ def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | N
     elif (uses_sam(cfg) or cfg.model.head.query_init == "sam_pooling") and not bool(
             cfg.guidance.get("deterministic_eval", True)):
         reason = "guidance.deterministic_eval=False (each image's own key)"
-    elif trainer.mesh.size == 1 and flag == "auto":
-        reason = "one device"
     if reason and flag is True:
         raise ValueError(f"eval.parallel=True, but the parallel evaluation cannot run here: {reason}")
     return reason
@@ -303,7 +303,12 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
         parts = [jax.device_put(sh.data, first) for sh in shards]
         return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def finished():
+    ready = collections.deque()  # (label, device result) of finished images, not yet yielded
+
+    def finished(lag: int = 1):
+        """Merges the images whose windows have all run, then yields all but the last `lag`
+        of them: an image's result goes to the host (which waits for it) only once the next
+        image's work is queued on the device, so host preparation and device work overlap."""
         nonlocal outs
         done = sum(o.shape[0] for o in outs)
         while images and images[0][3] <= done:
@@ -313,10 +318,10 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
             outs = [rest] if rest.shape[0] else []
             done -= n
             scores = resize_bilinear(inference.slide_join(mine, layout), size)[0]
-            if labels:
-                yield label, np.asarray(jnp.argmax(scores, axis=-1).astype(jnp.int32))
-            else:
-                yield label, np.asarray(scores)
+            ready.append((label, jnp.argmax(scores, axis=-1).astype(jnp.int32) if labels else scores))
+        while len(ready) > lag:
+            label, result = ready.popleft()
+            yield label, np.asarray(result)
 
     while True:
         waiting = sum(w.shape[0] for w in queued)
@@ -362,7 +367,7 @@ def parallel_predictions(cfg: Config, window_fn, params, stats, records, mesh, *
         outs.append(call(chunk, global_shape)[:real])
         queued = [rest] if rest.shape[0] else []
         yield from finished()
-    yield from finished()
+    yield from finished(lag=0)
 
 
 def _local_rows(sharding, global_shape):

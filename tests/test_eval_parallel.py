@@ -109,3 +109,33 @@ def test_online_guidance_runs_sam_on_the_sharded_windows(data_root):
     c = cfg.copy()
     c.guidance.seed_compat = True
     assert "seed_compat" in evaluate.parallel_refusal(c, trainer, "slide", False)
+
+
+def test_one_device_takes_the_parallel_path_with_the_same_scores(data_root):
+    """On one device (batch 1) the parallel path runs the per-image path's window programs in
+    another order, and hands each image to the host only once the next one is queued."""
+    cfg = micro_config(root=data_root, **{"eval.mode": "slide"})
+    trainer, state = create_trainer(cfg, devices=jax.devices()[:1])
+    assert evaluate.parallel_refusal(cfg, trainer, "slide", False) is None
+    window_fn = evaluate.cached_window_fn(cfg, trainer, with_proposals=True)
+    params, stats = state["params"], state["batch_stats"]
+    dataset = build_eval_dataset(cfg)
+    handed = []
+
+    def records():
+        for i in range(len(dataset)):
+            handed.append(i)
+            yield dataset[i]
+
+    got = []
+    for label, scores in evaluate.parallel_predictions(cfg, window_fn, params, stats, records(),
+                                                       trainer.mesh, with_proposals=True,
+                                                       labels=False):
+        got.append(scores)
+        if len(got) < len(dataset):  # image i is yielded after image i + 1 was taken
+            assert len(handed) >= len(got) + 1
+    assert len(got) == len(dataset)
+    for i, scores in enumerate(got):
+        want = evaluate.predict_scores(cfg, window_fn, params, stats, dataset[i], i, mode="slide",
+                                       aug_test=False, with_proposals=True)
+        np.testing.assert_array_equal(scores, want)

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("slide", "whole"), default="slide")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--path", default="per_image",
+                        help="comma list of: per_image (`predict_scores`, waiting for each image), "
+                             "parallel (`evaluate.parallel_predictions`: windows of consecutive "
+                             "images over the devices, each result fetched once the next image is "
+                             "queued; timed as the whole stream of images over their number)")
     parser.add_argument("--out", default=None, help="results json")
 
 
@@ -90,6 +95,13 @@ def bench_model(model: str, args) -> dict:
                jax=jax.__version__, date=datetime.date.today().isoformat(), mode=args.mode,
                dtype=args.dtype, window_batch=int(cfg.eval.batch_size), init_s=init_s,
                sizes=args.sizes, per_size={})
+    paths = _paths(args.path)
+    if "parallel" in paths:
+        res["parallel"] = bench_parallel(model, args, cfg, trainer, state, window_fn, cached,
+                                         records, sizes)
+    if "per_image" not in paths:
+        res["images_per_s"] = res["parallel"]["images_per_s"]
+        return res
     total_t, total_n = 0.0, 0
     i = 0
     for size in sizes:
@@ -116,9 +128,45 @@ def bench_model(model: str, args) -> dict:
     return res
 
 
+def bench_parallel(model: str, args, cfg, trainer, state, window_fn, cached, records, sizes) -> dict:
+    """The same images through `parallel_predictions`: the warm-up image of each size first
+    (compiles), then all timed images as one stream."""
+    from sarformer_jax.evaluate import parallel_predictions, parallel_refusal
+
+    refusal = parallel_refusal(cfg, trainer, args.mode, False)
+    if refusal:
+        raise ValueError(f"the parallel path does not apply: {refusal}")
+    n = args.images + 1
+    warm = [records[i * n] for i in range(len(sizes))]
+    timed = [r for i in range(len(sizes)) for r in records[i * n + 1:(i + 1) * n]]
+
+    def stream(recs):
+        return sum(1 for _ in parallel_predictions(cfg, window_fn, state["params"],
+                                                   state["batch_stats"], recs, trainer.mesh,
+                                                   with_proposals=cached))
+
+    t0 = time.perf_counter()
+    stream(warm)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    count = stream(timed)
+    total = time.perf_counter() - t0
+    print(f"[{model} parallel] first images (compile) {first:.1f} s, then {total / count * 1e3:.1f} "
+          f"ms/image over {count} images ({count / total:.2f} img/s)", flush=True)
+    return dict(first_s=first, mean_s=total / count, images_per_s=count / total, images=count)
+
+
+def _paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if set(paths) - {"per_image", "parallel"} or not paths:
+        raise ValueError(f"--path {text!r}: choose from per_image, parallel")
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
+    _paths(args.path)
     results = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         if model not in MODELS:
@@ -136,8 +184,14 @@ def run(args: argparse.Namespace) -> int:
         if r.get("failed"):
             print(f"| {r['model']} | FAILED: {r['error']} |")
             continue
-        cells = " | ".join(f"{v['median_s'] * 1e3:.1f}" for v in r["per_size"].values())
-        print(f"| {r['model']} | {cells} | {r['images_per_s']:.2f} |")
+        if r["per_size"]:
+            cells = " | ".join(f"{v['median_s'] * 1e3:.1f}" for v in r["per_size"].values())
+            print(f"| {r['model']} | {cells} | {r['images_per_s']:.2f} |")
+        if "parallel" in r:
+            p = r["parallel"]
+            cells = " | ".join(["(stream)"] * len(args.sizes.split(",")))
+            print(f"| {r['model']}, parallel path ({p['mean_s'] * 1e3:.1f} ms/img) | {cells} | "
+                  f"{p['images_per_s']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
