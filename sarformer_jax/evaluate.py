@@ -178,9 +178,10 @@ def _resize_packed(packed, ys, xs, width, q):
 
 def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: int, *,
                    mode: str, aug_test: bool, with_proposals: bool,
-                   labels: bool = False) -> np.ndarray:
+                   labels: bool = False, to_host: bool = True) -> np.ndarray:
     """Class scores [H0, W0, K] float32 for one record (original size), or with `labels` their
-    argmax [H0, W0] int32 taken on the device (a K-times smaller transfer to the host)."""
+    argmax [H0, W0] int32 taken on the device (a K-times smaller transfer to the host).
+    `to_host=False` returns the device array without waiting for it."""
     from sarformer_jax.data.pipeline import eval_preprocess
 
     image = record["image"]
@@ -220,9 +221,8 @@ def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: i
                                          mode=mode, crop=tuple(ev.crop_size),
                                          stride=tuple(ev.stride), out_size=(h0, w0),
                                          window_batch=int(ev.batch_size))
-    if labels:
-        return np.asarray(jnp.argmax(scores[0], axis=-1).astype(jnp.int32))
-    return np.asarray(scores[0])
+    out = jnp.argmax(scores[0], axis=-1).astype(jnp.int32) if labels else scores[0]
+    return np.asarray(out) if to_host else out
 
 
 def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | None:
@@ -461,11 +461,17 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
             acc.update(pred, label)
             n += 1
     else:
+        pending = None  # the previous image's labels, still on the device
         for i, record in enumerate(records):
             pred = predict_scores(cfg, window_fn, params, stats, record, i, mode=mode,
-                                  aug_test=aug_test, with_proposals=with_proposals, labels=True)
-            acc.update(pred, record["label"])
+                                  aug_test=aug_test, with_proposals=with_proposals, labels=True,
+                                  to_host=False)
+            if pending is not None:  # fetched once this image's work is queued
+                acc.update(np.asarray(pending[0]), pending[1])
+            pending = (pred, record["label"])
             n += 1
+        if pending is not None:
+            acc.update(np.asarray(pending[0]), pending[1])
     skipped = int(getattr(dataset, "skipped", 0))
     if parallel and procs > 1:  # every process counted its own images
         acc.totals = sum_over_processes(acc.totals)
