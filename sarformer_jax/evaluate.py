@@ -11,9 +11,10 @@ same way, as one raster channel per box, and each window reads its boxes back fr
 Evaluation is deterministic by default: each image's
 proposal slots come from a fixed key (`guidance.deterministic_eval`).
 
-On several devices, slide evaluation without TTA runs the windows of consecutive images in
-batches split over the devices (`parallel_predictions`, `eval.parallel`); otherwise one image's
-windows go at a time, and a call's windows are copied to every device of the mesh.
+Slide evaluation without TTA runs the windows of consecutive images in batches split over the
+mesh's devices (`parallel_predictions`, `eval.parallel`); otherwise one image's windows go at a
+time, and a call's windows are copied to every device of the mesh.  Either way an image's labels
+go to the host only once the next image's work is queued, so host and device work overlap.
 """
 
 from __future__ import annotations
@@ -232,9 +233,9 @@ def parallel_refusal(cfg: Config, trainer, mode: str, aug_test: bool) -> str | N
     of the mesh (with several processes, each process's own images on its own devices), instead
     of one image's windows at a time with each call's windows copied to every device (and every
     process evaluating every image); and it takes an image's result to the host only after the
-    next image's work is queued, where the per-image path waits for each image.  On one device
-    with `eval.batch_size` 1 it runs the per-image path's programs, in another order.  It needs slide mode without multi-scale / flip (every
-    window has the crop's size) and a window computation that does not depend on the image's key:
+    next image's work is queued.  On one device with `eval.batch_size` 1 it runs the per-image
+    path's programs.  It needs slide mode without multi-scale / flip (every window has the
+    crop's size) and a window computation that does not depend on the image's key:
     deterministic evaluation, or no proposals at all.  Detector boxes and the original's stale
     SAM embedding (`seed_compat`) keep the per-image path.  `eval.parallel=True` makes any of
     these an error; False always takes the per-image path."""
