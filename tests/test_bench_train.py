@@ -1,8 +1,10 @@
 """`sarformer bench train` pieces that run on the CPU: its batch is in the loader's format, and
 its table carries both the blocking and the pipelined step time.  (Speed is never asserted.)"""
 
-import pytest
+import argparse
+
 import numpy as np
+import pytest
 
 from sarformer_jax.benchmarks import train as bench_train
 from sarformer_jax.config import load_config
@@ -61,6 +63,16 @@ def test_variant_specs():
     assert argv[argv.index("--tag") + 1] == "sarformer@cmdbuf"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == ["train.seed=1"] + sets
     assert argv[argv.index("--sync-names") + 1] == "sarformer@cmdbuf,sarformer@base"
+
+
+def test_variants_compile_in_waves():
+    jobs = list("abcde")
+    assert bench_train.waves(jobs, 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert bench_train.waves(jobs, 0) == [jobs] == bench_train.waves(jobs, -1)
+    assert bench_train.waves(jobs, 9) == [jobs]
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    assert parser.parse_args([]).compile_at_once == 2
 
 
 def test_lower_only_counts_unrolled_layers():
