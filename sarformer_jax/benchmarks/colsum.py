@@ -2,8 +2,8 @@
 
 Every bias, LayerNorm scale and layer scale applied to all tokens of a batch gets its gradient
 as a float32 sum over the tokens of a bf16 [n, c] cotangent (`layers.column_sum`).  In the
-SARFormer-B step these are a few hundred small reductions (train run 27: ~3.4 ms a step on an
-H100).  This times each method of `column_sum` ("sum", "blocks", "dot") on the step's shapes
+SARFormer-B step these are a few hundred small reductions (the backbone's took ~3.4 ms a step on
+an H200, train run 27).  This times each method of `column_sum` ("sum", "blocks", "dot") on the step's shapes
 (BEiT-B at 640², batch 2: n = 3202 tokens; the adapter's 16800), alone and as one BEiT layer's
 group of sums in one program, and gives the read bandwidth (bytes of x over the time) and the
 largest relative error against the float64 sum of the same values.  PyTorch's
