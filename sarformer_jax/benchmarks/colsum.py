@@ -92,15 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _torch_row(label, xs, nbytes):
-    try:
-        import torch
-        from triton.testing import do_bench
-    except ImportError:
-        print(f"| {label} | torch | (torch/triton not installed) | | |", flush=True)
+    from sarformer_jax.benchmarks.timing import torch_cuda_peer
+
+    peer = torch_cuda_peer()
+    if isinstance(peer, str):
+        print(f"| {label} | torch | ({peer}) | | |", flush=True)
         return
-    if not torch.cuda.is_available():
-        print(f"| {label} | torch | (no CUDA) | | |", flush=True)
-        return
+    torch, do_bench = peer
     xt = [torch.from_numpy(np.array(x.astype(np.float32))).to("cuda", torch.bfloat16) for x in xs]
     fn = functools.partial(lambda ts: [t.sum(0, dtype=torch.float32) for t in ts], xt)
     t = do_bench(fn, rep=200)

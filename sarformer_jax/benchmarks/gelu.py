@@ -98,16 +98,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _torch_row(shape_name, shape, x, nbytes, reps, grad):
-    try:
-        import torch
-        import torch.nn.functional as F
-        from triton.testing import do_bench
-    except ImportError:
-        print(f"| {shape_name} {shape} | torch | (torch/triton not installed) | | | |", flush=True)
+    from sarformer_jax.benchmarks.timing import torch_cuda_peer
+
+    peer = torch_cuda_peer()
+    if isinstance(peer, str):
+        print(f"| {shape_name} {shape} | torch | ({peer}) | | | |", flush=True)
         return
-    if not torch.cuda.is_available():
-        print(f"| {shape_name} {shape} | torch | (no CUDA) | | | |", flush=True)
-        return
+    torch, do_bench = peer
+    import torch.nn.functional as F
     xt = torch.from_numpy(np.array(x.astype(np.float32))).to("cuda", torch.bfloat16)
     t = do_bench(lambda: F.gelu(xt), rep=200)
     tb = ""

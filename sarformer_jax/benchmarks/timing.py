@@ -140,3 +140,16 @@ def add_launch_arguments(parser) -> None:
 def int_list(s: str) -> list[int]:
     """A comma list of integers ("32,64," -> [32, 64])."""
     return [int(a) for a in s.split(",") if a.strip()]
+
+
+def torch_cuda_peer():
+    """`(torch, triton.testing.do_bench)` for timing a PyTorch peer on the GPU, or the reason
+    there is none ("torch/triton not installed", "no CUDA") as a string for the table's row."""
+    try:
+        import torch
+        from triton.testing import do_bench
+    except ImportError:
+        return "torch/triton not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    return torch, do_bench
