@@ -280,7 +280,7 @@ def eval_cfg(crop=(640, 640), stride=(426, 426), scale=(2560, 640)) -> Config:
         scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
         flip=True,
         batch_size=1,  # windows per model call (with several devices, rounded up to a multiple)
-        # slide evaluation without TTA on several devices: consecutive images' windows split
-        # over the devices ("auto"), or one image at a time (False); see evaluate.parallel_refusal
+        # slide evaluation without TTA: consecutive images' windows in shared calls split over
+        # the devices ("auto"), or one image at a time (False); see evaluate.parallel_refusal
         parallel="auto",
     )
