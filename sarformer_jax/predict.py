@@ -90,11 +90,21 @@ def predict_records(cfg: Config, trainer, state, records, out_dir, *, mode=None,
                       and cfg.guidance.source == "cached")
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     paths = []
+    pending = None  # the previous image and its labels, still on the device
+
+    def write(record, label):
+        label = np.asarray(label).astype(np.uint8)
+        paths.append(write_prediction(cfg, record, label, pathlib.Path(out_dir))[1])
+
     for i, record in enumerate(tqdm(records, desc="predict", disable=not progress)):
         label = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], record, i,
                                mode=mode or cfg.eval.mode, aug_test=False,
-                               with_proposals=with_proposals, labels=True).astype(np.uint8)
-        paths.append(write_prediction(cfg, record, label, pathlib.Path(out_dir))[1])
+                               with_proposals=with_proposals, labels=True, to_host=False)
+        if pending is not None:  # written once this image's work is queued on the device
+            write(*pending)
+        pending = (record, label)
+    if pending is not None:
+        write(*pending)
     return paths
 
 
@@ -150,23 +160,26 @@ def run(args: argparse.Namespace) -> int:
         print("error: guidance.source='boxes' needs --boxes DIR (or guidance.boxes_dir)",
               file=sys.stderr)
         return 2
-    records, failed = [], 0
-    for p in map(pathlib.Path, args.images):
-        try:
-            rec = {"image": _read_image(p), "name": p.name}
-            if cached:
-                rec["proposals"], rec["proposal_scores"] = _find_proposals(cfg, p.stem)
-            if boxes_dir is not None:
-                rec["boxes"] = _find_boxes(boxes_dir, p.stem)
-        except (OSError, ValueError, SyntaxError) as e:  # DataError is a ValueError
-            print(f"skipped {p}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        records.append(rec)
-    paths = predict_records(cfg, trainer, state, records, args.out, mode=args.mode,
+    failed = []
+
+    def records():  # read one at a time: a folder of any size is never all in memory
+        for p in map(pathlib.Path, args.images):
+            try:
+                rec = {"image": _read_image(p), "name": p.name}
+                if cached:
+                    rec["proposals"], rec["proposal_scores"] = _find_proposals(cfg, p.stem)
+                if boxes_dir is not None:
+                    rec["boxes"] = _find_boxes(boxes_dir, p.stem)
+            except (OSError, ValueError, SyntaxError) as e:  # DataError is a ValueError
+                print(f"skipped {p}: {e}", file=sys.stderr)
+                failed.append(p)
+                continue
+            yield rec
+
+    paths = predict_records(cfg, trainer, state, records(), args.out, mode=args.mode,
                             progress=True)
     for path in paths:
         print(f"wrote {path}")
     if failed:
-        print(f"{failed} image(s) skipped", file=sys.stderr)
-    return 0 if records else 1
+        print(f"{len(failed)} image(s) skipped", file=sys.stderr)
+    return 0 if paths else 1

@@ -74,6 +74,18 @@ def test_predict_writes_aligned_overlay_and_skips_bad_images(trained, tmp_path, 
     overlay = np.asarray(Image.open(tmp_path / "pred" / f"{good.stem}_overlay.png").convert("RGB"))
     # the overlay starts with the blended image at full size, a legend strip to its right
     assert overlay.shape[0] >= image.shape[0] and overlay.shape[1] > image.shape[1]
+    # images are read one at a time, each written after the next is queued: every good image
+    # of a list with a bad one in the middle gets its files; none good at all is a failure
+    goods = sorted((pathlib.Path(root) / "images" / "validation").glob("*.jpg"))
+    args.images = [str(goods[0]), str(bad), str(goods[1])]
+    args.out = str(tmp_path / "pred2")
+    assert predict.run(args) == 0
+    assert sorted(p.name for p in (tmp_path / "pred2").iterdir()) == sorted(
+        f"{g.stem}_{kind}.png" for g in goods[:2] for kind in ("label", "overlay"))
+    args.images, args.out = [str(bad)], str(tmp_path / "pred3")
+    assert predict.run(args) == 1
+    assert not (tmp_path / "pred3").exists()
+    assert "1 image(s) skipped" in capsys.readouterr().err
 
 
 def test_other_architecture_is_refused(trained, tmp_path, capsys):
