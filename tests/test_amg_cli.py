@@ -83,3 +83,9 @@ def test_dataset_cache_resumes_and_names_a_corrupt_image(npz, tmp_path, capsys):
     assert "Traceback" not in err
     assert (cache / "training" / "a.npz").stat().st_mtime_ns == before  # cached images kept, not redone
     assert not (cache / "training" / "c.npz").exists()
+    # an image computed just before the bad one (its write waits for the next image) is kept
+    want = (cache / "training" / "b.npz").read_bytes()
+    (cache / "training" / "b.npz").unlink()
+    assert main(args) == 2
+    assert (cache / "training" / "b.npz").read_bytes() == want
+    assert (cache / "training" / "a.npz").stat().st_mtime_ns == before

@@ -100,16 +100,25 @@ def _dataset(args, sam) -> int:
     todo = [p for p in images if not (out_dir / f"{p.stem}.npz").exists()]
     print(f"sarformer amg: {len(images)} images in {root / 'images' / args.split}, "
           f"{len(images) - len(todo)} already cached in {out_dir}", flush=True)
-    for path in tqdm(todo, desc="sarformer amg", unit="img"):
-        dst = out_dir / f"{path.stem}.npz"
-        image = _read_image(path)
-        res = generate(jnp.asarray(image)[None])
+    def write(dst, res):
         n = int(np.asarray(res["valid"][0]).sum())
         masks = np.asarray(res["masks"][0, :n])
         tmp = dst.with_suffix(".tmp.npz")
         np.savez(tmp, masks=np.packbits(masks, axis=-1), shape=np.asarray(masks.shape, np.int64),
                  scores=np.asarray(res["scores"][0, :n], np.float32))
         tmp.replace(dst)
+
+    pending = None  # the previous image's masks, still on the device
+    try:
+        for path in tqdm(todo, desc="sarformer amg", unit="img"):
+            image = _read_image(path)
+            res = generate(jnp.asarray(image)[None])
+            if pending is not None:  # written once this image's masks are queued on the device
+                write(*pending)
+            pending = (out_dir / f"{path.stem}.npz", res)
+    finally:  # also when a later image is unreadable: what was computed is cached
+        if pending is not None:
+            write(*pending)
     return 0
 
 
