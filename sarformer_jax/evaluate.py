@@ -179,7 +179,7 @@ def _resize_packed(packed, ys, xs, width, q):
 
 def predict_scores(cfg: Config, window_fn, params, stats, record: dict, index: int, *,
                    mode: str, aug_test: bool, with_proposals: bool,
-                   labels: bool = False, to_host: bool = True) -> np.ndarray:
+                   labels: bool = False, to_host: bool = True) -> np.ndarray | jax.Array:
     """Class scores [H0, W0, K] float32 for one record (original size), or with `labels` their
     argmax [H0, W0] int32 taken on the device (a K-times smaller transfer to the host).
     `to_host=False` returns the device array without waiting for it."""
