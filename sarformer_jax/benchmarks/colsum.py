@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             fn = jax.jit(lambda *xs, m=m: [column_sum(x, m) for x in xs])
             err = _rel_err(fn(*xs), xs)
             t = _time_jax(fn, xs, args.reps)
-            print(f"| {label} | {m} | {t:.4f} | {nbytes / t / 1e6:.0f} | {err:.2e} |", flush=True)
+            print(f"| {label} | {m} | {t:.4f} | {nbytes / t / 1e6:.3g} | {err:.2e} |", flush=True)
         if not args.no_torch:
             _torch_row(label, xs, nbytes)
     return 0
@@ -102,4 +102,4 @@ def _torch_row(label, xs, nbytes):
     xt = [torch.from_numpy(np.array(x.astype(np.float32))).to("cuda", torch.bfloat16) for x in xs]
     fn = functools.partial(lambda ts: [t.sum(0, dtype=torch.float32) for t in ts], xt)
     t = do_bench(fn, rep=200)
-    print(f"| {label} | torch sum | {t:.4f} | {nbytes / t / 1e6:.0f} | |", flush=True)
+    print(f"| {label} | torch sum | {t:.4f} | {nbytes / t / 1e6:.3g} | |", flush=True)

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             if shape_name in grad_shapes:
                 g = jax.jit(jax.grad(lambda v: jnp.sum(fn(v).astype(jnp.float32) * 1e-3)))
                 tb = f"{_time_jax(g, (x,), args.reps):.3f}"
-            print(f"| {shape_name} {shape} | {name} | {t:.3f} | {nbytes / t / 1e6:.0f} | {tb} | {err:.2e} |",
+            print(f"| {shape_name} {shape} | {name} | {t:.3f} | {nbytes / t / 1e6:.3g} | {tb} | {err:.2e} |",
                   flush=True)
         if not args.no_torch:
             _torch_row(shape_name, shape, x, nbytes, args.reps, shape_name in grad_shapes)
@@ -112,4 +112,4 @@ def _torch_row(shape_name, shape, x, nbytes, reps, grad):
     if grad:
         xg = xt.clone().requires_grad_(True)
         tb = f"{do_bench(lambda: torch.autograd.grad((F.gelu(xg).float() * 1e-3).sum(), xg), rep=200):.3f}"
-    print(f"| {shape_name} {shape} | torch F.gelu | {t:.3f} | {nbytes / t / 1e6:.0f} | {tb} | |", flush=True)
+    print(f"| {shape_name} {shape} | torch F.gelu | {t:.3f} | {nbytes / t / 1e6:.3g} | {tb} | |", flush=True)
