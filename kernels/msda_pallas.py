@@ -38,6 +38,7 @@ from sarformer_jax.kernels.triton_backend import plgpu, require
 from sarformer_jax.sharding import batch_partitioned, per_batch_shard
 
 Shapes = tuple[tuple[int, int], ...]
+VALUE_GRAD_METHODS = ("scatter", "pull")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,16 @@ class BlockSizes:
     # loads cost about 2 us a call (MSDA run 13, H100).
     skip_outside: bool = False
     skip_outside_bwd: bool | None = None
+    # How the backward makes the value gradient.  "scatter": every corner of every sampling point
+    # adds its [D] row into an fp32 buffer with atomics (0.82 GB of fp32 adds into L2 in
+    # pixdec_enc, the backward's limit: MSDA run 12).  "pull": the sampling points are sorted by
+    # the map cell of their top-left corner (one key-value sort of the [B, Lq, H, L, P] points,
+    # built from the locations alone), and a second kernel gives every value row the sum of its
+    # corners' contributions, read in place from the output gradient and summed in fp32
+    # registers: no atomics, no zero-filled buffer, each row written once in value's dtype.
+    value_grad: str = "scatter"
+    block_rows_pull: int = 32  # value rows a program of the "pull" kernel
+    num_warps_pull: int = 4
 
     @property
     def skips_bwd(self) -> bool:
@@ -74,6 +85,9 @@ class BlockSizes:
         if sorted(self.grid_order) != ["b", "h", "q"]:
             raise ValueError(f"BlockSizes.grid_order must order 'b', 'q' and 'h', got "
                              f"{self.grid_order!r}")
+        if self.value_grad not in VALUE_GRAD_METHODS:
+            raise ValueError(f"BlockSizes.value_grad must be one of {VALUE_GRAD_METHODS}, got "
+                             f"{self.value_grad!r}")
 
     @classmethod
     def get_default(cls, head_dim: int, num_queries: int = 1 << 30) -> "BlockSizes":
@@ -284,9 +298,10 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
                                    interpret).astype(jnp.float32)
                 # an out-of-map corner samples zero: its dot (and gradient) is zero
                 dots.append(jnp.where(valid, jnp.sum(row * g, axis=1), 0.0))
-                # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
-                _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g, interpret,
-                                  relaxed, keep if skip else None)
+                if gv_ref is not None:  # None: the "pull" kernel makes the value gradient
+                    # fp32 accumulation: a bf16 scatter-add is ~8x slower and loses precision
+                    _scatter_add_rows(gv_ref, b, start + idx, h, (a * cw)[:, None] * g,
+                                      interpret, relaxed, keep if skip else None)
             d00, d01, d10, d11 = dots
             (_, w00, _), (_, w01, _), (_, w10, _), (_, w11, _) = corners
             gatt = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
@@ -296,6 +311,157 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
             plgpu.store(gatt_ref.at[b, qs, h, _i(lvl), _i(p)], gatt.astype(gatt_ref.dtype), mask=qmask)
             plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], gx.astype(gloc_ref.dtype), mask=qmask)
             plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], gy.astype(gloc_ref.dtype), mask=qmask)
+
+
+def _msda_bwd_no_value_kernel(value_ref, loc_ref, att_ref, g_ref, gloc_ref, gatt_ref, **kw):
+    """The backward's location and attention-weight gradients only (value_grad="pull")."""
+    _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, None, None, gloc_ref, gatt_ref, **kw)
+
+
+# ---- value_grad="pull": the value gradient without atomics ----------------------------------
+#
+# Every sampling point whose bilinear footprint touches the map has a top-left corner cell
+# (y0, x0) with y0 in [-1, h-1] and x0 in [-1, w-1]: a cell of the level's padded
+# (h+1) x (w+1) grid.  The point adds a * w_corner * g[b, q, h] to the value rows
+# (y0 + dy, x0 + dx) for its corners (dy, dx) inside the map.  So value row (y, x) receives
+# exactly from the points of the four padded cells (y - dy, x - dx), through their corner
+# (dy, dx).  Sorting the points by (b, h, padded cell) puts each cell's points in one run
+# of the sorted order; `starts` gives where each run begins.
+
+
+def _padded_starts(shapes: Shapes) -> list[int]:
+    starts, acc = [], 0
+    for h, w in shapes:
+        starts.append(acc)
+        acc += (h + 1) * (w + 1)
+    return starts
+
+
+def _per_level(values, dtype) -> jax.Array:
+    """[L, 1] array of per-level constants, built from scalars (custom_partitioning traces the
+    backward and allows no array constants in it)."""
+    level = jax.lax.broadcasted_iota(jnp.int32, (len(values), 1), 0)
+    out = jnp.zeros((len(values), 1), dtype)
+    for i, v in enumerate(values):
+        out = jnp.where(level == i, jnp.asarray(v, dtype), out)
+    return out
+
+
+def _sorted_points(loc, att, shapes: Shapes):
+    """Sort the sampling points by (batch, head, padded top-left cell).
+
+    loc [B, Lq, H, L, P, 2], att [B, Lq, H, L, P] (any float dtype) ->
+      starts [B*H*Sp + 2] int32: the points of cell key k (= (b*H + h)*Sp + padded cell) are
+        sorted entries starts[k] .. starts[k+1] - 1 (Sp = the padded cells of all levels);
+      query [N] int32: the query of each sorted entry;
+      coef [N, 4] fp32: its attention weight times the bilinear weight of each corner, in the
+        order (0, 0), (0, 1), (1, 0), (1, 1) of (dy, dx).
+    Points with no corner inside the map (and non-finite locations) sort last, under key
+    B*H*Sp, and no value row reads them.  The corners are computed as `_corners` does.
+    """
+    bsz, num_q, n_heads, n_levels, n_points, _ = loc.shape
+    sp = sum((h + 1) * (w + 1) for h, w in shapes)
+    hs = _per_level([h for h, _ in shapes], jnp.float32)
+    ws = _per_level([w for _, w in shapes], jnp.float32)
+    pad0 = _per_level(_padded_starts(shapes), jnp.int32)
+    x = loc[..., 0].astype(jnp.float32)
+    y = loc[..., 1].astype(jnp.float32)
+    px = jnp.clip(x * ws - 0.5, -2.0, ws + 1.0)
+    py = jnp.clip(y * hs - 0.5, -2.0, hs + 1.0)
+    fx0, fy0 = jnp.floor(px), jnp.floor(py)
+    fx, fy = px - fx0, py - fy0
+    touches = (fx0 >= -1) & (fx0 <= ws - 1) & (fy0 >= -1) & (fy0 <= hs - 1)
+    cell = (pad0 + (fy0.astype(jnp.int32) + 1) * (ws.astype(jnp.int32) + 1)
+            + fx0.astype(jnp.int32) + 1)
+    bh = (jnp.arange(bsz, dtype=jnp.int32)[:, None, None, None, None] * n_heads
+          + jnp.arange(n_heads, dtype=jnp.int32)[None, None, :, None, None])
+    n_keys = bsz * n_heads * sp
+    key = jnp.where(touches, bh * sp + cell, n_keys).reshape(-1)
+    order = jnp.arange(key.shape[0], dtype=jnp.int32)
+    sorted_key, order = jax.lax.sort((key, order), num_keys=1, is_stable=False)
+    del sorted_key
+    counts = jnp.zeros((n_keys + 1,), jnp.int32).at[key].add(1)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+    a = att.astype(jnp.float32)
+    coef = jnp.stack([a * (1.0 - fy) * (1.0 - fx), a * (1.0 - fy) * fx,
+                      a * fy * (1.0 - fx), a * fy * fx], axis=-1).reshape(-1, 4)
+    query = order // (n_heads * n_levels * n_points) % num_q
+    return starts, query, coef[order]
+
+
+def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, gv_ref, *, shapes: Shapes,
+                      n_heads: int, block_r: int, interpret: bool):
+    """value gradient rows [block_r] of one (b, h): the sum over the four cells each row
+    receives from of coef * g[b, query, h, :], in fp32, written once."""
+    rb, bh = pl.program_id(0), pl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    n_rows, d = gv_ref.shape[1], gv_ref.shape[-1]
+    n_entries = query_ref.shape[0]
+    sp = sum((hl + 1) * (wl + 1) for hl, wl in shapes)
+    s = rb * block_r + jnp.arange(block_r)
+    smask = s < n_rows
+    base = jnp.zeros((block_r,), jnp.int32)  # padded cell of (y, x) itself: corner (0, 0)
+    wp1 = jnp.zeros((block_r,), jnp.int32)
+    for start, pstart, (hl, wl) in zip(_level_starts(shapes), _padded_starts(shapes), shapes):
+        inside = (s >= start) & (s < start + hl * wl)
+        r = s - start
+        base = jnp.where(inside, pstart + (r // wl + 1) * (wl + 1) + r % wl + 1, base)
+        wp1 = jnp.where(inside, wl + 1, wp1)
+    runs = []
+    for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        key = jnp.clip(bh * sp + base - dy * wp1 - dx, 0, starts_ref.shape[0] - 2)
+        if interpret:
+            lo = jnp.where(smask, starts_ref[key], 0)
+            hi = jnp.where(smask, starts_ref[key + 1], 0)
+        else:
+            lo = plgpu.load(starts_ref.at[key], mask=smask, other=0)
+            hi = plgpu.load(starts_ref.at[key + 1], mask=smask, other=0)
+        runs.append((c, lo, hi - lo))
+    n_max = jnp.max(jnp.maximum(jnp.maximum(runs[0][2], runs[1][2]),
+                                jnp.maximum(runs[2][2], runs[3][2])))
+
+    def body(k, acc):
+        for c, lo, n in runs:
+            take = k < n
+            e = jnp.clip(lo + k, 0, n_entries - 1)
+            if interpret:  # no masked gathers in the interpreter: read, then zero
+                q = query_ref[e]
+                cf = jnp.where(take, coef_ref[e, _i(c)], 0.0)
+                rows = jnp.where(take[:, None], g_ref[b, q, h, :], 0)
+            else:
+                q = plgpu.load(query_ref.at[e], mask=take, other=0)
+                cf = plgpu.load(coef_ref.at[e, _i(c)], mask=take, other=0.0)
+                rows = plgpu.load(g_ref.at[b, q, h, :], other=0.0,
+                                  mask=jnp.broadcast_to(take[:, None], (block_r, d)))
+            acc += cf[:, None] * rows.astype(jnp.float32)
+        return acc
+
+    acc = jax.lax.fori_loop(0, n_max, body, jnp.zeros((block_r, d), jnp.float32))
+    plgpu.store(gv_ref.at[b, pl.ds(rb * block_r, block_r), h, :], acc.astype(gv_ref.dtype),
+                mask=smask[:, None])
+
+
+def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes,
+               block_sizes: BlockSizes, interpret: bool, poison: bool = False):
+    """d value [B, S, H, D] in out_dtype from the sorted points and g [B, Lq, H, D]."""
+    bsz, _, n_heads, d = g.shape
+    block_r = block_sizes.block_rows_pull
+    kernel = functools.partial(_msda_pull_kernel, shapes=shapes, n_heads=n_heads,
+                               block_r=block_r, interpret=interpret)
+    out_shape = jax.ShapeDtypeStruct((bsz, n_rows, n_heads, d), out_dtype)
+    args, aliases = (starts, query, coef, g), {}
+    if poison:
+        kernel = _drop_poison_ref(kernel, 4)
+        args, aliases = args + (jnp.full(out_shape.shape, jnp.nan, out_dtype),), {4: 0}
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_rows, block_r), bsz * n_heads),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_pull, num_stages=1),
+        interpret=interpret,
+        name="msda_bwd_pull",
+    )(*args)
 
 
 def _drop_poison_ref(kernel, n_in: int):
@@ -335,16 +501,42 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
 
 def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, interpret: bool,
               poison: bool = False):
-    """Gradients (fp32 [B, S, H, D], [B, Lq, H, L, P, 2], [B, Lq, H, L, P]) for g [B, Lq, H, D].
+    """Gradients ([B, S, H, D], [B, Lq, H, L, P, 2], [B, Lq, H, L, P]) for g [B, Lq, H, D]; the
+    value gradient in fp32 with value_grad="scatter", in value's dtype with "pull".
 
     poison=True (tests) starts the location and weight gradients from NaN."""
     bsz, _, n_heads, _ = value.shape
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
-    kernel = functools.partial(_msda_bwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
+    pull = block_sizes.value_grad == "pull"
+    kernel = functools.partial(_msda_bwd_no_value_kernel if pull else _msda_bwd_kernel,
+                               shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
                                relaxed=block_sizes.relaxed_atomics, order=block_sizes.grid_order,
                                skip=block_sizes.skips_bwd)
+    params = plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,
+                                  num_stages=block_sizes.num_stages)
+    grid = _grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads))
+    if pull:
+        args, aliases = (value, loc, att, g), {}
+        if poison:
+            args += (jnp.full(loc.shape, jnp.nan, loc.dtype), jnp.full(att.shape, jnp.nan, att.dtype))
+            aliases = {4: 0, 5: 1}
+            inner = kernel
+
+            def kernel(*refs):  # the two poison refs are aliased with the outputs
+                return inner(*refs[:4], *refs[6:])
+        gloc, gatt = pl.pallas_call(
+            kernel,
+            out_shape=(jax.ShapeDtypeStruct(loc.shape, loc.dtype),
+                       jax.ShapeDtypeStruct(att.shape, att.dtype)),
+            grid=grid, input_output_aliases=aliases, compiler_params=params,
+            interpret=interpret, name="msda_bwd_points",
+        )(*args)
+        starts, query, coef = _sorted_points(loc, att, shapes)
+        gv = _pull_call(starts, query, coef, g, value.shape[1], value.dtype, shapes=shapes,
+                        block_sizes=block_sizes, interpret=interpret, poison=poison)
+        return gv, gloc, gatt
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
@@ -361,11 +553,9 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
             jax.ShapeDtypeStruct(loc.shape, loc.dtype),
             jax.ShapeDtypeStruct(att.shape, att.dtype),
         ),
-        grid=_grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads)),
+        grid=grid,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,
-            num_stages=block_sizes.num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="msda_bwd",
     )(*args)
@@ -405,7 +595,8 @@ def msda_pallas_fwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, 
 def msda_pallas_bwd(value, spatial_shapes: Sequence[tuple[int, int]], loc, att, g, *,
                     block_sizes: BlockSizes | None = None, interpret: bool = False,
                     poison: bool = False):
-    """Backward kernel: (d value fp32, d loc, d att) for g = d out [B, Lq, H, D]."""
+    """Backward kernels: (d value, d loc, d att) for g = d out [B, Lq, H, D]; d value in fp32
+    ("scatter") or value's dtype ("pull", summed in fp32): the caller casts."""
     require("msda_bwd")
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     bs = block_sizes or default_block_sizes(value.shape[-1], loc.shape[1])

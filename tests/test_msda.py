@@ -265,6 +265,26 @@ def test_bench_skip_outside_variants():
         _skip_outside_variants(plain, "yes")
 
 
+def test_bench_value_grad_variants():
+    """`--value-grad pull --pull-rows 16,64` follows each Pallas variant with its "pull" twin and
+    that twin at the other row blocks; an unknown method is refused."""
+    from sarformer_jax.benchmarks.msda import _value_grad_variants
+    from sarformer_jax.kernels import BlockSizes
+
+    bs = BlockSizes.get_default(32)
+    assert bs.value_grad == "scatter"
+    got = _value_grad_variants([("pallas", bs), ("pallas-skip", bs)], "pull", "16,32,64")
+    assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16]", "pallas/pull[r64]",
+                                   "pallas-skip", "pallas-skip/pull", "pallas-skip/pull[r16]",
+                                   "pallas-skip/pull[r64]"]
+    assert [(v.value_grad, v.block_rows_pull) for _, v in got[:4]] == [
+        ("scatter", 32), ("pull", 32), ("pull", 16), ("pull", 64)]
+    assert _value_grad_variants([("pallas", bs)], "scatter", None) == [("pallas", bs)]
+    assert _value_grad_variants([("pallas", bs)], None, "16") == [("pallas", bs)]
+    with pytest.raises(ValueError, match="--value-grad 'sorted': choose from scatter, pull"):
+        _value_grad_variants([("pallas", bs)], "sorted", None)
+
+
 def test_bench_vjp_cotangent_in_the_output_dtype():
     """fwd+bwd in "vjp" mode is timed with a cotangent already in the output's dtype, as the
     torch peer's `randn_like(out)`: no cast of it inside the timed bf16 program (MSDA runs

@@ -5,6 +5,8 @@ Run on the device machine: `JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests
 (conftest sets the CPU platform otherwise; the whole file takes ~7 min on an H100).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,14 @@ def test_public_op_grad_matches_reference():
     assert abs(float(got[0]) - float(want[0])) <= 1e-4 * abs(float(want[0])) + 1e-3
     for a, b in zip(got[1], want[1]):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("seed,rows", [(31, 32), (32, 16), (33, 64)])
+def test_value_grad_pull(seed, rows, dtype):
+    """`BlockSizes.value_grad="pull"`: the sort, the points kernel and the pull kernel's masked
+    gathers and dynamic-length loop compiled, the value gradient poisoned before it is written."""
+    shapes, value, loc, att, ct = _random_case(seed)
+    bs = BlockSizes.get_default(value.shape[-1], loc.shape[1])
+    _check(shapes, value, loc, att, ct, dtype,
+           dataclasses.replace(bs, value_grad="pull", block_rows_pull=rows))

@@ -97,14 +97,106 @@ def test_triton_lowering_on_the_cpu(skip):
            for s in ((b, 69, n, d), (b, q, n, 2, 2, 2), (b, q, n, 2, 2))]
     bs = dataclasses.replace(BS, skip_outside=skip[0], skip_outside_bwd=skip[1])
 
-    def fwd_bwd(v, lo, a):
-        out, pull = jax.vjp(lambda *x: ms_deform_attn(*x[:1], shapes, *x[1:],
-                                                      implementation="pallas", block_sizes=bs),
-                            v, lo, a)
-        return out, pull(out)
+    def lowered(bs):
+        def fwd_bwd(v, lo, a):
+            out, pull = jax.vjp(lambda *x: ms_deform_attn(*x[:1], shapes, *x[1:],
+                                                          implementation="pallas", block_sizes=bs),
+                                v, lo, a)
+            return out, pull(out)
 
-    text = jax.jit(fwd_bwd).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(fwd_bwd).trace(*sds).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(bs)
     assert text.count("xla.gpu.triton") == 2  # msda_fwd and msda_bwd
+    # value_grad="pull": the points kernel, the sort of the points, the pull kernel
+    text = lowered(dataclasses.replace(bs, value_grad="pull"))
+    assert text.count("xla.gpu.triton") == 3 and text.count("stablehlo.sort") == 1
+
+
+PULL = BlockSizes(block_q=16, num_warps=4, block_q_bwd=16, value_grad="pull", block_rows_pull=8)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["gather_all", "skip_bwd"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shapes", [((5, 7),), ((6, 9), (3, 5), (2, 1)), ((1, 1), (4, 1))],
+                         ids=["L1", "L3", "thin"])
+def test_value_grad_pull_matches_reference(shapes, dtype, skip):
+    """`BlockSizes.value_grad="pull"`: the value gradient from the points sorted by their
+    top-left cell, each row summing its four cells' runs.  Locations in [-0.3, 1.3] put points
+    in the padded border cells (x0 or y0 = -1, or h-1 / w-1) and beyond the map (no cell);
+    8 rows a program straddle the levels (S = 54 + 15 + 2) and leave a masked tail; Lq = 37.
+    A point filed under a wrong cell, a wrong corner's weight, a lost run or a row written
+    twice shows in the value gradient; the other two gradients come from the points kernel."""
+    import dataclasses
+    value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
+    bs = dataclasses.replace(PULL, skip_outside_bwd=skip)
+    args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
+    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
+    ref_args = [a.astype(jnp.float32) for a in args]
+    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*ref_args)
+    tol = RTOL[dtype]
+    assert rel_err(out.astype(jnp.float32), ref) <= tol
+    for name, got, want, arg in zip(("value", "loc", "att"), grads, ref_grads, args):
+        assert got.dtype == arg.dtype, name
+        assert rel_err(got.astype(jnp.float32), want) <= tol, name
+
+
+def test_sorted_points_files_each_point_under_its_cell():
+    """`_sorted_points` on hand-placed points of a 2 x 3 map (padded grid 3 x 4, 12 cells):
+    the runs, the queries and the four corner coefficients."""
+    from sarformer_jax.kernels.msda_pallas import _sorted_points
+
+    shapes = ((2, 3),)
+    # pixel coordinates (px, py) = (x*3 - 0.5, y*2 - 0.5)
+    pix = [(0.25, 0.5), (-0.5, -0.75), (2.5, 1.0), (3.2, 0.0), (0.25, 0.5), (1.0, -1.5)]
+    loc = jnp.asarray([((px + 0.5) / 3, (py + 0.5) / 2) for px, py in pix], jnp.float32)
+    loc = loc.reshape(1, 6, 1, 1, 1, 2)
+    att = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape(1, 6, 1, 1, 1)
+    starts, query, coef = _sorted_points(loc, att, shapes)
+    # cells (y0+1)*4 + x0+1: q0 (0,0) -> 5; q1 (-1,-1) -> 0; q2 (1,2) -> 11; q3 x0 = 3 > w-1:
+    # no cell; q4 as q0; q5 y0 = -2: no cell
+    counts = np.diff(np.asarray(starts))
+    want_counts = np.zeros(13, np.int64)
+    want_counts[[5, 0, 11]] = [2, 1, 1]
+    want_counts[12] = 2  # the two points with no cell, under the last key
+    np.testing.assert_array_equal(counts, want_counts)
+    q = np.asarray(query)
+    assert q[0] == 1 and sorted(q[1:3]) == [0, 4] and q[3] == 2 and sorted(q[4:]) == [3, 5]
+    c = np.asarray(coef)
+    # q1: fx = 0.5, fy = 0.25 -> (1-fy)(1-fx), (1-fy)fx, fy(1-fx), fy fx, times a = 2
+    np.testing.assert_allclose(c[0], 2.0 * np.array([0.375, 0.375, 0.125, 0.125]), rtol=1e-6)
+    i0 = 1 + int(q[1] != 0)  # q0's entry: fx = 0.25, fy = 0.5
+    np.testing.assert_allclose(c[i0], [0.375, 0.125, 0.375, 0.125], rtol=1e-6)
+    np.testing.assert_allclose(c[3], 3.0 * np.array([0.5, 0.5, 0.0, 0.0]), rtol=1e-6)
+
+
+def test_value_grad_pull_vmap_and_batch_sharded():
+    """The sort and the pull kernel run per batch shard (8 fake devices: the kernels see batch
+    1, no all-gather) and under vmap (the vmapped axis folded into the batch)."""
+    shapes = ((4, 5), (2, 3))
+    value, loc, att, ct = inputs(2, shapes, b=8, q=9)
+    mesh = jax.make_mesh((8,), ("data",))
+    sharded = [jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+               for x in (value, loc, att)]
+    step = jax.jit(loss_fn("pallas_interpret", shapes, ct, PULL))
+    hlo = step.lower(*sharded).compile().as_text()
+    assert "all-gather" not in hlo and "f32[1,26,2,16]" in hlo
+    (_, out), grads = step(*sharded)
+    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(value, loc, att)
+    assert rel_err(out, ref) <= RTOL["float32"]
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= RTOL["float32"]
+    vs, ls = jnp.stack([value[:1], -value[:1]]), jnp.stack([loc[:1], 1 - loc[:1]])
+    f = lambda impl: jax.vmap(loss_fn(impl, shapes, ct[:1], PULL), in_axes=(0, 0, None))  # noqa: E731
+    (_, out), grads = jax.jit(f("pallas_interpret"))(vs, ls, att[:1])
+    (_, ref), ref_grads = f("xla")(vs, ls, att[:1])
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) <= RTOL["float32"]
+
+
+def test_value_grad_method_is_checked():
+    with pytest.raises(ValueError, match="value_grad must be one of .*'push'"):
+        BlockSizes(block_q=16, num_warps=4, value_grad="push")
 
 
 def test_grid_order_rejects_unknown_axes():

@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "map neither gathered nor scattered; the default skips in the "
                              "backward only): 'on' times the Pallas variants skipping in both "
                              "kernels, 'off' in neither, 'both' the default and those twins")
+    parser.add_argument("--value-grad", default=None, metavar="METHODS",
+                        help="also time the Pallas variants with these BlockSizes.value_grad "
+                             "methods (comma list of scatter, pull; named NAME/METHOD)")
+    parser.add_argument("--pull-rows", default=None, metavar="ROWS",
+                        help="with a 'pull' variant, also time it at these "
+                             "BlockSizes.block_rows_pull (comma list; NAME/pull[rR])")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -304,6 +310,31 @@ def _skip_outside_variants(variants: list, mode: str) -> list:
     return out
 
 
+def _value_grad_variants(variants: list, methods: str | None, rows: str | None) -> list:
+    """Each Pallas variant, followed by its twins with another value-gradient method
+    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other row blocks (NAME/pull[rR])."""
+    from sarformer_jax.kernels.msda_pallas import VALUE_GRAD_METHODS
+
+    if not methods:
+        return list(variants)
+    wanted = [m for m in methods.split(",") if m]
+    for m in wanted:
+        if m not in VALUE_GRAD_METHODS:
+            raise ValueError(f"--value-grad {m!r}: choose from {', '.join(VALUE_GRAD_METHODS)}")
+    row_list = [int(r) for r in rows.split(",") if r] if rows else []
+    out = []
+    for name, bs in variants:
+        out.append((name, bs))
+        for m in wanted:
+            twin = dataclasses.replace(bs, value_grad=m)
+            if m != bs.value_grad:
+                out.append((f"{name}/{m}", twin))
+            if m == "pull":
+                out += [(f"{name}/pull[r{r}]", dataclasses.replace(twin, block_rows_pull=r))
+                        for r in row_list if r != twin.block_rows_pull]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
@@ -325,6 +356,8 @@ def run(args: argparse.Namespace) -> int:
                                      num_warps_bwd=args.num_warps or bs.num_warps_bwd)
         variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
         variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
+        variants = _value_grad_variants(variants, getattr(args, "value_grad", None),
+                                        getattr(args, "pull_rows", None))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
@@ -351,11 +384,11 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 results.append(dict(case=case, dtype=dtype, impl=name, fwd_ms=t_f, fwdbwd_ms=t_fb,
                                     block_sizes=None if vbs is None else vbs.__dict__))
-                if args.profile and name == "pallas":
+                if args.profile and name in ("pallas", "pallas/pull"):
                     import os
                     _profile_call(grad, jargs + (ct,),
-                                  os.path.join(args.profile, f"{case}_{dtype}"),
-                                  f"{case} {dtype} fwd+bwd")
+                                  os.path.join(args.profile, f"{case}_{dtype}_{name.replace('/', '_')}"),
+                                  f"{case} {dtype} {name} fwd+bwd")
                 print(f"{case:12s} {dtype:9s} {name:22s} fwd {t_f:8.3f} ms  fwd+bwd {t_fb:8.3f} ms",
                       flush=True)
             for name in ("torch",):
