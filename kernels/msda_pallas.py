@@ -75,6 +75,10 @@ class BlockSizes:
     value_grad: str = "scatter"
     block_rows_pull: int = 32  # value rows a program of the "pull" kernel
     num_warps_pull: int = 4
+    # > 1: every run split over this many programs (entries c, c + chunks, ...), their partial
+    # sums added (fp32 atomics, a few a row) into a zero-filled fp32 buffer.  Shortens the loop of
+    # the coarse levels' rows (~300 contributions a row at pixdec_enc's 20 x 20 level).
+    chunks_pull: int = 1
 
     @property
     def skips_bwd(self) -> bool:
@@ -85,6 +89,9 @@ class BlockSizes:
         if sorted(self.grid_order) != ["b", "h", "q"]:
             raise ValueError(f"BlockSizes.grid_order must order 'b', 'q' and 'h', got "
                              f"{self.grid_order!r}")
+        if self.chunks_pull < 1 or self.block_rows_pull < 1:
+            raise ValueError(f"BlockSizes.chunks_pull and block_rows_pull must be >= 1, got "
+                             f"{self.chunks_pull} and {self.block_rows_pull}")
         if self.value_grad not in VALUE_GRAD_METHODS:
             raise ValueError(f"BlockSizes.value_grad must be one of {VALUE_GRAD_METHODS}, got "
                              f"{self.value_grad!r}")
@@ -389,10 +396,13 @@ def _sorted_points(loc, att, shapes: Shapes):
     return starts, query, coef[order]
 
 
-def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, gv_ref, *, shapes: Shapes,
-                      n_heads: int, block_r: int, interpret: bool):
+def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: Shapes,
+                      n_heads: int, block_r: int, chunks: int, relaxed: bool, interpret: bool):
     """value gradient rows [block_r] of one (b, h): the sum over the four cells each row
-    receives from of coef * g[b, query, h, :], in fp32, written once."""
+    receives from of coef * g[b, query, h, :], in fp32.  With chunks == 1 written once; with
+    chunks > 1 program c takes the entries c, c + chunks, ... of every run and adds its partial
+    sums into a zero-filled fp32 buffer (gv_refs = (aliased input, output))."""
+    gv_ref = gv_refs[-1]
     rb, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // n_heads, bh % n_heads
     n_rows, d = gv_ref.shape[1], gv_ref.shape[-1]
@@ -420,7 +430,10 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, gv_ref, *, shapes:
     n_max = jnp.max(jnp.maximum(jnp.maximum(runs[0][2], runs[1][2]),
                                 jnp.maximum(runs[2][2], runs[3][2])))
 
-    def body(k, acc):
+    chunk = pl.program_id(2) if chunks > 1 else 0
+
+    def body(i, acc):
+        k = chunk + i * chunks
         for c, lo, n in runs:
             take = k < n
             e = jnp.clip(lo + k, 0, n_entries - 1)
@@ -436,27 +449,39 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, gv_ref, *, shapes:
             acc += cf[:, None] * rows.astype(jnp.float32)
         return acc
 
-    acc = jax.lax.fori_loop(0, n_max, body, jnp.zeros((block_r, d), jnp.float32))
-    plgpu.store(gv_ref.at[b, pl.ds(rb * block_r, block_r), h, :], acc.astype(gv_ref.dtype),
-                mask=smask[:, None])
+    n_iter = n_max if chunks == 1 else (n_max - chunk + chunks - 1) // chunks
+    acc = jax.lax.fori_loop(0, n_iter, body, jnp.zeros((block_r, d), jnp.float32))
+    if chunks == 1:
+        plgpu.store(gv_ref.at[b, pl.ds(rb * block_r, block_r), h, :], acc.astype(gv_ref.dtype),
+                    mask=smask[:, None])
+    else:  # rows are distinct within the program; the rows past S are masked off
+        _scatter_add_rows(gv_ref, b, jnp.minimum(s, n_rows - 1), h, acc, interpret, relaxed,
+                          keep=smask)
 
 
 def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes,
                block_sizes: BlockSizes, interpret: bool, poison: bool = False):
-    """d value [B, S, H, D] in out_dtype from the sorted points and g [B, Lq, H, D]."""
+    """d value [B, S, H, D] from the sorted points and g [B, Lq, H, D]: in out_dtype with
+    `block_sizes.chunks_pull` == 1, in fp32 (partial sums added into zeros) above."""
     bsz, _, n_heads, d = g.shape
-    block_r = block_sizes.block_rows_pull
+    block_r, chunks = block_sizes.block_rows_pull, block_sizes.chunks_pull
     kernel = functools.partial(_msda_pull_kernel, shapes=shapes, n_heads=n_heads,
-                               block_r=block_r, interpret=interpret)
+                               block_r=block_r, chunks=chunks,
+                               relaxed=block_sizes.relaxed_atomics, interpret=interpret)
+    if chunks > 1:
+        out_dtype = jnp.float32
     out_shape = jax.ShapeDtypeStruct((bsz, n_rows, n_heads, d), out_dtype)
     args, aliases = (starts, query, coef, g), {}
-    if poison:
+    if chunks > 1:  # poison cannot show here: every row is added to, none written
+        args, aliases = args + (jnp.zeros(out_shape.shape, jnp.float32),), {4: 0}
+    elif poison:
         kernel = _drop_poison_ref(kernel, 4)
         args, aliases = args + (jnp.full(out_shape.shape, jnp.nan, out_dtype),), {4: 0}
+    grid = (pl.cdiv(n_rows, block_r), bsz * n_heads) + ((chunks,) if chunks > 1 else ())
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(pl.cdiv(n_rows, block_r), bsz * n_heads),
+        grid=grid,
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_pull, num_stages=1),
         interpret=interpret,
@@ -502,7 +527,8 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
 def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, interpret: bool,
               poison: bool = False):
     """Gradients ([B, S, H, D], [B, Lq, H, L, P, 2], [B, Lq, H, L, P]) for g [B, Lq, H, D]; the
-    value gradient in fp32 with value_grad="scatter", in value's dtype with "pull".
+    value gradient in fp32 with value_grad="scatter" (and "pull" in chunks), in value's dtype
+    with "pull" in one chunk.
 
     poison=True (tests) starts the location and weight gradients from NaN."""
     bsz, _, n_heads, _ = value.shape

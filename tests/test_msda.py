@@ -279,6 +279,10 @@ def test_bench_value_grad_variants():
                                    "pallas-skip/pull[r64]"]
     assert [(v.value_grad, v.block_rows_pull) for _, v in got[:4]] == [
         ("scatter", 32), ("pull", 32), ("pull", 16), ("pull", 64)]
+    got = _value_grad_variants([("pallas", bs)], "pull", "16,32", "1,4")
+    assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16]",
+                                   "pallas/pull[r16,c4]", "pallas/pull[c4]"]
+    assert [(v.block_rows_pull, v.chunks_pull) for _, v in got[2:]] == [(16, 1), (16, 4), (32, 4)]
     assert _value_grad_variants([("pallas", bs)], "scatter", None) == [("pallas", bs)]
     assert _value_grad_variants([("pallas", bs)], None, "16") == [("pallas", bs)]
     with pytest.raises(ValueError, match="--value-grad 'sorted': choose from scatter, pull"):

@@ -91,11 +91,12 @@ def test_public_op_grad_matches_reference():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("seed,rows", [(31, 32), (32, 16), (33, 64)])
-def test_value_grad_pull(seed, rows, dtype):
+@pytest.mark.parametrize("seed,rows,chunks", [(31, 32, 1), (32, 16, 1), (33, 64, 1), (34, 32, 4)])
+def test_value_grad_pull(seed, rows, chunks, dtype):
     """`BlockSizes.value_grad="pull"`: the sort, the points kernel and the pull kernel's masked
-    gathers and dynamic-length loop compiled, the value gradient poisoned before it is written."""
+    gathers and dynamic-length loop compiled, the value gradient poisoned before it is written
+    (in one chunk; with 4 chunks the partial sums' masked atomics)."""
     shapes, value, loc, att, ct = _random_case(seed)
     bs = BlockSizes.get_default(value.shape[-1], loc.shape[1])
-    _check(shapes, value, loc, att, ct, dtype,
-           dataclasses.replace(bs, value_grad="pull", block_rows_pull=rows))
+    _check(shapes, value, loc, att, ct, dtype, dataclasses.replace(
+        bs, value_grad="pull", block_rows_pull=rows, chunks_pull=chunks))

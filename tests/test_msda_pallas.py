@@ -109,27 +109,31 @@ def test_triton_lowering_on_the_cpu(skip):
     text = lowered(bs)
     assert text.count("xla.gpu.triton") == 2  # msda_fwd and msda_bwd
     # value_grad="pull": the points kernel, the sort of the points, the pull kernel
-    text = lowered(dataclasses.replace(bs, value_grad="pull"))
-    assert text.count("xla.gpu.triton") == 3 and text.count("stablehlo.sort") == 1
+    for chunks in (1, 4):
+        text = lowered(dataclasses.replace(bs, value_grad="pull", chunks_pull=chunks))
+        assert text.count("xla.gpu.triton") == 3 and text.count("stablehlo.sort") == 1
 
 
 PULL = BlockSizes(block_q=16, num_warps=4, block_q_bwd=16, value_grad="pull", block_rows_pull=8)
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["gather_all", "skip_bwd"])
+@pytest.mark.parametrize("skip,chunks", [(False, 1), (True, 1), (True, 3)],
+                         ids=["gather_all", "skip_bwd", "3_chunks"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shapes", [((5, 7),), ((6, 9), (3, 5), (2, 1)), ((1, 1), (4, 1))],
                          ids=["L1", "L3", "thin"])
-def test_value_grad_pull_matches_reference(shapes, dtype, skip):
+def test_value_grad_pull_matches_reference(shapes, dtype, skip, chunks):
     """`BlockSizes.value_grad="pull"`: the value gradient from the points sorted by their
     top-left cell, each row summing its four cells' runs.  Locations in [-0.3, 1.3] put points
     in the padded border cells (x0 or y0 = -1, or h-1 / w-1) and beyond the map (no cell);
     8 rows a program straddle the levels (S = 54 + 15 + 2) and leave a masked tail; Lq = 37.
     A point filed under a wrong cell, a wrong corner's weight, a lost run or a row written
-    twice shows in the value gradient; the other two gradients come from the points kernel."""
+    twice shows in the value gradient; the other two gradients come from the points kernel.
+    With `chunks_pull` = 3 each run is split over three programs whose partial sums are added:
+    an entry taken by two chunks, or by none, shows too."""
     import dataclasses
     value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
-    bs = dataclasses.replace(PULL, skip_outside_bwd=skip)
+    bs = dataclasses.replace(PULL, skip_outside_bwd=skip, chunks_pull=chunks)
     args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
     (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
     ref_args = [a.astype(jnp.float32) for a in args]
@@ -197,6 +201,8 @@ def test_value_grad_pull_vmap_and_batch_sharded():
 def test_value_grad_method_is_checked():
     with pytest.raises(ValueError, match="value_grad must be one of .*'push'"):
         BlockSizes(block_q=16, num_warps=4, value_grad="push")
+    with pytest.raises(ValueError, match="chunks_pull and block_rows_pull must be >= 1, got 0"):
+        BlockSizes(block_q=16, num_warps=4, value_grad="pull", chunks_pull=0)
 
 
 def test_grid_order_rejects_unknown_axes():

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pull-rows", default=None, metavar="ROWS",
                         help="with a 'pull' variant, also time it at these "
                              "BlockSizes.block_rows_pull (comma list; NAME/pull[rR])")
+    parser.add_argument("--pull-chunks", default=None, metavar="CHUNKS",
+                        help="with a 'pull' variant, also time it with its runs split over "
+                             "these BlockSizes.chunks_pull (comma list; NAME/pull[cC], with "
+                             "--pull-rows every pair: NAME/pull[rR,cC])")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -310,9 +314,11 @@ def _skip_outside_variants(variants: list, mode: str) -> list:
     return out
 
 
-def _value_grad_variants(variants: list, methods: str | None, rows: str | None) -> list:
+def _value_grad_variants(variants: list, methods: str | None, rows: str | None,
+                         chunks: str | None = None) -> list:
     """Each Pallas variant, followed by its twins with another value-gradient method
-    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other row blocks (NAME/pull[rR])."""
+    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other row blocks and chunk counts
+    (NAME/pull[rR], NAME/pull[cC], NAME/pull[rR,cC])."""
     from sarformer_jax.kernels.msda_pallas import VALUE_GRAD_METHODS
 
     if not methods:
@@ -321,7 +327,6 @@ def _value_grad_variants(variants: list, methods: str | None, rows: str | None) 
     for m in wanted:
         if m not in VALUE_GRAD_METHODS:
             raise ValueError(f"--value-grad {m!r}: choose from {', '.join(VALUE_GRAD_METHODS)}")
-    row_list = [int(r) for r in rows.split(",") if r] if rows else []
     out = []
     for name, bs in variants:
         out.append((name, bs))
@@ -329,9 +334,19 @@ def _value_grad_variants(variants: list, methods: str | None, rows: str | None) 
             twin = dataclasses.replace(bs, value_grad=m)
             if m != bs.value_grad:
                 out.append((f"{name}/{m}", twin))
-            if m == "pull":
-                out += [(f"{name}/pull[r{r}]", dataclasses.replace(twin, block_rows_pull=r))
-                        for r in row_list if r != twin.block_rows_pull]
+            if m != "pull":
+                continue
+            row_list = [int(r) for r in rows.split(",") if r] if rows else [twin.block_rows_pull]
+            chunk_list = ([int(c) for c in chunks.split(",") if c] if chunks
+                          else [twin.chunks_pull])
+            for r in row_list:
+                for c in chunk_list:
+                    if (r, c) == (twin.block_rows_pull, twin.chunks_pull):
+                        continue
+                    tag = ",".join(t for t, keep in ((f"r{r}", r != twin.block_rows_pull),
+                                                     (f"c{c}", c != twin.chunks_pull)) if keep)
+                    out.append((f"{name}/pull[{tag}]", dataclasses.replace(
+                        twin, block_rows_pull=r, chunks_pull=c)))
     return out
 
 
@@ -357,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
         variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
         variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
         variants = _value_grad_variants(variants, getattr(args, "value_grad", None),
-                                        getattr(args, "pull_rows", None))
+                                        getattr(args, "pull_rows", None),
+                                        getattr(args, "pull_chunks", None))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
