@@ -289,6 +289,37 @@ def test_bench_value_grad_variants():
         _value_grad_variants([("pallas", bs)], "sorted", None)
 
 
+@pytest.mark.parametrize("case", ["pixdec_enc", "adapter_inj", "adapter_ext"])
+def test_bench_init_locations_sit_around_each_query(case):
+    """`--locations init`: every query samples around its own pixel centre, (p + 1) pixels of
+    each level along its head's direction (the jitter averages out over queries), so
+    neighbouring queries share rows; "uniform" stays anchors.md's draw."""
+    from sarformer_jax.benchmarks.msda import CASES, QUERY_GRIDS, make_inputs
+
+    b, q, shapes, n, p, _ = CASES[case]
+    _, _, loc, att = make_inputs(case, locations="init")
+    assert loc.shape == (b, q, n, len(shapes), p, 2) and loc.dtype == np.float32
+    h0, w0 = QUERY_GRIDS[case][0]
+    first = np.asarray([0.5 / w0, 0.5 / h0])  # query 0: the top-left pixel of the first grid
+    size = np.asarray([(w, h) for h, w in shapes], np.float64)
+    px = (loc - first) * size[None, None, None, :, None, :]  # query 0's offsets in pixels
+    # head 0 points along +x: its mean offset over queries is (p + 1, 0) pixels at every level
+    refs = np.concatenate([np.stack(np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h,
+                                                indexing="xy"), -1).reshape(-1, 2)
+                           for h, w in QUERY_GRIDS[case]])
+    off = (loc - refs[None, :, None, None, None, :]) * size[None, None, None, :, None, :]
+    got = off[:, :, 0].mean(axis=(0, 1))  # [L, P, 2]
+    want = np.stack([np.arange(1, p + 1), np.zeros(p)], -1)
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=0.05)
+    jitter = off[:, :, 0] - want  # N(0, 0.5) pixels
+    assert 0.48 < float(jitter.std()) < 0.52
+    assert np.abs(px[:, 0]).max() < p + 4  # query 0 stays near its corner
+    _, _, uni, _ = make_inputs(case)
+    assert uni.min() >= -0.05 and uni.max() <= 1.05
+    with pytest.raises(ValueError, match="--locations 'random': choose from uniform, init"):
+        make_inputs(case, locations="random")
+
+
 def test_bench_vjp_cotangent_in_the_output_dtype():
     """fwd+bwd in "vjp" mode is timed with a cotangent already in the output's dtype, as the
     torch peer's `randn_like(out)`: no cast of it inside the timed bf16 program (MSDA runs

@@ -29,6 +29,21 @@ CASES = {
 
 
 FWDBWD_MODES = ("vjp", "loss")  # what "fwd+bwd" times: see _jax_fns
+# The query grids whose pixel centres are the cases' reference points (the pixel decoder's and
+# the extractor's queries are the pixels of the three feature maps; the injector's the 40 x 40
+# ViT tokens).
+QUERY_GRIDS = {
+    "pixdec_enc": ((80, 80), (40, 40), (20, 20)),
+    "adapter_inj": ((40, 40),),
+    "adapter_ext": ((80, 80), (40, 40), (20, 20)),
+}
+# "uniform": anchors.md's locations, uniform in [-0.05, 1.05] on every level.  "init": as the
+# model samples at initialisation, Deformable-DETR's: each query's reference point (its pixel
+# centre) plus, for head h and point p, (p + 1) pixels of the level along the head's direction
+# (cos, sin of 2 pi h / H, scaled so the larger component is 1), jittered by N(0, 0.5) pixels as
+# a trained offset head moves them.  Neighbouring queries then sample neighbouring rows, so
+# the value gradient's adds pile onto the same rows (which "uniform" never shows).
+LOCATIONS = ("uniform", "init")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,16 +91,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calls per jitted program, each on its own copy of the inputs "
                              "(time per call = program time / copies): >1 takes the host's "
                              "dispatch out of short calls")
+    parser.add_argument("--locations", default="uniform", choices=LOCATIONS,
+                        help="sampling locations: 'uniform' as anchors.md, or 'init' as the "
+                             "model samples (reference points plus Deformable-DETR's initial "
+                             "offsets, jittered): LOCATIONS")
     parser.add_argument("--out", default=None, help="write results (json) here")
 
 
-def make_inputs(case: str, seed: int = 0):
+def init_locations(case: str, rng) -> np.ndarray:
+    """The "init" locations of `case` ([B, Lq, H, L, P, 2], see LOCATIONS)."""
+    b, q, shapes, n, p, _ = CASES[case]
+    refs = []
+    for h, w in QUERY_GRIDS[case]:
+        ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+        refs.append(np.stack([xs.ravel(), ys.ravel()], -1))
+    ref = np.concatenate(refs)  # [Lq, 2] as (x, y)
+    assert ref.shape[0] == q, (case, ref.shape)
+    theta = np.arange(n) * (2.0 * np.pi / n)
+    direction = np.stack([np.cos(theta), np.sin(theta)], -1)
+    direction /= np.abs(direction).max(-1, keepdims=True)  # [H, 2]
+    steps = np.arange(1, p + 1, dtype=np.float64)  # [P]
+    offsets = direction[:, None, None, :] * steps[None, None, :, None]  # [H, 1, P, 2] pixels
+    offsets = offsets + rng.normal(0.0, 0.5, (b, q, n, len(shapes), p, 2))
+    size = np.asarray([(w, h) for h, w in shapes], np.float64)  # [L, 2] as (w, h)
+    loc = ref[None, :, None, None, None, :] + offsets / size[None, None, None, :, None, :]
+    return loc.astype(np.float32)
+
+
+def make_inputs(case: str, seed: int = 0, locations: str = "uniform"):
+    if locations not in LOCATIONS:
+        raise ValueError(f"--locations {locations!r}: choose from {', '.join(LOCATIONS)}")
     b, q, shapes, n, p, d = CASES[case]
     rng = np.random.default_rng(seed)
     s = sum(h * w for h, w in shapes)
     n_lvl = len(shapes)
     value = rng.standard_normal((b, s, n, d)).astype(np.float32)
     loc = rng.uniform(-0.05, 1.05, (b, q, n, n_lvl, p, 2)).astype(np.float32)
+    if locations == "init":
+        loc = init_locations(case, rng)
     logits = rng.standard_normal((b, q, n, n_lvl * p)).astype(np.float32)
     att = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     return shapes, value, loc, att.reshape(b, q, n, n_lvl, p).astype(np.float32)
@@ -197,11 +240,11 @@ def torch_msda(value, shapes, loc, att):
     return out.transpose(1, 2).contiguous()
 
 
-def _time_torch(case, dtype: str, backward: bool, impl: str):
+def _time_torch(case, dtype: str, backward: bool, impl: str, locations: str = "uniform"):
     import torch
     from triton.testing import do_bench
 
-    shapes, value, loc, att = make_inputs(case)
+    shapes, value, loc, att = make_inputs(case, locations=locations)
     tdt = torch.float32 if dtype == "float32" else torch.bfloat16
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -258,7 +301,7 @@ def _roofline(args) -> list[dict]:
         bs = default_block_sizes(d, q)
         block_q = args.block_q_bwd or bs.block_q_bwd
         warps = args.num_warps or bs.num_warps_bwd
-        _, _, loc, att = make_inputs(case)
+        _, _, loc, att = make_inputs(case, locations=getattr(args, "locations", "uniform"))
         g = np.random.default_rng(2).standard_normal((b, q, n, d)).astype(np.float32)
         jargs = (jnp.asarray(loc), jnp.asarray(att), jnp.asarray(g))
         adds = rl.atomic_count(CASES[case])
@@ -359,8 +402,9 @@ def run(args: argparse.Namespace) -> int:
     impls = args.impls.split(",")
     results = []
     device = str(jax.devices()[0].device_kind)
+    locations = getattr(args, "locations", "uniform")
     print(f"# msda bench: device {device}, jax {jax.__version__}, "
-          f"{datetime.date.today().isoformat()}", flush=True)
+          f"{datetime.date.today().isoformat()}, locations {locations}", flush=True)
     for case in args.cases.split(","):
         b, q, shapes, n, p, d = CASES[case]
         bs = default_block_sizes(d, q)
@@ -385,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
         if "xla" in impls:
             variants.append(("xla", None))
         for dtype in args.dtypes.split(","):
-            shapes_, value, loc, att = make_inputs(case)
+            shapes_, value, loc, att = make_inputs(case, locations=locations)
             jdt = jnp.dtype(dtype)
             jargs = (jnp.asarray(value, jdt), jnp.asarray(loc, jdt), jnp.asarray(att, jdt))
             ct = cotangent((b, q, n * d), dtype, args.fwdbwd)
@@ -411,8 +455,8 @@ def run(args: argparse.Namespace) -> int:
                 if name not in impls:
                     continue
                 try:
-                    t_f = _time_torch(case, dtype, False, name)
-                    t_fb = _time_torch(case, dtype, True, name)
+                    t_f = _time_torch(case, dtype, False, name, locations)
+                    t_fb = _time_torch(case, dtype, True, name, locations)
                 except Exception as e:
                     print(f"{case} {dtype} {name}: not timed ({type(e).__name__}: {e})"[:300])
                     continue
@@ -429,5 +473,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=device, jax=jax.__version__, date=datetime.date.today().isoformat(),
-                           fwdbwd=args.fwdbwd, copies=args.copies, results=results), f, indent=1)
+                           fwdbwd=args.fwdbwd, copies=args.copies, locations=locations,
+                           results=results), f, indent=1)
     return 0
