@@ -79,6 +79,7 @@ class BlockSizes:
     # sums added (fp32 atomics, a few a row) into a zero-filled fp32 buffer.  Shortens the loop of
     # the coarse levels' rows (~300 contributions a row at pixdec_enc's 20 x 20 level).
     chunks_pull: int = 1
+    num_stages_pull: int = 1  # Triton's software pipelining of the pull kernel's loop
 
     @property
     def skips_bwd(self) -> bool:
@@ -483,7 +484,8 @@ def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes
         out_shape=out_shape,
         grid=grid,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_pull, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_pull,
+                                             num_stages=block_sizes.num_stages_pull),
         interpret=interpret,
         name="msda_bwd_pull",
     )(*args)

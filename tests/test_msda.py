@@ -266,27 +266,29 @@ def test_bench_skip_outside_variants():
 
 
 def test_bench_value_grad_variants():
-    """`--value-grad pull --pull-rows 16,64` follows each Pallas variant with its "pull" twin and
-    that twin at the other row blocks; an unknown method is refused."""
+    """`--value-grad pull --pull-configs ...` follows each Pallas variant with its "pull" twin
+    and that twin at the other (rows, chunks, stages); the default triple is not timed twice;
+    an unknown method or a malformed triple is refused."""
     from sarformer_jax.benchmarks.msda import _value_grad_variants
     from sarformer_jax.kernels import BlockSizes
 
     bs = BlockSizes.get_default(32)
     assert bs.value_grad == "scatter"
-    got = _value_grad_variants([("pallas", bs), ("pallas-skip", bs)], "pull", "16,32,64")
-    assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16]", "pallas/pull[r64]",
-                                   "pallas-skip", "pallas-skip/pull", "pallas-skip/pull[r16]",
-                                   "pallas-skip/pull[r64]"]
-    assert [(v.value_grad, v.block_rows_pull) for _, v in got[:4]] == [
-        ("scatter", 32), ("pull", 32), ("pull", 16), ("pull", 64)]
-    got = _value_grad_variants([("pallas", bs)], "pull", "16,32", "1,4")
-    assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16]",
-                                   "pallas/pull[r16,c4]", "pallas/pull[c4]"]
-    assert [(v.block_rows_pull, v.chunks_pull) for _, v in got[2:]] == [(16, 1), (16, 4), (32, 4)]
+    assert (bs.block_rows_pull, bs.chunks_pull, bs.num_stages_pull) == (32, 1, 1)
+    got = _value_grad_variants([("pallas", bs), ("pallas-skip", bs)], "pull",
+                               "16:1:1,32:1:1,32:4:2")
+    assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16,c1,s1]",
+                                   "pallas/pull[r32,c4,s2]", "pallas-skip", "pallas-skip/pull",
+                                   "pallas-skip/pull[r16,c1,s1]", "pallas-skip/pull[r32,c4,s2]"]
+    assert [(v.value_grad, v.block_rows_pull, v.chunks_pull, v.num_stages_pull)
+            for _, v in got[:4]] == [("scatter", 32, 1, 1), ("pull", 32, 1, 1),
+                                     ("pull", 16, 1, 1), ("pull", 32, 4, 2)]
     assert _value_grad_variants([("pallas", bs)], "scatter", None) == [("pallas", bs)]
-    assert _value_grad_variants([("pallas", bs)], None, "16") == [("pallas", bs)]
+    assert _value_grad_variants([("pallas", bs)], None, "16:1:1") == [("pallas", bs)]
     with pytest.raises(ValueError, match="--value-grad 'sorted': choose from scatter, pull"):
         _value_grad_variants([("pallas", bs)], "sorted", None)
+    with pytest.raises(ValueError, match="--pull-configs '16:4': expected ROWS:CHUNKS:STAGES"):
+        _value_grad_variants([("pallas", bs)], "pull", "16:4")
 
 
 @pytest.mark.parametrize("case", ["pixdec_enc", "adapter_inj", "adapter_ext"])

@@ -67,13 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-grad", default=None, metavar="METHODS",
                         help="also time the Pallas variants with these BlockSizes.value_grad "
                              "methods (comma list of scatter, pull; named NAME/METHOD)")
-    parser.add_argument("--pull-rows", default=None, metavar="ROWS",
-                        help="with a 'pull' variant, also time it at these "
-                             "BlockSizes.block_rows_pull (comma list; NAME/pull[rR])")
-    parser.add_argument("--pull-chunks", default=None, metavar="CHUNKS",
-                        help="with a 'pull' variant, also time it with its runs split over "
-                             "these BlockSizes.chunks_pull (comma list; NAME/pull[cC], with "
-                             "--pull-rows every pair: NAME/pull[rR,cC])")
+    parser.add_argument("--pull-configs", default=None, metavar="R:C:S,...",
+                        help="with a 'pull' variant, also time it at these BlockSizes "
+                             "block_rows_pull : chunks_pull : num_stages_pull triples (comma "
+                             "list, e.g. 16:1:1,32:4:1; named NAME/pull[rR,cC,sS])")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -357,11 +354,22 @@ def _skip_outside_variants(variants: list, mode: str) -> list:
     return out
 
 
-def _value_grad_variants(variants: list, methods: str | None, rows: str | None,
-                         chunks: str | None = None) -> list:
+def _parse_pull_configs(text: str | None) -> list[tuple[int, int, int]]:
+    out = []
+    for item in filter(None, (text or "").split(",")):
+        try:
+            r, c, st = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--pull-configs {item!r}: expected ROWS:CHUNKS:STAGES, "
+                             "e.g. 32:4:1") from None
+        out.append((r, c, st))
+    return out
+
+
+def _value_grad_variants(variants: list, methods: str | None, configs: str | None = None) -> list:
     """Each Pallas variant, followed by its twins with another value-gradient method
-    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other row blocks and chunk counts
-    (NAME/pull[rR], NAME/pull[cC], NAME/pull[rR,cC])."""
+    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other (rows, chunks, stages) of its
+    kernel (NAME/pull[rR,cC,sS])."""
     from sarformer_jax.kernels.msda_pallas import VALUE_GRAD_METHODS
 
     if not methods:
@@ -370,6 +378,7 @@ def _value_grad_variants(variants: list, methods: str | None, rows: str | None,
     for m in wanted:
         if m not in VALUE_GRAD_METHODS:
             raise ValueError(f"--value-grad {m!r}: choose from {', '.join(VALUE_GRAD_METHODS)}")
+    triples = _parse_pull_configs(configs)
     out = []
     for name, bs in variants:
         out.append((name, bs))
@@ -379,17 +388,11 @@ def _value_grad_variants(variants: list, methods: str | None, rows: str | None,
                 out.append((f"{name}/{m}", twin))
             if m != "pull":
                 continue
-            row_list = [int(r) for r in rows.split(",") if r] if rows else [twin.block_rows_pull]
-            chunk_list = ([int(c) for c in chunks.split(",") if c] if chunks
-                          else [twin.chunks_pull])
-            for r in row_list:
-                for c in chunk_list:
-                    if (r, c) == (twin.block_rows_pull, twin.chunks_pull):
-                        continue
-                    tag = ",".join(t for t, keep in ((f"r{r}", r != twin.block_rows_pull),
-                                                     (f"c{c}", c != twin.chunks_pull)) if keep)
-                    out.append((f"{name}/pull[{tag}]", dataclasses.replace(
-                        twin, block_rows_pull=r, chunks_pull=c)))
+            for r, c, st in triples:
+                alt = dataclasses.replace(twin, block_rows_pull=r, chunks_pull=c,
+                                          num_stages_pull=st)
+                if alt != twin:
+                    out.append((f"{name}/pull[r{r},c{c},s{st}]", alt))
     return out
 
 
@@ -416,8 +419,7 @@ def run(args: argparse.Namespace) -> int:
         variants = _grid_order_variants(bs, args.grid_orders) if "pallas" in impls else []
         variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
         variants = _value_grad_variants(variants, getattr(args, "value_grad", None),
-                                        getattr(args, "pull_rows", None),
-                                        getattr(args, "pull_chunks", None))
+                                        getattr(args, "pull_configs", None))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
