@@ -404,9 +404,12 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: 
     chunks > 1 program c takes the entries c, c + chunks, ... of every run and adds its partial
     sums into a zero-filled fp32 buffer (gv_refs = (aliased input, output))."""
     gv_ref = gv_refs[-1]
-    rb, bh = pl.program_id(0), pl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
     n_rows, d = gv_ref.shape[1], gv_ref.shape[-1]
+    # grid (B*H, row blocks[, chunks]), the first axis launched fastest; the row blocks from the
+    # last: the coarse levels' rows have the longest runs, so the longest programs of every
+    # (b, h) start first instead of forming the launch's tail
+    bh, rb = pl.program_id(0), pl.cdiv(n_rows, block_r) - 1 - pl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
     n_entries = query_ref.shape[0]
     sp = sum((hl + 1) * (wl + 1) for hl, wl in shapes)
     s = rb * block_r + jnp.arange(block_r)
@@ -478,7 +481,7 @@ def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes
     elif poison:
         kernel = _drop_poison_ref(kernel, 4)
         args, aliases = args + (jnp.full(out_shape.shape, jnp.nan, out_dtype),), {4: 0}
-    grid = (pl.cdiv(n_rows, block_r), bsz * n_heads) + ((chunks,) if chunks > 1 else ())
+    grid = (bsz * n_heads, pl.cdiv(n_rows, block_r)) + ((chunks,) if chunks > 1 else ())
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
