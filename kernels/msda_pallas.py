@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -117,7 +118,27 @@ def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes
     block_q = min(block_q, max(16, pl.next_power_of_2(num_queries)))
     block_q_bwd = min(block_q, max(16, 512 // head_dim))
     return BlockSizes(block_q=block_q, num_warps=8, num_stages=1, block_q_bwd=block_q_bwd,
-                      num_warps_bwd=4, skip_outside=False, skip_outside_bwd=True)
+                      num_warps_bwd=4, skip_outside=False, skip_outside_bwd=True,
+                      **_value_grad_from_env())
+
+
+def _value_grad_from_env() -> dict:
+    """The environment's `SARFORMER_MSDA_VALUE_GRAD`: "scatter" (also when unset), "pull", or
+    "pull:ROWS:CHUNKS:STAGES" (block_rows_pull, chunks_pull, num_stages_pull), so that a whole
+    program (`sarformer bench train --variant 'pull:env.SARFORMER_MSDA_VALUE_GRAD=pull'`) can
+    take the other value-gradient method without a config key."""
+    text = os.environ.get("SARFORMER_MSDA_VALUE_GRAD", "").strip()
+    if not text or text == "scatter":
+        return {}
+    method, *rest = text.split(":")
+    if method != "pull" or len(rest) not in (0, 3) or not all(v.isdigit() for v in rest):
+        raise ValueError(f"SARFORMER_MSDA_VALUE_GRAD={text!r}: expected 'scatter', 'pull' or "
+                         "'pull:ROWS:CHUNKS:STAGES'")
+    out = dict(value_grad="pull")
+    if rest:
+        out.update(block_rows_pull=int(rest[0]), chunks_pull=int(rest[1]),
+                   num_stages_pull=int(rest[2]))
+    return out
 
 
 def _make_relaxed_atomic_add():

@@ -198,6 +198,23 @@ def test_value_grad_pull_vmap_and_batch_sharded():
         assert rel_err(got, want) <= RTOL["float32"]
 
 
+def test_value_grad_from_the_environment(monkeypatch):
+    """`SARFORMER_MSDA_VALUE_GRAD` picks the default's value-gradient method (and the pull
+    kernel's rows, chunks and stages); a malformed value is refused, naming the variable."""
+    monkeypatch.delenv("SARFORMER_MSDA_VALUE_GRAD", raising=False)
+    assert BlockSizes.get_default(32).value_grad == "scatter"
+    monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", "pull")
+    bs = BlockSizes.get_default(32)
+    assert (bs.value_grad, bs.block_rows_pull, bs.chunks_pull, bs.block_q_bwd) == ("pull", 32, 1, 16)
+    monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", "pull:16:4:2")
+    bs = BlockSizes.get_default(32)
+    assert (bs.block_rows_pull, bs.chunks_pull, bs.num_stages_pull) == (16, 4, 2)
+    for bad in ("push", "pull:16:4", "pull:a:1:1"):
+        monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", bad)
+        with pytest.raises(ValueError, match=f"SARFORMER_MSDA_VALUE_GRAD='{bad}'"):
+            BlockSizes.get_default(32)
+
+
 def test_value_grad_method_is_checked():
     with pytest.raises(ValueError, match="value_grad must be one of .*'push'"):
         BlockSizes(block_q=16, num_warps=4, value_grad="push")
