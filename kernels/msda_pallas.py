@@ -383,8 +383,9 @@ def _sorted_points(loc, att, shapes: Shapes):
       starts [B*H*Sp + 2] int32: the points of cell key k (= (b*H + h)*Sp + padded cell) are
         sorted entries starts[k] .. starts[k+1] - 1 (Sp = the padded cells of all levels);
       query [N] int32: the query of each sorted entry;
-      coef [N, 4] fp32: its attention weight times the bilinear weight of each corner, in the
-        order (0, 0), (0, 1), (1, 0), (1, 1) of (dy, dx).
+      coef [4, N] fp32: its attention weight times the bilinear weight of each corner, in the
+        order (0, 0), (0, 1), (1, 0), (1, 1) of (dy, dx); corner-major, so that a run's
+        consecutive entries of one corner share cache sectors.
     Points with no corner inside the map (and non-finite locations) sort last, under key
     B*H*Sp, and no value row reads them.  The corners are computed as `_corners` does.
     """
@@ -411,11 +412,12 @@ def _sorted_points(loc, att, shapes: Shapes):
     del sorted_key
     counts = jnp.zeros((n_keys + 1,), jnp.int32).at[key].add(1)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
-    a = att.astype(jnp.float32)
+    a = att.astype(jnp.float32).reshape(-1)[order]
+    fx, fy = fx.reshape(-1)[order], fy.reshape(-1)[order]
     coef = jnp.stack([a * (1.0 - fy) * (1.0 - fx), a * (1.0 - fy) * fx,
-                      a * fy * (1.0 - fx), a * fy * fx], axis=-1).reshape(-1, 4)
+                      a * fy * (1.0 - fx), a * fy * fx])
     query = order // (n_heads * n_levels * n_points) % num_q
-    return starts, query, coef[order]
+    return starts, query, coef
 
 
 def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: Shapes,
@@ -464,11 +466,11 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: 
             e = jnp.clip(lo + k, 0, n_entries - 1)
             if interpret:  # no masked gathers in the interpreter: read, then zero
                 q = query_ref[e]
-                cf = jnp.where(take, coef_ref[e, _i(c)], 0.0)
+                cf = jnp.where(take, coef_ref[_i(c), e], 0.0)
                 rows = jnp.where(take[:, None], g_ref[b, q, h, :], 0)
             else:
                 q = plgpu.load(query_ref.at[e], mask=take, other=0)
-                cf = plgpu.load(coef_ref.at[e, _i(c)], mask=take, other=0.0)
+                cf = plgpu.load(coef_ref.at[_i(c), e], mask=take, other=0.0)
                 rows = plgpu.load(g_ref.at[b, q, h, :], other=0.0,
                                   mask=jnp.broadcast_to(take[:, None], (block_r, d)))
             acc += cf[:, None] * rows.astype(jnp.float32)
