@@ -408,7 +408,8 @@ def _sorted_points(loc, att, shapes: Shapes):
     n_keys = bsz * n_heads * sp
     key = jnp.where(touches, bh * sp + cell, n_keys).reshape(-1)
     order = jnp.arange(key.shape[0], dtype=jnp.int32)
-    sorted_key, order = jax.lax.sort((key, order), num_keys=1, is_stable=False)
+    # stable: within a run the points keep their (query-major) order, the same every run
+    sorted_key, order = jax.lax.sort((key, order), num_keys=1, is_stable=True)
     del sorted_key
     counts = jnp.zeros((n_keys + 1,), jnp.int32).at[key].add(1)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
