@@ -31,12 +31,13 @@ def loss_fn(impl, shapes, ct, block_sizes=None):
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shapes", [((5, 7),), ((6, 9), (3, 5), (2, 1))], ids=["L1", "L3"])
-def test_kernel_matches_reference(shapes, dtype):
-    value, loc, att, ct = inputs(0, shapes)
+def assert_matches_reference(inputs_, shapes, dtype, block_sizes):
+    """The interpreted kernels' output and three gradients, in `dtype`, against the XLA
+    reference in fp32 on the same rounded inputs, within RTOL[dtype]; outputs and gradients
+    come back in the inputs' dtype."""
+    value, loc, att, ct = inputs_
     args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
-    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, BS))(*args)
+    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, block_sizes))(*args)
     ref_args = [a.astype(jnp.float32) for a in args]  # same rounded inputs, fp32 oracle
     (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*ref_args)
     assert out.dtype == jnp.dtype(dtype)
@@ -45,6 +46,12 @@ def test_kernel_matches_reference(shapes, dtype):
     for name, got, want, arg in zip(("value", "loc", "att"), grads, ref_grads, args):
         assert got.dtype == arg.dtype, name
         assert rel_err(got.astype(jnp.float32), want) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shapes", [((5, 7),), ((6, 9), (3, 5), (2, 1))], ids=["L1", "L3"])
+def test_kernel_matches_reference(shapes, dtype):
+    assert_matches_reference(inputs(0, shapes), shapes, dtype, BS)
 
 
 @pytest.mark.parametrize("order", ["qhb", "hbq"])
@@ -73,16 +80,8 @@ def test_skip_outside_matches_reference(dtype, skip):
     on its clamped border row, shows in the output or the gradients.  Lq = 37 (masked tail)."""
     import dataclasses
     shapes = ((6, 9), (3, 5), (2, 1))
-    value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
     bs = dataclasses.replace(BS, skip_outside=skip[0], skip_outside_bwd=skip[1])
-    args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
-    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
-    ref_args = [a.astype(jnp.float32) for a in args]
-    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*ref_args)
-    tol = RTOL[dtype]
-    assert rel_err(out.astype(jnp.float32), ref) <= tol
-    for name, got, want in zip(("value", "loc", "att"), grads, ref_grads):
-        assert rel_err(got.astype(jnp.float32), want) <= tol, name
+    assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
 @pytest.mark.parametrize("skip", [(False, False), (False, True), (True, True)])
@@ -132,17 +131,8 @@ def test_value_grad_pull_matches_reference(shapes, dtype, skip, chunks):
     With `chunks_pull` = 3 each run is split over three programs whose partial sums are added:
     an entry taken by two chunks, or by none, shows too."""
     import dataclasses
-    value, loc, att, ct = inputs(5, shapes, b=2, q=37, n=3)
     bs = dataclasses.replace(PULL, skip_outside_bwd=skip, chunks_pull=chunks)
-    args = [jnp.asarray(x, dtype) for x in (value, loc, att)]
-    (_, out), grads = jax.jit(loss_fn("pallas_interpret", shapes, ct, bs))(*args)
-    ref_args = [a.astype(jnp.float32) for a in args]
-    (_, ref), ref_grads = loss_fn("xla", shapes, ct)(*ref_args)
-    tol = RTOL[dtype]
-    assert rel_err(out.astype(jnp.float32), ref) <= tol
-    for name, got, want, arg in zip(("value", "loc", "att"), grads, ref_grads, args):
-        assert got.dtype == arg.dtype, name
-        assert rel_err(got.astype(jnp.float32), want) <= tol, name
+    assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
 def test_sorted_points_files_each_point_under_its_cell():
