@@ -81,6 +81,11 @@ class BlockSizes:
     # the coarse levels' rows (~300 contributions a row at pixdec_enc's 20 x 20 level).
     chunks_pull: int = 1
     num_stages_pull: int = 1  # Triton's software pipelining of the pull kernel's loop
+    # > 0: chunks per level instead of `chunks_pull` for all: each level's runs split so that a
+    # chunk walks about this many entries of a run (the level's mean run, B*H fixed, is
+    # Lq * P / ((h + 1) * (w + 1)) points a cell: pixdec_enc ~5, ~20 and ~80 from the finest
+    # level up), so the fine levels keep one program a block and the coarse ones get several.
+    pull_run_entries: int = 0
 
     @property
     def skips_bwd(self) -> bool:
@@ -94,6 +99,9 @@ class BlockSizes:
         if self.chunks_pull < 1 or self.block_rows_pull < 1:
             raise ValueError(f"BlockSizes.chunks_pull and block_rows_pull must be >= 1, got "
                              f"{self.chunks_pull} and {self.block_rows_pull}")
+        if self.pull_run_entries < 0:
+            raise ValueError(f"BlockSizes.pull_run_entries must be >= 0, got "
+                             f"{self.pull_run_entries}")
         if self.value_grad not in VALUE_GRAD_METHODS:
             raise ValueError(f"BlockSizes.value_grad must be one of {VALUE_GRAD_METHODS}, got "
                              f"{self.value_grad!r}")
@@ -124,20 +132,23 @@ def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes
 
 def _value_grad_from_env() -> dict:
     """The environment's `SARFORMER_MSDA_VALUE_GRAD`: "scatter" (also when unset), "pull", or
-    "pull:ROWS:CHUNKS:STAGES" (block_rows_pull, chunks_pull, num_stages_pull), so that a whole
+    "pull:ROWS:CHUNKS:STAGES[:ENTRIES]" (block_rows_pull, chunks_pull, num_stages_pull,
+    pull_run_entries), so that a whole
     program (`sarformer bench train --variant 'pull:env.SARFORMER_MSDA_VALUE_GRAD=pull'`) can
     take the other value-gradient method without a config key."""
     text = os.environ.get("SARFORMER_MSDA_VALUE_GRAD", "").strip()
     if not text or text == "scatter":
         return {}
     method, *rest = text.split(":")
-    if method != "pull" or len(rest) not in (0, 3) or not all(v.isdigit() for v in rest):
+    if method != "pull" or len(rest) not in (0, 3, 4) or not all(v.isdigit() for v in rest):
         raise ValueError(f"SARFORMER_MSDA_VALUE_GRAD={text!r}: expected 'scatter', 'pull' or "
-                         "'pull:ROWS:CHUNKS:STAGES'")
+                         "'pull:ROWS:CHUNKS:STAGES[:ENTRIES]'")
     out = dict(value_grad="pull")
     if rest:
         out.update(block_rows_pull=int(rest[0]), chunks_pull=int(rest[1]),
                    num_stages_pull=int(rest[2]))
+    if len(rest) == 4:
+        out.update(pull_run_entries=int(rest[3]))
     return out
 
 
@@ -422,11 +433,14 @@ def _sorted_points(loc, att, shapes: Shapes):
 
 
 def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: Shapes,
-                      n_heads: int, block_r: int, chunks: int, relaxed: bool, interpret: bool):
+                      n_heads: int, block_r: int, level_chunks: tuple[int, ...], relaxed: bool,
+                      interpret: bool):
     """value gradient rows [block_r] of one (b, h): the sum over the four cells each row
-    receives from of coef * g[b, query, h, :], in fp32.  With chunks == 1 written once; with
-    chunks > 1 program c takes the entries c, c + chunks, ... of every run and adds its partial
-    sums into a zero-filled fp32 buffer (gv_refs = (aliased input, output))."""
+    receives from of coef * g[b, query, h, :], in fp32.  With one chunk everywhere written once;
+    else program c of a block whose rows' levels split their runs in up to n chunks (n the
+    largest of `level_chunks` over the block's rows) takes the entries c, c + n, ... of every run
+    (nothing when c >= n) and adds its partial sums into a zero-filled fp32 buffer
+    (gv_refs = (aliased input, output))."""
     gv_ref = gv_refs[-1]
     n_rows, d = gv_ref.shape[1], gv_ref.shape[-1]
     # grid (B*H, row blocks[, chunks]), the first axis launched fastest; the row blocks from the
@@ -440,11 +454,14 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: 
     smask = s < n_rows
     base = jnp.zeros((block_r,), jnp.int32)  # padded cell of (y, x) itself: corner (0, 0)
     wp1 = jnp.zeros((block_r,), jnp.int32)
-    for start, pstart, (hl, wl) in zip(_level_starts(shapes), _padded_starts(shapes), shapes):
+    row_chunks = jnp.ones((block_r,), jnp.int32)
+    for start, pstart, (hl, wl), nc in zip(_level_starts(shapes), _padded_starts(shapes), shapes,
+                                           level_chunks):
         inside = (s >= start) & (s < start + hl * wl)
         r = s - start
         base = jnp.where(inside, pstart + (r // wl + 1) * (wl + 1) + r % wl + 1, base)
         wp1 = jnp.where(inside, wl + 1, wp1)
+        row_chunks = jnp.where(inside, nc, row_chunks)
     runs = []
     for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         key = jnp.clip(bh * sp + base - dy * wp1 - dx, 0, starts_ref.shape[0] - 2)
@@ -458,7 +475,13 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: 
     n_max = jnp.max(jnp.maximum(jnp.maximum(runs[0][2], runs[1][2]),
                                 jnp.maximum(runs[2][2], runs[3][2])))
 
-    chunk = pl.program_id(2) if chunks > 1 else 0
+    split = max(level_chunks) > 1
+    if not split:
+        chunk, chunks = 0, 1
+    elif len(set(level_chunks)) == 1:
+        chunk, chunks = pl.program_id(2), level_chunks[0]
+    else:  # this block's own split: its rows' largest (a block may straddle two levels)
+        chunk, chunks = pl.program_id(2), jnp.max(jnp.where(smask, row_chunks, 1))
 
     def body(i, acc):
         k = chunk + i * chunks
@@ -477,24 +500,40 @@ def _msda_pull_kernel(starts_ref, query_ref, coef_ref, g_ref, *gv_refs, shapes: 
             acc += cf[:, None] * rows.astype(jnp.float32)
         return acc
 
-    n_iter = n_max if chunks == 1 else (n_max - chunk + chunks - 1) // chunks
+    # a program past its block's split (chunk >= chunks) runs no iteration and adds nothing
+    n_iter = n_max if not split else jnp.maximum(n_max - chunk + chunks - 1, 0) // chunks
     acc = jax.lax.fori_loop(0, n_iter, body, jnp.zeros((block_r, d), jnp.float32))
-    if chunks == 1:
+    if not split:
         plgpu.store(gv_ref.at[b, pl.ds(rb * block_r, block_r), h, :], acc.astype(gv_ref.dtype),
                     mask=smask[:, None])
     else:  # rows are distinct within the program; the rows past S are masked off
         _scatter_add_rows(gv_ref, b, jnp.minimum(s, n_rows - 1), h, acc, interpret, relaxed,
-                          keep=smask)
+                          keep=smask & (chunk < chunks))
+
+
+def pull_level_chunks(shapes: Shapes, points_per_level: int, block_sizes: BlockSizes
+                      ) -> tuple[int, ...]:
+    """How many programs split each level's runs in the "pull" kernel: `chunks_pull` for every
+    level, or with `pull_run_entries` = E > 0 each level's mean run (points_per_level = Lq * P
+    points of a (b, h) over its (h + 1) * (w + 1) padded cells) over E, rounded up."""
+    if block_sizes.pull_run_entries <= 0:
+        return (block_sizes.chunks_pull,) * len(shapes)
+    e = block_sizes.pull_run_entries
+    return tuple(max(1, -(-points_per_level // ((hl + 1) * (wl + 1) * e))) for hl, wl in shapes)
 
 
 def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes,
-               block_sizes: BlockSizes, interpret: bool, poison: bool = False):
-    """d value [B, S, H, D] from the sorted points and g [B, Lq, H, D]: in out_dtype with
-    `block_sizes.chunks_pull` == 1, in fp32 (partial sums added into zeros) above."""
+               block_sizes: BlockSizes, points_per_level: int, interpret: bool,
+               poison: bool = False):
+    """d value [B, S, H, D] from the sorted points and g [B, Lq, H, D]: in out_dtype when no
+    level's runs are split (`pull_level_chunks` all 1), else in fp32 (partial sums added into
+    zeros)."""
     bsz, _, n_heads, d = g.shape
-    block_r, chunks = block_sizes.block_rows_pull, block_sizes.chunks_pull
+    block_r = block_sizes.block_rows_pull
+    level_chunks = pull_level_chunks(shapes, points_per_level, block_sizes)
+    chunks = max(level_chunks)
     kernel = functools.partial(_msda_pull_kernel, shapes=shapes, n_heads=n_heads,
-                               block_r=block_r, chunks=chunks,
+                               block_r=block_r, level_chunks=level_chunks,
                                relaxed=block_sizes.relaxed_atomics, interpret=interpret)
     if chunks > 1:
         out_dtype = jnp.float32
@@ -590,7 +629,8 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
         )(*args)
         starts, query, coef = _sorted_points(loc, att, shapes)
         gv = _pull_call(starts, query, coef, g, value.shape[1], value.dtype, shapes=shapes,
-                        block_sizes=block_sizes, interpret=interpret, poison=poison)
+                        block_sizes=block_sizes, points_per_level=num_q * n_points,
+                        interpret=interpret, poison=poison)
         return gv, gloc, gatt
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}

@@ -276,19 +276,23 @@ def test_bench_value_grad_variants():
     assert bs.value_grad == "scatter"
     assert (bs.block_rows_pull, bs.chunks_pull, bs.num_stages_pull) == (32, 1, 1)
     got = _value_grad_variants([("pallas", bs), ("pallas-skip", bs)], "pull",
-                               "16:1:1,32:1:1,32:4:2")
+                               "16:1:1,32:1:1,32:4:2,32:1:1:16")
     assert [n for n, _ in got] == ["pallas", "pallas/pull", "pallas/pull[r16,c1,s1]",
-                                   "pallas/pull[r32,c4,s2]", "pallas-skip", "pallas-skip/pull",
-                                   "pallas-skip/pull[r16,c1,s1]", "pallas-skip/pull[r32,c4,s2]"]
-    assert [(v.value_grad, v.block_rows_pull, v.chunks_pull, v.num_stages_pull)
-            for _, v in got[:4]] == [("scatter", 32, 1, 1), ("pull", 32, 1, 1),
-                                     ("pull", 16, 1, 1), ("pull", 32, 4, 2)]
+                                   "pallas/pull[r32,c4,s2]", "pallas/pull[r32,c1,s1,e16]",
+                                   "pallas-skip", "pallas-skip/pull",
+                                   "pallas-skip/pull[r16,c1,s1]", "pallas-skip/pull[r32,c4,s2]",
+                                   "pallas-skip/pull[r32,c1,s1,e16]"]
+    assert [(v.value_grad, v.block_rows_pull, v.chunks_pull, v.num_stages_pull, v.pull_run_entries)
+            for _, v in got[:5]] == [("scatter", 32, 1, 1, 0), ("pull", 32, 1, 1, 0),
+                                     ("pull", 16, 1, 1, 0), ("pull", 32, 4, 2, 0),
+                                     ("pull", 32, 1, 1, 16)]
     assert _value_grad_variants([("pallas", bs)], "scatter", None) == [("pallas", bs)]
     assert _value_grad_variants([("pallas", bs)], None, "16:1:1") == [("pallas", bs)]
     with pytest.raises(ValueError, match="--value-grad 'sorted': choose from scatter, pull"):
         _value_grad_variants([("pallas", bs)], "sorted", None)
-    with pytest.raises(ValueError, match="--pull-configs '16:4': expected ROWS:CHUNKS:STAGES"):
-        _value_grad_variants([("pallas", bs)], "pull", "16:4")
+    for bad in ("16:4", "1:1:1:1:1", "a:1:1"):
+        with pytest.raises(ValueError, match=f"--pull-configs '{bad}': expected ROWS:CHUNKS"):
+            _value_grad_variants([("pallas", bs)], "pull", bad)
 
 
 @pytest.mark.parametrize("case", ["pixdec_enc", "adapter_inj", "adapter_ext"])

@@ -2,6 +2,8 @@
 gradients, 1 and 3 levels, non-square maps, Lq not a multiple of the block, points outside
 [0, 1], fp32 and bf16; vmap over an extra axis; a batch-sharded jit on 8 fake CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +60,6 @@ def test_kernel_matches_reference(shapes, dtype):
 def test_grid_order_matches_reference(order):
     """Any launch order of (batch, query block, head) finds each program's own b, queries and h:
     batch and heads differ in value, so a swapped axis shows in the output and gradients."""
-    import dataclasses
     shapes = ((6, 9), (3, 5))
     value, loc, att, ct = inputs(3, shapes, b=2, q=37, n=3)
     bs = dataclasses.replace(BS, grid_order=order)
@@ -78,7 +79,6 @@ def test_skip_outside_matches_reference(dtype, skip):
     only.  Locations spread to [-0.3, 1.3] put about half the corners outside;
     a mask that dropped an inside corner, or kept the value gradient's adds of an outside one
     on its clamped border row, shows in the output or the gradients.  Lq = 37 (masked tail)."""
-    import dataclasses
     shapes = ((6, 9), (3, 5), (2, 1))
     bs = dataclasses.replace(BS, skip_outside=skip[0], skip_outside_bwd=skip[1])
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
@@ -89,7 +89,6 @@ def test_triton_lowering_on_the_cpu(skip):
     """Both kernels lower to Triton for a CUDA target here, without a GPU (jax lowers for another
     platform): the masked gathers and atomics of `skip_outside`, which the interpreter cannot
     run, at least pass the Pallas Triton lowering.  (Compiling them needs the GPU tests.)"""
-    import dataclasses
     shapes = ((6, 9), (3, 5))
     b, q, n, d = 2, 37, 2, 32
     sds = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
@@ -108,20 +107,22 @@ def test_triton_lowering_on_the_cpu(skip):
     text = lowered(bs)
     assert text.count("xla.gpu.triton") == 2  # msda_fwd and msda_bwd
     # value_grad="pull": the points kernel, the sort of the points, the pull kernel
-    for chunks in (1, 4):
-        text = lowered(dataclasses.replace(bs, value_grad="pull", chunks_pull=chunks))
+    for chunks, entries in ((1, 0), (4, 0), (1, 2)):
+        text = lowered(dataclasses.replace(bs, value_grad="pull", chunks_pull=chunks,
+                                           pull_run_entries=entries))
         assert text.count("xla.gpu.triton") == 3 and text.count("stablehlo.sort") == 1
 
 
 PULL = BlockSizes(block_q=16, num_warps=4, block_q_bwd=16, value_grad="pull", block_rows_pull=8)
 
 
-@pytest.mark.parametrize("skip,chunks", [(False, 1), (True, 1), (True, 3)],
-                         ids=["gather_all", "skip_bwd", "3_chunks"])
+@pytest.mark.parametrize("skip,chunks,entries", [(False, 1, 0), (True, 1, 0), (True, 3, 0),
+                                                  (True, 1, 2)],
+                         ids=["gather_all", "skip_bwd", "3_chunks", "level_chunks"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shapes", [((5, 7),), ((6, 9), (3, 5), (2, 1)), ((1, 1), (4, 1))],
                          ids=["L1", "L3", "thin"])
-def test_value_grad_pull_matches_reference(shapes, dtype, skip, chunks):
+def test_value_grad_pull_matches_reference(shapes, dtype, skip, chunks, entries):
     """`BlockSizes.value_grad="pull"`: the value gradient from the points sorted by their
     top-left cell, each row summing its four cells' runs.  Locations in [-0.3, 1.3] put points
     in the padded border cells (x0 or y0 = -1, or h-1 / w-1) and beyond the map (no cell);
@@ -129,9 +130,16 @@ def test_value_grad_pull_matches_reference(shapes, dtype, skip, chunks):
     A point filed under a wrong cell, a wrong corner's weight, a lost run or a row written
     twice shows in the value gradient; the other two gradients come from the points kernel.
     With `chunks_pull` = 3 each run is split over three programs whose partial sums are added:
-    an entry taken by two chunks, or by none, shows too."""
-    import dataclasses
-    bs = dataclasses.replace(PULL, skip_outside_bwd=skip, chunks_pull=chunks)
+    an entry taken by two chunks, or by none, shows too.  With `pull_run_entries` = 2 the levels
+    split their runs differently (L3: 1, 2 and 7 chunks; thin: 10 and 4; L1 not at all), and
+    the blocks straddling two levels take the larger split."""
+    bs = dataclasses.replace(PULL, skip_outside_bwd=skip, chunks_pull=chunks,
+                             pull_run_entries=entries)
+    if entries:
+        from sarformer_jax.kernels.msda_pallas import pull_level_chunks
+        assert pull_level_chunks(shapes, 37 * 2, bs) == {
+            "L1": (1,), "L3": (1, 2, 7), "thin": (10, 4)}[
+            {1: "L1", 3: "L3", 2: "thin"}[len(shapes)]]
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
@@ -200,7 +208,11 @@ def test_value_grad_from_the_environment(monkeypatch):
     monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", "pull:16:4:2")
     bs = BlockSizes.get_default(32)
     assert (bs.block_rows_pull, bs.chunks_pull, bs.num_stages_pull) == (16, 4, 2)
-    for bad in ("push", "pull:16:4", "pull:a:1:1"):
+    assert bs.pull_run_entries == 0
+    monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", "pull:32:1:1:16")
+    bs = BlockSizes.get_default(32)
+    assert (bs.block_rows_pull, bs.chunks_pull, bs.pull_run_entries) == (32, 1, 16)
+    for bad in ("push", "pull:16:4", "pull:a:1:1", "pull:1:1:1:1:1"):
         monkeypatch.setenv("SARFORMER_MSDA_VALUE_GRAD", bad)
         with pytest.raises(ValueError, match=f"SARFORMER_MSDA_VALUE_GRAD='{bad}'"):
             BlockSizes.get_default(32)
@@ -211,6 +223,23 @@ def test_value_grad_method_is_checked():
         BlockSizes(block_q=16, num_warps=4, value_grad="push")
     with pytest.raises(ValueError, match="chunks_pull and block_rows_pull must be >= 1, got 0"):
         BlockSizes(block_q=16, num_warps=4, value_grad="pull", chunks_pull=0)
+    with pytest.raises(ValueError, match="pull_run_entries must be >= 0, got -1"):
+        BlockSizes(block_q=16, num_warps=4, value_grad="pull", pull_run_entries=-1)
+
+
+def test_pull_level_chunks():
+    """Each level's split from its mean run: pixdec_enc (Lq 8400, P 4) has ~5, ~20 and ~76
+    points a padded cell from the finest level up; `chunks_pull` applies to all levels when
+    `pull_run_entries` is 0."""
+    from sarformer_jax.kernels.msda_pallas import pull_level_chunks
+
+    shapes = ((80, 80), (40, 40), (20, 20))
+    bs = dataclasses.replace(PULL, pull_run_entries=16)
+    assert pull_level_chunks(shapes, 8400 * 4, bs) == (1, 2, 5)
+    assert pull_level_chunks(shapes, 8400 * 4, dataclasses.replace(bs, pull_run_entries=8)) == (
+        1, 3, 10)
+    assert pull_level_chunks(shapes, 8400 * 4, dataclasses.replace(
+        bs, pull_run_entries=0, chunks_pull=3)) == (3, 3, 3)
 
 
 def test_grid_order_rejects_unknown_axes():

@@ -67,10 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-grad", default=None, metavar="METHODS",
                         help="also time the Pallas variants with these BlockSizes.value_grad "
                              "methods (comma list of scatter, pull; named NAME/METHOD)")
-    parser.add_argument("--pull-configs", default=None, metavar="R:C:S,...",
+    parser.add_argument("--pull-configs", default=None, metavar="R:C:S[:E],...",
                         help="with a 'pull' variant, also time it at these BlockSizes "
-                             "block_rows_pull : chunks_pull : num_stages_pull triples (comma "
-                             "list, e.g. 16:1:1,32:4:1; named NAME/pull[rR,cC,sS])")
+                             "block_rows_pull : chunks_pull : num_stages_pull [: "
+                             "pull_run_entries] (comma list, e.g. 16:1:1,32:4:1,32:1:1:16; named "
+                             "NAME/pull[rR,cC,sS] or NAME/pull[rR,cC,sS,eE])")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -354,22 +355,26 @@ def _skip_outside_variants(variants: list, mode: str) -> list:
     return out
 
 
-def _parse_pull_configs(text: str | None) -> list[tuple[int, int, int]]:
+def _parse_pull_configs(text: str | None) -> list[tuple[int, int, int, int]]:
+    """ROWS:CHUNKS:STAGES[:ENTRIES] items -> (block_rows_pull, chunks_pull, num_stages_pull,
+    pull_run_entries), ENTRIES 0 when left out."""
     out = []
     for item in filter(None, (text or "").split(",")):
         try:
-            r, c, st = (int(v) for v in item.split(":"))
+            vals = [int(v) for v in item.split(":")]
+            if len(vals) not in (3, 4):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"--pull-configs {item!r}: expected ROWS:CHUNKS:STAGES, "
-                             "e.g. 32:4:1") from None
-        out.append((r, c, st))
+            raise ValueError(f"--pull-configs {item!r}: expected ROWS:CHUNKS:STAGES[:ENTRIES], "
+                             "e.g. 32:4:1 or 32:1:1:16") from None
+        out.append(tuple(vals) + (0,) * (4 - len(vals)))
     return out
 
 
 def _value_grad_variants(variants: list, methods: str | None, configs: str | None = None) -> list:
     """Each Pallas variant, followed by its twins with another value-gradient method
-    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other (rows, chunks, stages) of its
-    kernel (NAME/pull[rR,cC,sS])."""
+    (BlockSizes.value_grad: NAME/METHOD) and, for "pull", other (rows, chunks, stages[,
+    entries]) of its kernel (NAME/pull[rR,cC,sS] or NAME/pull[rR,cC,sS,eE])."""
     from sarformer_jax.kernels.msda_pallas import VALUE_GRAD_METHODS
 
     if not methods:
@@ -388,11 +393,11 @@ def _value_grad_variants(variants: list, methods: str | None, configs: str | Non
                 out.append((f"{name}/{m}", twin))
             if m != "pull":
                 continue
-            for r, c, st in triples:
+            for r, c, st, e in triples:
                 alt = dataclasses.replace(twin, block_rows_pull=r, chunks_pull=c,
-                                          num_stages_pull=st)
+                                          num_stages_pull=st, pull_run_entries=e)
                 if alt != twin:
-                    out.append((f"{name}/pull[r{r},c{c},s{st}]", alt))
+                    out.append((f"{name}/pull[r{r},c{c},s{st}{f',e{e}' if e else ''}]", alt))
     return out
 
 
