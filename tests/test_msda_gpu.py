@@ -91,12 +91,16 @@ def test_public_op_grad_matches_reference():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("seed,rows,chunks", [(31, 32, 1), (32, 16, 1), (33, 64, 1), (34, 32, 4)])
-def test_value_grad_pull(seed, rows, chunks, dtype):
+@pytest.mark.parametrize("seed,rows,chunks,entries", [(31, 32, 1, 0), (32, 16, 1, 0),
+                                                      (33, 64, 1, 0), (34, 32, 4, 0),
+                                                      (35, 32, 1, 2)])
+def test_value_grad_pull(seed, rows, chunks, entries, dtype):
     """`BlockSizes.value_grad="pull"`: the sort, the points kernel and the pull kernel's masked
     gathers and dynamic-length loop compiled, the value gradient poisoned before it is written
-    (in one chunk; with 4 chunks the partial sums' masked atomics)."""
+    (in one chunk; with 4 chunks, or each level's own split, the partial sums' masked
+    atomics)."""
     shapes, value, loc, att, ct = _random_case(seed)
     bs = BlockSizes.get_default(value.shape[-1], loc.shape[1])
     _check(shapes, value, loc, att, ct, dtype, dataclasses.replace(
-        bs, value_grad="pull", block_rows_pull=rows, chunks_pull=chunks))
+        bs, value_grad="pull", block_rows_pull=rows, chunks_pull=chunks,
+        pull_run_entries=entries))
