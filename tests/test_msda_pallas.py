@@ -173,6 +173,18 @@ def test_sorted_points_files_each_point_under_its_cell():
     np.testing.assert_allclose(c[3], 3.0 * np.array([0.5, 0.5, 0.0, 0.0]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("n,n_starts", [(1, 3), (60, 10), (2000, 45), (9, 400)])
+def test_run_starts_equal_searchsorted(n, n_starts):
+    """The runs' starts from sorted keys (first-entry scatter + reverse running minimum) equal
+    numpy's searchsorted: keys with no entry (leading, inner, trailing) start where the next
+    run does, the last start is the entry count."""
+    from sarformer_jax.kernels.msda_pallas import _run_starts
+
+    keys = np.sort(np.random.default_rng(n).integers(1, n_starts - 1, n)).astype(np.int32)
+    got = np.asarray(jax.jit(_run_starts, static_argnums=1)(jnp.asarray(keys), n_starts))
+    np.testing.assert_array_equal(got, np.searchsorted(keys, np.arange(n_starts), "left"))
+
+
 def test_value_grad_pull_vmap_and_batch_sharded():
     """The sort and the pull kernel run per batch shard (8 fake devices: the kernels see batch
     1, no all-gather) and under vmap (the vmapped axis folded into the batch)."""
