@@ -383,7 +383,7 @@ def _value_grad_variants(variants: list, methods: str | None, configs: str | Non
     for m in wanted:
         if m not in VALUE_GRAD_METHODS:
             raise ValueError(f"--value-grad {m!r}: choose from {', '.join(VALUE_GRAD_METHODS)}")
-    triples = _parse_pull_configs(configs)
+    pull_configs = _parse_pull_configs(configs)
     out = []
     for name, bs in variants:
         out.append((name, bs))
@@ -393,7 +393,7 @@ def _value_grad_variants(variants: list, methods: str | None, configs: str | Non
                 out.append((f"{name}/{m}", twin))
             if m != "pull":
                 continue
-            for r, c, st, e in triples:
+            for r, c, st, e in pull_configs:
                 alt = dataclasses.replace(twin, block_rows_pull=r, chunks_pull=c,
                                           num_stages_pull=st, pull_run_entries=e)
                 if alt != twin:
