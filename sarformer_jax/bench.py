@@ -25,6 +25,7 @@ BENCHMARKS = {
     "scaling": "the sharded train step over 1..N GPUs: weak scaling and loss-trajectory equivalence",
     "colsum": "the parameter gradients' column sums by method (sum, blocks, GEMM with ones) vs torch",
     "resize": "the head's proposal resizes: whole-factor path vs float32 matrix products",
+    "point_select": "the loss's importance-sampling top-k: lax.top_k, sort, the Pallas radix select vs torch.topk",
 }
 
 

@@ -206,18 +206,31 @@ def _match_all(cost, present):
     return jnp.moveaxis(col4row, 0, -2), jnp.moveaxis(row4col, 0, -2)
 
 
+POINT_SELECT_METHODS = ("auto", "top_k", "sort", "pallas", "pallas_interpret")
+
+
 def smallest_k(x: jax.Array, k: int, method: str) -> jax.Array:
-    """Indices of the k smallest entries along the last axis, smallest first, ties to the lower
-    index.  `method`: "top_k" (`lax.top_k`: a partial sort, ~5x faster on the CPU) or "sort" (a
-    stable argsort: the same indices; XLA partitions it over a sharded batch, where it gathered
-    every image's candidates onto every device for top_k).  The train step picks "sort" when
-    the batch is split over devices (`model.loss.point_select` = auto); elsewhere auto is
-    top_k."""
+    """Indices of the k smallest entries along the last axis, ties to the lower index.
+    `method`:
+    - "top_k" (`lax.top_k`: a partial sort, ~5x faster on the CPU), smallest first;
+    - "sort" (a stable argsort: the same indices; XLA partitions it over a sharded batch, where
+      it gathered every image's candidates onto every device for top_k), smallest first;
+    - "pallas" (`kernels.select_pallas`, a GPU kernel: a radix search for the k-th smallest
+      value and one partition pass instead of a full sort) or "pallas_interpret" (the same in
+      the Pallas interpreter): the same set of indices, in index order.
+    The loss only sums over the chosen points, so the order changes nothing but the rounding
+    of those sums.  The train step resolves "auto" (`model.loss.point_select`): "sort" when
+    the batch is split over devices, else "top_k"."""
     if method in ("top_k", "auto"):
         return jax.lax.top_k(-x, k)[1]
     if method == "sort":
         return jnp.argsort(x, axis=-1, stable=True)[..., :k]
-    raise ValueError(f"model.loss.point_select must be auto, top_k or sort, got {method!r}")
+    if method in ("pallas", "pallas_interpret"):
+        from sarformer_jax.kernels.select_pallas import smallest_k_pallas
+
+        return smallest_k_pallas(x, k, interpret=method == "pallas_interpret")
+    raise ValueError(f"model.loss.point_select must be one of {POINT_SELECT_METHODS}, got "
+                     f"{method!r}")
 
 
 def _slots(col4row, row4col, num_classes):
