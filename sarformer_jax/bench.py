@@ -23,6 +23,7 @@ BENCHMARKS = {
     "data": "input pipeline images/s per CPU core",
     "matcher": "the step's Hungarian matchings on the device (while loops) vs scipy on the host",
     "scaling": "the sharded train step over 1..N GPUs: weak scaling and loss-trajectory equivalence",
+    "gelu": "the exact GELU's elementwise pass by formula vs torch F.gelu",
     "colsum": "the parameter gradients' column sums by method (sum, blocks, GEMM with ones) vs torch",
     "resize": "the head's proposal resizes: whole-factor path vs float32 matrix products",
     "point_select": "the loss's importance-sampling top-k: lax.top_k, sort, the Pallas radix select vs torch.topk",

@@ -27,6 +27,22 @@ def test_unbuilt_subcommand_exits_2(monkeypatch, capsys):
     assert "not built yet" in capsys.readouterr().err
 
 
+def test_every_benchmark_module_and_script_is_registered():
+    """`sarformer bench NAME` and `scripts/bench_NAME.py` cover the same benchmarks, each with
+    its module in sarformer_jax.benchmarks."""
+    import importlib
+    from pathlib import Path
+
+    from sarformer_jax import bench
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    names = {p.stem[len("bench_"):] for p in scripts.glob("bench_*.py")}
+    assert names == set(bench.BENCHMARKS)
+    for name in names:
+        module = importlib.import_module(f"sarformer_jax.benchmarks.{name}")
+        assert callable(module.add_arguments) and callable(module.run), name
+
+
 def test_unbuilt_benchmark_exits_2(monkeypatch, capsys):
     from sarformer_jax import bench
 
