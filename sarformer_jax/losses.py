@@ -209,6 +209,20 @@ def _match_all(cost, present):
 POINT_SELECT_METHODS = ("auto", "top_k", "sort", "pallas", "pallas_interpret")
 
 
+def resolve_point_select(method: str, num_devices: int) -> str:
+    """`model.loss.point_select` for the train step: "auto" is "pallas" where the Pallas GPU
+    kernels run (H100, SARFormer-B step: the selection 1.89 -> 0.77 ms, the step 62.3 -> 60.7 ms
+    pipelined; docs/benchmarks.md, train run 33), else "sort" when the batch is split over
+    devices and "top_k" on one.  Any other value is kept."""
+    if method != "auto":
+        return method
+    from sarformer_jax.kernels.triton_backend import gpu_kernels
+
+    if gpu_kernels():
+        return "pallas"
+    return "sort" if num_devices > 1 else "top_k"
+
+
 def smallest_k(x: jax.Array, k: int, method: str) -> jax.Array:
     """Indices of the k smallest entries along the last axis, ties to the lower index.
     `method`:
@@ -219,8 +233,8 @@ def smallest_k(x: jax.Array, k: int, method: str) -> jax.Array:
       value and one partition pass instead of a full sort) or "pallas_interpret" (the same in
       the Pallas interpreter): the same set of indices, in index order.
     The loss only sums over the chosen points, so the order changes nothing but the rounding
-    of those sums.  The train step resolves "auto" (`model.loss.point_select`): "sort" when
-    the batch is split over devices, else "top_k"."""
+    of those sums.  The train step resolves "auto" (`model.loss.point_select`) with
+    `resolve_point_select`."""
     if method in ("top_k", "auto"):
         return jax.lax.top_k(-x, k)[1]
     if method == "sort":

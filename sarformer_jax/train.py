@@ -35,6 +35,7 @@ from sarformer_jax.data.pipeline import device_inputs
 from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
                                     guidance_refusal, uses_sam)
 from sarformer_jax.losses import loss_fn as segmentation_loss
+from sarformer_jax.losses import resolve_point_select
 from sarformer_jax.models.beit import set_attention_per_batch_shard
 from sarformer_jax.models.layers import init_rngs
 from sarformer_jax.models.sarformer import build_model
@@ -252,8 +253,8 @@ def make_grad_fn(trainer: Trainer):
     invert = bool(cfg.guidance.invert_first_mask)
     rest = trainer.rest
     cfg_loss = cfg.model.loss.copy()
-    if cfg_loss.get("point_select", "auto") == "auto":
-        cfg_loss.point_select = "sort" if trainer.mesh.size > 1 else "top_k"
+    cfg_loss.point_select = resolve_point_select(cfg_loss.get("point_select", "auto"),
+                                                 trainer.mesh.size)
     # the per-image mask losses on each device's images when the batch is split
     batch_mesh = (trainer.mesh, shard_lib.BATCH_AXES) if trainer.mesh.size > 1 else None
 

@@ -134,3 +134,18 @@ def test_loss_with_the_kernel_equals_the_loss_with_top_k():
         lambda p: loss_fn(p, gt, None, key=jax.random.key(4), cfg_loss=cfg, num_classes=k),
         has_aux=True))(preds)
     assert abs(float(t_c) - float(t_a)) > 1e-4
+
+
+def test_auto_point_select_resolution(monkeypatch):
+    """"auto" is the kernel where the Pallas GPU kernels run, else sort (batch split over
+    devices) or top_k (one device); an explicit choice is kept."""
+    import sarformer_jax.kernels.triton_backend as tb
+    from sarformer_jax.losses import resolve_point_select
+
+    assert resolve_point_select("auto", 1) == "top_k"
+    assert resolve_point_select("auto", 8) == "sort"
+    assert resolve_point_select("sort", 1) == "sort"
+    monkeypatch.setattr(tb, "gpu_kernels", lambda: True)
+    assert resolve_point_select("auto", 1) == "pallas"
+    assert resolve_point_select("auto", 2) == "pallas"
+    assert resolve_point_select("top_k", 1) == "top_k"
