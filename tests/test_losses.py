@@ -156,12 +156,15 @@ def test_compact_slots_must_be_a_positive_int():
     assert compact_cap(cfg, 20, 8) is None  # M = 8: nothing to cap
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["deep_supervision", "per_layer"])
-def test_mask_losses_on_batch_shards_equal_one_program(stacked):
+@pytest.mark.parametrize("stacked,select", [(True, "auto"), (False, "auto"),
+                                            (True, "pallas_interpret")],
+                         ids=["deep_supervision", "per_layer", "select_kernel"])
+def test_mask_losses_on_batch_shards_equal_one_program(stacked, select):
     """With the batch split over 8 devices, the per-image mask losses run on each device's
     images (`batch_mesh`, a shard_map): the same loss and gradients as one unsharded program,
     although each device then picks the capped or the full mask-loss program for its own
-    images (here some images have more matched pairs than the cap of 4, some fewer)."""
+    images (here some images have more matched pairs than the cap of 4, some fewer).  Also
+    with the point-selection kernel (in the interpreter) inside each device's program."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sarformer_jax.sharding import BATCH_AXES, make_mesh
@@ -178,7 +181,8 @@ def test_mask_losses_on_batch_shards_equal_one_program(stacked):
     if not stacked:  # a second prediction of another size: the per-layer path
         preds.append({"cls": jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32),
                       "mask": jnp.asarray(rng.normal(size=(b, q, 6, 5)), jnp.float32)})
-    cfg = load_config("tiny", ["model.loss.num_points=64", "model.loss.compact_slots=4"]).model.loss
+    cfg = load_config("tiny", ["model.loss.num_points=64", "model.loss.compact_slots=4",
+                               f"model.loss.point_select={select}"]).model.loss
     mesh = make_mesh({"fsdp": 2}, jax.devices())  # 4 (data) x 2 (fsdp): the batch split 8 ways
 
     def total(p, g, batch_mesh):
