@@ -5,8 +5,9 @@ Mask2Former's point sampling keeps, per matched slot, the k = 0.75 * P candidate
 the smallest |logit|.  In the SARFormer-B step (112² points, 10 predictions, 2 images, the
 loss's 32 capped slots) that is 640 rows of 37632 candidates, k = 9408, in one call.  This
 times on that shape (or `--rows R --n N --k K`):
-- `top_k`: `lax.top_k` (on a GPU a segmented radix sort of (key, index) pairs);
-- `sort`: a stable argsort, the step's choice when the batch is split over devices;
+- `top_k`: `lax.top_k` (on a GPU a segmented radix sort of (key, index) pairs; the GPU default
+  until session 33, now the CPU's on one device);
+- `sort`: a stable argsort, the step's choice on CPUs when the batch is split over devices;
 - `pallas[cC,rR,wW]`: `kernels.select_pallas.smallest_k_pallas` with chunk C, R radix bits per
   pass and W warps (`--pallas-configs C:R:W,...`);
 - `torch topk`: what the original runs (`torch.topk(-|x|, k)`), when torch has CUDA.
