@@ -185,55 +185,76 @@ def offset_onehot(n: int) -> np.ndarray:
     return (np.arange(2 * n - 1)[:, None, None] == a[None]).astype(np.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _spread(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """x [n] broadcast along a bias row or column `shape` ([n, 1, hw] or [n, hw, 1]).  Its
-    gradient, the sum over hw, is computed in float32 and kept out of the kernels that use it
-    (`optimization_barrier`): left to autodiff, XLA on the GPU fused the column sum into the
-    transpose that assembles the table's gradient, where a few threads each summed 1600 strided
-    elements one by one: 0.27 ms per layer, 3.2 ms per SARFormer-B step (train run 14)."""
-    return jnp.broadcast_to(x[:, None, None], shape)
+def _bias_index(grid: Sequence[int]) -> jax.Array:
+    """`relative_position_index(grid)` built from iotas inside the program (no [t, t] constant
+    in the HLO): XLA fuses it into the gather that reads the table."""
+    h, w = grid
+    t = h * w + 1
+    g = (2 * h - 1) * (2 * w - 1)
+    i = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)
+    pi, pj = jnp.maximum(i - 1, 0), jnp.maximum(j - 1, 0)
+    patch = (pi // w - pj // w + h - 1) * (2 * w - 1) + (pi % w - pj % w + w - 1)
+    return jnp.where(i == 0, jnp.where(j == 0, g + 2, g), jnp.where(j == 0, g + 1, patch))
 
 
-def _spread_fwd(x, shape):
-    return _spread(x, shape), None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _position_bias(table: jax.Array, grid: tuple[int, int], dtype) -> jax.Array:
+    return jnp.take(table.T.astype(dtype), _bias_index(grid), axis=1, mode="clip")
 
 
-def _spread_bwd(shape, _, g):
-    total = jnp.sum(g.astype(jnp.float32), axis=(1, 2))
-    return (jax.lax.optimization_barrier(total).astype(g.dtype),)
+def _position_bias_fwd(table, grid, dtype):
+    return _position_bias(table, grid, dtype), None
 
 
-_spread.defvjp(_spread_fwd, _spread_bwd)
+def _position_bias_bwd(grid, dtype, _, ct):
+    """The table's gradient, the sum of `ct` over every pair of each offset: for the patch
+    pairs two products with constant one-hot offset matrices (columns, then rows), so no
+    scatter-add with heavy index collisions.  The first reads `ct` in its own dtype (bf16 on
+    the GPU) and accumulates in float32; everything after it is float32."""
+    h, w = grid
+    n = ct.shape[0]
+    hw = h * w
+    f32 = jnp.float32
+    prec = jax.lax.Precision.HIGHEST
+    in_dtype = ct.dtype if ct.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else f32
+    ax = jnp.asarray(offset_onehot(w), in_dtype)  # [2w-1, w, w]: b = c1 - c2 + w - 1
+    ay = jnp.asarray(offset_onehot(h), f32)  # [2h-1, h, h]: a = r1 - r2 + h - 1
+    dp = ct[:, 1:, 1:].astype(in_dtype).reshape(n, h, w, h, w)  # [n, r1, c1, r2, c2]
+    rows = jnp.einsum("nrcst,bct->nrsb", dp, ax, precision=prec,
+                      preferred_element_type=f32)  # [n, r1, r2, b]
+    g = jnp.einsum("nrsb,ars->abn", rows, ay, precision=prec,
+                   preferred_element_type=f32)  # [2h-1, 2w-1, n]
+    ct32 = ct.astype(f32)
+    extra = jnp.stack([jnp.sum(ct32[:, 0, 1:], axis=-1),  # cls query -> patch keys
+                       jnp.sum(ct32[:, 1:, 0], axis=-1),  # patch queries -> cls key
+                       ct32[:, 0, 0]])  # cls -> cls
+    # kept out of the kernels that use them (XLA had fused such row and column sums into the
+    # gradient's other transposes, where a few threads summed 1600 strided elements each)
+    extra = jax.lax.optimization_barrier(extra)
+    return (jnp.concatenate([g.reshape(-1, n), extra], axis=0),)
+
+
+_position_bias.defvjp(_position_bias_fwd, _position_bias_bwd)
 
 
 def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """[n, t, t] bias from a [(2h-1)(2w-1)+3, n] table; equals table[relative_position_index]
-    transposed to heads first.
+    transposed to heads first, in `dtype` (the compute dtype: bf16 on the GPU).
 
-    Built as two matrix products with constant one-hot offset matrices (rows, then columns):
-    bias[n, (r1, c1), (r2, c2)] = sum_ab g[a, b, n] Ay[a, r1, r2] Ax[b, c1, c2].  Every output is
-    one table entry times one, so the forward is exact in any dtype, and the gradient w.r.t. the
-    table (the sum over all pairs of one offset) is two GEMMs, not a scatter-add with heavy
-    index collisions or a sum of shifted slices.  `dtype` is the compute dtype (bf16 on the GPU:
-    the products accumulate in float32 and the bias comes back in `dtype`)."""
-    h, w = grid
+    The forward is one gather of the table cast to `dtype` (each output is one table entry, so
+    exact in any dtype) under an index computed from iotas, which XLA fuses with the padding
+    the attention adds (`layers.pad_for_cudnn`): the [n, t, t] bias is written once.  The
+    gradient w.r.t. the table (the sum over all pairs of one offset) is two GEMMs with constant
+    one-hot offset matrices (`_position_bias_bwd`), not the gather's scatter-add with heavy
+    index collisions, and is returned in the table's dtype."""
+    h, w = (int(v) for v in grid)
     n = table.shape[-1]
-    hw = h * w
-    dtype = jnp.dtype(dtype)
-    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    g = table[:-NUM_EXTRA].reshape(2 * h - 1, 2 * w - 1, n).astype(dtype)
-    ay = jnp.asarray(offset_onehot(h), dtype)
-    ax = jnp.asarray(offset_onehot(w), dtype)
-    rows = jnp.einsum("abn,ars->nrsb", g, ay, precision=prec,
-                      preferred_element_type=jnp.float32).astype(dtype)  # [n, h, h, 2w-1]
-    p = jnp.einsum("nrsb,bct->nrcst", rows, ax, precision=prec,
-                   preferred_element_type=jnp.float32).astype(dtype)  # [n, h, w, h, w]
-    p = p.reshape(n, hw, hw)
-    extra = table[-NUM_EXTRA:].T.astype(dtype)  # [n, 3]: cls->patch, patch->cls, cls->cls
-    top = jnp.concatenate([extra[:, 2, None, None], _spread(extra[:, 0], (n, 1, hw))], -1)
-    body = jnp.concatenate([_spread(extra[:, 1], (n, hw, 1)), p], -1)
-    return jnp.concatenate([top, body], axis=1)
+    if table.shape[0] != table_rows((h, w)):
+        raise ValueError(f"relative position table has {table.shape[0]} rows; grid {(h, w)} "
+                         f"needs {table_rows((h, w))}")
+    out = _position_bias(table.astype(jnp.float32), (h, w), jnp.dtype(dtype))
+    return out.reshape(n, h * w + 1, h * w + 1)
 
 
 # ----------------------------------------------------------------------------------------------
