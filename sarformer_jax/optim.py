@@ -153,9 +153,55 @@ class FlatTransformation(NamedTuple):
     update: Callable
     groups: FlatGroups
     inner: optax.GradientTransformation
+    # per group: (b1, b2, eps, weight decay or 0, lr scale); `inner` is clip + `_per_group`
+    # when `clipped`; the learning-rate schedule
+    specs: tuple = ()
+    schedule: Callable | None = None
+    clipped: bool = False
+
+    def guarded_update(self, flat_g, state, flat_p, finite):
+        """`inner.update` with the non-finite guard on the state: (updates, new state), the
+        state being the old one where `finite` is False (the updates are then meaningless;
+        the caller keeps its parameters).
+
+        The new state is computed by `inner` (optax), guarded, and passed through an
+        optimisation barrier; the updates are then computed here from the new Adam moments,
+        with optax's operations in optax's order.  From `inner`'s own updates XLA recomputed
+        the moments from the old ones inside each parameter's update kernel, so the old
+        moments had to outlive the new ones written in their donated buffers: a full copy of
+        each moment vector a step (train run 35)."""
+        _, new_state = self.inner.update(flat_g, state, flat_p)
+        new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
+        new_state = jax.lax.optimization_barrier(new_state)
+        groups_new = new_state[1] if self.clipped else new_state
+        groups_old = state[1] if self.clipped else state
+        updates = []
+        for (b1, b2, eps, wd, scale), g_new, g_old, p in zip(self.specs, groups_new, groups_old,
+                                                              flat_p):
+            adam = _find_state(g_new, optax.ScaleByAdamState)
+            count = _find_state(g_old, optax.ScaleByScheduleState).count
+            mu_hat = adam.mu / (1 - b1 ** adam.count).astype(adam.mu.dtype)
+            nu_hat = adam.nu / (1 - b2 ** adam.count).astype(adam.nu.dtype)
+            u = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
+            if wd:
+                u = u + wd * p
+            u = jnp.array(-1 * self.schedule(count), dtype=u.dtype) * u
+            if scale != 1.0:
+                u = scale * u
+            updates.append(u)
+        return tuple(updates), new_state
 
 
-def _on_flat_groups(inner: optax.GradientTransformation, groups: FlatGroups) -> FlatTransformation:
+def _find_state(chain_state, kind):
+    """The first state of type `kind` in one group's optax chain state."""
+    for s in chain_state:
+        if isinstance(s, kind):
+            return s
+    raise ValueError(f"no {kind.__name__} in the optimiser state {type(chain_state).__name__}")
+
+
+def _on_flat_groups(inner: optax.GradientTransformation, groups: FlatGroups, specs: tuple = (),
+                    schedule: Callable | None = None, clipped: bool = False) -> FlatTransformation:
     def init(params):
         return inner.init(groups.flatten(params))
 
@@ -164,7 +210,7 @@ def _on_flat_groups(inner: optax.GradientTransformation, groups: FlatGroups) -> 
         flat, state = inner.update(groups.flatten(updates), state, flat_params)
         return groups.unflatten(flat), state
 
-    return FlatTransformation(init, update, groups, inner)
+    return FlatTransformation(init, update, groups, inner, specs, schedule, clipped)
 
 
 def use_flat_optimizer(cfg, fsdp: int) -> bool:
@@ -220,16 +266,18 @@ def _build_flat(cfg, params: Any, schedule, num_layers: int | None) -> optax.Gra
         return decayed, scale
 
     groups = FlatGroups(params, key)
-    txs = []
+    txs, specs = [], []
+    b1, b2, eps = float(cfg.b1), float(cfg.b2), float(cfg.eps)
     for (decayed, scale), _ in groups.keys:
-        parts = [optax.scale_by_adam(b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps))]
+        parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
         if decayed:
             parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
         parts.append(optax.scale_by_learning_rate(schedule))
         if scale != 1.0:
             parts.append(optax.scale(scale))
         txs.append(optax.chain(*parts))
+        specs.append((b1, b2, eps, float(cfg.weight_decay) if decayed else 0.0, scale))
     inner = _per_group(txs)
     if cfg.grad_clip_norm:
         inner = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip_norm)), inner)
-    return _on_flat_groups(inner, groups)
+    return _on_flat_groups(inner, groups, tuple(specs), schedule, bool(cfg.grad_clip_norm))

@@ -333,7 +333,9 @@ def make_train_step(trainer: Trainer):
                 grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                          for g in flat_g))
                 finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                flat_u, new_opt = tx.inner.update(flat_g, state["opt_state"], flat_p)
+                # the guarded new state, and the updates from its moments (no copy of the old
+                # moments: `guarded_update`)
+                flat_u, new_opt = tx.guarded_update(flat_g, state["opt_state"], flat_p, finite)
                 new_state["params"] = tx.groups.unflatten(tuple(
                     jnp.where(finite, (p + u).astype(p.dtype), p) for p, u in zip(flat_p, flat_u)))
         else:
@@ -345,7 +347,8 @@ def make_train_step(trainer: Trainer):
             new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params,
                                                 updates)
             new_state["params"] = _tree_where(finite, new_params, params)
-        new_state["opt_state"] = _tree_where(finite, new_opt, state["opt_state"])
+            new_opt = _tree_where(finite, new_opt, state["opt_state"])
+        new_state["opt_state"] = new_opt
         new_state["batch_stats"] = _tree_where(finite, new_stats, stats)
         new_state["step"] = state["step"] + 1
         new_state["key"] = jax.random.key_data(key)
