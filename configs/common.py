@@ -122,6 +122,11 @@ def loss() -> Config:
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
         aux_weight=0.4,
+        # the auxiliary logits' upscale to the label size (1/16 -> 1): matrix (two products
+        # with the interpolation matrices; on the GPU float32 CUDA-core GEMMs, ~0.7 ms of the
+        # SARFormer-B step forward, train run 35) | taps (each output from its two neighbours:
+        # the same weights, element-wise; not yet timed on a GPU)
+        aux_resize="matrix",
         # importance-sampling selection: top_k | sort | pallas (the same points; pallas gives
         # them in index order); auto = pallas where the Pallas GPU kernels run (a radix select,
         # 2.4x lax.top_k on an H100), else sort when the batch is split over devices (XLA

@@ -390,10 +390,11 @@ def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, pres
     return jax.vmap(lambda *t: _reduce_terms(*t, cfg_loss))(*terms)
 
 
-def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array) -> jax.Array:
+def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array, upscale: str = "matrix") -> jax.Array:
     """FCN auxiliary loss (unweighted): logits [B, h, w, K] resized bilinearly to the label size,
-    pixel CE with 255 ignored, averaged over *all* pixels (mmseg `avg_non_ignore=False`)."""
-    logits = resize_bilinear(aux_logits.astype(jnp.float32), gt.shape[1:3])
+    pixel CE with 255 ignored, averaged over *all* pixels (mmseg `avg_non_ignore=False`).
+    `upscale`: how `resize_bilinear` does a whole-factor upscale (`model.loss.aux_resize`)."""
+    logits = resize_bilinear(aux_logits.astype(jnp.float32), gt.shape[1:3], upscale=upscale)
     k = logits.shape[-1]
     valid = (gt != IGNORE_INDEX) & (gt >= 0) & (gt < k)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -454,6 +455,7 @@ def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,
                                   batch_mesh)
             parts.update({prefix + k: v for k, v in terms.items()})
     if aux_logits is not None:
-        parts["aux.loss_ce"] = cfg_loss.aux_weight * aux_ce_loss(aux_logits, gt)
+        parts["aux.loss_ce"] = cfg_loss.aux_weight * aux_ce_loss(
+            aux_logits, gt, cfg_loss.get("aux_resize", "matrix"))
     total = sum(parts.values())
     return total, parts

@@ -93,3 +93,58 @@ def test_resize_bench_smoke(capsys):
     assert resize.run(parser.parse_args(["--shape", "1,2,24,24", "--sizes", "8,6", "--reps", "1"])) == 0
     out = capsys.readouterr().out
     assert out.count("same values: True") == 2
+
+
+@pytest.mark.parametrize("src,dst", [((40, 40), (640, 640)), ((5, 7), (80, 21)), ((3, 4), (3, 12)),
+                                     ((1, 2), (16, 4)), ((40, 20), (640, 60))])
+def test_whole_factor_upscale_taps(src, dst, rng):
+    """`upscale="taps"` (each output from its two neighbours with the interpolation matrix's
+    own weights; the auxiliary CE's 1/16 -> 1 upscale with `model.loss.aux_resize=taps`)
+    against torch (values, gradients in float64) and the matrix products (values to float32
+    rounding of two-term sums, gradients); a non-whole factor falls back to the products; bad
+    methods are refused."""
+    import jax
+
+    from sarformer_jax.models.layers import upscale_taps
+
+    x = rng.normal(size=(2, 3) + src).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.as_tensor(x), size=dst, mode="bilinear",
+                                          align_corners=False).numpy()
+    taps = jax.jit(lambda v: resize_bilinear(v, dst, axes=(2, 3), upscale="taps"))
+    ours = taps(jnp.asarray(x))
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) <= RTOL["float32"]  # (torch rounds its 1/3 scale: ~1e-6 apart)
+    by_matrix = resize_bilinear(jnp.asarray(x), dst, axes=(2, 3))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(by_matrix), rtol=0, atol=5e-7)
+    ct = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+    g = jax.grad(lambda v: jnp.sum(taps(v) * ct))(jnp.asarray(x))
+    g_want = jax.grad(lambda v: jnp.sum(resize_bilinear(v, dst, axes=(2, 3)) * ct))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-5, atol=1e-5)
+    xt = torch.as_tensor(x, dtype=torch.float64).requires_grad_()
+    torch.nn.functional.interpolate(xt, size=dst, mode="bilinear", align_corners=False).backward(
+        torch.as_tensor(np.asarray(ct), dtype=torch.float64))
+    np.testing.assert_allclose(np.asarray(g), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.allclose(upscale_taps(src[0], dst[0] // src[0]).sum(0), 1.0)
+    odd = resize_bilinear(jnp.asarray(x), (src[0] * 3 + 1, src[1]), axes=(2, 3), upscale="taps")
+    want = torch.nn.functional.interpolate(torch.as_tensor(x), size=(src[0] * 3 + 1, src[1]),
+                                           mode="bilinear", align_corners=False).numpy()
+    assert rel_err(odd, want) <= RTOL["float32"]
+    with pytest.raises(ValueError, match="upscale must be one of"):
+        resize_bilinear(jnp.asarray(x), dst, axes=(2, 3), upscale="nearest")
+
+
+def test_aux_ce_loss_taps_equals_matrix(rng):
+    """The auxiliary CE with the taps upscale equals the matrix one (loss and logits gradient)."""
+    import jax
+
+    from sarformer_jax.losses import aux_ce_loss
+
+    logits = jnp.asarray(rng.normal(size=(2, 5, 6, 7)), jnp.float32)
+    gt = rng.integers(0, 7, size=(2, 80, 96)).astype(np.int32)
+    gt[:, :10] = 255
+    gt = jnp.asarray(gt)
+    vals = [jax.value_and_grad(lambda v, m=m: aux_ce_loss(v, gt, m))(logits)
+            for m in ("matrix", "taps")]
+    assert abs(float(vals[0][0]) - float(vals[1][0])) <= 1e-6 * abs(float(vals[0][0]))
+    np.testing.assert_allclose(np.asarray(vals[1][1]), np.asarray(vals[0][1]), rtol=1e-5,
+                               atol=1e-9)

@@ -51,6 +51,45 @@ def _downscale_by_integer(x: jax.Array, axis: int, factor: int) -> jax.Array:
     return (a + b) * jnp.asarray(0.5, x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def upscale_taps(n: int, factor: int) -> np.ndarray:
+    """[3, n, factor] float32: the weights of input rows i - 1, i and i + 1 in output row
+    factor * i + k of PyTorch bilinear (align_corners=False) from n to factor * n rows, taken
+    from `bilinear_matrix`, whose rows have no other nonzero entries for a whole factor."""
+    m = bilinear_matrix(n, n * factor)
+    taps = np.zeros((3, n, factor), np.float32)
+    rest = m.copy()
+    for i in range(n):
+        for s in range(3):
+            j = i + s - 1
+            if 0 <= j < n:
+                taps[s, i] = m[i * factor:(i + 1) * factor, j]
+                rest[i * factor:(i + 1) * factor, j] = 0.0
+    if np.any(rest):  # cannot happen for an integer upscale; a guard on the derivation
+        raise AssertionError(f"bilinear {n} -> {n * factor} has weights beyond the neighbours")
+    return taps
+
+
+def _upscale_by_integer(x: jax.Array, axis: int, factor: int) -> jax.Array:
+    """PyTorch bilinear (align_corners=False) along `axis` for out = factor * in, as weighted
+    sums of each row's two neighbours (`upscale_taps`, the interpolation matrix's own weights):
+    element-wise work that XLA can fuse with its consumer, and whose gradient is a sum over
+    each block of `factor` outputs, instead of a product with the [out, in] matrix (on the GPU
+    in float32 a CUDA-core GEMM)."""
+    n = x.shape[axis]
+    taps = upscale_taps(n, factor)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 1)
+    xp = jnp.pad(x, pad)
+    out = None
+    for s in range(3):
+        part = jax.lax.slice_in_dim(xp, s, s + n, axis=axis)
+        w = jnp.asarray(taps[s], x.dtype).reshape((n, factor) + (1,) * (x.ndim - axis - 1))
+        term = jnp.expand_dims(part, axis + 1) * w
+        out = term if out is None else out + term
+    return out.reshape(x.shape[:axis] + (n * factor,) + x.shape[axis + 1:])
+
+
 def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     """PyTorch bilinear (align_corners=False) along one axis as a product with its [out, in]
     interpolation matrix (full precision for float32)."""
@@ -60,7 +99,11 @@ def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int) -> jax.Array:
                         0, axis)
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2)) -> jax.Array:
+RESIZE_UPSCALE_METHODS = ("matrix", "taps")
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] = (1, 2),
+                    upscale: str = "matrix") -> jax.Array:
     """Resizes two axes of `x` (NHWC by default) like PyTorch bilinear, align_corners=False.
 
     A downscale by a whole factor (640 -> 160 for the mask pooling, 640 -> 20 for the first
@@ -70,7 +113,13 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
     whole-factor path gives the matrix product's results bit for bit without its [out, in]
     product.  For the SARFormer-B proposals,
     [2, 100, 640, 640], that product ran as a float32 CUDA-core GEMM and a transpose (0.70 + 0.43
-    ms of the H200 step's kernels, benchmarks.md train run 12)."""
+    ms of the H200 step's kernels, benchmarks.md train run 12).  `upscale="taps"` does an
+    upscale by a whole factor as weighted sums of neighbours (`_upscale_by_integer`) instead
+    of the product: the same weights, so the same results up to the rounding of a two-term
+    sum."""
+    if upscale not in RESIZE_UPSCALE_METHODS:
+        raise ValueError(f"resize_bilinear: upscale must be one of {RESIZE_UPSCALE_METHODS}, "
+                         f"got {upscale!r}")
     ah, aw = axes
     out_h, out_w = size
     in_h, in_w = x.shape[ah], x.shape[aw]
@@ -79,6 +128,8 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], axes: tuple[int, int] =
             continue
         if n_out < n_in and n_in % n_out == 0:
             x = _downscale_by_integer(x, ax % x.ndim, n_in // n_out)
+        elif upscale == "taps" and n_out > n_in and n_out % n_in == 0:
+            x = _upscale_by_integer(x, ax % x.ndim, n_out // n_in)
         else:
             x = resize_axis_by_matrix(x, ax, n_out)
     return x
