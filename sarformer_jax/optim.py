@@ -159,37 +159,47 @@ class FlatTransformation(NamedTuple):
     schedule: Callable | None = None
     clipped: bool = False
 
-    def guarded_update(self, flat_g, state, flat_p, finite):
-        """`inner.update` with the non-finite guard on the state: (updates, new state), the
-        state being the old one where `finite` is False (the updates are then meaningless;
-        the caller keeps its parameters).
+    def guarded_step(self, flat_g, state, params, finite):
+        """One optimiser step with the non-finite guard: (new params, new state), both the old
+        ones where `finite` is False.  `flat_g` is `groups.flatten(grads)`.
 
-        The new state is computed by `inner` (optax), guarded, and passed through an
-        optimisation barrier; the updates are then computed here from the new Adam moments,
-        with optax's operations in optax's order.  From `inner`'s own updates XLA recomputed
-        the moments from the old ones inside each parameter's update kernel, so the old
-        moments had to outlive the new ones written in their donated buffers: a full copy of
-        each moment vector a step (train run 35)."""
+        The new state comes from `inner` (optax), guarded and passed through an optimisation
+        barrier; each parameter leaf's update is then computed here from its slices of the new
+        Adam moments and from the leaf itself, with optax's operations in optax's order.
+        Taking `inner`'s own flat updates instead, XLA recomputed the moments from the old ones
+        inside the kernels that write the parameters, so the old moments had to outlive the new
+        ones written in their donated buffers (a full copy of each moment vector a step: train
+        runs 34-35), and the parameters were first concatenated into flat vectors."""
+        flat_p = self.groups.flatten(params)  # for optax's decayed-weights term (unused here)
         _, new_state = self.inner.update(flat_g, state, flat_p)
         new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
         new_state = jax.lax.optimization_barrier(new_state)
         groups_new = new_state[1] if self.clipped else new_state
         groups_old = state[1] if self.clipped else state
-        updates = []
-        for (b1, b2, eps, wd, scale), g_new, g_old, p in zip(self.specs, groups_new, groups_old,
-                                                              flat_p):
+        leaves = self.groups.treedef.flatten_up_to(params)
+        out = list(leaves)
+        for (b1, b2, eps, wd, scale), g_new, g_old, idx in zip(self.specs, groups_new, groups_old,
+                                                                self.groups.members):
             adam = _find_state(g_new, optax.ScaleByAdamState)
             count = _find_state(g_old, optax.ScaleByScheduleState).count
-            mu_hat = adam.mu / (1 - b1 ** adam.count).astype(adam.mu.dtype)
-            nu_hat = adam.nu / (1 - b2 ** adam.count).astype(adam.nu.dtype)
-            u = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
-            if wd:
-                u = u + wd * p
-            u = jnp.array(-1 * self.schedule(count), dtype=u.dtype) * u
-            if scale != 1.0:
-                u = scale * u
-            updates.append(u)
-        return tuple(updates), new_state
+            bc1 = (1 - b1 ** adam.count).astype(adam.mu.dtype)
+            bc2 = (1 - b2 ** adam.count).astype(adam.nu.dtype)
+            step_size = -1 * self.schedule(count)
+            start = 0
+            for i in idx:
+                p = leaves[i]
+                size = self.groups.sizes[i]
+                mu = adam.mu[start:start + size].reshape(p.shape)
+                nu = adam.nu[start:start + size].reshape(p.shape)
+                start += size
+                u = (mu / bc1) / (jnp.sqrt(nu / bc2 + 0.0) + eps)
+                if wd:
+                    u = u + wd * p
+                u = jnp.array(step_size, dtype=u.dtype) * u
+                if scale != 1.0:
+                    u = scale * u
+                out[i] = jnp.where(finite, (p + u).astype(p.dtype), p)
+        return self.groups.treedef.unflatten(out), new_state
 
 
 def _find_state(chain_state, kind):

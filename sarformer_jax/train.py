@@ -329,15 +329,14 @@ def make_train_step(trainer: Trainer):
         new_state = dict(state)
         if isinstance(tx, FlatTransformation):  # norm, update and guard on the flat vectors
             with jax.named_scope("optimizer"):
-                flat_g, flat_p = tx.groups.flatten(grads), tx.groups.flatten(params)
+                flat_g = tx.groups.flatten(grads)
                 grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                          for g in flat_g))
                 finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                # the guarded new state, and the updates from its moments (no copy of the old
-                # moments: `guarded_update`)
-                flat_u, new_opt = tx.guarded_update(flat_g, state["opt_state"], flat_p, finite)
-                new_state["params"] = tx.groups.unflatten(tuple(
-                    jnp.where(finite, (p + u).astype(p.dtype), p) for p, u in zip(flat_p, flat_u)))
+                # the guarded new state, and each parameter from its slices of the new moments
+                # (`guarded_step`: no copy of the old moments, no flat copy of the parameters)
+                new_state["params"], new_opt = tx.guarded_step(flat_g, state["opt_state"], params,
+                                                               finite)
         else:
             grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                      for g in jax.tree_util.tree_leaves(grads)))

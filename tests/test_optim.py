@@ -136,48 +136,55 @@ def test_flat_optimizer_equals_per_leaf(sets, num_groups):
     ["train.layer_decay=0.9", "train.no_decay_norm_embed=True", "train.warmup_steps=2"],
     ["train.grad_clip_norm=0", "train.layer_decay=0.8"],
 ])
-def test_flat_guarded_update_equals_optax(sets):
-    """`FlatTransformation.guarded_update` (the train step's: the updates recomputed from the
-    guarded new moments) gives optax's own state bit for bit and its updates to an ulp or two
-    over 3 steps, keeps the
-    old state on a non-finite step, and in a step that donates its state the old moments are
-    not copied (they were, when the updates came from optax's own update)."""
+def test_flat_guarded_step_equals_optax(sets):
+    """`FlatTransformation.guarded_step` (the train step's: each parameter updated from its
+    slices of the guarded new moments) gives optax's own state bit for bit and its parameters
+    (p + update) to an ulp or two over 3 steps, keeps the old parameters and state on a
+    non-finite step, and in a step that donates its state does not copy the old moments and
+    needs fewer temporary bytes (the step that took optax's own flat updates copied them and
+    also made the parameters and updates flat)."""
     cfg = load_config("ade20k_sarformer_b", ["train.lr=0.01", "train.num_steps=10"] + sets).train
     rng = np.random.default_rng(1)
     params = _model_like_tree(rng)
     tx, _ = build_optimizer(cfg, params, num_layers=3, flat=True)
-    flat_p = tx.groups.flatten(params)
     state = tx.init(params)
+    step = jax.jit(tx.guarded_step)
     for _ in range(3):
-        flat_g = tuple(jnp.asarray(rng.normal(size=p.shape), jnp.float32) for p in flat_p)
-        want_u, want_state = jax.jit(tx.inner.update)(flat_g, state, flat_p)
-        got_u, got_state = jax.jit(tx.guarded_update)(flat_g, state, flat_p, jnp.bool_(True))
-        for a, b in zip(want_u, got_u):  # (XLA may contract a multiply-add differently)
-            a = np.asarray(a)
+        grads = jax.tree_util.tree_map(
+            lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        flat_g = tx.groups.flatten(grads)
+        want_u, want_state = jax.jit(tx.inner.update)(flat_g, state, tx.groups.flatten(params))
+        want_p = tx.groups.unflatten(tuple(p + u for p, u in zip(tx.groups.flatten(params), want_u)))
+        got_p, got_state = step(flat_g, state, params, jnp.bool_(True))
+        for a, b in zip(jax.tree_util.tree_leaves(want_p), jax.tree_util.tree_leaves(got_p)):
+            a = np.asarray(a)  # (XLA may contract a multiply-add differently)
             np.testing.assert_allclose(np.asarray(b), a, rtol=3e-7, atol=1e-7 * np.abs(a).max())
         for a, b in zip(jax.tree_util.tree_leaves(want_state), jax.tree_util.tree_leaves(got_state)):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
-        _, kept = jax.jit(tx.guarded_update)(flat_g, state, flat_p, jnp.bool_(False))
-        for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(kept)):
+        kept_p, kept = step(flat_g, state, params, jnp.bool_(False))
+        for a, b in zip(jax.tree_util.tree_leaves((params, state)),
+                        jax.tree_util.tree_leaves((kept_p, kept))):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
-        state = want_state
-        flat_p = tuple(p + u for p, u in zip(flat_p, want_u))
+        params, state = got_p, want_state
 
-    def step(p_tree, st, g_tree, update):
-        fp, fg = tx.groups.flatten(p_tree), tx.groups.flatten(g_tree)
+    def train_step(p_tree, st, g_tree, how):
+        fg = tx.groups.flatten(g_tree)
         finite = jnp.isfinite(sum(jnp.sum(g) for g in fg))
-        u, st = update(fg, st, fp, finite)
-        return tx.groups.unflatten(tuple(jnp.where(finite, p + v, p) for p, v in zip(fp, u))), st
-
-    def optax_update(fg, st, fp, finite):  # the step's update before `guarded_update`
+        if how == "guarded_step":
+            return tx.guarded_step(fg, st, p_tree, finite)
+        # the step's update before `guarded_step`
+        fp = tx.groups.flatten(p_tree)
         u, new = tx.inner.update(fg, st, fp)
-        return u, jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, st)
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, st)
+        return tx.groups.unflatten(tuple(jnp.where(finite, p + v, p) for p, v in zip(fp, u))), new
 
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
-    copies = []
-    for update in (optax_update, tx.guarded_update):
-        text = jax.jit(lambda p, s, g, update=update: step(p, s, g, update),
-                       donate_argnums=(0, 1)).lower(params, state, grads).compile().as_text()
-        moment = max(p.size for p in flat_p)
-        copies.append(len(re.findall(rf"= f32\[{moment}\]\{{0\}} copy\(", text)))
-    assert copies[0] > 0 and copies[1] == 0, copies
+    moment = max(p.size for p in tx.groups.flatten(params))
+    counts = []
+    for how in ("optax", "guarded_step"):
+        compiled = jax.jit(lambda p, s, g, how=how: train_step(p, s, g, how),
+                           donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        counts.append((len(re.findall(rf"= f32\[{moment}\]\{{0\}} copy\(", compiled.as_text())),
+                       compiled.memory_analysis().temp_size_in_bytes))
+    assert counts[0][0] > 0 and counts[1][0] == 0, counts  # copies of the old moments
+    assert counts[1][1] < counts[0][1], counts  # temporaries: no flat parameters (nor updates)
