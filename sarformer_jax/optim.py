@@ -170,6 +170,9 @@ class FlatTransformation(NamedTuple):
         inside the kernels that write the parameters, so the old moments had to outlive the new
         ones written in their donated buffers (a full copy of each moment vector a step: train
         runs 34-35), and the parameters were first concatenated into flat vectors."""
+        if len(self.specs) != len(self.groups.members) or self.schedule is None:
+            raise ValueError("guarded_step needs the per-group specs and the schedule "
+                             "(a FlatTransformation built by build_optimizer(..., flat=True))")
         flat_p = self.groups.flatten(params)  # for optax's decayed-weights term (unused here)
         _, new_state = self.inner.update(flat_g, state, flat_p)
         new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
