@@ -394,6 +394,11 @@ def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array, upscale: str = "matrix") -
     """FCN auxiliary loss (unweighted): logits [B, h, w, K] resized bilinearly to the label size,
     pixel CE with 255 ignored, averaged over *all* pixels (mmseg `avg_non_ignore=False`).
     `upscale`: how `resize_bilinear` does a whole-factor upscale (`model.loss.aux_resize`)."""
+    from sarformer_jax.models.layers import RESIZE_UPSCALE_METHODS
+
+    if upscale not in RESIZE_UPSCALE_METHODS:
+        raise ValueError(f"model.loss.aux_resize must be one of {RESIZE_UPSCALE_METHODS}, "
+                         f"got {upscale!r}")
     logits = resize_bilinear(aux_logits.astype(jnp.float32), gt.shape[1:3], upscale=upscale)
     k = logits.shape[-1]
     valid = (gt != IGNORE_INDEX) & (gt >= 0) & (gt < k)

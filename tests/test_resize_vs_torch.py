@@ -146,5 +146,7 @@ def test_aux_ce_loss_taps_equals_matrix(rng):
     vals = [jax.value_and_grad(lambda v, m=m: aux_ce_loss(v, gt, m))(logits)
             for m in ("matrix", "taps")]
     assert abs(float(vals[0][0]) - float(vals[1][0])) <= 1e-6 * abs(float(vals[0][0]))
+    with pytest.raises(ValueError, match="model.loss.aux_resize"):
+        aux_ce_loss(logits, gt, "bicubic")
     np.testing.assert_allclose(np.asarray(vals[1][1]), np.asarray(vals[0][1]), rtol=1e-5,
                                atol=1e-9)
