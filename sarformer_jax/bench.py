@@ -26,6 +26,7 @@ BENCHMARKS = {
     "gelu": "the exact GELU's elementwise pass by formula vs torch F.gelu",
     "colsum": "the parameter gradients' column sums by method (sum, blocks, GEMM with ones) vs torch",
     "resize": "the head's proposal resizes: whole-factor path vs float32 matrix products",
+    "attention": "BEiT's biased attention by kernel: cuDNN with / without the bias gradient, XLA, jax's Pallas kernels, torch SDPA",
     "point_select": "the loss's importance-sampling top-k: lax.top_k, sort, the Pallas radix select vs torch.topk",
 }
 
