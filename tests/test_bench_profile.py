@@ -490,3 +490,85 @@ def test_kernel_bandwidth_command_line(tmp_path, capsys):
     assert main([str(tmp_path), "--steps", "1", "--top", "1"]) == 0  # all classes, one row
     rows = [ln for ln in capsys.readouterr().out.splitlines() if " bw " in ln]
     assert len(rows) == 1 and "cudnn" in rows[0] and "0.500 ms" in rows[0]
+
+
+MM_HLO = """HloModule jit_step, is_scheduled=true
+
+%gemm_fusion_dot.7_computation (parameter_0: bf16[64,32], parameter_1: bf16[32,16]) -> bf16[64,16] {
+  %parameter_0 = bf16[64,32]{1,0} parameter(0)
+  %parameter_1 = bf16[32,16]{1,0} parameter(1)
+  %nested = bf16[32,16]{1,0} fusion(%parameter_1), kind=kCustom, calls=%inner.1
+  ROOT %dot.3 = bf16[64,16]{1,0} dot(%parameter_0, %nested), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner.1 (p: bf16[32,16]) -> bf16[32,16] {
+  ROOT %p = bf16[32,16]{1,0} parameter(0)
+}
+
+ENTRY %main (a: bf16[128,256], b: bf16[256,512], x: bf16[2,8,8,4], w: bf16[3,3,4,6], q: bf16[2,10,3,8]) -> bf16[128,512] {
+  %a = bf16[128,256]{1,0} parameter(0)
+  %b = bf16[256,512]{1,0} parameter(1)
+  %x = bf16[2,8,8,4]{3,2,1,0} parameter(2)
+  %w = bf16[3,3,4,6]{3,2,1,0} parameter(3)
+  %q = bf16[2,10,3,8]{3,2,1,0} parameter(4)
+  %custom-call.5 = (bf16[128,512]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/jvp(backbone)/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}
+  %gemm_fusion_dot.7 = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot.7_computation, metadata={op_name="jit(step)/jvp(loss)/dot_general"}
+  %cudnn-conv.2 = (bf16[2,8,8,6]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(backbone)/conv_general_dilated"}
+  %cudnn-conv-bw-filter.4 = (bf16[3,3,4,6]{3,2,1,0}, u8[0]{0}) custom-call(%x, %cudnn-conv.2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(step)/transpose(jvp(backbone))/conv_general_dilated"}
+  %fmha.1 = (bf16[2,3,10,8]{3,1,2,0}, f32[2,3,10]{2,1,0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(backbone)/dot_product_attention_fwd"}
+  %fmha-bwd.1 = (bf16[2,10,3,8]{3,2,1,0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward", metadata={op_name="jit(step)/transpose(jvp(backbone))/dot_product_attention_bwd"}
+  %loop_add_fusion.1 = bf16[128,256]{1,0} add(%a, %a)
+  ROOT %r = bf16[128,512]{1,0} get-tuple-element(%custom-call.5), index=0
+}
+"""
+MM_FLOPS = {"custom-call.5": 2 * 128 * 512 * 256, "gemm_fusion_dot.7": 2 * 64 * 16 * 32,
+            "cudnn-conv.2": 2 * (2 * 8 * 8 * 6) * (3 * 3 * 4),
+            "cudnn-conv-bw-filter.4": 2 * (2 * 8 * 8 * 6) * (3 * 3 * 4),
+            "fmha.1": 2 * 2 * 3 * 10 * 10 * (8 + 8), "fmha-bwd.1": int(2.5 * 2 * 2 * 3 * 10 * 10 * 16)}
+
+
+def test_hlo_matrix_flops_counts_each_kernel_once():
+    from sarformer_jax.benchmarks.profile import hlo_matrix_flops
+
+    # the dot inside the gemm fusion counts in the fusion, not on its own; the add is no matrix work
+    assert hlo_matrix_flops(MM_HLO) == MM_FLOPS
+
+
+def test_matrix_efficiency_rates_and_unmatched_library_kernels(tmp_path, capsys):
+    from sarformer_jax.benchmarks.profile import main, matrix_efficiency
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}}]
+    for step in range(2):
+        t = 1000.0 * step
+        events += [
+            {"ph": "X", "pid": 1, "tid": 1, "ts": t, "dur": 2.0, "name": "nvjet_sm90_tst_128x128",
+             "args": {"hlo_op": "custom-call.5"}},
+            {"ph": "X", "pid": 1, "tid": 1, "ts": t + 10, "dur": 1.0, "name": "gemm_fusion_dot_7",
+             "args": {"hlo_op": "command_buffer_1"}},  # matched by its kernel name
+            {"ph": "X", "pid": 1, "tid": 1, "ts": t + 20, "dur": 4.0,
+             "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+             "args": {"hlo_op": "command_buffer_1"}},  # a library kernel in a command buffer
+            {"ph": "X", "pid": 1, "tid": 1, "ts": t + 30, "dur": 3.0, "name": "loop_add_fusion_1",
+             "args": {}}]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    res = matrix_efficiency(str(tmp_path), MM_HLO, steps=2)
+    assert [r["instruction"] for r in res["rows"]] == ["custom-call.5", "gemm_fusion_dot.7"]
+    gemm = res["rows"][0]
+    assert gemm["ms_per_step"] == pytest.approx(0.002) and gemm["calls_per_step"] == pytest.approx(1)
+    assert gemm["tflop_per_s"] == pytest.approx(MM_FLOPS["custom-call.5"] / 2e-6 / 1e12)
+    assert gemm["op_name"] == "jit(step)/jvp(backbone)/dot_general"
+    assert res["matched_ms"] == pytest.approx(0.003)
+    assert res["matched_tflop"] == pytest.approx(
+        (MM_FLOPS["custom-call.5"] + MM_FLOPS["gemm_fusion_dot.7"]) / 1e12)
+    assert res["unmatched_ms"] == pytest.approx(0.004)  # the attention kernel; the add is no matrix kernel
+    assert res["program_tflop"] == pytest.approx(sum(MM_FLOPS.values()) / 1e12)
+    json.dumps(res)
+    with gzip.open(tmp_path / "step.hlo.txt.gz", "wt") as f:
+        f.write(MM_HLO)
+    assert main([str(tmp_path), "--steps", "2", "--matrix"]) == 0
+    out = capsys.readouterr().out
+    assert "ms of matrix/attention kernels matched none" in out
+    assert len([ln for ln in out.splitlines() if "   mm " in ln]) == 2

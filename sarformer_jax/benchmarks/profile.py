@@ -450,6 +450,188 @@ def kernel_bandwidth(trace_dir: str, hlo_text: str, steps: int, top: int = 40,
     return rows[:top]
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY[ \t]+)?%?([\w.\-]+)[ \t]+\(.*\{[ \t]*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+
+
+def _dims(type_text: str) -> list[int]:
+    m = _SHAPE.search(type_text)
+    return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _int_list(text: str | None) -> list[int]:
+    return [int(v) for v in re.findall(r"\d+", text or "")]
+
+
+def _instruction_flops(line: str, opcode: str, typ: str, operands: list[str], instrs: dict) -> int:
+    """Multiply-add FLOPs (2 per multiply-add) of one dot, GEMM library call, convolution or
+    fused attention, from its HLO line; 0 for any other instruction.
+
+    - dot / cuBLAS: 2 x result elements x the lhs's contracted size;
+    - convolutions (forward, and cuDNN's backward-input / backward-filter calls):
+      2 x forward-output elements x filter elements / output features;
+    - cuDNN fused attention: q, k, v as [b, t, n, d] (jax's layout): 2·b·n·t·s·(d + dv) forward,
+      2.5 times that for the backward (its five products against the forward's two)."""
+    def shape(i):
+        return _dims(instrs[operands[i]][0]) if len(operands) > i and operands[i] in instrs else []
+
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    target = target.group(1) if target else ""
+    if opcode == "dot" or target.startswith("__cublas"):
+        if opcode == "dot":
+            contract = _int_list((re.search(r"lhs_contracting_dims=\{([^}]*)\}", line) or [None, ""])[1])
+        else:
+            m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line)
+            contract = _int_list(m.group(1) if m else "")
+        lhs = shape(0)
+        if not lhs or any(c >= len(lhs) for c in contract):
+            return 0
+        return 2 * _prod(_dims(typ)) * _prod(lhs[c] for c in contract)
+    if opcode == "convolution" or target.startswith("__cudnn$conv"):
+        labels = re.search(r"dim_labels=\w+_(\w+)->\w+", line)
+        if not labels:
+            return 0
+        if "BackwardFilter" in target:
+            y, w = shape(1), _dims(typ)
+        elif "BackwardInput" in target:
+            y, w = shape(0), shape(1)
+        else:
+            y, w = _dims(typ), shape(1)
+        o = labels.group(1).find("o")
+        if not y or not w or o < 0 or o >= len(w) or not w[o]:
+            return 0
+        return 2 * _prod(y) * _prod(w) // w[o]
+    if target.startswith("__cudnn$fmha"):
+        q, k, v = shape(0), shape(1), shape(2)
+        if len(q) != 4 or len(k) != 4 or len(v) != 4:
+            return 0
+        b, t, n, d = q
+        fwd = 2 * b * n * t * k[1] * (d + v[3])
+        return int(fwd * 2.5) if "Backward" in target else fwd
+    return 0
+
+
+def hlo_matrix_flops(hlo_text: str) -> dict[str, int]:
+    """Instruction name -> FLOPs (`_instruction_flops`) for every instruction that runs as a
+    kernel of its own and does matrix work: the library GEMMs, convolutions and fused attention
+    calls, and each fusion whose computation (nested fusions included) holds dots (those dots
+    count in their fusion only, so the values add up to the program's matrix work).  The GPU program's cost analysis
+    counts library calls as nothing; this reads their shapes instead."""
+    instrs = _hlo_instructions(hlo_text)
+    own: dict[str, int] = {}
+    members: dict[str, list[str]] = collections.defaultdict(list)
+    calls: dict[str, str] = {}
+    current = ""
+    for line in hlo_text.splitlines():
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("(", 1)[0]:
+            current = head.group(1)
+            continue
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, typ, opcode = m.group(1), m.group(2), m.group(3)
+        members[current].append(name)
+        if opcode == "fusion":
+            c = _CALLS.search(line)
+            if c:
+                calls[name] = c.group(1)
+        else:
+            f = _instruction_flops(line, opcode, typ, instrs.get(name, ("", []))[1], instrs)
+            if f:
+                own[name] = f
+    memo: dict[str, int] = {}
+
+    def computation(comp: str, depth: int = 0) -> int:
+        if comp not in memo:
+            memo[comp] = 0 if depth > 16 else sum(
+                own.get(i, 0) + (computation(calls[i], depth + 1) if i in calls else 0)
+                for i in members.get(comp, []))
+        return memo[comp]
+
+    fused = set(calls.values())
+    out = {}
+    for comp, names in members.items():
+        if comp in fused:  # a fusion's body: counted in the fusion that runs it
+            continue
+        for name in names:
+            f = own.get(name, 0) + (computation(calls[name]) if name in calls else 0)
+            if f:
+                out[name] = f
+    return out
+
+
+def matrix_efficiency(trace_dir: str, hlo_text: str, steps: int, top: int = 40) -> dict:
+    """The matrix work of a profiled program, kernel by kernel: each GPU kernel event (as in
+    `kernel_bandwidth`) whose HLO instruction does matrix work (`hlo_matrix_flops`) gives a row
+    with its time and calls per step and device, GFLOP per call and the TFLOP/s it reached.
+    Library kernels (cuBLAS, cuDNN) inside a CUDA-graph command buffer carry the buffer's name,
+    not their instruction's, so only a program profiled with command buffers off
+    (`XLA_FLAGS=--xla_gpu_enable_command_buffer=`) matches them all; `unmatched_ms` is the time
+    of the matrix and attention kernels that matched no instruction.  Returns {"rows" (the `top`
+    by time), "matched_ms", "matched_tflop" (per step), "unmatched_ms", "program_tflop" (all
+    matrix work of the program as written, once per instruction)}."""
+    path = trace_path(trace_dir)
+    flops = hlo_matrix_flops(hlo_text)
+    out = {"rows": [], "matched_ms": 0.0, "matched_tflop": 0.0, "unmatched_ms": 0.0,
+           "program_tflop": sum(flops.values()) / 1e12}
+    if path is None:
+        return out
+    events, gpu = _load_trace(path)
+    instrs = _hlo_instructions(hlo_text)
+    sources = hlo_source_lines(hlo_text)
+    time_us, calls = collections.Counter(), collections.Counter()
+    pids = set()
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu:
+            continue
+        name = e.get("name", "?")
+        key = (name, _instruction(e.get("args", {}) or {}, name, instrs))
+        time_us[key] += float(e.get("dur", 0.0))
+        calls[key] += 1
+        pids.add(e["pid"])
+    per_step = max(steps, 1) * max(len(pids), 1)
+    rows = []
+    for (kernel, inst), us in time_us.items():
+        f = flops.get(inst, 0)
+        if not f:
+            if kernel_class(kernel) in ("matrix", "attention"):
+                out["unmatched_ms"] += us / 1e3 / per_step
+            continue
+        n = calls[(kernel, inst)]
+        typ, _, op_name, frame = instrs[inst]
+        rows.append({"kernel": kernel, "instruction": inst, "ms_per_step": us / 1e3 / per_step,
+                     "calls_per_step": n / per_step, "gflop_per_call": f / 1e9,
+                     "tflop_per_s": f * n / (us * 1e-6) / 1e12 if us > 0 else None,
+                     "result_type": typ, "source": sources.get(frame, ""), "op_name": op_name})
+        out["matched_ms"] += us / 1e3 / per_step
+        out["matched_tflop"] += f * n / per_step / 1e12
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    out["rows"] = rows[:top]
+    return out
+
+
+def print_matrix_efficiency(result: dict, tag: str) -> None:
+    ms, tf = result["matched_ms"], result["matched_tflop"]
+    rate = f"{tf / ms * 1e3:.0f} TFLOP/s" if ms > 0 else "-"
+    print(f"[{tag}] matrix work: {tf:.3f} TFLOP a step in {ms:.2f} ms of kernels matched to their "
+          f"instructions ({rate}); {result['unmatched_ms']:.2f} ms of matrix/attention kernels "
+          f"matched none (library kernels inside command buffers); the program holds "
+          f"{result['program_tflop']:.3f} TFLOP of matrix work", flush=True)
+    for r in result["rows"]:
+        rate = f"{r['tflop_per_s']:6.0f}" if r["tflop_per_s"] is not None else "     -"
+        print(f"[{tag}]   mm {r['ms_per_step']:7.3f} ms x{r['calls_per_step']:<5.4g} "
+              f"{r['gflop_per_call']:8.2f} GFLOP {rate} TFLOP/s  {r['kernel'][:40]:40s} "
+              f"{r['result_type'][:40]:40s} {r['source']:44s} {r['op_name'][-70:]}", flush=True)
+
+
 def print_kernel_bandwidth(rows: list[dict], tag: str) -> None:
     if not rows:
         print(f"[{tag}] kernel bandwidth: no kernels", flush=True)
@@ -488,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated kernel classes to show, e.g. elementwise,reduction "
                              "(default: all)")
     parser.add_argument("--top", type=int, default=40, help="kernels to show (default 40)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="the matrix kernels' FLOP rates instead of the bandwidth table")
     args = parser.parse_args(argv)
     hlo = _find_hlo(args.dir)
     if trace_path(args.dir) is None or hlo is None:
@@ -495,9 +679,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with (gzip.open(hlo, "rt") if hlo.endswith(".gz") else open(hlo)) as f:
         hlo_text = f.read()
+    tag = os.path.basename(os.path.normpath(args.dir))
+    if args.matrix:
+        print_matrix_efficiency(matrix_efficiency(args.dir, hlo_text, args.steps, args.top), tag)
+        return 0
     classes = {c.strip() for c in args.classes.split(",") if c.strip()} or None
     rows = kernel_bandwidth(args.dir, hlo_text, args.steps, args.top, classes)
-    print_kernel_bandwidth(rows, os.path.basename(os.path.normpath(args.dir)))
+    print_kernel_bandwidth(rows, tag)
     return 0
 
 

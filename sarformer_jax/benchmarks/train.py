@@ -395,9 +395,12 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         # the memory-bound kernels against the HBM bandwidth, with their source lines
         summary["kernel_bandwidth"] = prof.kernel_bandwidth(
             trace_dir, hlo_text, steps=5, top=40, classes={"elementwise", "reduction", "copy"})
+        # the matrix kernels' FLOP rates (library kernels match only with command buffers off)
+        summary["matrix_efficiency"] = prof.matrix_efficiency(trace_dir, hlo_text, steps=5, top=40)
         res["profile"] = summary
         prof.print_summary(summary, tag)
         prof.print_kernel_bandwidth(summary["kernel_bandwidth"], tag)
+        prof.print_matrix_efficiency(summary["matrix_efficiency"], tag)
 
     # the guidance alone: cached preparation, or SAM's automatic masks + preparation (online)
     res["proposal_s"] = None
