@@ -26,8 +26,9 @@ import torch
 
 from conftest import RTOL, rel_err
 from sarformer_jax.configs.common import loss as loss_config
-from sarformer_jax.losses import (aux_ce_loss, gt_present, layer_loss, loss_fn,
-                                  num_importance_points)
+from sarformer_jax.losses import (aux_ce_loss, gt_present, layer_loss, loss_fn, match_costs,
+                                  num_importance_points, point_sample, point_sample_shared,
+                                  sample_gt_shared)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mask2former import modeling_mask2former as hf  # noqa: E402
@@ -135,6 +136,42 @@ def test_loss_and_matching_equal_hf(q, k):
             err = rel_err(parts[pre + name], want.numpy())
             assert err <= RTOL["float32"], f"{pre}{name}: ours {float(parts[pre + name]):.6f} hf {float(want):.6f}"
     assert np.isclose(float(total), sum(float(v) for v in parts.values()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 12.0])
+def test_match_costs_equal_hf_matcher_costs(scale):
+    """The matching cost matrix itself against HF's matcher terms (its pairwise sigmoid BCE and
+    dice, and -softmax of the labels), both argument layouts: ours takes the BCE's two products
+    as one (-l times the targets plus the row sums of softplus(l)); with large logits (scale 12)
+    that sum of large terms must still hold float32 accuracy."""
+    rng = np.random.default_rng(int(scale))
+    q, k, n_p = 7, 5, 300
+    cfg = _cfg()
+    cls = rng.normal(size=(q, k + 1)).astype(np.float32)
+    logits = (rng.normal(size=(q, n_p)) * scale).astype(np.float32)
+    targets = rng.uniform(size=(k, n_p)).astype(np.float32)
+    targets[:, ::3] = np.round(targets[:, ::3])
+    lt, tt = torch.as_tensor(logits), torch.as_tensor(targets)
+    want = (cfg.class_weight * -torch.softmax(torch.as_tensor(cls), -1)[:, :k]
+            + cfg.mask_weight * hf.pair_wise_sigmoid_cross_entropy_loss(lt, tt)
+            + cfg.dice_weight * hf.pair_wise_dice_loss(lt, tt)).numpy()
+    got = match_costs(jnp.asarray(cls), jnp.asarray(logits), jnp.asarray(targets), cfg)
+    got_t = match_costs(jnp.asarray(cls), jnp.asarray(logits.T), jnp.asarray(targets.T), cfg,
+                        points_first=True)
+    scale_of = np.abs(want).max()
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5 * scale_of
+    assert np.abs(np.asarray(got_t) - want).max() <= 1e-5 * scale_of
+
+
+def test_shared_point_samples_points_first():
+    rng = np.random.default_rng(3)
+    maps = jnp.asarray(rng.normal(size=(4, 9, 11)).astype(np.float32))
+    pts = jnp.asarray(rng.uniform(-0.1, 1.1, size=(13, 2)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(point_sample_shared(maps, pts)).T,
+                                  np.asarray(point_sample(maps, pts)))
+    gt = jnp.asarray(rng.integers(0, 4, size=(9, 11)).astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(sample_gt_shared(gt, pts, 4, points_first=True)).T,
+                                  np.asarray(sample_gt_shared(gt, pts, 4)))
 
 
 def test_aux_ce_equals_torch(rng):
