@@ -394,7 +394,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
             summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_busy_ms_per_step"]
         # the memory-bound kernels against the HBM bandwidth, with their source lines
         summary["kernel_bandwidth"] = prof.kernel_bandwidth(
-            trace_dir, hlo_text, steps=5, top=40, classes={"elementwise", "reduction", "copy"})
+            trace_dir, hlo_text, steps=5, top=80, classes={"elementwise", "reduction", "copy"})
         # the matrix kernels' FLOP rates (library kernels match only with command buffers off)
         summary["matrix_efficiency"] = prof.matrix_efficiency(trace_dir, hlo_text, steps=5, top=40)
         res["profile"] = summary
