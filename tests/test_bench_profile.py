@@ -572,3 +572,15 @@ def test_matrix_efficiency_rates_and_unmatched_library_kernels(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "ms of matrix/attention kernels matched none" in out
     assert len([ln for ln in out.splitlines() if "   mm " in ln]) == 2
+
+
+def test_time_by_source_sums_rows_per_class_and_line():
+    from sarformer_jax.benchmarks.profile import time_by_source
+
+    rows = [{"cls": "elementwise", "source": "beit.py:1", "ms_per_step": 0.5},
+            {"cls": "elementwise", "source": "beit.py:1", "ms_per_step": 0.25},
+            {"cls": "reduction", "source": "beit.py:1", "ms_per_step": 0.5},
+            {"cls": "copy", "source": "", "ms_per_step": 0.1}]
+    assert time_by_source(rows) == [("elementwise", "beit.py:1", 0.75, 2),
+                                    ("reduction", "beit.py:1", 0.5, 1), ("copy", "?", 0.1, 1)]
+    assert time_by_source(rows, top=1) == [("elementwise", "beit.py:1", 0.75, 2)]

@@ -632,6 +632,17 @@ def print_matrix_efficiency(result: dict, tag: str) -> None:
               f"{r['result_type'][:40]:40s} {r['source']:44s} {r['op_name'][-70:]}", flush=True)
 
 
+def time_by_source(rows: list[dict], top: int = 25) -> list[tuple[str, str, float, int]]:
+    """`kernel_bandwidth` rows summed by (class, model source line): [(cls, source, ms per
+    step, kernels)], the `top` by time.  Kernels with no source line sum under "?"."""
+    total, count = collections.Counter(), collections.Counter()
+    for r in rows:
+        key = (r["cls"], r["source"] or "?")
+        total[key] += r["ms_per_step"]
+        count[key] += 1
+    return [(c, src, ms, count[(c, src)]) for (c, src), ms in total.most_common(top)]
+
+
 def print_kernel_bandwidth(rows: list[dict], tag: str) -> None:
     if not rows:
         print(f"[{tag}] kernel bandwidth: no kernels", flush=True)

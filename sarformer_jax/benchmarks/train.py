@@ -393,13 +393,18 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         if "gpu_kernel_ms_per_step" in summary:  # time the GPU waits (host syncs, launches)
             summary["idle_ms_per_step"] = sec * 1e3 - summary["gpu_busy_ms_per_step"]
         # the memory-bound kernels against the HBM bandwidth, with their source lines
-        summary["kernel_bandwidth"] = prof.kernel_bandwidth(
-            trace_dir, hlo_text, steps=5, top=80, classes={"elementwise", "reduction", "copy"})
+        every = prof.kernel_bandwidth(trace_dir, hlo_text, steps=5, top=10 ** 6,
+                                      classes={"elementwise", "reduction", "copy"})
+        summary["kernel_bandwidth"] = every[:80]
+        summary["time_by_source"] = prof.time_by_source(every, top=30)
         # the matrix kernels' FLOP rates (library kernels match only with command buffers off)
         summary["matrix_efficiency"] = prof.matrix_efficiency(trace_dir, hlo_text, steps=5, top=40)
         res["profile"] = summary
         prof.print_summary(summary, tag)
         prof.print_kernel_bandwidth(summary["kernel_bandwidth"], tag)
+        print(f"[{tag}] memory-bound kernels by model source line (ms per step, kernels):", flush=True)
+        for cls, src, ms, n in summary["time_by_source"]:
+            print(f"[{tag}]   src {ms:7.3f} ms {cls[:11]:11s} x{n:<4d} {src}", flush=True)
         prof.print_matrix_efficiency(summary["matrix_efficiency"], tag)
 
     # the guidance alone: cached preparation, or SAM's automatic masks + preparation (online)
