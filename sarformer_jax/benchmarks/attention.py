@@ -9,6 +9,8 @@ shipped with jax reach on these shapes:
 
 - `cudnn_bias`: `layers.attention(..., implementation="cudnn")` with the bias differentiated, as
   BEiT runs it (tokens padded to an even 1602);
+- `cudnn_bias_per_image`: the same bias broadcast to every image before the call, so that
+  cuDNN returns a per-image bias gradient (summed over the images outside it);
 - `cudnn_bias_nograd`: the same with the bias held constant (gradients for q, k, v only);
 - `cudnn_nobias`: no bias, 1601 tokens;
 - `xla_bias`: `jax.nn.dot_product_attention(implementation="xla")`, bias differentiated;
@@ -30,7 +32,7 @@ import datetime
 
 import numpy as np
 
-IMPLS = ("cudnn_bias", "cudnn_bias_nograd", "cudnn_nobias", "xla_bias", "pallas_triton",
+IMPLS = ("cudnn_bias", "cudnn_bias_per_image", "cudnn_bias_nograd", "cudnn_nobias", "xla_bias", "pallas_triton",
          "pallas_mgpu", "torch_bias")
 
 
@@ -73,6 +75,15 @@ def _jax_fns(impl: str, t: int, d: int):
             return attention(q, k, v, bias, scale=scale, implementation="cudnn")
 
         return fwd, (0, 1, 2, 3) if impl == "cudnn_bias" else (0, 1, 2)
+    if impl == "cudnn_bias_per_image":
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("cuDNN needs a GPU")
+
+        def fwd(q, k, v, bias):
+            per_image = jnp.broadcast_to(bias, (q.shape[0],) + bias.shape[1:])
+            return attention(q, k, v, per_image, scale=scale, implementation="cudnn")
+
+        return fwd, (0, 1, 2, 3)
     if impl == "cudnn_nobias":
         if jax.default_backend() != "gpu":
             raise NotImplementedError("cuDNN needs a GPU")
@@ -206,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {impl} | ({type(e).__name__}: {msg}) | | | | |", flush=True)
             continue
         diff = ""
-        if out is not None and impl in ("xla_bias", "cudnn_bias", "cudnn_bias_nograd"):
+        if out is not None and "bias" in impl and "nobias" not in impl:
             o = np.asarray(out, np.float32)
             if ref is None:
                 ref = _reference(arrays)
