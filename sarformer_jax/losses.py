@@ -85,9 +85,11 @@ def sample_gt_shared(gt: jax.Array, points: jax.Array, num_classes: int,
     h, w = gt.shape
     idx, wts = _corners(points.astype(jnp.float32), h, w)
     labels = gt.reshape(-1)[idx]  # [4, P]
-    onehot = labels[..., None] == jnp.arange(num_classes)  # [4, P, K]
-    out = "pk" if points_first else "kp"
-    return jnp.einsum(f"cpk,cp->{out}", onehot.astype(jnp.float32), wts, precision=HIGHEST)
+    hit = labels[..., None] == jnp.arange(num_classes)  # [4, P, K]
+    # each corner's weight put in its label's column: one elementwise pass that writes [P, K]
+    # (as a product with the one-hot [4, P, K] it is a matrix product contracting only 4)
+    out = jnp.sum(jnp.where(hit, wts[..., None], 0.0), axis=0)  # [P, K]
+    return out if points_first else out.T
 
 
 def sample_gt_slots(gt: jax.Array, points: jax.Array, classes: jax.Array) -> jax.Array:
