@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sarformer_jax.matcher import hungarian_assign
 from sarformer_jax.models.layers import resize_bilinear
@@ -434,9 +435,39 @@ def aux_ce_loss(aux_logits: jax.Array, gt: jax.Array, upscale: str = "matrix") -
     logits = resize_bilinear(aux_logits.astype(jnp.float32), gt.shape[1:3], upscale=upscale)
     k = logits.shape[-1]
     valid = (gt != IGNORE_INDEX) & (gt >= 0) & (gt < k)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, gt, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.mean(jnp.where(valid, nll, 0.0))
+    return pixel_cross_entropy(logits, jnp.where(valid, gt, -1).astype(jnp.int32))
+
+
+@jax.custom_vjp
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over all pixels of -log softmax(logits)[label], 0 where the label is negative
+    (ignored pixels count in the mean, as mmseg's `avg_non_ignore=False`).  logits [..., K]
+    float32, labels [...] int32.
+
+    The gradient is written in one elementwise pass, (softmax - onehot) x valid / n, from the
+    logits and the saved log-sum-exp.  Differentiated by jax, log_softmax and
+    `take_along_axis` made the step write log-probabilities, a zero tensor and a scatter of the
+    label entries, and read them back (SARFormer-B at 640²: [2, 640, 640, 150] float32, 0.49 GB
+    each, ~1.2 ms of the H100 step's kernels, train run 34)."""
+    return _pixel_ce_fwd(logits, labels)[0]
+
+
+def _pixel_ce_fwd(logits, labels):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    loss = jnp.mean(jnp.where(labels >= 0, lse - picked, 0.0))
+    return loss, (logits, labels, lse)
+
+
+def _pixel_ce_bwd(res, ct):
+    logits, labels, lse = res
+    scale = jnp.where(labels >= 0, ct / labels.size, 0.0).astype(logits.dtype)[..., None]
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    g = (jnp.exp(logits - lse[..., None]) - onehot.astype(logits.dtype)) * scale
+    return g, np.zeros(labels.shape, jax.dtypes.float0)
+
+
+pixel_cross_entropy.defvjp(_pixel_ce_fwd, _pixel_ce_bwd)
 
 
 def loss_fn(predictions: Sequence[dict[str, jax.Array]], gt_semantic: jax.Array,

@@ -182,3 +182,24 @@ def test_aux_ce_equals_torch(rng):
                                          mode="bilinear", align_corners=False)
     want = torch.nn.functional.cross_entropy(up, torch.as_tensor(gt), ignore_index=255, reduction="none").mean()
     assert rel_err(aux_ce_loss(jnp.asarray(logits), jnp.asarray(gt)), want.numpy()) <= RTOL["float32"]
+
+
+@pytest.mark.parametrize("upscale", ["matrix", "taps"])
+def test_aux_ce_gradient_equals_torch(rng, upscale):
+    """The auxiliary CE's gradient (our custom backward of the pixel CE, through the upscale)
+    against torch autograd in float64 (ours in float32): ignored pixels, labels out of range
+    (ignored too) and large logits."""
+    logits = (rng.normal(size=(2, 5, 7, 6)) * 8).astype(np.float64)
+    gt = rng.integers(0, 6, size=(2, 20, 28))
+    gt[0, :5] = 255
+    gt[1, 3, :4] = 7  # out of range: ignored like 255
+    t = torch.as_tensor(logits).permute(0, 3, 1, 2).requires_grad_(True)
+    up = torch.nn.functional.interpolate(t, size=(20, 28), mode="bilinear", align_corners=False)
+    tgt = torch.as_tensor(np.where(gt >= 6, 255, gt))
+    want = torch.nn.functional.cross_entropy(up, tgt, ignore_index=255, reduction="none").mean()
+    (want_g,) = torch.autograd.grad(want, t)
+    val, g = jax.value_and_grad(lambda v: aux_ce_loss(v, jnp.asarray(gt), upscale))(
+        jnp.asarray(logits, jnp.float32))
+    assert rel_err(val, want.detach().numpy()) <= RTOL["float32"]
+    want_g = want_g.permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.asarray(g, np.float64) - want_g).max() <= 1e-5 * np.abs(want_g).max()
