@@ -584,3 +584,20 @@ def test_time_by_source_sums_rows_per_class_and_line():
     assert time_by_source(rows) == [("elementwise", "beit.py:1", 0.75, 2),
                                     ("reduction", "beit.py:1", 0.5, 1), ("copy", "?", 0.1, 1)]
     assert time_by_source(rows, top=1) == [("elementwise", "beit.py:1", 0.75, 2)]
+
+
+def test_matrix_flops_by_kind_and_the_hlo_only_command_line(tmp_path, capsys):
+    from sarformer_jax.benchmarks.profile import main, matrix_flops_by_kind
+
+    rows = {(k, dt): (n, tf) for k, dt, n, tf in matrix_flops_by_kind(MM_HLO)}
+    assert rows[("cublas", "bf16")] == (1, pytest.approx(MM_FLOPS["custom-call.5"] / 1e12))
+    assert rows[("gemm_fusion", "bf16")] == (1, pytest.approx(MM_FLOPS["gemm_fusion_dot.7"] / 1e12))
+    assert rows[("cudnn_conv", "bf16")][0] == 2
+    assert rows[("cudnn_attention", "bf16")] == (2, pytest.approx(
+        (MM_FLOPS["fmha.1"] + MM_FLOPS["fmha-bwd.1"]) / 1e12))
+    assert main([str(tmp_path), "--matrix"]) == 1  # no HLO
+    with gzip.open(tmp_path / "step.hlo.txt.gz", "wt") as f:
+        f.write(MM_HLO)
+    assert main([str(tmp_path), "--matrix"]) == 0  # the HLO alone: the program's table only
+    out = capsys.readouterr().out
+    assert "the program's matrix work" in out and "cudnn_attention" in out and "   mm " not in out

@@ -618,6 +618,44 @@ def matrix_efficiency(trace_dir: str, hlo_text: str, steps: int, top: int = 40) 
     return out
 
 
+def matrix_flops_by_kind(hlo_text: str) -> list[tuple[str, str, int, float]]:
+    """The program's matrix work (`hlo_matrix_flops`) by kind of kernel and operand type:
+    [(kind, dtype, instructions, TFLOP)], largest first.  Kinds: "cublas" (library GEMMs),
+    "gemm_fusion" (XLA's own GEMM kernels), "cudnn_conv", "cudnn_attention", "other"."""
+    flops = hlo_matrix_flops(hlo_text)
+    instrs = _hlo_instructions(hlo_text)
+    kinds: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0])
+    targets = dict(re.findall(r'%([\w.\-]+) = [^\n]*custom_call_target="([^"]*)"', hlo_text))
+    for name, f in flops.items():
+        target = targets.get(name, "")
+        if target.startswith("__cublas"):
+            kind = "cublas"
+        elif target.startswith("__cudnn$conv"):
+            kind = "cudnn_conv"
+        elif target.startswith("__cudnn$fmha"):
+            kind = "cudnn_attention"
+        elif "fusion" in name:
+            kind = "gemm_fusion"
+        else:
+            kind = "other"
+        ops = instrs.get(name, ("", []))[1]
+        m = _SHAPE.search(instrs[ops[0]][0]) if ops and ops[0] in instrs else None
+        entry = kinds[(kind, m.group(1) if m else "?")]
+        entry[0] += 1
+        entry[1] += f
+    rows = [(k, dt, n, f / 1e12) for (k, dt), (n, f) in kinds.items()]
+    return sorted(rows, key=lambda r: -r[3])
+
+
+def print_matrix_by_kind(hlo_text: str, tag: str) -> None:
+    rows = matrix_flops_by_kind(hlo_text)
+    total = sum(r[3] for r in rows)
+    print(f"[{tag}] the program's matrix work: {total:.3f} TFLOP (kind, operand type, "
+          f"instructions, TFLOP):", flush=True)
+    for kind, dt, n, tf in rows:
+        print(f"[{tag}]   {kind:16s} {dt:5s} x{n:<5d} {tf:8.3f}", flush=True)
+
+
 def print_matrix_efficiency(result: dict, tag: str) -> None:
     ms, tf = result["matched_ms"], result["matched_tflop"]
     rate = f"{tf / ms * 1e3:.0f} TFLOP/s" if ms > 0 else "-"
@@ -685,14 +723,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the matrix kernels' FLOP rates instead of the bandwidth table")
     args = parser.parse_args(argv)
     hlo = _find_hlo(args.dir)
-    if trace_path(args.dir) is None or hlo is None:
-        print(f"{args.dir}: needs a *.trace.json.gz and a step.hlo.txt[.gz]", file=sys.stderr)
+    if hlo is None or (trace_path(args.dir) is None and not args.matrix):
+        print(f"{args.dir}: needs a *.trace.json.gz and a step.hlo.txt[.gz] (--matrix: the HLO "
+              "at least)", file=sys.stderr)
         return 1
     with (gzip.open(hlo, "rt") if hlo.endswith(".gz") else open(hlo)) as f:
         hlo_text = f.read()
     tag = os.path.basename(os.path.normpath(args.dir))
     if args.matrix:
-        print_matrix_efficiency(matrix_efficiency(args.dir, hlo_text, args.steps, args.top), tag)
+        print_matrix_by_kind(hlo_text, tag)
+        if trace_path(args.dir) is not None:
+            print_matrix_efficiency(matrix_efficiency(args.dir, hlo_text, args.steps, args.top),
+                                    tag)
         return 0
     classes = {c.strip() for c in args.classes.split(",") if c.strip()} or None
     rows = kernel_bandwidth(args.dir, hlo_text, args.steps, args.top, classes)
