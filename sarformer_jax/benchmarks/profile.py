@@ -401,6 +401,23 @@ def _instruction_bytes(name: str, instrs: dict) -> int:
     return _bytes(typ) + sum(_bytes(instrs[o][0]) for o in dict.fromkeys(operands) if o in instrs)
 
 
+def _kernel_times(path: str, instrs: dict) -> tuple[collections.Counter, collections.Counter, int]:
+    """(time in us, calls) of each (kernel name, HLO instruction) among the GPU kernel events
+    of the trace at `path`, and the number of GPUs in it."""
+    events, gpu = _load_trace(path)
+    time_us, calls = collections.Counter(), collections.Counter()
+    pids = set()
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in gpu:
+            continue
+        name = e.get("name", "?")
+        key = (name, _instruction(e.get("args", {}) or {}, name, instrs))
+        time_us[key] += float(e.get("dur", 0.0))
+        calls[key] += 1
+        pids.add(e["pid"])
+    return time_us, calls, len(pids)
+
+
 def kernel_bandwidth(trace_dir: str, hlo_text: str, steps: int, top: int = 40,
                      classes: set[str] | None = None) -> list[dict]:
     """The GPU kernels of a profiled program with the bandwidth each achieves, by time.
@@ -418,20 +435,10 @@ def kernel_bandwidth(trace_dir: str, hlo_text: str, steps: int, top: int = 40,
     path = trace_path(trace_dir)
     if path is None:
         return []
-    events, gpu = _load_trace(path)
     instrs = _hlo_instructions(hlo_text)
     sources = hlo_source_lines(hlo_text)
-    time_us, calls = collections.Counter(), collections.Counter()
-    pids = set()
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu:
-            continue
-        name = e.get("name", "?")
-        key = (name, _instruction(e.get("args", {}) or {}, name, instrs))
-        time_us[key] += float(e.get("dur", 0.0))
-        calls[key] += 1
-        pids.add(e["pid"])
-    per_step = max(steps, 1) * max(len(pids), 1)  # per step and device
+    time_us, calls, gpus = _kernel_times(path, instrs)
+    per_step = max(steps, 1) * max(gpus, 1)  # per step and device
     rows = []
     for (kernel, inst), us in time_us.items():
         cls = kernel_class(kernel)
@@ -584,20 +591,10 @@ def matrix_efficiency(trace_dir: str, hlo_text: str, steps: int, top: int = 40) 
            "program_tflop": sum(flops.values()) / 1e12}
     if path is None:
         return out
-    events, gpu = _load_trace(path)
     instrs = _hlo_instructions(hlo_text)
     sources = hlo_source_lines(hlo_text)
-    time_us, calls = collections.Counter(), collections.Counter()
-    pids = set()
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in gpu:
-            continue
-        name = e.get("name", "?")
-        key = (name, _instruction(e.get("args", {}) or {}, name, instrs))
-        time_us[key] += float(e.get("dur", 0.0))
-        calls[key] += 1
-        pids.add(e["pid"])
-    per_step = max(steps, 1) * max(len(pids), 1)
+    time_us, calls, gpus = _kernel_times(path, instrs)
+    per_step = max(steps, 1) * max(gpus, 1)
     rows = []
     for (kernel, inst), us in time_us.items():
         f = flops.get(inst, 0)
