@@ -131,7 +131,7 @@ def _time_jax_impl(impl, arrays, reps):
 
     from sarformer_jax.benchmarks.msda import _time_jax
 
-    q, k, v, bias, ct = (jnp.asarray(a, jnp.bfloat16) for a in arrays)
+    q, k, v, ct = (jnp.asarray(arrays[i], jnp.bfloat16) for i in (0, 1, 2, 4))
     bias = jnp.asarray(arrays[3], jnp.float32)  # the model hands over a float32 bias
     t, d = q.shape[1], q.shape[-1]
     fwd, argnums = _jax_fns(impl, t, d)

@@ -67,6 +67,7 @@ def upscale_taps(n: int, factor: int) -> np.ndarray:
                 rest[i * factor:(i + 1) * factor, j] = 0.0
     if np.any(rest):  # cannot happen for an integer upscale; a guard on the derivation
         raise AssertionError(f"bilinear {n} -> {n * factor} has weights beyond the neighbours")
+    taps.setflags(write=False)  # cached and shared by every caller
     return taps
 
 
