@@ -428,3 +428,60 @@ def test_pixel_decoder_scan_setting_resolves_by_backend():
     assert encoder_scans(True) is True and encoder_scans(False) is False
     with pytest.raises(ValueError, match="scan_layers.*'sometimes'"):
         encoder_scans("sometimes")
+
+
+def test_batched_pixel_decoder_passes_equal_two_calls():
+    """`batch_pixel_decoder_passes`: the two passes of §4.2 as one call on 2B images give the
+    predictions, intermediates and parameter gradients of two calls (float32)."""
+    k, b, c, hw = 4, 2, 24, 64
+    cfgs = []
+    for batched in (False, True):
+        cfg = _tiny_cfg()
+        cfg.pixel_decoder.num_layers = 2
+        cfg.batch_pixel_decoder_passes = batched
+        cfgs.append(cfg)
+    heads = [Mask2FormerHead(cfg, [c] * 4, num_classes=k, rngs=nnx.Rngs(0)) for cfg in cfgs]
+    params = nnx.state(heads[0], nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    moved = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(kk, x.shape)
+                                         for x, kk in zip(leaves, keys)])
+    for h in heads:
+        nnx.update(h, moved)
+    rng = np.random.default_rng(1)
+    feats = [jnp.asarray(rng.normal(size=(b, hw // s, hw // s, c)), jnp.float32) for s in (4, 8, 16, 32)]
+    # raw features far from the normalised ones, so that mixing up the passes shows
+    raw = [jnp.asarray(rng.normal(size=f.shape) * 3.0 + 1.0, jnp.float32) for f in feats]
+    masks = jnp.asarray(rng.random((b, 9, hw, hw)) > 0.5)
+    props = prepare_proposals(jax.random.key(3), masks, jnp.asarray(rng.random((b, 9)) > 0.3), 6)
+
+    def run(head):
+        preds, inter = head(feats, raw, props)
+        out = sum(jnp.sum(p["mask"] ** 2) + jnp.sum(p["cls"] ** 2) for p in preds)
+        return out, (preds, inter)
+
+    results = []
+    for head in heads:
+        (out, (preds, inter)), g = nnx.jit(nnx.value_and_grad(run, has_aux=True))(head)
+        results.append((out, preds, inter, {".".join(map(str, p)): np.asarray(v.get_value())
+                                            for p, v in nnx.to_flat_state(g)}))
+    (o0, p0, i0, g0), (o1, p1, i1, g1) = results
+    np.testing.assert_allclose(float(o1), float(o0), rtol=1e-6)
+    for a, bb in zip(jax.tree.leaves((p0, i0["pixel_decoder"], i0["mask_features"],
+                                      i0["memories"], i0["adapter_features"], i0["query_feat"])),
+                     jax.tree.leaves((p1, i1["pixel_decoder"], i1["mask_features"],
+                                      i1["memories"], i1["adapter_features"], i1["query_feat"]))):
+        assert a.shape == bb.shape
+        np.testing.assert_allclose(np.asarray(bb), np.asarray(a), rtol=1e-5, atol=1e-5)
+    # the two passes really differ, so a swapped or duplicated pass would fail above
+    assert not np.allclose(np.asarray(i0["adapter_features"]), np.asarray(i0["mask_features"]),
+                           atol=1e-2)
+    assert set(g0) == set(g1)
+    compared = 0
+    for name in g0:
+        if name.endswith("k_proj.bias"):  # zero up to rounding (see the test above): noise
+            continue
+        scale = max(float(np.abs(g0[name]).max()), 1e-6)
+        np.testing.assert_allclose(g1[name] / scale, g0[name] / scale, atol=2e-5, err_msg=name)
+        compared += 1
+    assert compared > 60 and any("pixel_decoder" in n for n in g0)

@@ -244,9 +244,37 @@ class Mask2FormerHead(nnx.Module):
         self.enc_output_norm = nnx.LayerNorm(d, epsilon=1e-5, **kw)
         self.query_init = cfg_head.query_init
         self.second_pass = bool(cfg_head.get("second_pixel_decoder_pass", True))
+        self.batch_passes = bool(cfg_head.get("batch_pixel_decoder_passes", False))
         self.num_queries = cfg_head.num_queries
         self.num_heads = dec.num_heads
         self.dtype = dtype
+
+    def _both_passes(self, feats_norm: Sequence[jax.Array], feats_raw: Sequence[jax.Array]):
+        """The two pixel-decoder passes of §4.2 as one call on a batch of 2B: image i's
+        normalised features at row 2i, its raw features at row 2i + 1 (interleaved, so a
+        batch-sharded input stays on its device).  Every op of the pixel decoder is per image
+        (GroupNorm, deformable attention, convolutions), so the results are those of two calls.
+        Returns ((mask_features, memories) of the normalised pass, its intermediates, the raw
+        pass's mask features)."""
+        if len(feats_raw) != len(feats_norm):
+            raise ValueError(f"feats_raw has {len(feats_raw)} maps, feats_norm {len(feats_norm)}")
+        both = []
+        for n, r in zip(feats_norm, feats_raw):
+            if n.shape != r.shape:
+                raise ValueError(f"feats_norm and feats_raw differ in shape: {tuple(n.shape)} vs "
+                                 f"{tuple(r.shape)}")
+            r = r.astype(n.dtype)
+            both.append(jnp.stack([n, r], 1).reshape(2 * n.shape[0], *n.shape[1:]))
+        (mf, mems), inter = self.pixel_decoder(both)
+
+        def split(x):
+            x = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])
+            return x[:, 0], x[:, 1]
+
+        mask_features, pool_src = split(mf)
+        memories = [split(m)[0] for m in mems]
+        inter = jax.tree.map(lambda x: split(x)[0], inter)
+        return (mask_features, memories), inter, pool_src
 
     def forward_head(self, q: jax.Array, mask_features: jax.Array, size: tuple[int, int]):
         """Prediction heads on the post-normed queries.  Returns (cls [B,Q,K+1],
@@ -278,8 +306,16 @@ class Mask2FormerHead(nnx.Module):
            intermediates).
         """
         del train
-        with jax.named_scope("pixel_decoder"):
-            (mask_features, memories), pd_inter = self.pixel_decoder(feats_norm)
+        two_passes = (self.query_init == "sam_pooling" and self.second_pass
+                      and proposals is not None and feats_raw is not None)
+        if two_passes and self.batch_passes:
+            with jax.named_scope("pixel_decoder"):
+                (mask_features, memories), pd_inter, pool_src = self._both_passes(feats_norm,
+                                                                                  feats_raw)
+        else:
+            with jax.named_scope("pixel_decoder"):
+                (mask_features, memories), pd_inter = self.pixel_decoder(feats_norm)
+            pool_src = None
         b = mask_features.shape[0]
         dt = mask_features.dtype
         inter: dict[str, Any] = {"pixel_decoder": pd_inter, "mask_features": mask_features,
@@ -294,8 +330,9 @@ class Mask2FormerHead(nnx.Module):
             if self.second_pass:
                 if feats_raw is None:
                     raise ValueError("second_pixel_decoder_pass needs feats_raw")
-                with jax.named_scope("pixel_decoder_second_pass"):
-                    (pool_src, _), _ = self.pixel_decoder(feats_raw)
+                if pool_src is None:
+                    with jax.named_scope("pixel_decoder_second_pass"):
+                        (pool_src, _), _ = self.pixel_decoder(feats_raw)
             else:
                 pool_src = mask_features
             inter["adapter_features"] = pool_src
