@@ -111,3 +111,38 @@ def test_layers_match_flax(kind, kw, dtype):
         for a, b in zip(g_ours, g_ref):
             assert a.dtype == jnp.float32
             np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("groups,n", [(2, 3202), (8, 6408), (3, 3003), (4, 1024)])
+def test_column_sum_in_groups_against_numpy(groups, n):
+    x = jnp.asarray(np.random.default_rng(n).normal(size=(n, 24)) + 0.5, jnp.float32)
+    got = jax.jit(functools.partial(column_sum, method="blocks", groups=groups))(x)
+    want = np.asarray(x, np.float64).sum(0)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    with pytest.raises(ValueError, match="do not split into 5 equal groups"):
+        column_sum(x[:1601 * 2 + 1] if n > 3203 else x, method="blocks", groups=5)
+
+
+def test_broadcast_param_gradient_stays_on_each_batch_shard():
+    """8 fake devices, the cotangent batch-sharded: each device sums its own images' rows and
+    the partial sums meet in an all-reduce.  Blocks across the images' boundary made the
+    partitioner move rows between devices (collective-permute / all-gather) before."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    assert len(jax.devices()) == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shape = (8, 170, 24)  # 1360 rows: two passes, 37 blocks of 40 rows over the whole batch
+    g = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.bfloat16),
+                       NamedSharding(mesh, P("data")))
+    p = jax.device_put(jnp.zeros((24,), jnp.float32), NamedSharding(mesh, P()))
+
+    def grad(p, g):
+        return jax.vjp(lambda p: broadcast_param(p, shape, jnp.bfloat16), p)[1](g)[0]
+
+    fn = jax.jit(grad)
+    text = fn.lower(p, g).compile().as_text()
+    assert "all-reduce" in text
+    for op in ("all-gather", "collective-permute", "all-to-all"):
+        assert op not in text, op
+    want = np.asarray(g.astype(jnp.float32), np.float64).reshape(-1, 24).sum(0)
+    np.testing.assert_allclose(fn(p, g), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
