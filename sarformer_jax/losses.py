@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sarformer_jax.matcher import hungarian_assign
-from sarformer_jax.models.layers import resize_bilinear
+from sarformer_jax.models.layers import f32_dot_precision, resize_bilinear
 from sarformer_jax.sharding import batch_partitioned, on_batch_shards, per_batch_shard
 
 IGNORE_INDEX = 255
@@ -186,7 +186,7 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
     lhs = jnp.concatenate([-l, sig], axis=1 - p_axis)  # [P, 2Q] or [2Q, P]
     t_axis = 0 if points_first else 1
     prod = jax.lax.dot_general(lhs, point_targets, (((p_axis,), (t_axis,)), ((), ())),
-                               precision=HIGHEST)  # [2Q, K]
+                               precision=f32_dot_precision())  # [2Q, K]
     ce = (prod[:q] + neg_sum[:, None]) / n_p
     num = 2.0 * prod[q:]
     den = sig.sum(p_axis)[:, None] + point_targets.sum(t_axis)[None, :]

@@ -91,10 +91,37 @@ def _upscale_by_integer(x: jax.Array, axis: int, factor: int) -> jax.Array:
     return out.reshape(x.shape[:axis] + (n * factor,) + x.shape[axis + 1:])
 
 
+F32_DOT_METHODS = ("auto", "highest", "bf16x6", "bf16x3")
+
+
+def f32_dot_precision(method: str | None = None):
+    """The `precision` of a float32 product that must keep float32 accuracy (the loss's
+    matching costs, the mask pooling, float32 resizes).
+
+    Methods (`method`, else the environment's `SARFORMER_F32_DOT`, else "auto"):
+    - "highest": `Precision.HIGHEST`.  On an H100 XLA runs such a product on the CUDA cores,
+      at 22-31 TFLOP/s (the matching costs' product 0.69 ms, the auxiliary logits' upscale 2 x
+      0.34 ms of the SARFormer-B step: docs/benchmarks.md, train run 37);
+    - "bf16x6": `DotAlgorithmPreset.BF16_BF16_F32_X6`, each operand split into three bf16
+      parts and six of their products summed in float32 on the tensor cores: float32 accuracy
+      (the dropped products are below float32's rounding);
+    - "bf16x3": `BF16_BF16_F32_X3`, three products: ~1e-5 relative, for A/B runs only;
+    - "auto": "bf16x6" on a GPU, "highest" elsewhere (the CPU computes both in float32)."""
+    method = method or os.environ.get("SARFORMER_F32_DOT") or "auto"
+    if method not in F32_DOT_METHODS:
+        raise ValueError(f"f32_dot_precision: method {method!r} is not one of {F32_DOT_METHODS}")
+    if method == "auto":
+        method = "bf16x6" if jax.default_backend() == "gpu" else "highest"
+    if method == "highest":
+        return jax.lax.Precision.HIGHEST
+    preset = jax.lax.DotAlgorithmPreset
+    return preset.BF16_BF16_F32_X6 if method == "bf16x6" else preset.BF16_BF16_F32_X3
+
+
 def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     """PyTorch bilinear (align_corners=False) along one axis as a product with its [out, in]
-    interpolation matrix (full precision for float32)."""
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    interpolation matrix (full precision for float32: `f32_dot_precision`)."""
+    precision = f32_dot_precision() if x.dtype == jnp.float32 else None
     m = jnp.asarray(bilinear_matrix(x.shape[axis], n_out), x.dtype)
     return jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, axis, 0), axes=1, precision=precision),
                         0, axis)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sarformer_jax.models.beit import resolve_scan_layers
-from sarformer_jax.models.layers import resize_bilinear
+from sarformer_jax.models.layers import f32_dot_precision, resize_bilinear
 from sarformer_jax.models.pixel_decoder import (FFN, MSDeformAttnPixelDecoder, ReLU,
                                                 SinePositionalEncoding)
 
@@ -186,13 +186,14 @@ def first_layer_attn_mask(proposals: jax.Array, size: tuple[int, int], *, invert
 
 def mask_average_pool(proposals: jax.Array, features: jax.Array) -> jax.Array:
     """Masked average pooling (§4.5): `sum_s w[q,s] F[s] / sum_s w[q,s]` with the proposals
-    bilinearly resized to the feature map; an empty mask gives a zero vector.  Float32 with
-    HIGHEST precision (the original uses float64, §8 #9).
+    bilinearly resized to the feature map; an empty mask gives a zero vector.  Float32 at
+    float32 accuracy (`f32_dot_precision`; the original uses float64, §8 #9).
 
     Args: proposals [B, Q, H, W]; features [B, h, w, C].  Returns [B, Q, C] in features' dtype."""
     h, w = features.shape[1:3]
     wts = jax.lax.stop_gradient(resize_bilinear(proposals.astype(jnp.float32), (h, w), axes=(2, 3)))
-    num = jnp.einsum("bqhw,bhwc->bqc", wts, features.astype(jnp.float32), precision=HIGHEST)
+    num = jnp.einsum("bqhw,bhwc->bqc", wts, features.astype(jnp.float32),
+                     precision=f32_dot_precision())
     den = jnp.sum(wts, axis=(2, 3))
     den = jnp.where(den == 0, 1.0, den)
     return (num / den[..., None]).astype(features.dtype)
