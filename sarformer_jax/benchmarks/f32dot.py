@@ -59,18 +59,8 @@ def _fn(name, method):
                                                          precision=prec)])
 
     def upscale(x, ct):
-        import os
-
-        old = os.environ.get("SARFORMER_F32_DOT")
-        os.environ["SARFORMER_F32_DOT"] = method  # resize_axis_by_matrix reads it when traced
-        try:
-            out, vjp = jax.vjp(lambda x: resize_axis_by_matrix(x, 1, 640), x)
-            return [out, vjp(ct)[0]]
-        finally:
-            if old is None:
-                os.environ.pop("SARFORMER_F32_DOT")
-            else:
-                os.environ["SARFORMER_F32_DOT"] = old
+        out, vjp = jax.vjp(lambda x: resize_axis_by_matrix(x, 1, 640, method), x)
+        return [out, vjp(ct)[0]]
 
     return jax.jit(upscale)
 

@@ -120,10 +120,11 @@ def f32_dot_precision(method: str | None = None):
     return preset.BF16_BF16_F32_X6 if method == "bf16x6" else preset.BF16_BF16_F32_X3
 
 
-def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int) -> jax.Array:
+def resize_axis_by_matrix(x: jax.Array, axis: int, n_out: int,
+                          method: str | None = None) -> jax.Array:
     """PyTorch bilinear (align_corners=False) along one axis as a product with its [out, in]
-    interpolation matrix (full precision for float32: `f32_dot_precision`)."""
-    precision = f32_dot_precision() if x.dtype == jnp.float32 else None
+    interpolation matrix (full precision for float32: `f32_dot_precision(method)`)."""
+    precision = f32_dot_precision(method) if x.dtype == jnp.float32 else None
     m = jnp.asarray(bilinear_matrix(x.shape[axis], n_out), x.dtype)
     return jnp.moveaxis(jnp.tensordot(m, jnp.moveaxis(x, axis, 0), axes=1, precision=precision),
                         0, axis)
