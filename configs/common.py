@@ -248,6 +248,9 @@ def original_optimizer(num_steps: int = 160_000) -> Config:
         # parameters laid end to end per hyper-parameter group for the update (same numbers);
         # auto = unless parameters are split over fsdp
         flat_optimizer="auto",
+        # flat optimiser: leaves of at most this many elements get groups of their own, updated
+        # as one vector in the step (one kernel instead of one per bias / norm); 0 = off
+        pack_small_leaves=0,
         num_steps=num_steps,
     )
 

@@ -106,19 +106,28 @@ class FlatGroups:
     """A static plan laying the leaves of a parameter tree end to end in a few flat vectors, one
     per group (leaves with equal `key_fn(path, leaf)` and dtype, in tree order)."""
 
-    def __init__(self, params: Any, key_fn: Callable[[Any, Any], Any]):
+    def __init__(self, params: Any, key_fn: Callable[[Any, Any], Any], pack_below: int = 0):
+        """`pack_below` > 0: leaves of at most that many elements form groups of their own
+        (`packed`), updated as one vector by `FlatTransformation.guarded_step`."""
         with_path, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.shapes = [tuple(leaf.shape) for _, leaf in with_path]
         self.sizes = [int(math.prod(sh)) for sh in self.shapes]
         groups: dict[Any, list[int]] = {}
+        packed: dict[Any, bool] = {}
         for i, (path, leaf) in enumerate(with_path):
-            groups.setdefault((key_fn(path, leaf), str(jnp.dtype(leaf.dtype))), []).append(i)
-        self.keys = [k for k, _ in groups.items()]
-        self.members = [v for _, v in groups.items()]
+            small = 0 < self.sizes[i] <= pack_below
+            key = (key_fn(path, leaf), str(jnp.dtype(leaf.dtype)))
+            groups.setdefault(key + ((True,) if small else ()), []).append(i)
+        self.keys = [k[:2] for k in groups]
+        self.packed = [len(k) == 3 for k in groups]
+        self.members = list(groups.values())
+
+    def flatten_group(self, leaves: list, idx: list[int]) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
 
     def flatten(self, tree: Any) -> tuple[jax.Array, ...]:
         leaves = self.treedef.flatten_up_to(tree)
-        return tuple(jnp.concatenate([jnp.ravel(leaves[i]) for i in idx]) for idx in self.members)
+        return tuple(self.flatten_group(leaves, idx) for idx in self.members)
 
     def unflatten(self, flats: tuple[jax.Array, ...]) -> Any:
         leaves: list[Any] = [None] * len(self.shapes)
@@ -181,13 +190,31 @@ class FlatTransformation(NamedTuple):
         groups_old = state[1] if self.clipped else state
         leaves = self.groups.treedef.flatten_up_to(params)
         out = list(leaves)
-        for (b1, b2, eps, wd, scale), g_new, g_old, idx in zip(self.specs, groups_new, groups_old,
-                                                                self.groups.members):
+        for (b1, b2, eps, wd, scale), g_new, g_old, idx, packed in zip(
+                self.specs, groups_new, groups_old, self.groups.members, self.groups.packed):
             adam = _find_state(g_new, optax.ScaleByAdamState)
             count = _find_state(g_old, optax.ScaleByScheduleState).count
             bc1 = (1 - b1 ** adam.count).astype(adam.mu.dtype)
             bc2 = (1 - b2 ** adam.count).astype(adam.nu.dtype)
             step_size = -1 * self.schedule(count)
+
+            def new_value(p, mu, nu):
+                u = (mu / bc1) / (jnp.sqrt(nu / bc2 + 0.0) + eps)
+                if wd:
+                    u = u + wd * p
+                u = jnp.array(step_size, dtype=u.dtype) * u
+                if scale != 1.0:
+                    u = scale * u
+                return jnp.where(finite, (p + u).astype(p.dtype), p)
+
+            if packed:  # small leaves: one update on their concatenation, then sliced back
+                flat_new = new_value(self.groups.flatten_group(leaves, idx), adam.mu, adam.nu)
+                start = 0
+                for i in idx:
+                    size = self.groups.sizes[i]
+                    out[i] = flat_new[start:start + size].reshape(leaves[i].shape)
+                    start += size
+                continue
             start = 0
             for i in idx:
                 p = leaves[i]
@@ -195,13 +222,7 @@ class FlatTransformation(NamedTuple):
                 mu = adam.mu[start:start + size].reshape(p.shape)
                 nu = adam.nu[start:start + size].reshape(p.shape)
                 start += size
-                u = (mu / bc1) / (jnp.sqrt(nu / bc2 + 0.0) + eps)
-                if wd:
-                    u = u + wd * p
-                u = jnp.array(step_size, dtype=u.dtype) * u
-                if scale != 1.0:
-                    u = scale * u
-                out[i] = jnp.where(finite, (p + u).astype(p.dtype), p)
+                out[i] = new_value(p, mu, nu)
         return self.groups.treedef.unflatten(out), new_state
 
 
@@ -278,7 +299,7 @@ def _build_flat(cfg, params: Any, schedule, num_layers: int | None) -> optax.Gra
                  if decay else 1.0)
         return decayed, scale
 
-    groups = FlatGroups(params, key)
+    groups = FlatGroups(params, key, int(cfg.get("pack_small_leaves", 0) or 0))
     txs, specs = [], []
     b1, b2, eps = float(cfg.b1), float(cfg.b2), float(cfg.eps)
     for (decayed, scale), _ in groups.keys:

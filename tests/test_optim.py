@@ -103,6 +103,9 @@ def _model_like_tree(rng):
     (["train.layer_decay=0.9", "train.no_decay_norm_embed=True"], 10),
     (["train.grad_clip_norm=0", "train.layer_decay=0.8"], 5),
     (["train.weight_decay=0"], 1),
+    # leaves of <= 8 elements in groups of their own: decayed and not
+    (["train.pack_small_leaves=8"], 2),
+    (["train.pack_small_leaves=8", "train.layer_decay=0.9", "train.no_decay_norm_embed=True"], 13),
 ])
 def test_flat_optimizer_equals_per_leaf(sets, num_groups):
     """The flat optimizer (one vector per group of equal weight decay and lr scale) gives the
@@ -135,6 +138,7 @@ def test_flat_optimizer_equals_per_leaf(sets, num_groups):
     [],
     ["train.layer_decay=0.9", "train.no_decay_norm_embed=True", "train.warmup_steps=2"],
     ["train.grad_clip_norm=0", "train.layer_decay=0.8"],
+    ["train.pack_small_leaves=8", "train.layer_decay=0.9", "train.no_decay_norm_embed=True"],
 ])
 def test_flat_guarded_step_equals_optax(sets):
     """`FlatTransformation.guarded_step` (the train step's: each parameter updated from its
@@ -147,6 +151,13 @@ def test_flat_guarded_step_equals_optax(sets):
     rng = np.random.default_rng(1)
     params = _model_like_tree(rng)
     tx, _ = build_optimizer(cfg, params, num_layers=3, flat=True)
+    packed = [[tx.groups.sizes[i] for i in idx]
+              for idx, pk in zip(tx.groups.members, tx.groups.packed) if pk]
+    if cfg.pack_small_leaves:  # every leaf of <= 8 elements is in a packed group, and only those
+        assert sorted(sum(packed, [])) == sorted(s for s in tx.groups.sizes if s <= 8)
+        assert max(len(m) for m in packed) > 1
+    else:
+        assert not packed
     state = tx.init(params)
     step = jax.jit(tx.guarded_step)
     for _ in range(3):
