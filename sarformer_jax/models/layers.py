@@ -106,9 +106,10 @@ def f32_dot_precision(method: str | None = None):
       parts and six of their products summed in float32 on the tensor cores: float32 accuracy
       (the dropped products are below float32's rounding);
     - "bf16x3": `BF16_BF16_F32_X3`, three products: ~1e-5 relative, for A/B runs only;
-    - "auto": "highest" for now.  bf16x6 is meant to become the GPU default once it has run on
-      one: its accuracy test (tests/test_f32_dot_gpu.py) and `sarformer bench f32dot` are
-      written, but session 36 got no device time for them."""
+    - "auto": "highest".  On an H100 bf16x6 passed its accuracy test (tests/test_f32_dot_gpu.py)
+      and alone took the matching product from 0.71 to 0.53 ms (the upscale's not at all), but
+      the SARFormer-B step was 1.5 ms slower with it (57.3 -> 58.8 ms pipelined: f32dot run 1
+      and train run 38 in docs/benchmarks.md), so it stays opt-in."""
     method = method or os.environ.get("SARFORMER_F32_DOT") or "auto"
     if method not in F32_DOT_METHODS:
         raise ValueError(f"f32_dot_precision: method {method!r} is not one of {F32_DOT_METHODS}")
