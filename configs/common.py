@@ -251,6 +251,9 @@ def original_optimizer(num_steps: int = 160_000) -> Config:
         # flat optimiser: leaves of at most this many elements get groups of their own, updated
         # as one vector in the step (one kernel instead of one per bias / norm); 0 = off
         pack_small_leaves=0,
+        # flat optimiser: the train state holds the parameters as its group vectors (the step
+        # updates each group in one pass; checkpoints still hold the parameter tree)
+        flat_params=False,
         num_steps=num_steps,
     )
 

@@ -442,6 +442,8 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
                       and cfg.guidance.source == "cached")
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
     params, stats = state["params"], state["batch_stats"]
+    if hasattr(trainer, "params_tree"):  # a train state with its parameters held flat
+        params = trainer.params_tree(params)
     acc = IoUAccumulator(int(cfg.model.head.num_classes), ignore_index=int(cfg.data.ignore_index))
     from tqdm.auto import tqdm
 

@@ -122,6 +122,23 @@ class FlatGroups:
         self.packed = [len(k) == 3 for k in groups]
         self.members = list(groups.values())
 
+    def unflatten_diff(self, flats: tuple[jax.Array, ...]) -> Any:
+        """`unflatten` whose gradient is `flatten` of the leaves' gradients (one concatenation
+        per group; the transpose of the slices alone would be a sum of zero-padded vectors)."""
+
+        @jax.custom_vjp
+        def split(flats):
+            return self.unflatten(flats)
+
+        def fwd(flats):
+            return self.unflatten(flats), None
+
+        def bwd(_, tree_ct):
+            return (self.flatten(tree_ct),)
+
+        split.defvjp(fwd, bwd)
+        return split(tuple(flats))
+
     def flatten_group(self, leaves: list, idx: list[int]) -> jax.Array:
         return jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
 
@@ -179,17 +196,28 @@ class FlatTransformation(NamedTuple):
         inside the kernels that write the parameters, so the old moments had to outlive the new
         ones written in their donated buffers (a full copy of each moment vector a step: train
         runs 34-35), and the parameters were first concatenated into flat vectors."""
+        return self._guarded_step(flat_g, state, params, finite, flat_params=False)
+
+    def guarded_step_flat(self, flat_g, state, flat_p, finite):
+        """`guarded_step` for parameters held flat (`train.flat_params`): `flat_p` is
+        `groups.flatten(params)` and so is the returned new parameters; each group's update
+        is one element-wise pass over its whole vector."""
+        return self._guarded_step(flat_g, state, tuple(flat_p), finite, flat_params=True)
+
+    def _guarded_step(self, flat_g, state, params, finite, flat_params):
         if len(self.specs) != len(self.groups.members) or self.schedule is None:
             raise ValueError("guarded_step needs the per-group specs and the schedule "
                              "(a FlatTransformation built by build_optimizer(..., flat=True))")
-        flat_p = self.groups.flatten(params)  # for optax's decayed-weights term (unused here)
+        # for optax's decayed-weights term (its result is unused here)
+        flat_p = params if flat_params else self.groups.flatten(params)
         _, new_state = self.inner.update(flat_g, state, flat_p)
         new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new_state, state)
         new_state = jax.lax.optimization_barrier(new_state)
         groups_new = new_state[1] if self.clipped else new_state
         groups_old = state[1] if self.clipped else state
-        leaves = self.groups.treedef.flatten_up_to(params)
+        leaves = [] if flat_params else self.groups.treedef.flatten_up_to(params)
         out = list(leaves)
+        out_flat = []
         for (b1, b2, eps, wd, scale), g_new, g_old, idx, packed in zip(
                 self.specs, groups_new, groups_old, self.groups.members, self.groups.packed):
             adam = _find_state(g_new, optax.ScaleByAdamState)
@@ -207,6 +235,9 @@ class FlatTransformation(NamedTuple):
                     u = scale * u
                 return jnp.where(finite, (p + u).astype(p.dtype), p)
 
+            if flat_params:  # the group's parameters are one vector already
+                out_flat.append(new_value(params[len(out_flat)], adam.mu, adam.nu))
+                continue
             if packed:  # small leaves: one update on their concatenation, then sliced back
                 flat_new = new_value(self.groups.flatten_group(leaves, idx), adam.mu, adam.nu)
                 start = 0
@@ -223,6 +254,8 @@ class FlatTransformation(NamedTuple):
                 nu = adam.nu[start:start + size].reshape(p.shape)
                 start += size
                 out[i] = new_value(p, mu, nu)
+        if flat_params:
+            return tuple(out_flat), new_state
         return self.groups.treedef.unflatten(out), new_state
 
 

@@ -89,6 +89,9 @@ def predict_records(cfg: Config, trainer, state, records, out_dir, *, mode=None,
     with_proposals = (cfg.model.head.query_init == "sam_pooling"
                       and cfg.guidance.source == "cached")
     window_fn = cached_window_fn(cfg, trainer, with_proposals=with_proposals)
+    params = state["params"]
+    if hasattr(trainer, "params_tree"):  # a train state with its parameters held flat
+        params = trainer.params_tree(params)
     paths = []
     pending = None  # the previous image and its labels, still on the device
 
@@ -97,7 +100,7 @@ def predict_records(cfg: Config, trainer, state, records, out_dir, *, mode=None,
         paths.append(write_prediction(cfg, record, label, pathlib.Path(out_dir))[1])
 
     for i, record in enumerate(tqdm(records, desc="predict", disable=not progress)):
-        label = predict_scores(cfg, window_fn, state["params"], state["batch_stats"], record, i,
+        label = predict_scores(cfg, window_fn, params, state["batch_stats"], record, i,
                                mode=mode or cfg.eval.mode, aug_test=False,
                                with_proposals=with_proposals, labels=True, to_host=False)
         if pending is not None:  # written once this image's work is queued on the device

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -105,6 +106,23 @@ class Trainer:
     train_step: Any = None  # jitted (state, batch, guide) -> (state, metrics)
     guide: dict = dataclasses.field(default_factory=dict)  # SAM state for online guidance
     sam_graphdef: Any = None
+    flat_params: bool = False  # `train.flat_params`: state["params"] = the optimiser's groups
+
+    def params_tree(self, params):
+        """The parameter tree of `state["params"]` (unflattened under `train.flat_params`)."""
+        return self.tx.groups.unflatten(params) if self.flat_params else params
+
+    def checkpoint_state(self, state: dict) -> dict:
+        """`state` as checkpoints hold it: the parameters as a tree, whatever the layout in
+        memory, so that a checkpoint restores with `train.flat_params` on or off."""
+        if not self.flat_params:
+            return state
+        return dict(state, params=_unflatten_jit(self.tx.groups)(state["params"]))
+
+    def from_checkpoint_state(self, state: dict) -> dict:
+        if not self.flat_params:
+            return state
+        return dict(state, params=_flatten_jit(self.tx.groups)(state["params"]))
 
     def step(self, state, batch):
         """One training step with this trainer's guidance inputs."""
@@ -114,6 +132,29 @@ class Trainer:
             self.guide = init_stale_embedding(self.cfg, self.sam_graphdef, self.guide, images,
                                               shard_lib.replicated(self.mesh))
         return self.train_step(state, batch, self.guide)
+
+
+@functools.lru_cache(maxsize=8)
+def _unflatten_jit(groups):
+    return jax.jit(groups.unflatten)
+
+
+@functools.lru_cache(maxsize=8)
+def _flatten_jit(groups):
+    return jax.jit(groups.flatten)
+
+
+def use_flat_params(cfg_train, tx) -> bool:
+    """`train.flat_params`: the train state holds the parameters as the flat optimiser's group
+    vectors; the step unflattens them (slices that XLA fuses into their readers) and updates each
+    group in one element-wise pass instead of one kernel per parameter leaf."""
+    flag = cfg_train.get("flat_params", False)
+    if not isinstance(flag, bool):
+        raise ValueError(f"train.flat_params must be True or False, got {flag!r}")
+    if flag and not isinstance(tx, FlatTransformation):
+        raise ValueError("train.flat_params needs the flat optimiser (train.flat_optimizer, "
+                         "which 'auto' turns off when parameters are split over fsdp)")
+    return flag
 
 
 def abstract_fingerprint(cfg: Config) -> dict[str, list[int]]:
@@ -205,8 +246,10 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     tx, schedule = build_optimizer(cfg.train, abs_params, num_layers=num_layers,
                                    flat=use_flat_optimizer(cfg.train, mesh.shape["fsdp"]))
     abs_opt = jax.eval_shape(tx.init, abs_params)
+    flat_params = use_flat_params(cfg.train, tx)
+    held = tx.groups.flatten if flat_params else (lambda p: p)  # the state's parameter layout
     abs_state = jax.eval_shape(
-        lambda: train_state(abs_params, abs_stats, abs_opt, jnp.zeros((), jnp.int32),
+        lambda: train_state(held(abs_params), abs_stats, abs_opt, jnp.zeros((), jnp.int32),
                             jnp.zeros((2,), jnp.uint32)))
     shardings = shard_lib.tree_shardings(
         mesh, abs_state, int(cfg.train.mesh.get("fsdp_min_size", shard_lib.MIN_FSDP_SIZE)))
@@ -221,7 +264,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
         whatever the accelerator or the mesh."""
         with jax.default_device(host):
             _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
-            state = train_state(params, stats, tx.init(params), jnp.zeros((), jnp.int32),
+            state = train_state(held(params), stats, tx.init(params), jnp.zeros((), jnp.int32),
                                 jax.random.key_data(jax.random.key(seed + 2)))
         return (shard_lib.put_on_mesh(state, shardings),
                 shard_lib.put_on_mesh(rest, shard_lib.replicated(mesh)))
@@ -234,7 +277,8 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
         guide = {"sam": shard_lib.put_on_mesh(sam_state, shard_lib.replicated(mesh))}
     trainer = Trainer(cfg=cfg, mesh=mesh, graphdef=graphdef, rest=rest, tx=tx,
                       schedule=schedule, proposal_fn=make_proposal_fn(cfg, sam_graphdef),
-                      state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef)
+                      state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef,
+                      flat_params=flat_params)
     trainer.train_step = make_train_step(trainer)
     _TRAINERS[cache_key] = (trainer, lambda: init()[0])
     return trainer, state
@@ -278,6 +322,13 @@ def make_grad_fn(trainer: Trainer):
         new_stats = nnx.state(model, nnx.BatchStat)
         return total, (parts, new_stats)
 
+    if trainer.flat_params:  # gradients with respect to the flat group vectors
+        groups = trainer.tx.groups
+
+        def flat_loss(flats, *args):
+            return micro_loss(groups.unflatten_diff(flats), *args)
+
+        return jax.value_and_grad(flat_loss, has_aux=True)
     return jax.value_and_grad(micro_loss, has_aux=True)
 
 
@@ -329,14 +380,14 @@ def make_train_step(trainer: Trainer):
         new_state = dict(state)
         if isinstance(tx, FlatTransformation):  # norm, update and guard on the flat vectors
             with jax.named_scope("optimizer"):
-                flat_g = tx.groups.flatten(grads)
+                flat_g = tuple(grads) if trainer.flat_params else tx.groups.flatten(grads)
                 grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                          for g in flat_g))
                 finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                 # the guarded new state, and each parameter from its slices of the new moments
                 # (`guarded_step`: no copy of the old moments, no flat copy of the parameters)
-                new_state["params"], new_opt = tx.guarded_step(flat_g, state["opt_state"], params,
-                                                               finite)
+                update = tx.guarded_step_flat if trainer.flat_params else tx.guarded_step
+                new_state["params"], new_opt = update(flat_g, state["opt_state"], params, finite)
         else:
             grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                      for g in jax.tree_util.tree_leaves(grads)))
@@ -368,9 +419,11 @@ def make_train_step(trainer: Trainer):
 
 def model_from_state(trainer_or_cfg, state: dict, graphdef=None, rest=None):
     """An nnx model holding the params and batch statistics of `state` (for evaluation)."""
+    params = state["params"]
     if isinstance(trainer_or_cfg, Trainer):
         graphdef, rest = trainer_or_cfg.graphdef, trainer_or_cfg.rest
-    return nnx.merge(graphdef, state["params"], state["batch_stats"], rest)
+        params = trainer_or_cfg.params_tree(params)
+    return nnx.merge(graphdef, params, state["batch_stats"], rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +512,9 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
         _check_resume_shapes(extra.get("shapes", {}), fingerprint)
     trainer, state = create_trainer(cfg, devices=devices)
     if latest is not None:
-        state, extra, _ = checkpointer.restore(ckpt_lib.abstract_like(state), latest)
+        state, extra, _ = checkpointer.restore(
+            ckpt_lib.abstract_like(jax.eval_shape(trainer.checkpoint_state, state)), latest)
+        state = trainer.from_checkpoint_state(state)
         start_state = extra.get("data_state")
         _say(f"resumed from {workdir / 'checkpoints' / str(latest)}")
     if jax.process_index() == 0:  # multi-host: the first process writes the run's files
@@ -518,7 +573,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                 # it.  It holds only the position (grain's next_index), the same in every
                 # process; each applies it to its own shard of the records.
                 extra = {"data_state": data_state, "shapes": fingerprint, "step": step}
-                checkpointer.save(step, state, extra)
+                checkpointer.save(step, trainer.checkpoint_state(state), extra)
                 last_good = step
             if step % int(cfg.train.eval_every) == 0 or step == num_steps:
                 results = evaluate_state(cfg, trainer, state, progress=False)
@@ -531,8 +586,9 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                     freeze_heap()  # and the evaluation's programs
                 if cfg.train.keep_best and miou > best:
                     best = miou
-                    checkpointer.save_best(step, state, {"shapes": fingerprint, "step": step,
-                                                         "mIoU": miou}, miou)
+                    checkpointer.save_best(step, trainer.checkpoint_state(state),
+                                           {"shapes": fingerprint, "step": step, "mIoU": miou},
+                                           miou)
     finally:
         tracer.stop(state)
         pbar.close()

@@ -167,6 +167,15 @@ def test_flat_guarded_step_equals_optax(sets):
         want_u, want_state = jax.jit(tx.inner.update)(flat_g, state, tx.groups.flatten(params))
         want_p = tx.groups.unflatten(tuple(p + u for p, u in zip(tx.groups.flatten(params), want_u)))
         got_p, got_state = step(flat_g, state, params, jnp.bool_(True))
+        # parameters held flat (`train.flat_params`): the same numbers, flat
+        flat_got, flat_state = jax.jit(tx.guarded_step_flat)(flat_g, state,
+                                                             tx.groups.flatten(params),
+                                                             jnp.bool_(True))
+        for a, b in zip(tx.groups.flatten(got_p), flat_got):  # to an ulp (contractions)
+            a = np.asarray(a)
+            np.testing.assert_allclose(np.asarray(b), a, rtol=3e-7, atol=1e-7 * np.abs(a).max())
+        for a, b in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(flat_state)):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
         for a, b in zip(jax.tree_util.tree_leaves(want_p), jax.tree_util.tree_leaves(got_p)):
             a = np.asarray(a)  # (XLA may contract a multiply-add differently)
             np.testing.assert_allclose(np.asarray(b), a, rtol=3e-7, atol=1e-7 * np.abs(a).max())
@@ -199,3 +208,29 @@ def test_flat_guarded_step_equals_optax(sets):
                        compiled.memory_analysis().temp_size_in_bytes))
     assert counts[0][0] > 0 and counts[1][0] == 0, counts  # copies of the old moments
     assert counts[1][1] < counts[0][1], counts  # temporaries: no flat parameters (nor updates)
+
+
+def test_unflatten_diff_gradient_is_flatten():
+    """`FlatGroups.unflatten_diff`: the leaves of the flat vectors, and the gradient of a
+    function of the leaves with respect to the flat vectors is the leaves' gradients flattened."""
+    cfg = load_config("ade20k_sarformer_b", ["train.layer_decay=0.9",
+                                             "train.no_decay_norm_embed=True"]).train
+    rng = np.random.default_rng(2)
+    params = _model_like_tree(rng)
+    tx, _ = build_optimizer(cfg, params, num_layers=3, flat=True)
+    flats = tx.groups.flatten(params)
+    weights = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                                     params)
+
+    def f(tree):
+        return sum(jnp.sum(w * jnp.sin(x)) for w, x in zip(jax.tree_util.tree_leaves(weights),
+                                                          jax.tree_util.tree_leaves(tree)))
+
+    back = tx.groups.unflatten_diff(flats)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    g_flat = jax.grad(lambda fl: f(tx.groups.unflatten_diff(fl)))(flats)
+    want = tx.groups.flatten(jax.grad(f)(params))
+    assert len(g_flat) == len(want) > 1
+    for a, b in zip(want, g_flat):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)

@@ -215,3 +215,54 @@ def test_profile_traces_the_configured_steps(data_root, tmp_path, capsys, monkey
                                           "train.profile_window": "(0, 0)"})
     with pytest.raises(ValueError, match=r"train.profile_window .*\(0, 0\)"):
         train(bad, tmp_path / "q", progress=False, stop_after=1)
+
+
+def test_flat_params_step_equals_tree_step_and_checkpoints_hold_the_tree(data_root, tmp_path):
+    """`train.flat_params`: the state holds the flat optimiser's group vectors; one step gives
+    the parameters and moments of the step on the parameter tree (to rounding: the updates are
+    fused differently); a killed and resumed run is bit-identical to an uninterrupted one, its
+    checkpoints hold the parameter tree, and a run without `flat_params` resumes from them."""
+    cfg = micro_config(root=data_root)
+    flat_cfg = micro_config(root=data_root, **{"train.flat_params": True})
+    batch = _first_batch(cfg)
+    out = []
+    for c in (cfg, flat_cfg):
+        trainer, state = create_trainer(c, devices=jax.devices()[:1])
+        state, metrics = trainer.train_step(state, device_batch(batch, trainer.mesh),
+                                            trainer.guide)
+        out.append((trainer, state, float(metrics["loss"])))
+    (t0, s0, l0), (t1, s1, l1) = out
+    assert isinstance(s1["params"], tuple) and len(s1["params"]) == len(t1.tx.groups.members)
+    assert all(x.ndim == 1 for x in s1["params"])
+    assert l0 == l1
+    tree1 = t1.params_tree(s1["params"])
+    assert jax.tree_util.tree_structure(tree1) == jax.tree_util.tree_structure(s0["params"])
+    for a, b in zip(_leaves(s0["params"]), _leaves(tree1)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    for a, b in zip(_leaves(s0["opt_state"]), _leaves(s1["opt_state"])):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-12)
+    # exact resume with the flat layout; the checkpoints hold the tree
+    full = train(flat_cfg, tmp_path / "full", progress=False)
+    train(flat_cfg, tmp_path / "resumed", progress=False, stop_after=3)
+    resumed = train(flat_cfg, tmp_path / "resumed", progress=False)
+    assert resumed["step"] == 6
+    for key in ("params", "opt_state", "batch_stats", "key"):
+        for a, b in zip(_leaves(full["state"][key]), _leaves(resumed["state"][key])):
+            np.testing.assert_array_equal(a, b)
+    tree_state = resumed["trainer"].checkpoint_state(resumed["state"])
+    saved, _, _ = ckpt_lib.Checkpointer(tmp_path / "resumed").restore(
+        ckpt_lib.abstract_like(tree_state), 6)
+    for a, b in zip(_leaves(tree_state["params"]), _leaves(saved["params"])):
+        np.testing.assert_array_equal(a, b)
+    # a run on the tree layout resumes from the flat run's checkpoint of step 3
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "other")
+    ckpts = tmp_path / "other" / "checkpoints"
+    for d in ckpts.iterdir():
+        if d.name.isdigit() and int(d.name) > 3:
+            shutil.rmtree(d)
+    other = train(micro_config(root=data_root, **{"train.num_steps": 4}), tmp_path / "other",
+                  progress=False)
+    assert other["step"] == 4
+    assert not isinstance(other["state"]["params"], tuple)

@@ -104,17 +104,18 @@ def bench_model(model: str, args) -> dict:
         return res
     total_t, total_n = 0.0, 0
     i = 0
+    params = trainer.params_tree(state["params"])
     for size in sizes:
         recs = records[i:i + args.images + 1]
         i += args.images + 1
         t0 = time.perf_counter()
-        predict_scores(cfg, window_fn, state["params"], state["batch_stats"], recs[0], 0,
+        predict_scores(cfg, window_fn, params, state["batch_stats"], recs[0], 0,
                        mode=args.mode, aug_test=False, with_proposals=cached, labels=True)
         first = time.perf_counter() - t0
         times = []
         for j, rec in enumerate(recs[1:]):
             t0 = time.perf_counter()
-            predict_scores(cfg, window_fn, state["params"], state["batch_stats"], rec, j + 1,
+            predict_scores(cfg, window_fn, params, state["batch_stats"], rec, j + 1,
                            mode=args.mode, aug_test=False, with_proposals=cached, labels=True)
             times.append(time.perf_counter() - t0)
         med = float(np.median(times))
@@ -133,6 +134,7 @@ def bench_parallel(model: str, args, cfg, trainer, state, window_fn, cached, rec
     (compiles), then all timed images as one stream."""
     from sarformer_jax.evaluate import parallel_predictions, parallel_refusal
 
+    params = trainer.params_tree(state["params"])
     refusal = parallel_refusal(cfg, trainer, args.mode, False)
     if refusal:
         raise ValueError(f"the parallel path does not apply: {refusal}")
@@ -141,7 +143,7 @@ def bench_parallel(model: str, args, cfg, trainer, state, window_fn, cached, rec
     timed = [r for i in range(len(sizes)) for r in records[i * n + 1:(i + 1) * n]]
 
     def stream(recs):
-        return sum(1 for _ in parallel_predictions(cfg, window_fn, state["params"],
+        return sum(1 for _ in parallel_predictions(cfg, window_fn, params,
                                                    state["batch_stats"], recs, trainer.mesh,
                                                    with_proposals=cached))
 
