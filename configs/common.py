@@ -60,6 +60,10 @@ def beit_adapter_b() -> Config:
         # attention: auto = cuDNN fused attention on a GPU in bf16 (padded to its shapes), else
         # xla; "xla" / "cudnn" force one
         attention="auto",
+        # the relative position bias for cuDNN attention on a GPU: "xla" (two one-hot products,
+        # then layout copies and cuDNN's padding) or "pallas" (one kernel writing the padded
+        # bias: kernels/position_bias_pallas.py; opt-in until timed on a GPU)
+        position_bias="xla",
         # BEiT attention (with its relative position bias) run per batch shard, so each device
         # reduces its bias gradient to the table before the devices sum it
         # (models.beit.BEiTAttention._attend_per_batch_shard): "auto" = when training splits

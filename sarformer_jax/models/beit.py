@@ -244,7 +244,32 @@ def _position_bias_bwd(grid, dtype, _, ct):
 _position_bias.defvjp(_position_bias_fwd, _position_bias_bwd)
 
 
-def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.float32) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _position_bias_kernel(table: jax.Array, grid: tuple[int, int], dtype, pad_even: bool,
+                          interpret: bool) -> jax.Array:
+    """The bias from the Pallas kernel (`kernels.position_bias_pallas`), padded for cuDNN when
+    `pad_even`; its gradient is `_position_bias_bwd`'s, on the unpadded part."""
+    from sarformer_jax.kernels.position_bias_pallas import position_bias
+
+    return position_bias(table, grid, dtype, pad_even=pad_even, interpret=interpret)
+
+
+def _position_bias_kernel_fwd(table, grid, dtype, pad_even, interpret):
+    return _position_bias_kernel(table, grid, dtype, pad_even, interpret), None
+
+
+def _position_bias_kernel_bwd(grid, dtype, pad_even, interpret, _, ct):
+    t = 1 + grid[0] * grid[1]
+    return _position_bias_bwd(grid, dtype, None, ct[:, :t, :t])
+
+
+_position_bias_kernel.defvjp(_position_bias_kernel_fwd, _position_bias_kernel_bwd)
+
+POSITION_BIAS_IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
+
+
+def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.float32, *,
+                           implementation: str = "xla", pad_even: bool = False) -> jax.Array:
     """[n, t, t] bias from a [(2h-1)(2w-1)+3, n] table; equals table[relative_position_index]
     transposed to heads first, in `dtype` (the compute dtype: bf16 on the GPU).
 
@@ -255,14 +280,30 @@ def relative_position_bias(table: jax.Array, grid: Sequence[int], dtype=jnp.floa
     in float32: left to autodiff, the first product's transpose ran in float32 on a float32
     copy of the cotangent (1.03 against 0.59 ms a SARFormer-B step on the H100, train run 35).
     (A gather of the table fused with cuDNN's padding was tried for the forward: 2.16 ms a
-    step against 1.65 ms for the products and their copies, train run 35.)"""
+    step against 1.65 ms for the products and their copies, train run 35.)
+
+    `pad_even`: with an odd token count, one more row (zeros: an extra query) and column
+    (-2**40: an extra key) -- the padding `layers.pad_for_cudnn` adds for cuDNN, which then
+    takes the bias as it is.  `implementation` "pallas" ("pallas_interpret" on the CPU) writes
+    the (padded) bias in one Pallas kernel instead of the products and their layout copies; its
+    gradient is the same two products."""
     h, w = (int(v) for v in grid)
     n = table.shape[-1]
     if table.shape[0] != table_rows((h, w)):
         raise ValueError(f"relative position table has {table.shape[0]} rows; grid {(h, w)} "
                          f"needs {table_rows((h, w))}")
-    out = _position_bias(table.astype(jnp.float32), (h, w), jnp.dtype(dtype))
-    return out.reshape(n, h * w + 1, h * w + 1)
+    if implementation not in POSITION_BIAS_IMPLEMENTATIONS:
+        raise ValueError(f"position bias implementation {implementation!r} is not one of "
+                         f"{POSITION_BIAS_IMPLEMENTATIONS}")
+    if implementation != "xla":
+        return _position_bias_kernel(table.astype(jnp.float32), (h, w), jnp.dtype(dtype),
+                                     bool(pad_even), implementation == "pallas_interpret")
+    t = h * w + 1
+    out = _position_bias(table.astype(jnp.float32), (h, w), jnp.dtype(dtype)).reshape(n, t, t)
+    if pad_even and t % 2:
+        out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))
+        out = jnp.concatenate([out, jnp.full((n, t + 1, 1), -(2.0 ** 40), out.dtype)], axis=-1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,13 +329,17 @@ class BEiTAttention(nnx.Module):
     """Multi-head attention with q/v biases (no k bias) and a relative position bias table."""
 
     def __init__(self, dim: int, num_heads: int, table_grid: Sequence[int], *, qv_bias: bool = True,
-                 implementation: str | None = None, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 implementation: str | None = None, position_bias: str = "xla", dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.table_grid = tuple(int(g) for g in table_grid)
         self.implementation = implementation
+        if position_bias not in ("xla", "pallas"):
+            raise ValueError(f"model.backbone.position_bias must be 'xla' or 'pallas', got "
+                             f"{position_bias!r}")
+        self.position_bias = position_bias
         self.dtype = dtype
         # (mesh, batch axes) when each device should build the bias and attend on its own batch
         # shard (`set_attention_per_batch_shard`, for data-parallel training); None otherwise
@@ -307,11 +352,16 @@ class BEiTAttention(nnx.Module):
             jnp.zeros((table_rows(self.table_grid), num_heads), param_dtype))
         self.proj = Linear(dim, dim, **lin)
 
-    def bias(self, grid: Sequence[int], dtype=jnp.float32, table: jax.Array | None = None) -> jax.Array:
+    def bias(self, grid: Sequence[int], dtype=jnp.float32, table: jax.Array | None = None,
+             for_cudnn: bool = False) -> jax.Array:
         """[n, t, t] relative position bias for a token grid (h, w), in `dtype`, from this
-        layer's table (or `table`, a value of it)."""
+        layer's table (or `table`, a value of it).  `for_cudnn`: with `position_bias="pallas"`
+        on a GPU, written by the Pallas kernel already padded to cuDNN's even sizes."""
         table = self.relative_position_bias_table[...] if table is None else table
         table = derive_table(table, self.table_grid, grid)
+        if for_cudnn and self.position_bias == "pallas" and jax.default_backend() == "gpu":
+            return relative_position_bias(table.astype(jnp.float32), grid, dtype,
+                                          implementation="pallas", pad_even=True)
         return relative_position_bias(table.astype(jnp.float32), grid, dtype)
 
     def __call__(self, x: jax.Array, grid: Sequence[int]) -> jax.Array:
@@ -330,7 +380,8 @@ class BEiTAttention(nnx.Module):
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
         if self.batch_shard_mesh is None or b % num_batch_shards(*self.batch_shard_mesh):
             # (a batch the mesh does not divide, e.g. evaluation windows: as one program)
-            out = attention(q, k, v, self.bias(grid, bias_dtype)[None], implementation=impl)
+            out = attention(q, k, v, self.bias(grid, bias_dtype, for_cudnn=impl == "cudnn")[None],
+                            implementation=impl)
         else:
             out = self._attend_per_batch_shard(q, k, v, grid, bias_dtype, impl)
         return self.proj(out.reshape(b, t, c))
@@ -348,7 +399,8 @@ class BEiTAttention(nnx.Module):
         mesh, axes = self.batch_shard_mesh
 
         def attend(q, k, v, table):
-            return attention(q, k, v, self.bias(grid, bias_dtype, table)[None],
+            return attention(q, k, v, self.bias(grid, bias_dtype, table,
+                                                for_cudnn=impl == "cudnn")[None],
                              implementation=impl)
 
         spec = P(axes)
@@ -374,12 +426,13 @@ class BEiTLayer(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, table_grid: Sequence[int], *, mlp_ratio: float,
                  qv_bias: bool, eps: float, init_values: float | None, drop_path: float,
-                 attention_implementation: str | None = None, dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention_implementation: str | None = None, position_bias: str = "xla",
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln1 = LayerNorm(dim, epsilon=eps, **common)
         self.attn = BEiTAttention(dim, num_heads, table_grid, qv_bias=qv_bias,
-                                  implementation=attention_implementation, **common)
+                                  implementation=attention_implementation,
+                                  position_bias=position_bias, **common)
         self.ln2 = LayerNorm(dim, epsilon=eps, **common)
         self.ffn = FFN(dim, int(dim * mlp_ratio), **common)
         if init_values is not None and init_values > 0:
@@ -464,7 +517,8 @@ class BEiT(nnx.Module):
             BEiTLayer(c, int(cfg.num_heads), self.table_grid, mlp_ratio=float(cfg.mlp_ratio),
                       qv_bias=bool(cfg.qv_bias), eps=float(cfg.layer_norm_eps),
                       init_values=cfg.init_values, drop_path=float(rate),
-                      attention_implementation=attention_implementation, dtype=dtype,
+                      attention_implementation=attention_implementation,
+                      position_bias=str(cfg.get("position_bias", "xla")), dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
             for rate in rates
         ])

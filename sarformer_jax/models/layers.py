@@ -406,7 +406,8 @@ def pad_for_cudnn(q, k, v, bias=None):
     """(q, k, v, bias) padded to what cuDNN's fused attention accepts: one head dim for q, k and
     v (a multiple of 8), the bias in the compute dtype as [b|1, n|1, t, s], and even t and s when
     there is a bias (its gradient needs them).  Extra head channels add nothing to the logits, an
-    extra query row is dropped by the caller, an extra key gets a large negative bias."""
+    extra query row is dropped by the caller, an extra key gets a large negative bias.  A bias
+    whose last two sizes are already the padded ones is taken as it is."""
     b, t, n, d = q.shape
     s, dv = k.shape[1], v.shape[-1]
     dim = _round_up(max(d, dv), 8)
@@ -420,6 +421,9 @@ def pad_for_cudnn(q, k, v, bias=None):
         bias = jnp.asarray(bias, q.dtype)
         while bias.ndim < 4:
             bias = bias[None]
+        if (pad_t or pad_s) and bias.shape[-2:] == (t + pad_t, s + pad_s):
+            # already padded (`beit.relative_position_bias(..., pad_even=True)`)
+            return q, k, v, jnp.broadcast_to(bias, bias.shape[:2] + (t + pad_t, s + pad_s))
         bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, s))
         if pad_t:
             bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 0)))

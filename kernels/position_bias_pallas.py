@@ -1,0 +1,105 @@
+"""Pallas (Triton backend) kernel: BEiT's relative position bias written in one pass, already
+padded the way cuDNN's fused attention takes it.
+
+The XLA path (`models.beit._position_bias`) builds the [n, t, t] bias (t = 1 + h*w tokens) from
+its [(2h-1)(2w-1)+3, n] table with two one-hot products, then a transpose into query-major
+order, the cls row and column, and `layers.pad_for_cudnn`'s even padding: for SARFormer-B at
+640² (t = 1601, 12 heads, 12 layers) three kernels of ~0.05 ms each a layer that write and
+re-read the 61.5 MB bias (train run 40: `input_transpose_fusion` 0.65 ms and `loop_pad_fusion`
+0.57 ms a step, plus the products).  The bias is pure data movement -- entry (i, j) of head n is
+one table entry -- so this kernel computes each entry's table row from (i, j) and gathers it
+from the small table (12.5 KB a head, cached on chip): one write of the padded bias.
+
+Entry (i, j) of head n, with patch p = i - 1 at (r, c) = divmod(p, w) and likewise for j:
+- i, j >= 1: table[(ri - rj + h - 1) * (2w - 1) + (ci - cj + w - 1), n];
+- i = 0, j >= 1: table[-3] (cls query -> patch keys); i >= 1, j = 0: table[-2]; i = j = 0:
+  table[-1];
+- with `pad_even` and t odd, one extra row (an extra query, dropped by the caller: zeros) and
+  one extra column (an extra key: -2**40, so no query attends to it), as `pad_for_cudnn` pads.
+
+One program writes `block_rows` whole rows of one head (a divisor of the padded token count, so
+the blocks tile the rows exactly); the grid is (heads, row blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from sarformer_jax.kernels.triton_backend import plgpu, require
+
+PAD_KEY_BIAS = -(2.0 ** 40)  # the extra key's bias (as `layers.pad_for_cudnn`)
+NUM_EXTRA = 3  # cls -> patch, patch -> cls, cls -> cls rows at the table's end
+
+
+def padded_tokens(grid: tuple[int, int], pad_even: bool) -> int:
+    t = 1 + grid[0] * grid[1]
+    return t + (t % 2) if pad_even else t
+
+
+def _pow2_chunks(n: int) -> list[tuple[int, int]]:
+    """(start, size) of power-of-two chunks tiling [0, n) exactly, largest first."""
+    out, start = [], 0
+    for bit in reversed(range(n.bit_length())):
+        if n & (1 << bit):
+            out.append((start, 1 << bit))
+            start += 1 << bit
+    return out
+
+
+def _block_rows(t_out: int, most: int) -> int:
+    """The largest divisor of t_out up to `most`: row blocks then tile the rows exactly."""
+    return max(d for d in range(1, most + 1) if t_out % d == 0)
+
+
+def _kernel(table_ref, out_ref, *, h: int, w: int, t: int, t_out: int, n_rows: int,
+            block_rows: int):
+    """Rows [r0, r0 + block_rows) of one head, in power-of-two column chunks that tile the row
+    exactly: every store is unmasked and in bounds (the interpreter runs it as the GPU does)."""
+    head = pl.program_id(0)
+    r0 = pl.program_id(1) * block_rows
+    i = r0 + jnp.arange(block_rows, dtype=jnp.int32)[:, None]
+    pi = jnp.maximum(i - 1, 0)
+    ri, ci = pi // w, pi % w
+    for c0, size in _pow2_chunks(t_out):
+        j = c0 + jnp.arange(size, dtype=jnp.int32)[None, :]
+        pj = jnp.maximum(j - 1, 0)
+        rj, cj = pj // w, pj % w
+        idx = (ri - rj + (h - 1)) * (2 * w - 1) + (ci - cj + (w - 1))
+        idx = jnp.where(i == 0, jnp.where(j == 0, n_rows - 1, n_rows - 3),
+                        jnp.where(j == 0, n_rows - 2, idx))
+        idx = jnp.clip(idx, 0, n_rows - 1)  # the padding row and column
+        vals = table_ref[head * n_rows + idx]  # the table transposed and flat: [n * rows]
+        vals = jnp.where(i >= t, 0.0, vals)
+        vals = jnp.where(j >= t, PAD_KEY_BIAS, vals)
+        out_ref[head, pl.ds(r0, block_rows), pl.ds(c0, size)] = vals.astype(out_ref.dtype)
+
+
+def position_bias(table: jax.Array, grid: tuple[int, int], dtype, *, pad_even: bool = True,
+                  block_rows: int = 8, num_warps: int = 4, interpret: bool = False) -> jax.Array:
+    """[n, T, T] bias in `dtype` from a [(2h-1)(2w-1)+3, n] table (T = 1 + h*w, plus one when
+    `pad_even` and that is odd).  `block_rows`: at most that many rows a program (the largest
+    divisor of T up to it).  No gradient: `models.beit.relative_position_bias` wraps it."""
+    require("position_bias")
+    h, w = (int(g) for g in grid)
+    n_rows, n = table.shape
+    if n_rows != (2 * h - 1) * (2 * w - 1) + NUM_EXTRA:
+        raise ValueError(f"position_bias: table of {n_rows} rows for grid {(h, w)}, which "
+                         f"needs {(2 * h - 1) * (2 * w - 1) + NUM_EXTRA}")
+    t = 1 + h * w
+    t_out = padded_tokens((h, w), pad_even)
+    block_rows = _block_rows(t_out, int(block_rows))
+    flat = table.astype(jnp.float32).T.reshape(-1)  # [n * rows], head-major
+    kernel = functools.partial(_kernel, h=h, w=w, t=t, t_out=t_out, n_rows=n_rows,
+                               block_rows=block_rows)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, t_out, t_out), jnp.dtype(dtype)),
+        grid=(n, t_out // block_rows),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="position_bias",
+    )(flat)
