@@ -28,6 +28,7 @@ BENCHMARKS = {
     "resize": "the head's proposal resizes: whole-factor path vs float32 matrix products",
     "attention": "BEiT's biased attention by kernel: cuDNN with / without the bias gradient, XLA, jax's Pallas kernels, torch SDPA",
     "f32dot": "the step's float32-accurate products by method: HIGHEST vs bf16x6 / bf16x3 tensor-core products",
+    "position_bias": "BEiT's relative position bias for cuDNN: XLA products + padding vs the Pallas kernel writing it padded",
     "point_select": "the loss's importance-sampling top-k: lax.top_k, sort, the Pallas radix select vs torch.topk",
 }
 
