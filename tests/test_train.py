@@ -266,3 +266,26 @@ def test_flat_params_step_equals_tree_step_and_checkpoints_hold_the_tree(data_ro
                   progress=False)
     assert other["step"] == 4
     assert not isinstance(other["state"]["params"], tuple)
+
+
+def test_flat_params_sharded_step_equals_single_device(data_root):
+    """`train.flat_params` on 8 devices (data parallel; the flat vectors replicated) gives the
+    single-device flat step, and the compiled step gathers nothing (only reductions)."""
+    sets = {"train.eps": 1.0, "train.flat_params": True}
+    cfg = micro_config(root=data_root, **sets)
+    batch = _first_batch(cfg)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        trainer, state = create_trainer(cfg, devices=devices)
+        gb = device_batch(batch, trainer.mesh)
+        compiled = trainer.train_step.lower(state, gb, trainer.guide).compile()
+        state, metrics = compiled(state, gb, trainer.guide)
+        results.append((state, float(metrics["loss"])))
+    gathers = [ln.strip()[:160] for ln in compiled.as_text().splitlines()
+               if re.search(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(", ln)]
+    assert not gathers, gathers
+    (s1, l1), (s8, l8) = results
+    assert l1 == pytest.approx(l8, rel=1e-6)
+    assert all(x.sharding.is_fully_replicated for x in s8["params"])
+    for a, b in zip(_leaves(s1["params"]), _leaves(s8["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
