@@ -119,6 +119,16 @@ class Trainer:
             return state
         return dict(state, params=_unflatten_jit(self.tx.groups)(state["params"]))
 
+    def checkpoint_abstract(self, state: dict) -> dict:
+        """ShapeDtypeStructs (with shardings) of `checkpoint_state(state)`, for restores."""
+        abstract = ckpt_lib.abstract_like(state)
+        if self.flat_params:  # the tree of the flat vectors' leaves, replicated as they are
+            sharding = shard_lib.replicated(self.mesh)
+            tree = jax.eval_shape(self.tx.groups.unflatten, state["params"])
+            abstract["params"] = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+        return abstract
+
     def from_checkpoint_state(self, state: dict) -> dict:
         if not self.flat_params:
             return state
@@ -512,8 +522,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
         _check_resume_shapes(extra.get("shapes", {}), fingerprint)
     trainer, state = create_trainer(cfg, devices=devices)
     if latest is not None:
-        state, extra, _ = checkpointer.restore(
-            ckpt_lib.abstract_like(jax.eval_shape(trainer.checkpoint_state, state)), latest)
+        state, extra, _ = checkpointer.restore(trainer.checkpoint_abstract(state), latest)
         state = trainer.from_checkpoint_state(state)
         start_state = extra.get("data_state")
         _say(f"resumed from {workdir / 'checkpoints' / str(latest)}")
