@@ -17,8 +17,9 @@ Entry (i, j) of head n, with patch p = i - 1 at (r, c) = divmod(p, w) and likewi
 - with `pad_even` and t odd, one extra row (an extra query, dropped by the caller: zeros) and
   one extra column (an extra key: -2**40, so no query attends to it), as `pad_for_cudnn` pads.
 
-One program writes `block_rows` whole rows of one head (a divisor of the padded token count, so
-the blocks tile the rows exactly); the grid is (heads, row blocks).
+One program writes `block_rows` whole rows of one head; the grid is (heads, row blocks), plus
+one program a head for the rows left over, which it writes in power-of-two chunks (Triton's tiles
+are powers of two in every dimension: 1602 = 200 blocks of 8 rows + 2 rows).
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ def _pow2_chunks(n: int) -> list[tuple[int, int]]:
     return out
 
 
-def _block_rows(t_out: int, most: int) -> int:
-    """The largest divisor of t_out up to `most`: row blocks then tile the rows exactly."""
-    return max(d for d in range(1, most + 1) if t_out % d == 0)
+def _row_plan(t_out: int, block_rows: int) -> tuple[int, list[tuple[int, int]]]:
+    """(full blocks of `block_rows` rows, power-of-two row chunks (start, size) of the rest).
+    Triton needs every tile dimension a power of two, so the rows left over after the full
+    blocks (t_out % block_rows of them) go to one extra program in power-of-two chunks."""
+    full = t_out // block_rows
+    tail = [(full * block_rows + s, n) for s, n in _pow2_chunks(t_out - full * block_rows)]
+    return full, tail
 
 
-def _kernel(table_ref, out_ref, *, h: int, w: int, t: int, t_out: int, n_rows: int,
-            block_rows: int):
-    """Rows [r0, r0 + block_rows) of one head, in power-of-two column chunks that tile the row
-    exactly: every store is unmasked and in bounds (the interpreter runs it as the GPU does)."""
-    head = pl.program_id(0)
-    r0 = pl.program_id(1) * block_rows
-    i = r0 + jnp.arange(block_rows, dtype=jnp.int32)[:, None]
+def _rows(table_ref, out_ref, head, r0, n_r: int, *, h: int, w: int, t: int, t_out: int,
+          n_rows: int):
+    """Rows [r0, r0 + n_r) of one head (n_r a power of two), in power-of-two column chunks that
+    tile the row exactly: every store is unmasked and in bounds (the interpreter runs it as the
+    GPU does)."""
+    i = r0 + jnp.arange(n_r, dtype=jnp.int32)[:, None]
     pi = jnp.maximum(i - 1, 0)
     ri, ci = pi // w, pi % w
     for c0, size in _pow2_chunks(t_out):
@@ -75,14 +79,31 @@ def _kernel(table_ref, out_ref, *, h: int, w: int, t: int, t_out: int, n_rows: i
         vals = table_ref[head * n_rows + idx]  # the table transposed and flat: [n * rows]
         vals = jnp.where(i >= t, 0.0, vals)
         vals = jnp.where(j >= t, PAD_KEY_BIAS, vals)
-        out_ref[head, pl.ds(r0, block_rows), pl.ds(c0, size)] = vals.astype(out_ref.dtype)
+        out_ref[head, pl.ds(r0, n_r), pl.ds(c0, size)] = vals.astype(out_ref.dtype)
+
+
+def _kernel(table_ref, out_ref, *, block_rows: int, full: int, tail, **shape):
+    """Program (head, b): rows [b * block_rows, (b + 1) * block_rows) for b < full; the
+    program b = full (present when t_out is not a multiple of block_rows) writes the tail rows."""
+    head, b = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(b < full)
+    def _():
+        _rows(table_ref, out_ref, head, b * block_rows, block_rows, **shape)
+
+    if tail:
+        @pl.when(b == full)
+        def _():
+            for r0, n_r in tail:
+                _rows(table_ref, out_ref, head, r0, n_r, **shape)
 
 
 def position_bias(table: jax.Array, grid: tuple[int, int], dtype, *, pad_even: bool = True,
                   block_rows: int = 8, num_warps: int = 4, interpret: bool = False) -> jax.Array:
     """[n, T, T] bias in `dtype` from a [(2h-1)(2w-1)+3, n] table (T = 1 + h*w, plus one when
-    `pad_even` and that is odd).  `block_rows`: at most that many rows a program (the largest
-    divisor of T up to it).  No gradient: `models.beit.relative_position_bias` wraps it."""
+    `pad_even` and that is odd).  `block_rows`: rows a program, a power of two (the last
+    program of a head writes the T % block_rows rows left).  No gradient:
+    `models.beit.relative_position_bias` wraps it."""
     require("position_bias")
     h, w = (int(g) for g in grid)
     n_rows, n = table.shape
@@ -91,14 +112,17 @@ def position_bias(table: jax.Array, grid: tuple[int, int], dtype, *, pad_even: b
                          f"needs {(2 * h - 1) * (2 * w - 1) + NUM_EXTRA}")
     t = 1 + h * w
     t_out = padded_tokens((h, w), pad_even)
-    block_rows = _block_rows(t_out, int(block_rows))
+    block_rows = int(block_rows)
+    if block_rows < 1 or block_rows & (block_rows - 1):
+        raise ValueError(f"position_bias: block_rows must be a power of two, got {block_rows}")
+    full, tail = _row_plan(t_out, block_rows)
     flat = table.astype(jnp.float32).T.reshape(-1)  # [n * rows], head-major
-    kernel = functools.partial(_kernel, h=h, w=w, t=t, t_out=t_out, n_rows=n_rows,
-                               block_rows=block_rows)
+    kernel = functools.partial(_kernel, block_rows=block_rows, full=full, tail=tuple(tail),
+                               h=h, w=w, t=t, t_out=t_out, n_rows=n_rows)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, t_out, t_out), jnp.dtype(dtype)),
-        grid=(n, t_out // block_rows),
+        grid=(n, full + (1 if tail else 0)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="position_bias",

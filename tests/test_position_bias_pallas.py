@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sarformer_jax.kernels.position_bias_pallas import _pow2_chunks, padded_tokens, position_bias
+from sarformer_jax.kernels.position_bias_pallas import (_pow2_chunks, _row_plan, padded_tokens,
+                                                         position_bias)
 from sarformer_jax.models.beit import BEiTAttention, relative_position_bias
 from sarformer_jax.models.layers import pad_for_cudnn
 
@@ -100,3 +101,31 @@ def test_pow2_chunks_tile_exactly():
         assert sum(s for _, s in chunks) == n
         assert all(s & (s - 1) == 0 for _, s in chunks)
         assert [c for c, _ in chunks] == list(np.cumsum([0] + [s for _, s in chunks])[:-1])
+
+
+@pytest.mark.parametrize("t_out,block_rows", [(1602, 8), (14, 8), (16, 8), (26, 4), (7, 1), (5, 16)])
+def test_row_plan_tiles_the_rows_with_power_of_two_tiles(t_out, block_rows):
+    """Triton needs power-of-two tiles: full blocks plus power-of-two tail chunks cover every
+    row exactly once (SARFormer-B: 200 blocks of 8 and one chunk of 2)."""
+    full, tail = _row_plan(t_out, block_rows)
+    rows = [r for b in range(full) for r in range(b * block_rows, (b + 1) * block_rows)]
+    rows += [r for r0, n in tail for r in range(r0, r0 + n)]
+    assert rows == list(range(t_out))
+    assert all(n & (n - 1) == 0 for _, n in tail)
+    if t_out == 1602:
+        assert (full, tail) == (200, [(1600, 2)])
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 4, 16])
+def test_other_block_rows_give_the_same_bias(block_rows):
+    grid, n = (3, 5), 2  # 16 tokens padded to 16; 26 with (5, 5)
+    for g in (grid, (5, 5)):
+        table = _table(g, n)
+        want = position_bias(table, g, jnp.float32, interpret=True)
+        got = position_bias(table, g, jnp.float32, block_rows=block_rows, interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_block_rows_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="block_rows must be a power of two, got 6"):
+        position_bias(_table((3, 4), 2), (3, 4), jnp.float32, block_rows=6, interpret=True)
