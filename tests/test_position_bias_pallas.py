@@ -129,3 +129,18 @@ def test_other_block_rows_give_the_same_bias(block_rows):
 def test_block_rows_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="block_rows must be a power of two, got 6"):
         position_bias(_table((3, 4), 2), (3, 4), jnp.float32, block_rows=6, interpret=True)
+
+
+@pytest.mark.parametrize("grid,block_rows", [((40, 40), 8), ((5, 7), 16), ((3, 4), 4)])
+def test_triton_lowering_on_the_cpu(grid, block_rows):
+    """The kernel lowers to Triton for a CUDA target here, without a GPU (jax lowers for another
+    platform): every tile a power of two, as the Triton lowering demands (a block of 6 rows, the
+    first version's tile for 1602 rows, is refused there; the interpreter would not notice)."""
+    rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+    sds = jax.ShapeDtypeStruct((rows, 12), jnp.float32)
+
+    def fwd(t):
+        return position_bias(t, grid, jnp.bfloat16, pad_even=True, block_rows=block_rows)
+
+    text = jax.jit(fwd).trace(sds).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
