@@ -256,8 +256,9 @@ def original_optimizer(num_steps: int = 160_000) -> Config:
         # as one vector in the step (one kernel instead of one per bias / norm); 0 = off
         pack_small_leaves=0,
         # flat optimiser: the train state holds the parameters as its group vectors (the step
-        # updates each group in one pass; checkpoints still hold the parameter tree)
-        flat_params=False,
+        # updates each group in one pass; checkpoints still hold the parameter tree);
+        # auto = on GPUs whenever the optimiser is flat (train run 41: -5.7 ms blocking)
+        flat_params="auto",
         num_steps=num_steps,
     )
 

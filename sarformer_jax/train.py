@@ -154,13 +154,18 @@ def _flatten_jit(groups):
     return jax.jit(groups.flatten)
 
 
-def use_flat_params(cfg_train, tx) -> bool:
+def use_flat_params(cfg_train, tx, platform: str) -> bool:
     """`train.flat_params`: the train state holds the parameters as the flat optimiser's group
     vectors; the step unflattens them (slices that XLA fuses into their readers) and updates each
-    group in one element-wise pass instead of one kernel per parameter leaf."""
-    flag = cfg_train.get("flat_params", False)
+    group in one element-wise pass instead of one kernel per parameter leaf.  "auto": on for
+    GPU devices whenever the optimiser is flat (train run 41, H200: 57.6 -> 51.9 ms blocking,
+    51.6 -> 50.0 ms pipelined, same memory), off elsewhere (not timed on CPUs or TPUs).
+    Checkpoints hold the parameter tree either way, so runs resume across the two layouts."""
+    flag = cfg_train.get("flat_params", "auto")
+    if flag == "auto":
+        return isinstance(tx, FlatTransformation) and platform == "gpu"
     if not isinstance(flag, bool):
-        raise ValueError(f"train.flat_params must be True or False, got {flag!r}")
+        raise ValueError(f"train.flat_params must be auto, True or False, got {flag!r}")
     if flag and not isinstance(tx, FlatTransformation):
         raise ValueError("train.flat_params needs the flat optimiser (train.flat_optimizer, "
                          "which 'auto' turns off when parameters are split over fsdp)")
@@ -256,7 +261,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
     tx, schedule = build_optimizer(cfg.train, abs_params, num_layers=num_layers,
                                    flat=use_flat_optimizer(cfg.train, mesh.shape["fsdp"]))
     abs_opt = jax.eval_shape(tx.init, abs_params)
-    flat_params = use_flat_params(cfg.train, tx)
+    flat_params = use_flat_params(cfg.train, tx, mesh.devices.flat[0].platform)
     held = tx.groups.flatten if flat_params else (lambda p: p)  # the state's parameter layout
     abs_state = jax.eval_shape(
         lambda: train_state(held(abs_params), abs_stats, abs_opt, jnp.zeros((), jnp.int32),

@@ -234,3 +234,27 @@ def test_unflatten_diff_gradient_is_flatten():
     assert len(g_flat) == len(want) > 1
     for a, b in zip(want, g_flat):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+
+
+def test_flat_params_auto_is_on_for_gpus_with_the_flat_optimizer():
+    """`train.flat_params="auto"` (the default): the flat layout on GPU devices whenever the
+    optimiser is flat, the parameter tree elsewhere and with the per-leaf optimiser; True
+    without the flat optimiser and other values are errors naming the key."""
+    from sarformer_jax.train import use_flat_params
+
+    cfg = load_config("ade20k_sarformer_b", []).train
+    assert cfg.flat_params == "auto"
+    params = _model_like_tree(np.random.default_rng(0))
+    flat_tx, _ = build_optimizer(cfg, params, num_layers=3, flat=True)
+    leaf_tx, _ = build_optimizer(cfg, params, num_layers=3, flat=False)
+    assert use_flat_params(cfg, flat_tx, "gpu")
+    assert not use_flat_params(cfg, flat_tx, "cpu")
+    assert not use_flat_params(cfg, leaf_tx, "gpu")
+    off = load_config("ade20k_sarformer_b", ["train.flat_params=False"]).train
+    on = load_config("ade20k_sarformer_b", ["train.flat_params=True"]).train
+    assert not use_flat_params(off, flat_tx, "gpu") and use_flat_params(on, flat_tx, "cpu")
+    with pytest.raises(ValueError, match="needs the flat optimiser"):
+        use_flat_params(on, leaf_tx, "gpu")
+    bad = load_config("ade20k_sarformer_b", ["train.flat_params=yes"]).train
+    with pytest.raises(ValueError, match="train.flat_params must be auto, True or False, got 'yes'"):
+        use_flat_params(bad, flat_tx, "gpu")

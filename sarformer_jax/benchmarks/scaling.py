@@ -223,7 +223,7 @@ def worker(args, run: dict, rundir: str, names: list[str]) -> dict:
             res["losses"] = losses
             flat = np.concatenate([np.asarray(x, np.float32).ravel() for x in
                                    jax.tree_util.tree_leaves(jax.device_get(
-                                       holder["state"]["params"]))])
+                                       trainer.params_tree(holder["state"]["params"])))])
             res["params_file"] = os.path.join(rundir, f"params.{run['name']}.npy")
             np.save(res["params_file"], flat)
             print(f"{tag} trajectory losses {' '.join(f'{v:.4f}' for v in losses)}", flush=True)
