@@ -257,7 +257,7 @@ def original_optimizer(num_steps: int = 160_000) -> Config:
         pack_small_leaves=0,
         # flat optimiser: the train state holds the parameters as its group vectors (the step
         # updates each group in one pass; checkpoints still hold the parameter tree);
-        # auto = on GPUs whenever the optimiser is flat (train run 41: -5.7 ms blocking)
+        # auto = on GPUs whenever the optimiser is flat (train runs 41-42: -5.7 / -4.8 ms blocking)
         flat_params="auto",
         num_steps=num_steps,
     )

@@ -159,7 +159,8 @@ def use_flat_params(cfg_train, tx, platform: str) -> bool:
     vectors; the step unflattens them (slices that XLA fuses into their readers) and updates each
     group in one element-wise pass instead of one kernel per parameter leaf.  "auto": on for
     GPU devices whenever the optimiser is flat (train run 41, H200: 57.6 -> 51.9 ms blocking,
-    51.6 -> 50.0 ms pipelined, same memory), off elsewhere (not timed on CPUs or TPUs).
+    51.6 -> 50.0 ms pipelined, same memory; run 42, H100: 62.4 -> 57.6 and 56.6 -> 55.6 ms),
+    off elsewhere (not timed on CPUs or TPUs).
     Checkpoints hold the parameter tree either way, so runs resume across the two layouts."""
     flag = cfg_train.get("flat_params", "auto")
     if flag == "auto":
