@@ -236,6 +236,25 @@ def test_bench_grid_order_variants():
         _grid_order_variants(bs, "qhx")
 
 
+def test_bench_config_variants():
+    """`--configs FQ:FW:BQ:BW,...` adds one Pallas variant per launch setting that differs from
+    the default (the default's own is not timed twice); a malformed entry is an error naming it."""
+    from sarformer_jax.benchmarks.msda import _config_variants
+    from sarformer_jax.kernels import BlockSizes
+
+    bs = BlockSizes.get_default(32)
+    own = f"{bs.block_q}:{bs.num_warps}:{bs.block_q_bwd}:{bs.num_warps_bwd}"
+    got = _config_variants(bs, f"{own},64:8:32:8,32:4:8:2")
+    assert [n for n, _ in got] == ["pallas[f64w8,b32w8]", "pallas[f32w4,b8w2]"]
+    v = got[1][1]
+    assert (v.block_q, v.num_warps, v.block_q_bwd, v.num_warps_bwd) == (32, 4, 8, 2)
+    assert v.skips_bwd == bs.skips_bwd and v.value_grad == bs.value_grad
+    assert _config_variants(bs, None) == []
+    for bad in ("64:8:16", "64:8:16:x", "64:0:16:4"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            _config_variants(bs, bad)
+
+
 def test_bench_skip_outside_variants():
     """`--skip-outside both` follows each Pallas variant (the default: skipping in the backward
     only) with its twins skipping in neither kernel and in both, `on` / `off` keep only those

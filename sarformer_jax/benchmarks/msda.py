@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block_rows_pull : chunks_pull : num_stages_pull [: "
                              "pull_run_entries] (comma list, e.g. 16:1:1,32:4:1,32:1:1:16; named "
                              "NAME/pull[rR,cC,sS] or NAME/pull[rR,cC,sS,eE])")
+    parser.add_argument("--configs", default=None, metavar="FQ:FW:BQ:BW,...",
+                        help="also time the Pallas kernels at these launch settings: forward "
+                             "block_q : forward num_warps : backward block_q : backward num_warps "
+                             "(comma list, e.g. 64:8:16:2,64:8:32:8; named "
+                             "pallas[fFQwFW,bBQwBW]); the other settings stay the default's")
     parser.add_argument("--sweep", action="store_true",
                         help="also time a small block-size sweep of the Pallas kernel")
     parser.add_argument("--profile", default=None, metavar="DIR",
@@ -333,6 +338,22 @@ def _grid_order_variants(bs, orders: str | None) -> list:
     return variants
 
 
+def _config_variants(bs, configs: str | None) -> list:
+    """One ("pallas[fFQwFW,bBQwBW]", bs at those launch settings) per entry of --configs that
+    differs from bs."""
+    out = []
+    for text in (configs.split(",") if configs else []):
+        parts = text.split(":")
+        if len(parts) != 4 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            raise ValueError(f"--configs entry {text!r}: expected FQ:FW:BQ:BW, four positive "
+                             "integers")
+        fq, fw, bq, bw = map(int, parts)
+        alt = dataclasses.replace(bs, block_q=fq, num_warps=fw, block_q_bwd=bq, num_warps_bwd=bw)
+        if alt != bs:
+            out.append((f"pallas[f{fq}w{fw},b{bq}w{bw}]", alt))
+    return out
+
+
 def _skip_outside_variants(variants: list, mode: str) -> list:
     """The Pallas variants as they are ("default"), with corners outside the map skipped in
     both kernels ("on": named NAME+skip) or in neither ("off": NAME-skip), or all three
@@ -425,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
         variants = _skip_outside_variants(variants, getattr(args, "skip_outside", "default"))
         variants = _value_grad_variants(variants, getattr(args, "value_grad", None),
                                         getattr(args, "pull_configs", None))
+        if "pallas" in impls:
+            variants += _config_variants(bs, getattr(args, "configs", None))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
