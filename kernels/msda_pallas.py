@@ -66,6 +66,13 @@ class BlockSizes:
     # loads cost about 2 us a call (MSDA run 13, H100).
     skip_outside: bool = False
     skip_outside_bwd: bool | None = None
+    # How the backward writes the location and attention-weight gradients.  False: three
+    # [block_q] stores a point (x, y, weight), each lane 4 bytes into its own sector (a query's
+    # L*P*2 location gradients are contiguous, its queries H*L*P*2 elements apart), so a
+    # program makes 3 * L * P partial-sector writes a query.  True: the program gathers them in
+    # registers as a [block_q, L*P*2] and a [block_q, L*P] tile and stores each once, a query's
+    # gradients as one contiguous run.
+    tile_point_grads: bool = False
     # How the backward makes the value gradient.  "scatter": every corner of every sampling point
     # adds its [D] row into an fp32 buffer with atomics (0.82 GB of fp32 adds into L2 in
     # pixdec_enc, the backward's limit: MSDA run 12).  "pull": the sampling points are sorted by
@@ -326,13 +333,49 @@ def _scatter_add_rows(ref, b, rows, h, vals, interpret: bool, relaxed: bool, kee
     jax.lax.fori_loop(0, rows.shape[0], body, 0)
 
 
+class _PointGradTiles:
+    """The backward's location and weight gradients of a program gathered as a [block_q, L*P*2]
+    and a [block_q, L*P] tile (`BlockSizes.tile_point_grads`), stored once at the end into the
+    gradients viewed as [B, Lq, H, L*P*2] and [B, Lq, H, L*P].  On the GPU the tiles are padded
+    to a power of two (Triton's block shapes), the padding columns masked off in the store; the
+    interpreter takes the exact widths and a row slice."""
+
+    def __init__(self, block_q: int, n_pts: int, interpret: bool):
+        self.n_pts, self.interpret = n_pts, interpret
+        width = (lambda n: n) if interpret else pl.next_power_of_2
+        self.cols_loc = jnp.arange(width(2 * n_pts))
+        self.cols_att = jnp.arange(width(n_pts))
+        self.loc = jnp.zeros((block_q, self.cols_loc.shape[0]), jnp.float32)
+        self.att = jnp.zeros((block_q, self.cols_att.shape[0]), jnp.float32)
+
+    def put(self, k: int, gx, gy, gatt):
+        """Point k (= level * P + point) of every query of the block."""
+        cl, ca = self.cols_loc[None, :], self.cols_att[None, :]
+        self.att = jnp.where(ca == k, gatt[:, None], self.att)
+        self.loc = jnp.where(cl == 2 * k, gx[:, None],
+                             jnp.where(cl == 2 * k + 1, gy[:, None], self.loc))
+
+    def store(self, gloc_ref, gatt_ref, b, qs, h, qmask, q0, block_q: int, num_q: int):
+        for ref, tile, cols, n in ((gloc_ref, self.loc, self.cols_loc, 2 * self.n_pts),
+                                   (gatt_ref, self.att, self.cols_att, self.n_pts)):
+            tile = tile.astype(ref.dtype)
+            if self.interpret:
+                plgpu.store(ref.at[b, qs, h, :], tile, mask=qmask[:, None])
+                continue
+            rows = jnp.minimum(q0 + jnp.arange(block_q), num_q - 1)[:, None]
+            colc = jnp.minimum(cols, n - 1)[None, :]
+            plgpu.store(ref.at[b, rows, h, colc], tile, mask=qmask[:, None] & (cols < n)[None, :])
+
+
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
-                     interpret: bool, relaxed: bool, order: str, skip: bool):
+                     interpret: bool, relaxed: bool, order: str, skip: bool,
+                     tile_grads: bool = False):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
     b, h, qs, qmask = _this_block(order, block_q, num_q)
     g = plgpu.load(g_ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
     g = g.astype(jnp.float32)  # [block_q, D], zero on masked queries
+    tiles = _PointGradTiles(block_q, len(shapes) * n_points, interpret) if tile_grads else None
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
             x, y, a = _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
@@ -354,9 +397,14 @@ def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc
             # d(corner weight)/d(fx) etc.; pixel x = loc_x * w - 0.5, so d/dloc_x = w * d/dfx
             gx = a * wl * ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10))
             gy = a * hl * ((1.0 - fx) * (d10 - d00) + fx * (d11 - d01))
+            if tiles is not None:
+                tiles.put(lvl * n_points + p, gx, gy, gatt)
+                continue
             plgpu.store(gatt_ref.at[b, qs, h, _i(lvl), _i(p)], gatt.astype(gatt_ref.dtype), mask=qmask)
             plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(0)], gx.astype(gloc_ref.dtype), mask=qmask)
             plgpu.store(gloc_ref.at[b, qs, h, _i(lvl), _i(p), _i(1)], gy.astype(gloc_ref.dtype), mask=qmask)
+    if tiles is not None:
+        tiles.store(gloc_ref, gatt_ref, b, qs, h, qmask, qs.start, block_q, num_q)
 
 
 def _msda_bwd_no_value_kernel(value_ref, loc_ref, att_ref, g_ref, gloc_ref, gatt_ref, **kw):
@@ -624,18 +672,24 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     num_q, n_points = loc.shape[1], loc.shape[4]
     block_q = block_sizes.block_q_bwd or block_sizes.block_q
     pull = block_sizes.value_grad == "pull"
+    tile = block_sizes.tile_point_grads
     kernel = functools.partial(_msda_bwd_no_value_kernel if pull else _msda_bwd_kernel,
                                shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
                                relaxed=block_sizes.relaxed_atomics, order=block_sizes.grid_order,
-                               skip=block_sizes.skips_bwd)
+                               skip=block_sizes.skips_bwd, tile_grads=tile)
+    # with `tile`, the kernel writes a query's point gradients as one row of [B, Lq, H, L*P*2]
+    # and [B, Lq, H, L*P] (the same memory as loc's and att's shapes)
+    n_pts = loc.shape[3] * n_points
+    gloc_shape = loc.shape[:3] + (2 * n_pts,) if tile else loc.shape
+    gatt_shape = att.shape[:3] + (n_pts,) if tile else att.shape
     params = plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd or block_sizes.num_warps,
                                   num_stages=block_sizes.num_stages)
     grid = _grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads))
     if pull:
         args, aliases = (value, loc, att, g), {}
         if poison:
-            args += (jnp.full(loc.shape, jnp.nan, loc.dtype), jnp.full(att.shape, jnp.nan, att.dtype))
+            args += (jnp.full(gloc_shape, jnp.nan, loc.dtype), jnp.full(gatt_shape, jnp.nan, att.dtype))
             aliases = {4: 0, 5: 1}
             inner = kernel
 
@@ -643,11 +697,12 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
                 return inner(*refs[:4], *refs[6:])
         gloc, gatt = pl.pallas_call(
             kernel,
-            out_shape=(jax.ShapeDtypeStruct(loc.shape, loc.dtype),
-                       jax.ShapeDtypeStruct(att.shape, att.dtype)),
+            out_shape=(jax.ShapeDtypeStruct(gloc_shape, loc.dtype),
+                       jax.ShapeDtypeStruct(gatt_shape, att.dtype)),
             grid=grid, input_output_aliases=aliases, compiler_params=params,
             interpret=interpret, name="msda_bwd_points",
         )(*args)
+        gloc, gatt = gloc.reshape(loc.shape), gatt.reshape(att.shape)
         starts, query, coef = _sorted_points(loc, att, shapes)
         gv = _pull_call(starts, query, coef, g, value.shape[1], value.dtype, shapes=shapes,
                         block_sizes=block_sizes, points_per_level=num_q * n_points,
@@ -656,18 +711,18 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
     gv0 = jnp.zeros(value.shape, jnp.float32)
     args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
-        args += (jnp.full(loc.shape, jnp.nan, loc.dtype), jnp.full(att.shape, jnp.nan, att.dtype))
+        args += (jnp.full(gloc_shape, jnp.nan, loc.dtype), jnp.full(gatt_shape, jnp.nan, att.dtype))
         aliases = {4: 0, 5: 1, 6: 2}
         inner = kernel
 
         def kernel(*refs):  # the two poison refs are aliased with the outputs
             return inner(*refs[:5], *refs[7:])
-    return pl.pallas_call(
+    gv, gloc, gatt = pl.pallas_call(
         kernel,
         out_shape=(
             jax.ShapeDtypeStruct(value.shape, jnp.float32),
-            jax.ShapeDtypeStruct(loc.shape, loc.dtype),
-            jax.ShapeDtypeStruct(att.shape, att.dtype),
+            jax.ShapeDtypeStruct(gloc_shape, loc.dtype),
+            jax.ShapeDtypeStruct(gatt_shape, att.dtype),
         ),
         grid=grid,
         input_output_aliases=aliases,
@@ -675,6 +730,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
         interpret=interpret,
         name="msda_bwd",
     )(*args)
+    return gv, gloc.reshape(loc.shape), gatt.reshape(att.shape)
 
 
 # ---- transformations: batch-sharded partitioning and vmap, both by the batch axis ----------

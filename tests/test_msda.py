@@ -250,6 +250,12 @@ def test_bench_config_variants():
     assert (v.block_q, v.num_warps, v.block_q_bwd, v.num_warps_bwd) == (32, 4, 8, 2)
     assert v.skips_bwd == bs.skips_bwd and v.value_grad == bs.value_grad
     assert _config_variants(bs, None) == []
+    from sarformer_jax.benchmarks.msda import _tile_variants
+    twins = _tile_variants([("pallas", bs)] + got[:1], True)
+    assert [n for n, _ in twins] == ["pallas", "pallas+tile", "pallas[f64w8,b32w8]",
+                                     "pallas[f64w8,b32w8]+tile"]
+    assert [v.tile_point_grads for _, v in twins] == [False, True, False, True]
+    assert _tile_variants(got, False) == got
     for bad in ("64:8:16", "64:8:16:x", "64:0:16:4"):
         with pytest.raises(ValueError, match=repr(bad)):
             _config_variants(bs, bad)

@@ -77,6 +77,18 @@ def test_skip_outside(seed, dtype):
                                                   skip_outside=True))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("seed,value_grad", [(23, "scatter"), (24, "scatter"), (25, "pull")])
+def test_tile_point_grads(seed, value_grad, dtype):
+    """`BlockSizes.tile_point_grads`: the backward's location and weight gradients stored as
+    one padded, masked tile a program (power-of-two columns, the padding and the queries past Lq
+    masked off), poisoned before they are written; also in the pull path's points kernel."""
+    shapes, value, loc, att, ct = _random_case(seed)
+    bs = dataclasses.replace(BlockSizes.get_default(value.shape[-1], loc.shape[1]),
+                             tile_point_grads=True, value_grad=value_grad)
+    _check(shapes, value, loc, att, ct, dtype, bs)
+
+
 def test_public_op_grad_matches_reference():
     shapes, value, loc, att, ct = _random_case(11, 32)
 

@@ -84,6 +84,19 @@ def test_skip_outside_matches_reference(dtype, skip):
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
+@pytest.mark.parametrize("value_grad", ["scatter", "pull"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tile_point_grads_matches_reference(dtype, value_grad):
+    """`BlockSizes.tile_point_grads`: the backward gathers each program's location and weight
+    gradients into two tiles and stores them once; a point filed under another column (x for y,
+    one point for the next) or a level's points left out show in the location or weight
+    gradients.  Three levels of 2 points (12 location columns), Lq = 37 (masked tail)."""
+    shapes = ((6, 9), (3, 5), (2, 1))
+    bs = dataclasses.replace(BS, tile_point_grads=True, skip_outside_bwd=True,
+                             value_grad=value_grad, block_rows_pull=8)
+    assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
+
+
 @pytest.mark.parametrize("skip", [(False, False), (False, True), (True, True)])
 def test_triton_lowering_on_the_cpu(skip):
     """Both kernels lower to Triton for a CUDA target here, without a GPU (jax lowers for another
@@ -106,6 +119,8 @@ def test_triton_lowering_on_the_cpu(skip):
 
     text = lowered(bs)
     assert text.count("xla.gpu.triton") == 2  # msda_fwd and msda_bwd
+    # the point gradients as padded tiles (12 location columns -> 16, masked stores)
+    assert lowered(dataclasses.replace(bs, tile_point_grads=True)).count("xla.gpu.triton") == 2
     # value_grad="pull": the points kernel, the sort of the points, the pull kernel
     for chunks, entries in ((1, 0), (4, 0), (1, 2)):
         text = lowered(dataclasses.replace(bs, value_grad="pull", chunks_pull=chunks,

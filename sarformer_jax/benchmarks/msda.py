@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "block_rows_pull : chunks_pull : num_stages_pull [: "
                              "pull_run_entries] (comma list, e.g. 16:1:1,32:4:1,32:1:1:16; named "
                              "NAME/pull[rR,cC,sS] or NAME/pull[rR,cC,sS,eE])")
+    parser.add_argument("--tile-point-grads", action="store_true",
+                        help="also time each Pallas variant with BlockSizes.tile_point_grads "
+                             "flipped (the backward's location and weight gradients stored as "
+                             "one tile a program; named NAME+tile or NAME-tile)")
     parser.add_argument("--configs", default=None, metavar="FQ:FW:BQ:BW,...",
                         help="also time the Pallas kernels at these launch settings: forward "
                              "block_q : forward num_warps : backward block_q : backward num_warps "
@@ -354,6 +358,19 @@ def _config_variants(bs, configs: str | None) -> list:
     return out
 
 
+def _tile_variants(variants: list, on: bool) -> list:
+    """With `on`, each Pallas variant followed by its twin with `tile_point_grads` flipped
+    (NAME+tile or NAME-tile)."""
+    if not on:
+        return list(variants)
+    out = []
+    for name, bs in variants:
+        flip = not bs.tile_point_grads
+        out += [(name, bs), (f"{name}{'+' if flip else '-'}tile",
+                             dataclasses.replace(bs, tile_point_grads=flip))]
+    return out
+
+
 def _skip_outside_variants(variants: list, mode: str) -> list:
     """The Pallas variants as they are ("default"), with corners outside the map skipped in
     both kernels ("on": named NAME+skip) or in neither ("off": NAME-skip), or all three
@@ -448,6 +465,7 @@ def run(args: argparse.Namespace) -> int:
                                         getattr(args, "pull_configs", None))
         if "pallas" in impls:
             variants += _config_variants(bs, getattr(args, "configs", None))
+        variants = _tile_variants(variants, getattr(args, "tile_point_grads", False))
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
