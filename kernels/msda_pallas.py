@@ -76,11 +76,6 @@ class BlockSizes:
     # bf16.  The backward is bound by L2 transactions, and these partial writes were ~20 % of
     # them beside the value gradient's row adds.
     tile_point_grads: bool = True
-    # How both kernels read the sampling locations and attention weights.  False: three
-    # [block_q] loads a point (strided like the stores above).  True: one [block_q, L*P*2] and
-    # one [block_q, L*P] tile load a program, each point's x, y and weight then picked out of
-    # the tiles in registers.
-    tile_point_loads: bool = False
     # How the backward makes the value gradient.  "scatter": every corner of every sampling point
     # adds its [D] row into an fp32 buffer with atomics (0.82 GB of fp32 adds into L2 in
     # pixdec_enc, the backward's limit: MSDA run 12).  "pull": the sampling points are sorted by
@@ -244,42 +239,6 @@ def _load_point(loc_ref, att_ref, b, qs, h, lvl: int, p: int, qmask):
     return x.astype(jnp.float32), y.astype(jnp.float32), a.astype(jnp.float32)
 
 
-class _PointReader:
-    """The block's sampling locations and attention weights, point by point: with `tile`, from a
-    [block_q, L*P*2] and a [block_q, L*P] tile loaded once (refs viewed as [B, Lq, H, L*P*2] and
-    [B, Lq, H, L*P]; on the GPU padded to a power of two, the padding and the queries past Lq
-    loaded as zeros), else with `_load_point`'s strided loads.  Zero on masked queries."""
-
-    def __init__(self, loc_ref, att_ref, b, qs, h, qmask, n_points: int, tile: bool,
-                 interpret: bool, block_q: int = 0, num_q: int = 0):
-        self.refs, self.where, self.n_points = (loc_ref, att_ref), (b, qs, h, qmask), n_points
-        self.tile = tile
-        if not tile:
-            return
-        self.tiles = []
-        for ref in (loc_ref, att_ref):
-            n = ref.shape[-1]
-            if interpret:
-                t = plgpu.load(ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
-                cols = jnp.arange(n)
-            else:
-                cols = jnp.arange(pl.next_power_of_2(n))
-                rows = jnp.minimum(qs.start + jnp.arange(block_q), num_q - 1)[:, None]
-                t = plgpu.load(ref.at[b, rows, h, jnp.minimum(cols, n - 1)[None, :]],
-                               mask=qmask[:, None] & (cols < n)[None, :], other=0.0)
-            self.tiles.append((t.astype(jnp.float32), cols[None, :]))
-
-    def point(self, lvl: int, p: int):
-        """x, y and attention weight of point p of level lvl: [block_q] fp32 each."""
-        if not self.tile:
-            (loc_ref, att_ref), (b, qs, h, qmask) = self.refs, self.where
-            return _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
-        k = lvl * self.n_points + p
-        (tl, cl), (ta, ca) = self.tiles
-        pick = lambda t, c, j: jnp.sum(jnp.where(c == j, t, 0.0), axis=1)
-        return pick(tl, cl, 2 * k), pick(tl, cl, 2 * k + 1), pick(ta, ca, k)
-
-
 def _level_starts(shapes: Shapes) -> list[int]:
     starts, acc = [], 0
     for h, w in shapes:
@@ -335,16 +294,13 @@ def _gather_rows(value_ref, b, rows, h, valid, skip: bool, interpret: bool):
 
 
 def _msda_fwd_kernel(value_ref, loc_ref, att_ref, out_ref, *, shapes: Shapes, n_points: int,
-                     num_q: int, block_q: int, order: str, skip: bool, interpret: bool,
-                     tile_loads: bool = False):
+                     num_q: int, block_q: int, order: str, skip: bool, interpret: bool):
     b, h, qs, qmask = _this_block(order, block_q, num_q)
     d = value_ref.shape[-1]
-    points = _PointReader(loc_ref, att_ref, b, qs, h, qmask, n_points, tile_loads, interpret,
-                          block_q, num_q)
     acc = jnp.zeros((block_q, d), jnp.float32)  # [block_q, D], the only on-chip state
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
-            x, y, a = points.point(lvl, p)
+            x, y, a = _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
             _, _, corners = _corners(x, y, hl, wl)
             for idx, cw, valid in corners:
                 row = _gather_rows(value_ref, b, start + idx, h, valid & qmask, skip, interpret)
@@ -417,17 +373,15 @@ class _PointGradTiles:
 def _msda_bwd_kernel(value_ref, loc_ref, att_ref, g_ref, gv_in_ref, gv_ref, gloc_ref, gatt_ref,
                      *, shapes: Shapes, n_points: int, num_q: int, block_q: int,
                      interpret: bool, relaxed: bool, order: str, skip: bool,
-                     tile_grads: bool = False, tile_loads: bool = False):
+                     tile_grads: bool = False):
     del gv_in_ref  # aliased with gv_ref (zero-initialised fp32 buffer)
     b, h, qs, qmask = _this_block(order, block_q, num_q)
-    points = _PointReader(loc_ref, att_ref, b, qs, h, qmask, n_points, tile_loads, interpret,
-                          block_q, num_q)
     g = plgpu.load(g_ref.at[b, qs, h, :], mask=qmask[:, None], other=0.0)
     g = g.astype(jnp.float32)  # [block_q, D], zero on masked queries
     tiles = _PointGradTiles(block_q, len(shapes) * n_points, interpret) if tile_grads else None
     for lvl, (start, (hl, wl)) in enumerate(zip(_level_starts(shapes), shapes)):
         for p in range(n_points):
-            x, y, a = points.point(lvl, p)
+            x, y, a = _load_point(loc_ref, att_ref, b, qs, h, lvl, p, qmask)
             fx, fy, corners = _corners(x, y, hl, wl)
             dots = []
             for idx, cw, valid in corners:
@@ -675,14 +629,6 @@ def _pull_call(starts, query, coef, g, n_rows: int, out_dtype, *, shapes: Shapes
     )(*args)
 
 
-def _point_args(loc, att, tile_loads: bool):
-    """loc and att as the kernels read them: as they are, or with `tile_point_loads` each
-    query's points as one row ([B, Lq, H, L*P*2], [B, Lq, H, L*P]: the same memory)."""
-    if not tile_loads:
-        return loc, att
-    return loc.reshape(loc.shape[:3] + (-1,)), att.reshape(att.shape[:3] + (-1,))
-
-
 def _drop_poison_ref(kernel, n_in: int):
     """Kernel taking one extra (aliased, NaN-filled) input ref after the n_in real inputs."""
     def wrapped(*refs):
@@ -700,10 +646,9 @@ def _fwd_call(value, loc, att, *, shapes: Shapes, block_sizes: BlockSizes, inter
     block_q = block_sizes.block_q
     kernel = functools.partial(_msda_fwd_kernel, shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, order=block_sizes.grid_order,
-                               skip=block_sizes.skip_outside, interpret=interpret,
-                               tile_loads=block_sizes.tile_point_loads)
+                               skip=block_sizes.skip_outside, interpret=interpret)
     out_shape = jax.ShapeDtypeStruct((bsz, num_q, n_heads, d), value.dtype)
-    args, aliases = (value,) + _point_args(loc, att, block_sizes.tile_point_loads), {}
+    args, aliases = (value, loc, att), {}
     if poison:
         kernel = _drop_poison_ref(kernel, 3)
         args, aliases = args + (jnp.full(out_shape.shape, jnp.nan, value.dtype),), {3: 0}
@@ -735,9 +680,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
                                shapes=shapes, n_points=n_points, num_q=num_q,
                                block_q=block_q, interpret=interpret,
                                relaxed=block_sizes.relaxed_atomics, order=block_sizes.grid_order,
-                               skip=block_sizes.skips_bwd, tile_grads=tile,
-                               tile_loads=block_sizes.tile_point_loads)
-    ploc, patt = _point_args(loc, att, block_sizes.tile_point_loads)
+                               skip=block_sizes.skips_bwd, tile_grads=tile)
     # with `tile`, the kernel writes a query's point gradients as one row of [B, Lq, H, L*P*2]
     # and [B, Lq, H, L*P] (the same memory as loc's and att's shapes)
     n_pts = loc.shape[3] * n_points
@@ -747,7 +690,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
                                   num_stages=block_sizes.num_stages)
     grid = _grid(block_sizes.grid_order, dict(b=bsz, q=pl.cdiv(num_q, block_q), h=n_heads))
     if pull:
-        args, aliases = (value, ploc, patt, g), {}
+        args, aliases = (value, loc, att, g), {}
         if poison:
             args += (jnp.full(gloc_shape, jnp.nan, loc.dtype), jnp.full(gatt_shape, jnp.nan, att.dtype))
             aliases = {4: 0, 5: 1}
@@ -769,7 +712,7 @@ def _bwd_call(value, loc, att, g, *, shapes: Shapes, block_sizes: BlockSizes, in
                         interpret=interpret, poison=poison)
         return gv, gloc, gatt
     gv0 = jnp.zeros(value.shape, jnp.float32)
-    args, aliases = (value, ploc, patt, g, gv0), {4: 0}
+    args, aliases = (value, loc, att, g, gv0), {4: 0}
     if poison:
         args += (jnp.full(gloc_shape, jnp.nan, loc.dtype), jnp.full(gatt_shape, jnp.nan, att.dtype))
         aliases = {4: 0, 5: 1, 6: 2}

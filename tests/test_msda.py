@@ -255,10 +255,6 @@ def test_bench_config_variants():
     assert [n for n, _ in twins] == ["pallas", "pallas-tile", "pallas[f64w8,b32w8]",
                                      "pallas[f64w8,b32w8]-tile"]
     assert [v.tile_point_grads for _, v in twins] == [True, False, True, False]
-    loads = _tile_variants(twins[:2], True, "tile_point_loads", "load")
-    assert [n for n, _ in loads] == ["pallas", "pallas+load", "pallas-tile", "pallas-tile+load"]
-    assert [(v.tile_point_grads, v.tile_point_loads) for _, v in loads] == [
-        (True, False), (True, True), (False, False), (False, True)]
     assert _tile_variants(got, False) == got
     for bad in ("64:8:16", "64:8:16:x", "64:0:16:4"):
         with pytest.raises(ValueError, match=repr(bad)):

@@ -78,19 +78,16 @@ def test_skip_outside(seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("seed,value_grad,grads,loads", [
-    (23, "scatter", True, False), (24, "scatter", False, False), (25, "pull", True, False),
-    (26, "scatter", True, True), (27, "pull", True, True)])
-def test_tile_point_grads(seed, value_grad, grads, loads, dtype):
+@pytest.mark.parametrize("seed,value_grad,grads", [(23, "scatter", True), (24, "scatter", False),
+                                                   (25, "pull", True)])
+def test_tile_point_grads(seed, value_grad, grads, dtype):
     """`BlockSizes.tile_point_grads` (the default): the backward's location and weight gradients
     stored as one padded, masked tile a program (power-of-two columns, the padding and the
     queries past Lq masked off), poisoned before they are written, also in the pull path's
-    points kernel; off, three stores a point.  `tile_point_loads`: both kernels read the points
-    as padded, masked tiles."""
+    points kernel; off, three stores a point."""
     shapes, value, loc, att, ct = _random_case(seed)
     bs = dataclasses.replace(BlockSizes.get_default(value.shape[-1], loc.shape[1]),
-                             tile_point_grads=grads, tile_point_loads=loads,
-                             value_grad=value_grad)
+                             tile_point_grads=grads, value_grad=value_grad)
     _check(shapes, value, loc, att, ct, dtype, bs)
 
 

@@ -84,21 +84,18 @@ def test_skip_outside_matches_reference(dtype, skip):
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
-@pytest.mark.parametrize("grads,loads", [(False, False), (True, False), (False, True),
-                                         (True, True)])
+@pytest.mark.parametrize("grads", [False, True])
 @pytest.mark.parametrize("value_grad", ["scatter", "pull"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tile_point_grads_matches_reference(dtype, value_grad, grads, loads):
+def test_tile_point_grads_matches_reference(dtype, value_grad, grads):
     """`BlockSizes.tile_point_grads` (the default): the backward gathers each program's location
-    and weight gradients into two tiles and stores them once (off: three stores a point);
-    `tile_point_loads`: both kernels read the
-    locations and weights as two tiles and pick each point out of them.  A point filed under
-    another column (x for y, one point for the next) or a level's points left out show in the
-    output or the gradients.  Three levels of 2 points (12 location columns), Lq = 37 (masked
-    tail)."""
+    and weight gradients into two tiles and stores them once (off: three stores a point).  A
+    point filed under another column (x for y, one point for the next) or a level's points left
+    out show in the location or weight gradients.  Three levels of 2 points (12 location
+    columns), Lq = 37 (masked tail)."""
     shapes = ((6, 9), (3, 5), (2, 1))
-    bs = dataclasses.replace(BS, tile_point_grads=grads, tile_point_loads=loads,
-                             skip_outside_bwd=True, value_grad=value_grad, block_rows_pull=8)
+    bs = dataclasses.replace(BS, tile_point_grads=grads, skip_outside_bwd=True,
+                             value_grad=value_grad, block_rows_pull=8)
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
@@ -124,10 +121,8 @@ def test_triton_lowering_on_the_cpu(skip):
 
     text = lowered(bs)
     assert text.count("xla.gpu.triton") == 2  # msda_fwd and msda_bwd
-    # the point gradients as padded tiles (12 location columns -> 16, masked stores)
-    assert lowered(dataclasses.replace(bs, tile_point_grads=True)).count("xla.gpu.triton") == 2
-    assert lowered(dataclasses.replace(bs, tile_point_grads=True, tile_point_loads=True)
-                   ).count("xla.gpu.triton") == 2
+    # the point gradients as three stores a point (the default stores padded, masked tiles)
+    assert lowered(dataclasses.replace(bs, tile_point_grads=False)).count("xla.gpu.triton") == 2
     # value_grad="pull": the points kernel, the sort of the points, the pull kernel
     for chunks, entries in ((1, 0), (4, 0), (1, 2)):
         text = lowered(dataclasses.replace(bs, value_grad="pull", chunks_pull=chunks,
@@ -345,7 +340,7 @@ def test_default_block_sizes_heuristic():
     assert not BS.skips_bwd and BlockSizes(16, 4, skip_outside=True).skips_bwd
     assert BlockSizes.get_default(32, num_queries=5).block_q_bwd == 16
     # the backward stores a program's point gradients as one tile (MSDA run 17)
-    assert bs.tile_point_grads and not bs.tile_point_loads
+    assert bs.tile_point_grads
 
 
 def test_batch_sharded_kernel_inside_scan():

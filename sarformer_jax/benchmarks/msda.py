@@ -76,10 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each Pallas variant with BlockSizes.tile_point_grads "
                              "flipped (the backward's location and weight gradients stored as "
                              "one tile a program; named NAME+tile or NAME-tile)")
-    parser.add_argument("--tile-point-loads", action="store_true",
-                        help="also time each Pallas variant with BlockSizes.tile_point_loads "
-                             "flipped (both kernels read a program's locations and weights as "
-                             "one tile; named NAME+load or NAME-load)")
     parser.add_argument("--configs", default=None, metavar="FQ:FW:BQ:BW,...",
                         help="also time the Pallas kernels at these launch settings: forward "
                              "block_q : forward num_warps : backward block_q : backward num_warps "
@@ -471,8 +467,6 @@ def run(args: argparse.Namespace) -> int:
         if "pallas" in impls:
             variants += _config_variants(bs, getattr(args, "configs", None))
         variants = _tile_variants(variants, getattr(args, "tile_point_grads", False))
-        variants = _tile_variants(variants, getattr(args, "tile_point_loads", False),
-                                  "tile_point_loads", "load")
         if args.sweep and "pallas" in impls:
             for bq, bqb, nw, rel in ((64, 32, 4, False), (32, 16, 4, True), (64, 16, 4, True),
                                      (32, 32, 4, True), (64, 32, 8, True), (64, 16, 2, True),
