@@ -84,15 +84,17 @@ def test_skip_outside_matches_reference(dtype, skip):
     assert_matches_reference(inputs(5, shapes, b=2, q=37, n=3), shapes, dtype, bs)
 
 
-@pytest.mark.parametrize("grads", [False, True])
-@pytest.mark.parametrize("value_grad", ["scatter", "pull"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,value_grad,grads", [("float32", "scatter", False),
+                                                    ("bfloat16", "scatter", False),
+                                                    ("float32", "scatter", True),
+                                                    ("bfloat16", "pull", True)])
 def test_tile_point_grads_matches_reference(dtype, value_grad, grads):
-    """`BlockSizes.tile_point_grads` (the default): the backward gathers each program's location
-    and weight gradients into two tiles and stores them once (off: three stores a point).  A
-    point filed under another column (x for y, one point for the next) or a level's points left
-    out show in the location or weight gradients.  Three levels of 2 points (12 location
-    columns), Lq = 37 (masked tail)."""
+    """`BlockSizes.tile_point_grads` (the default, so the other tests here run it too): the
+    backward gathers each program's location and weight gradients into two tiles and stores them
+    once (off: three stores a point); also in the pull path's points kernel.  A point filed
+    under another column (x for y, one point for the next) or a level's points left out show in
+    the location or weight gradients.  Three levels of 2 points (12 location columns), Lq = 37
+    (masked tail)."""
     shapes = ((6, 9), (3, 5), (2, 1))
     bs = dataclasses.replace(BS, tile_point_grads=grads, skip_outside_bwd=True,
                              value_grad=value_grad, block_rows_pull=8)
