@@ -10,8 +10,9 @@ registers; value is read through L1/L2 (the SARFormer-B value tensors, 2-17 MB, 
 
 Forward:  out[b, q, h] = sum_{l,p,corner} a[b,q,h,l,p] * w_corner * value[b, s_corner, h].
 Backward: per corner, dot = <value row, grad_out row>.  Attention-weight and location gradients
-come from the four dots (no atomics: each program owns its queries); the value gradient is
-scattered with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the caller.
+come from the four dots (no atomics: each program owns its queries), gathered in registers and
+stored as one tile a program (`BlockSizes.tile_point_grads`); the value gradient is scattered
+with fp32 atomic adds into an fp32 [B, S, H, D] buffer, cast by the caller.
 
 Grid: (B, cdiv(Lq, block_q), H), launched in `BlockSizes.grid_order`.  Queries past Lq are
 masked on every load and store.
@@ -86,8 +87,8 @@ class BlockSizes:
     value_grad: str = "scatter"
     block_rows_pull: int = 32  # value rows a program of the "pull" kernel
     num_warps_pull: int = 4
-    # Measured on an H100 (MSDA run 15), pixdec_enc: "pull" 0.65-0.77 ms fwd+bwd against
-    # "scatter"'s 0.41-0.42: its two kernels are faster than the fused one, but the sort and the
+    # Measured on an H100 (MSDA run 15, before `tile_point_grads`), pixdec_enc: "pull"
+    # 0.65-0.77 ms fwd+bwd against "scatter"'s 0.41-0.42: its two kernels are faster than the fused one, but the sort and the
     # run bookkeeping cost more.  So "scatter" is the default.  "pull" stays for its
     # determinism: in one chunk no float is added atomically, so d value is the same bit for
     # bit from run to run.
