@@ -144,7 +144,17 @@ def default_block_sizes(head_dim: int, num_queries: int = 1 << 30) -> BlockSizes
     block_q_bwd = min(block_q, max(16, 512 // head_dim))
     return BlockSizes(block_q=block_q, num_warps=8, num_stages=1, block_q_bwd=block_q_bwd,
                       num_warps_bwd=4, skip_outside=False, skip_outside_bwd=True,
-                      **_value_grad_from_env())
+                      tile_point_grads=_tile_point_grads_from_env(), **_value_grad_from_env())
+
+
+def _tile_point_grads_from_env() -> bool:
+    """The environment's `SARFORMER_MSDA_TILE_POINT_GRADS`: "1" (also when unset) or "0", so that
+    a whole program can take the backward's three stores a point instead of the tiles (`sarformer
+    bench train --variant 'points:env.SARFORMER_MSDA_TILE_POINT_GRADS=0'`)."""
+    text = os.environ.get("SARFORMER_MSDA_TILE_POINT_GRADS", "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"SARFORMER_MSDA_TILE_POINT_GRADS={text!r}: expected '0' or '1'")
+    return text != "0"
 
 
 def _value_grad_from_env() -> dict:

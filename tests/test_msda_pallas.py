@@ -249,6 +249,20 @@ def test_value_grad_from_the_environment(monkeypatch):
             BlockSizes.get_default(32)
 
 
+def test_tile_point_grads_from_the_environment(monkeypatch):
+    """`SARFORMER_MSDA_TILE_POINT_GRADS=0` turns the default's tiled point gradients off for a
+    whole program; unset or "1" keeps them; anything else is refused, naming the variable."""
+    monkeypatch.delenv("SARFORMER_MSDA_TILE_POINT_GRADS", raising=False)
+    assert BlockSizes.get_default(32).tile_point_grads
+    monkeypatch.setenv("SARFORMER_MSDA_TILE_POINT_GRADS", "0")
+    assert not BlockSizes.get_default(32).tile_point_grads
+    monkeypatch.setenv("SARFORMER_MSDA_TILE_POINT_GRADS", "1")
+    assert BlockSizes.get_default(32).tile_point_grads
+    monkeypatch.setenv("SARFORMER_MSDA_TILE_POINT_GRADS", "no")
+    with pytest.raises(ValueError, match="SARFORMER_MSDA_TILE_POINT_GRADS='no'"):
+        BlockSizes.get_default(32)
+
+
 def test_value_grad_method_is_checked():
     with pytest.raises(ValueError, match="value_grad must be one of .*'push'"):
         BlockSizes(block_q=16, num_warps=4, value_grad="push")
