@@ -173,6 +173,10 @@ def guidance(source: str = "online") -> Config:
             mask_threshold=0.0,
             box_nms_thresh=0.7,
             max_masks=256,  # fixed-size output of the on-device generator
+            # upscale and post-process only the prompts with a mask over pred_iou_thresh (the
+            # others' candidates fail that threshold whatever their masks: same kept masks);
+            # AmgSettings.skip_low_iou.  Opt-in until timed on a GPU
+            skip_low_iou=False,
             dtype="bfloat16",  # SAM compute dtype inside the step (params stay float32)
             # image-encoder attention: auto = cuDNN fused attention on a GPU in bf16, else xla
             attention="auto",

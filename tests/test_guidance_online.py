@@ -249,3 +249,44 @@ def test_fused_image_token_kernel_in_sharded_online_guidance(tmp_path):
     assert got.shape == (8, 8, 64, 64)
     assert np.mean(got == want) >= 0.999  # thresholded masks: a rounding may flip a pixel
     assert gathers_kernel == gathers
+
+
+def test_skip_low_iou_gives_the_same_proposals_on_sharded_images(tmp_path):
+    """`guidance.sam.skip_low_iou` (upscale only the prompts with a mask over the IoU threshold):
+    the online proposals equal the full path's in a jit whose 4 images are split over 4
+    devices, and the gated program gathers nothing more across devices than the full one (each
+    image's prompts are sorted and gathered on its own device).  The threshold is the median of
+    the prompts' best IoU, so about half of them are skipped."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sarformer_jax.sam.automatic_mask_generator import _candidates
+
+    sets = dict(ONLINE)
+    probe_cfg = micro_config(root=tmp_path, **sets)
+    sam = tiny_sam()
+    u8, x = _images(probe_cfg, n=4)
+    s0 = amg_settings(probe_cfg)
+    iou = np.asarray(jax.jit(lambda u: _candidates(sam, u, s0.points(), s0)["iou"])(jnp.asarray(u8)))
+    thr = float(np.median(iou.reshape(4, -1, 3).max(-1)))
+    sets["guidance.sam.pred_iou_thresh"] = thr
+    plain = micro_config(root=tmp_path, **sets)
+    gated = micro_config(root=tmp_path, **dict(sets, **{"guidance.sam.skip_low_iou": True}))
+    assert amg_settings(gated).skip_low_iou and not amg_settings(plain).skip_low_iou
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    out, gathers, loops = [], [], []
+    for cfg in (plain, gated):
+        s = amg_settings(cfg)
+        f = jax.jit(lambda im, cfg=cfg, s=s: sam_masks(sam, {"image": im}, cfg, s))
+        out.append([np.asarray(v) for v in f(xs)])
+        text = f.lower(xs).compile().as_text()
+        gathers.append(len(re.findall(r"\ball-gather(-start)?\(", text)))
+        loops.append(len(re.findall(r"\bwhile\(", text)))
+    (m0, v0), (m1, v1) = out
+    assert v0.any() and not v0.all()
+    np.testing.assert_array_equal(v1, v0)
+    np.testing.assert_array_equal(m1, m0)
+    assert gathers[1] <= gathers[0], gathers
+    assert loops[1] > loops[0], loops  # the gated program has its group loop

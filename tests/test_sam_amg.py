@@ -259,3 +259,60 @@ def test_mask_helpers_match_upstream():
         ref, rchanged = up.remove_small_regions(holes, 5, mode)
         assert changed == rchanged
         np.testing.assert_array_equal(ours, ref)
+
+
+def test_skip_low_iou_keeps_the_same_candidates(sam_pair):
+    """`AmgSettings.skip_low_iou`: only the prompts with a mask over pred_iou_thresh are upscaled
+    and post-processed, per image, in groups (4 here, several a chunk of 16).  Every candidate
+    that can be kept (IoU over the threshold) gets the full path's logits, stability and box, so
+    the validity and everything `_select` keeps are the same; the candidates of the prompts it
+    skipped have zero logits (so it did skip).  The threshold is the median of the prompts'
+    best IoU, so about half of them pass, differently in the two images."""
+    import jax
+    from flax import nnx
+
+    from sarformer_jax.sam.automatic_mask_generator import AmgSettings, _candidates
+    from sarformer_jax.sam.transforms import get_preprocess_shape, resize_uint8
+
+    _, jsam, _ = sam_pair
+    image = natural_image()
+    images = jnp.asarray(np.stack([image, np.roll(image, 170, axis=1)]))
+    graphdef, state = nnx.split(jsam)
+    size = get_preprocess_shape(*image.shape[:2], jsam.img_size)
+    emb = jax.jit(lambda st, x: nnx.merge(graphdef, st).embed_image(resize_uint8(x, size)))(state, images)
+
+    def cands(s):
+        f = jax.jit(lambda st, e: _candidates(nnx.merge(graphdef, st), images, s.points(), s, emb=e))
+        return {k: np.asarray(v) for k, v in f(state, emb).items()}
+
+    n_pts = 36
+    probe = cands(AmgSettings(6, 16, 0.5, 0.6, 1.0, 0.9, 48))
+    best = probe["iou"].reshape(2, -1, 3).max(-1)[:, :n_pts]  # each prompt's best IoU, [2, 36]
+    # a threshold between the two images' values for one prompt, near the median: about half
+    # the prompts pass, and that one in one image only (random weights make the IoU depend
+    # mostly on the point, so the images would otherwise pass the same prompts)
+    lo, hi = np.quantile(best, [0.25, 0.75])
+    mid = np.flatnonzero(((best >= lo) & (best <= hi)).all(0))
+    j = mid[np.argmax(np.abs(best[0, mid] - best[1, mid]))]
+    thr = float(best[:, j].mean())
+    a = probe  # the full path's logits, stability and boxes do not depend on the threshold
+    g = cands(AmgSettings(6, 16, thr, 0.6, 1.0, 0.9, 48, skip_low_iou=True, skip_group=4))
+    np.testing.assert_array_equal(g["iou"], a["iou"])
+    prompt_pass = (a["iou"].reshape(2, -1, 3) > thr).any(-1)
+    prompt_pass[:, n_pts:] = False  # padding points
+    assert prompt_pass.any() and not prompt_pass[:, :n_pts].all()
+    assert (prompt_pass[0] != prompt_pass[1]).any()  # the images sort their prompts differently
+    point_ok = np.repeat(np.arange(a["iou"].shape[1] // 3) < n_pts, 3)[None]
+    valid = point_ok & (a["iou"] > thr) & (a["stability"] >= 0.6)
+    np.testing.assert_array_equal(g["valid"], valid)
+    assert valid.any()
+    low_a = a["low_res"].reshape(2, -1, 3, *a["low_res"].shape[2:])
+    low_g = g["low_res"].reshape(low_a.shape)
+    np.testing.assert_allclose(low_g[prompt_pass], low_a[prompt_pass], rtol=1e-4, atol=1e-4)
+    for k in ("stability", "boxes"):
+        ka, kg = a[k].reshape(2, -1, 3, *a[k].shape[2:]), g[k].reshape(2, -1, 3, *g[k].shape[2:])
+        np.testing.assert_allclose(kg[prompt_pass], ka[prompt_pass], rtol=1e-5, atol=1e-5)
+    skipped = ~np.abs(low_g).reshape(2, low_g.shape[1], -1).any(-1)
+    assert skipped[:, :n_pts].any() and not (skipped & prompt_pass).any()
+    assert np.abs(low_a).reshape(2, low_a.shape[1], -1).any(-1)[:, :n_pts].all()
+    np.testing.assert_array_equal(g["points"], a["points"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,13 @@ class AmgSettings:
     orig_size: tuple[int, int] | None = None  # (H, W) of the full image when cropping
     # explicit (x, y) points in [0, 1] of the crop, instead of the points_per_side grid
     point_grid: tuple[tuple[float, float], ...] | None = None
+    # Upscale (and post-process) only the prompts with at least one mask over pred_iou_thresh:
+    # the others' candidates fail the IoU threshold whatever their masks, so the kept masks,
+    # scores, stability and boxes are upstream's either way.  Each chunk's passing prompts go
+    # first (per image) and are upscaled in groups of `gcd(points_per_batch, skip_group)` while
+    # any image has some left; skipped candidates keep zero logits, stability and boxes.
+    skip_low_iou: bool = False
+    skip_group: int = 16
 
     def points(self) -> np.ndarray:
         """[n, 2] (x, y) prompts, normalised to the (crop) image."""
@@ -82,7 +90,51 @@ def _candidates(sam: Sam, images: jax.Array, points: np.ndarray, s: AmgSettings,
         return dict(low_res=low.reshape(b, ppb * m, *low.shape[2:]), iou=iou.reshape(b, ppb * m),
                     stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
 
-    out = jax.lax.map(chunk, coords)  # leaves [chunks, b, ppb*3, ...]
+    def gated_chunk(args):  # `chunk`, upscaling only the prompts that can pass (skip_low_iou)
+        c, ok = args  # ok [ppb]: the chunk's points that are not padding
+        pts = jnp.broadcast_to(c[None], (b,) + c.shape).reshape(b * ppb, 1, 2)
+        labels = jnp.ones((b * ppb, 1), jnp.int32)
+        with jax.named_scope("sam_mask_decoder"):
+            x, hyper, iou = sam.decode_tokens(emb, (pts, labels), multimask_output=True)
+        m = iou.shape[-1]
+        x = x.reshape(b, ppb, *x.shape[1:])
+        hyper = hyper.reshape(b, ppb, *hyper.shape[1:])
+        passing = jnp.any(iou.reshape(b, ppb, m) > s.pred_iou_thresh, axis=-1) & ok[None]
+        order = jnp.argsort(~passing, axis=1, stable=True).astype(jnp.int32)  # passing first
+        group = math.gcd(ppb, s.skip_group)
+        n_groups = (jnp.max(jnp.sum(passing, axis=1)) + group - 1) // group
+        # per image (vmapped: gathers and scatters with the image as a batching dimension, so a
+        # batch-sharded step keeps each image's tokens on its device)
+        take = jax.vmap(lambda a, i: a[i])
+        put = jax.vmap(lambda a, i, v: a.at[i].set(v))
+
+        def upscale(i):  # group i of every image's sorted prompts
+            idx = jax.lax.dynamic_slice_in_dim(order, i * group, group, axis=1)  # [b, group]
+            xs = take(x, idx).reshape(b * group, *x.shape[2:])
+            hs = take(hyper, idx).reshape(b * group, *hyper.shape[2:])
+            with jax.named_scope("sam_mask_decoder"):
+                low = sam.mask_decoder.upscale_masks(xs, hs)
+            with jax.named_scope("sam_postprocess"):
+                stab, boxes = sam.mask_stats(low, input_size, (h, w), s.stability_score_offset)
+            return idx, (low.reshape(b, group, *low.shape[1:]), stab.reshape(b, group, m),
+                         boxes.reshape(b, group, m, 4))
+
+        parts = jax.eval_shape(upscale, 0)[1]
+        init = tuple(jnp.zeros((b, ppb) + p.shape[2:], p.dtype) for p in parts)
+
+        def body(i, acc):
+            idx, new = upscale(i)
+            return tuple(put(a, idx, v) for a, v in zip(acc, new))
+
+        low, stab, boxes = jax.lax.fori_loop(0, n_groups, body, init)
+        return dict(low_res=low.reshape(b, ppb * m, *low.shape[3:]), iou=iou.reshape(b, ppb * m),
+                    stability=stab.reshape(b, ppb * m), boxes=boxes.reshape(b, ppb * m, 4))
+
+    if s.skip_low_iou and s.pred_iou_thresh > 0.0:
+        oks = jnp.asarray((np.arange(n_chunks * ppb) < n_pts).reshape(n_chunks, ppb))
+        out = jax.lax.map(gated_chunk, (coords, oks))
+    else:
+        out = jax.lax.map(chunk, coords)  # leaves [chunks, b, ppb*3, ...]
     out = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, *x.shape[3:]), out)
     n = out["iou"].shape[1]
     m = n // (n_chunks * ppb)
@@ -168,7 +220,7 @@ def _decode_boxes(sam: Sam, images, boxes, input_size, emb: jax.Array | None = N
 def generate_masks(sam: Sam, images: jax.Array, *, params: nnx.State | None = None, points_per_side: int = 32,
                    points_per_batch: int = 64, pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                    stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, max_masks: int = 256,
-                   boxes: jax.Array | None = None) -> dict[str, jax.Array]:
+                   boxes: jax.Array | None = None, skip_low_iou: bool = False) -> dict[str, jax.Array]:
     """SAM automatic masks for a batch of same-size images, on device, in one jit.
 
     Args:
@@ -178,6 +230,8 @@ def generate_masks(sam: Sam, images: jax.Array, *, params: nnx.State | None = No
       max_masks: K, the fixed number of output slots; masks beyond K (lowest IoU) are dropped.
       boxes: optional external xyxy box prompts [b, m, 4] in image pixels, NaN rows absent
         (the original fed YOLO detections this way), decoded with a single mask each.
+      skip_low_iou: upscale only the prompts with a mask over `pred_iou_thresh`
+        (`AmgSettings.skip_low_iou`; the same masks).
     Returns:
       masks bool [b, K, H, W], valid bool [b, K], scores (predicted IoU) [b, K], stability [b, K],
       boxes xyxy float32 [b, K, 4] (inclusive pixel bounds, as upstream), points [b, K, 2];
@@ -187,7 +241,8 @@ def generate_masks(sam: Sam, images: jax.Array, *, params: nnx.State | None = No
     if params is not None:
         state = params
     s = AmgSettings(points_per_side, points_per_batch, float(pred_iou_thresh), float(stability_score_thresh),
-                    float(stability_score_offset), float(box_nms_thresh), int(max_masks))
+                    float(stability_score_offset), float(box_nms_thresh), int(max_masks),
+                    skip_low_iou=bool(skip_low_iou))
     return _call_generate(graphdef, state, images, boxes, s)
 
 
@@ -201,11 +256,11 @@ def mask_generator(sam: Sam, **settings) -> Callable[..., dict[str, jax.Array]]:
     graphdef = nnx.graphdef(sam)
     state = sam.inference_state() if params is None else params
     unknown = set(settings) - {"points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-                               "stability_score_offset", "box_nms_thresh", "max_masks"}
+                               "stability_score_offset", "box_nms_thresh", "max_masks", "skip_low_iou"}
     if unknown:
         raise TypeError(f"mask_generator: unknown settings {sorted(unknown)}")
-    s = AmgSettings(**{k: (float(v) if isinstance(getattr(AmgSettings, k), float) else int(v))
-                       for k, v in settings.items()})
+    cast = lambda k, v: type(getattr(AmgSettings, k))(v)  # float, int or bool as the field
+    s = AmgSettings(**{k: cast(k, v) for k, v in settings.items()})
     return functools.partial(_call_generate, graphdef, state, s=s)
 
 

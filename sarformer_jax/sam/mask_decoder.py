@@ -121,11 +121,32 @@ class MaskDecoder(nnx.Module):
                                              dense_prompt_embeddings, sl)
         return masks, iou_pred[:, sl]
 
+    def tokens_and_iou(self, image_embeddings: jax.Array, image_pe: jax.Array,
+                       sparse_prompt_embeddings: jax.Array, dense_prompt_embeddings: jax.Array,
+                       multimask_output: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`__call__` up to the upscaling: (each prompt's image tokens after the two-way
+        transformer [b, h, w, c], the mask tokens' hypernetwork outputs [b, m, c/8], the IoU
+        predictions [b, m]); `upscale_masks` of the first two gives `__call__`'s masks."""
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        x, hyper_in, iou_pred = self.predict_tokens(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                    dense_prompt_embeddings, sl)
+        return x, hyper_in, iou_pred[:, sl]
+
     def predict_masks(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
                       dense_prompt_embeddings: jax.Array,
                       mask_tokens: slice = slice(None)) -> tuple[jax.Array, jax.Array]:
         """The masks of the `mask_tokens` slice of the `num_mask_tokens` tokens [b, m, 4h, 4w]
         (all by default) and every token's IoU prediction [b, num_mask_tokens]."""
+        x, hyper_in, iou_pred = self.predict_tokens(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                    dense_prompt_embeddings, mask_tokens)
+        return self.upscale_masks(x, hyper_in), iou_pred
+
+    def predict_tokens(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
+                       dense_prompt_embeddings: jax.Array,
+                       mask_tokens: slice = slice(None)) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`predict_masks` before the upscaling: the image tokens [b, h, w, c], the
+        `mask_tokens` slice's hypernetwork outputs [b, m, c/8] and every token's IoU prediction
+        [b, num_mask_tokens]."""
         b = sparse_prompt_embeddings.shape[0]
         out_tokens = jnp.concatenate([self.iou_token.embedding[...], self.mask_tokens.embedding[...]], axis=0)
         out_tokens = jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape).astype(sparse_prompt_embeddings.dtype)
@@ -145,8 +166,7 @@ class MaskDecoder(nnx.Module):
         wanted = range(self.num_mask_tokens)[mask_tokens]
         hyper_in = jnp.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted],
                              axis=1)  # [b, m, c/8]
-        masks = self.upscale_masks(x, hyper_in)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return x, hyper_in, self.iou_prediction_head(iou_token_out)
 
     def upscale_masks(self, x: jax.Array, hyper_in: jax.Array, **kernel_settings) -> jax.Array:
         """The end of the decoder: image tokens [b, h, w, c] (one map per prompt) upscaled 4x

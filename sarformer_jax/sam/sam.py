@@ -152,3 +152,12 @@ class Sam(nnx.Module):
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output)
+
+    def decode_tokens(self, image_embeddings: jax.Array, points: tuple[jax.Array, jax.Array] | None = None,
+                      multimask_output: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`decode` up to the upscaling: (image tokens [b, 64, 64, c], hypernetwork outputs
+        [b, m, c/8], IoU [b, m]); `self.mask_decoder.upscale_masks` of the first two gives
+        `decode`'s low-res logits."""
+        sparse, dense = self.prompt_encoder(points, None, None)
+        return self.mask_decoder.tokens_and_iou(image_embeddings, self.prompt_encoder.get_dense_pe(),
+                                                sparse, dense, multimask_output)
