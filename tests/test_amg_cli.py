@@ -38,8 +38,10 @@ def test_single_image_overlay_and_rle(npz, tmp_path):
     image = natural_image()
     Image.fromarray(image).save(tmp_path / "in.png")
     out, rle = tmp_path / "o" / "overlay.png", tmp_path / "masks.json"
+    # --skip-low-iou (upscale only the prompts that can pass the IoU threshold) gives the
+    # records of the generator that upscales every prompt
     assert main(["amg", str(tmp_path / "in.png"), "--sam-checkpoint", str(dst), "--out", str(out),
-                 "--rle-json", str(rle), *FLAGS]) == 0
+                 "--rle-json", str(rle), "--skip-low-iou", *FLAGS]) == 0
     ref = SamAutomaticMaskGenerator(jsam, **SETTINGS).generate(image)
     records = json.loads(rle.read_text())
     assert len(ref) > 0 and len(records) == len(ref)

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument("--max-masks", type=int, default=256, help="per image (dataset mode)")
+    parser.add_argument("--skip-low-iou", action="store_true",
+                        help="upscale and post-process only the prompts with a mask over --pred-iou-thresh "
+                             "(the others' masks fail that threshold anyway: the same masks)")
     parser.add_argument("--postprocess", default="auto", choices=["auto", "matmul", "taps", "pallas"],
                         help="how candidates' logits are resized and thresholded (Sam.postprocess_implementation; "
                              "auto: the Pallas kernel on a GPU, taps elsewhere)")
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args) -> dict:
     return dict(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                 pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-                box_nms_thresh=args.box_nms_thresh)
+                box_nms_thresh=args.box_nms_thresh, skip_low_iou=args.skip_low_iou)
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5, seed: int = 0) -> np.ndarray:

@@ -297,7 +297,10 @@ class SamAutomaticMaskGenerator:
                  stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1, point_grids: list[np.ndarray] | None = None,
-                 min_mask_region_area: int = 0, output_mode: str = "binary_mask") -> None:
+                 min_mask_region_area: int = 0, output_mode: str = "binary_mask",
+                 skip_low_iou: bool = False) -> None:
+        """`skip_low_iou` (ours, not upstream's): upscale only the prompts with a mask over
+        `pred_iou_thresh` (`AmgSettings.skip_low_iou`; the same records)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
         if point_grids is not None:
@@ -328,6 +331,7 @@ class SamAutomaticMaskGenerator:
         self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
+        self.skip_low_iou = bool(skip_low_iou)
         self._predictor = SamPredictor(model)
         # one held copy of the weights (`Sam.inference_state()`), shared with the predictor
         self._graphdef, self._state = self._predictor._graphdef, self._predictor._state
@@ -342,7 +346,7 @@ class SamAutomaticMaskGenerator:
         return AmgSettings(pps, self.points_per_batch, float(self.pred_iou_thresh),
                            float(self.stability_score_thresh), float(self.stability_score_offset),
                            float(self.box_nms_thresh), 0, None if full else tuple(crop_box),
-                           None if full else tuple(orig_size), grid)
+                           None if full else tuple(orig_size), grid, skip_low_iou=self.skip_low_iou)
 
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int,
                       orig_size: tuple[int, int]) -> dict[str, np.ndarray]:
