@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace 3 calls of each encoder and generator case into DIR and print "
                              "their GPU kernels by SAM scope (encoder, mask decoder, post-processing, "
                              "NMS)")
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88,
+                        help="the generator's IoU threshold (upstream's default 0.88)")
+    parser.add_argument("--skip-low-iou", default="0",
+                        help="comma list of 0 / 1: the generator with AmgSettings.skip_low_iou off "
+                             "and / or on (upscale only the prompts with a mask over the IoU "
+                             "threshold; --stages prints the share of prompts that pass)")
     parser.add_argument("--stages", action="store_true",
                         help="also time the generator's stages separately (encoder; decoding "
                              "with post-processing, stability and boxes; NMS and the kept "
@@ -160,7 +166,7 @@ def _images(size, batch):
 
 def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
              postprocess="matmul", ppb=64, stages=False, profile=None, upscale="upstream",
-             decoder_attention="upstream"):
+             decoder_attention="upstream", pred_iou_thresh=0.88, skip_low_iou=False):
     """Median ms per image of `generate_masks`; with `stages`, also a dict of per-stage ms per
     image (each stage jitted alone, so their sum includes extra dispatches and copies)."""
     import jax
@@ -180,11 +186,13 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
         sam.mask_decoder.upscale_products = products
     sam.mask_decoder.transformer.attention_implementation = decoder_attention
     images = jnp.asarray(_images(size, batch))
-    generate = gen.mask_generator(sam, points_per_side=pps, points_per_batch=ppb)  # split once
+    generate = gen.mask_generator(sam, points_per_side=pps, points_per_batch=ppb,  # split once
+                                  pred_iou_thresh=pred_iou_thresh, skip_low_iou=skip_low_iou)
     run = lambda: generate(images)["masks"].block_until_ready()
     total = _time(run, iters, warmup) / batch
     graphdef, state = nnx.split(sam)
-    s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb)
+    s = gen.AmgSettings(points_per_side=pps, points_per_batch=ppb,
+                        pred_iou_thresh=float(pred_iou_thresh), skip_low_iou=bool(skip_low_iou))
     if profile:
         import os
 
@@ -213,8 +221,12 @@ def _jax_amg(model_type, dtype, size, batch, pps, iters, warmup, attention=None,
         "NMS + kept masks": _time(lambda: select(state, c).block_until_ready(), iters, warmup),
     }
     kept = float(jnp.mean(jnp.sum(c["valid"], axis=1)))
-    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}, upscale {upscale}, attention {decoder_attention}; candidates passing the "
-          f"thresholds per image: {kept:.0f} of {c['valid'].shape[1]}): "
+    n_pts = grid.shape[0]
+    best = c["iou"].reshape(batch, -1, 3)[:, :n_pts].max(-1)
+    passing = float(jnp.mean(best > pred_iou_thresh))
+    print(f"[sam] stages ({size}^2 b{batch}, ppb {ppb}, {postprocess}, upscale {upscale}, attention {decoder_attention}, "
+          f"skip_low_iou {bool(skip_low_iou)}; prompts with a mask over IoU {pred_iou_thresh}: {100 * passing:.1f} %; "
+          f"candidates passing the thresholds per image: {kept:.0f} of {c['valid'].shape[1]}): "
           + ", ".join(f"{k} {v / batch:.1f} ms/img" for k, v in times.items()), flush=True)
     return total, {k: v / batch for k, v in times.items()}
 
@@ -262,18 +274,25 @@ def run(args: argparse.Namespace) -> int:
     ups = [a.strip() for a in args.upscale.split(",") if a.strip()]
     dec_atts = [a.strip() for a in args.decoder_attention.split(",") if a.strip()]
     cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.amg_cases.split(",") if c.strip()]
+    skips = []
+    for v in (a.strip() for a in args.skip_low_iou.split(",") if a.strip()):
+        if v not in ("0", "1"):
+            raise SystemExit(f"--skip-low-iou {args.skip_low_iou!r}: a comma list of 0 and 1")
+        skips.append(v == "1")
     stage_rows = []
     for size, batch in (() if args.no_amg else cases):
         t = None if args.no_torch else _torch_amg(args.amg_model, args.dtype, size, batch, args.points_per_side,
                                                   args.iters, args.warmup)
-        for post, ppb, up, da in itertools.product(posts, ppbs, ups, dec_atts):
+        for post, ppb, up, da, skip in itertools.product(posts, ppbs, ups, dec_atts, skips):
             j, st = _jax_amg(args.amg_model, args.dtype, size, batch, args.points_per_side, args.iters,
-                             args.warmup, impls[0], post, ppb, args.stages, args.profile, up, da)
+                             args.warmup, impls[0], post, ppb, args.stages, args.profile, up, da,
+                             args.pred_iou_thresh, skip)
+            tag = f", IoU threshold {args.pred_iou_thresh}" + (", skip_low_iou" if skip else "")
             add(f"AMG {args.amg_model} {size}^2 b{batch} ({args.points_per_side}^2 pts), per image "
                 f"(JAX {args.dtype}, post-processing {post}, {ppb} points per batch, upscaling {up}, "
-                f"decoder attention {da}; torch float32)", j, t)
+                f"decoder attention {da}{tag}; torch float32)", j, t)
             if st:
-                stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}, upscaling {up}, attention {da}", st))
+                stage_rows.append((f"{size}^2 b{batch}, {post}, ppb {ppb}, upscaling {up}, attention {da}{tag}", st))
     dev = jax.devices()[0]
     print(f"# sarformer bench sam  {datetime.date.today()}  jax {jax.__version__}  device {dev.device_kind}  "
           f"dtype {args.dtype}  host {platform.node()}")
