@@ -73,7 +73,7 @@ class BlockSizes:
     # program makes 3 * L * P partial-sector writes a query.  True (the default): the program
     # gathers them in registers as a [block_q, L*P*2] and a [block_q, L*P] tile and stores each
     # once, a query's gradients as one contiguous run.  On an H100 (MSDA run 17) that took
-    # fwd+bwd 10-17 % down in every case: pixdec_enc 0.414 -> 0.346 ms fp32, 0.406 -> 0.336 ms
+    # fwd+bwd 11-18 % down in every case: pixdec_enc 0.414 -> 0.345 ms fp32, 0.406 -> 0.335 ms
     # bf16.  The backward is bound by L2 transactions, and these partial writes were ~20 % of
     # them beside the value gradient's row adds.
     tile_point_grads: bool = True
@@ -88,8 +88,8 @@ class BlockSizes:
     block_rows_pull: int = 32  # value rows a program of the "pull" kernel
     num_warps_pull: int = 4
     # Measured on an H100 (MSDA run 15, before `tile_point_grads`), pixdec_enc: "pull"
-    # 0.65-0.77 ms fwd+bwd against "scatter"'s 0.41-0.42: its two kernels are faster than the fused one, but the sort and the
-    # run bookkeeping cost more.  So "scatter" is the default.  "pull" stays for its
+    # 0.65-0.77 ms fwd+bwd against "scatter"'s 0.41-0.42: its two kernels are faster than the
+    # fused one, but the sort and the run bookkeeping cost more.  So "scatter" is the default.  "pull" stays for its
     # determinism: in one chunk no float is added atomically, so d value is the same bit for
     # bit from run to run.
     # > 1: every run split over this many programs (entries c, c + chunks, ...), their partial
