@@ -358,17 +358,16 @@ def _config_variants(bs, configs: str | None) -> list:
     return out
 
 
-def _tile_variants(variants: list, on: bool, field: str = "tile_point_grads",
-                   tag: str = "tile") -> list:
-    """With `on`, each Pallas variant followed by its twin with the BlockSizes flag `field`
-    flipped (NAME+TAG or NAME-TAG)."""
+def _tile_variants(variants: list, on: bool) -> list:
+    """With `on`, each Pallas variant followed by its twin with `tile_point_grads` flipped
+    (NAME+tile or NAME-tile)."""
     if not on:
         return list(variants)
     out = []
     for name, bs in variants:
-        flip = not getattr(bs, field)
-        out += [(name, bs), (f"{name}{'+' if flip else '-'}{tag}",
-                             dataclasses.replace(bs, **{field: flip}))]
+        flip = not bs.tile_point_grads
+        out += [(name, bs), (f"{name}{'+' if flip else '-'}tile",
+                             dataclasses.replace(bs, tile_point_grads=flip))]
     return out
 
 
