@@ -83,7 +83,7 @@ def amg_settings(cfg):
     return AmgSettings(int(s.points_per_side), int(s.points_per_batch), float(s.pred_iou_thresh),
                        float(s.stability_score_thresh), float(s.stability_score_offset),
                        float(s.box_nms_thresh), int(s.max_masks),
-                       skip_low_iou=bool(s.get("skip_low_iou", False)))
+                       skip_low_iou=bool(s.get("skip_low_iou", True)))
 
 
 def load_guidance_sam(cfg, sam=None):

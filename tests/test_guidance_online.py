@@ -271,7 +271,7 @@ def test_skip_low_iou_gives_the_same_proposals_on_sharded_images(tmp_path):
     iou = np.asarray(jax.jit(lambda u: _candidates(sam, u, s0.points(), s0)["iou"])(jnp.asarray(u8)))
     thr = float(np.median(iou.reshape(4, -1, 3).max(-1)))
     sets["guidance.sam.pred_iou_thresh"] = thr
-    plain = micro_config(root=tmp_path, **sets)
+    plain = micro_config(root=tmp_path, **dict(sets, **{"guidance.sam.skip_low_iou": False}))
     gated = micro_config(root=tmp_path, **dict(sets, **{"guidance.sam.skip_low_iou": True}))
     assert amg_settings(gated).skip_low_iou and not amg_settings(plain).skip_low_iou
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
