@@ -38,10 +38,10 @@ def test_single_image_overlay_and_rle(npz, tmp_path):
     image = natural_image()
     Image.fromarray(image).save(tmp_path / "in.png")
     out, rle = tmp_path / "o" / "overlay.png", tmp_path / "masks.json"
-    # --skip-low-iou (upscale only the prompts that can pass the IoU threshold) gives the
-    # records of the generator that upscales every prompt
+    # the default --skip-low-iou (upscale only the prompts that can pass the IoU threshold) gives
+    # the records of the generator that upscales every prompt
     assert main(["amg", str(tmp_path / "in.png"), "--sam-checkpoint", str(dst), "--out", str(out),
-                 "--rle-json", str(rle), "--skip-low-iou", *FLAGS]) == 0
+                 "--rle-json", str(rle), *FLAGS]) == 0
     ref = SamAutomaticMaskGenerator(jsam, **SETTINGS).generate(image)
     records = json.loads(rle.read_text())
     assert len(ref) > 0 and len(records) == len(ref)
@@ -91,3 +91,14 @@ def test_dataset_cache_resumes_and_names_a_corrupt_image(npz, tmp_path, capsys):
     assert main(args) == 2
     assert (cache / "training" / "b.npz").read_bytes() == want
     assert (cache / "training" / "a.npz").stat().st_mtime_ns == before
+
+
+def test_skip_low_iou_is_the_default_and_can_be_turned_off():
+    import argparse
+
+    from sarformer_jax.sam.amg_cli import _settings, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert _settings(parser.parse_args(["x.png", "--sam-checkpoint", "s.npz", "--out", "o.png", *FLAGS]))["skip_low_iou"] is True
+    assert _settings(parser.parse_args(["x.png", "--sam-checkpoint", "s.npz", "--out", "o.png", "--no-skip-low-iou", *FLAGS]))["skip_low_iou"] is False

@@ -33,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability-score-thresh", type=float, default=0.95)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument("--max-masks", type=int, default=256, help="per image (dataset mode)")
-    parser.add_argument("--skip-low-iou", action="store_true",
+    parser.add_argument("--skip-low-iou", action=argparse.BooleanOptionalAction, default=True,
                         help="upscale and post-process only the prompts with a mask over --pred-iou-thresh "
-                             "(the others' masks fail that threshold anyway: the same masks)")
+                             "(the others' masks fail that threshold anyway: the same masks; on by default, "
+                             "32.4 -> 25.1 ms per 640² image on an H100 with random weights, SAM run 16)")
     parser.add_argument("--postprocess", default="auto", choices=["auto", "matmul", "taps", "pallas"],
                         help="how candidates' logits are resized and thresholded (Sam.postprocess_implementation; "
                              "auto: the Pallas kernel on a GPU, taps elsewhere)")
