@@ -100,5 +100,6 @@ def test_skip_low_iou_is_the_default_and_can_be_turned_off():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert _settings(parser.parse_args(["x.png", "--sam-checkpoint", "s.npz", "--out", "o.png", *FLAGS]))["skip_low_iou"] is True
-    assert _settings(parser.parse_args(["x.png", "--sam-checkpoint", "s.npz", "--out", "o.png", "--no-skip-low-iou", *FLAGS]))["skip_low_iou"] is False
+    args = ["x.png", "--sam-checkpoint", "s.npz", "--out", "o.png", *FLAGS]
+    assert _settings(parser.parse_args(args))["skip_low_iou"] is True
+    assert _settings(parser.parse_args([*args, "--no-skip-low-iou"]))["skip_low_iou"] is False

@@ -4,7 +4,8 @@ attention where it applies), with and without the skipping, at a threshold that 
 the prompts pass.  The skipped prompts' candidates fail the IoU threshold whatever their masks,
 so the kept slots, their scores and their masks must be the same; the passing prompts' logits
 are made by groups of 16 instead of whole chunks, so they may differ by a rounding in bf16.
-Run on the device: `JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_sam_skip_low_iou_gpu.py`."""
+Run on the device:
+`JAX_PLATFORMS=cuda python3 -m pytest -q -m gpu tests/test_sam_skip_low_iou_gpu.py`."""
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +36,22 @@ def test_skip_low_iou_on_gpu_keeps_the_same_masks():
     pps, ppb = 32, 64
     graphdef, state = nnx.split(sam)
     size = get_preprocess_shape(640, 640, sam.img_size)
-    emb = jax.jit(lambda st, x: nnx.merge(graphdef, st).embed_image(resize_uint8(x, size)))(state, images)
+    embed = jax.jit(lambda st, x: nnx.merge(graphdef, st).embed_image(resize_uint8(x, size)))
+    emb = embed(state, images)
     probe = gen.AmgSettings(pps, ppb, 0.5)
-    cand = jax.jit(lambda st, e: gen._candidates(nnx.merge(graphdef, st), images, amg.build_point_grid(pps),
-                                                 probe, emb=e))
+    grid = amg.build_point_grid(pps)
+    cand = jax.jit(lambda st, e: gen._candidates(nnx.merge(graphdef, st), images, grid, probe, emb=e))
     iou = np.asarray(cand(state, emb)["iou"], np.float32)
     best = iou.reshape(2, -1, 3)[:, :pps * pps].max(-1)
     thr = float(np.median(best))
     assert 0.2 < np.mean(best > thr) < 0.8
 
-    kw = dict(points_per_side=pps, points_per_batch=ppb, pred_iou_thresh=thr, stability_score_thresh=0.0,
-              box_nms_thresh=1.0, max_masks=128)  # no NMS: random weights' masks overlap
+    # no NMS: random weights' masks overlap
+    kw = dict(points_per_side=pps, points_per_batch=ppb, pred_iou_thresh=thr,
+              stability_score_thresh=0.0, box_nms_thresh=1.0, max_masks=128)
     full = {k: np.asarray(v) for k, v in gen.mask_generator(sam, **kw)(images).items()}
-    gated = {k: np.asarray(v) for k, v in gen.mask_generator(sam, skip_low_iou=True, **kw)(images).items()}
+    gated = gen.mask_generator(sam, skip_low_iou=True, **kw)(images)
+    gated = {k: np.asarray(v) for k, v in gated.items()}
     assert full["valid"].sum() >= 20, full["valid"].sum(1)
     np.testing.assert_array_equal(gated["valid"], full["valid"])
     np.testing.assert_array_equal(gated["scores"], full["scores"])
