@@ -89,9 +89,9 @@ class BlockSizes:
     num_warps_pull: int = 4
     # Measured on an H100 (MSDA run 15, before `tile_point_grads`), pixdec_enc: "pull"
     # 0.65-0.77 ms fwd+bwd against "scatter"'s 0.41-0.42: its two kernels are faster than the
-    # fused one, but the sort and the run bookkeeping cost more.  So "scatter" is the default.  "pull" stays for its
-    # determinism: in one chunk no float is added atomically, so d value is the same bit for
-    # bit from run to run.
+    # fused one, but the sort and the run bookkeeping cost more.  So "scatter" is the default.
+    # "pull" stays for its determinism: in one chunk no float is added atomically, so d value
+    # is the same bit for bit from run to run.
     # > 1: every run split over this many programs (entries c, c + chunks, ...), their partial
     # sums added (fp32 atomics, a few a row) into a zero-filled fp32 buffer.  Meant to shorten
     # the loop of the coarse levels' rows (~300 contributions a row at pixdec_enc's 20 x 20

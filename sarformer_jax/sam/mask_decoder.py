@@ -116,10 +116,9 @@ class MaskDecoder(nnx.Module):
           multimask_output: the 3 ambiguity-aware masks (True) or the single one (False).
         Returns:
           low-res mask logits [b, m, 4h, 4w] and IoU predictions [b, m]."""
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                             dense_prompt_embeddings, sl)
-        return masks, iou_pred[:, sl]
+        x, hyper_in, iou_pred = self.tokens_and_iou(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                    dense_prompt_embeddings, multimask_output)
+        return self.upscale_masks(x, hyper_in), iou_pred
 
     def tokens_and_iou(self, image_embeddings: jax.Array, image_pe: jax.Array,
                        sparse_prompt_embeddings: jax.Array, dense_prompt_embeddings: jax.Array,
