@@ -301,20 +301,44 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return root
 
 
-def update_module(module: Any, flat: Mapping[str, np.ndarray]) -> None:
-    """Writes converted arrays into an nnx module in place (paths as produced by `flat_shapes`)."""
+def _listed(title: str, items: list[str], limit: int = 20) -> str:
+    more = f"; ... ({len(items) - limit} more)" if len(items) > limit else ""
+    shown = "; ".join(items[:limit]) + more
+    return f"{len(items)} {title}: {shown}"
+
+
+def update_module(module: Any, flat: Mapping[str, np.ndarray], *, source: str = "checkpoint",
+                  partial: bool = False) -> None:
+    """Writes converted arrays into an nnx module in place (paths as produced by `flat_shapes`).
+
+    `flat` must hold exactly the module's variables (every one but its PRNG state) with their
+    shapes: otherwise raises `CheckpointError` naming `source` and listing, all at once, the
+    missing, unexpected and mis-shaped entries, before anything is written.  `partial=True`
+    allows missing entries (those variables keep their values).  The module may be abstract
+    (`nnx.eval_shape`) when `flat` is complete: every variable then gets a concrete value, so
+    loading a checkpoint needs no random initialisation first."""
     import jax.numpy as jnp
     from flax import nnx
 
-    state = nnx.state(module)
+    state = nnx.state(module, nnx.Not(nnx.RngState))
     flat_state = nnx.to_flat_state(state)
-    by_path = {".".join(str(p) for p in path): (path, var) for path, var in flat_state}
+    by_path = {".".join(str(p) for p in path): var for path, var in flat_state}
+    missing = [] if partial else sorted(set(by_path) - set(flat))
+    extra = sorted(set(flat) - set(by_path))
+    misshaped = []
+    for k in sorted(set(flat) & set(by_path)):
+        want, found = tuple(by_path[k].get_value().shape), tuple(np.shape(flat[k]))
+        if want != found:
+            misshaped.append(f"{k}: expected {want}, found {found}")
+    problems = [_listed(title, items) for title, items in
+                (("missing", missing), ("not in the model", extra), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise CheckpointError(f"{source}: does not fit {type(module).__name__}: "
+                              + " | ".join(problems))
     for name, value in flat.items():
-        if name not in by_path:
-            raise CheckpointError(f"no parameter {name} in {type(module).__name__}")
-        _, var = by_path[name]
-        old = var.get_value()
-        var.set_value(jnp.asarray(value, dtype=old.dtype))
+        var = by_path[name]
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     nnx.update(module, nnx.from_flat_state(flat_state))
 
 

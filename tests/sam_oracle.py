@@ -55,18 +55,15 @@ def torch_sam(depth: int = DEPTH, global_attn_indexes=GLOBAL, embed_dim: int = 7
 
 
 def save_and_convert(tsam, path, depth: int = DEPTH, global_attn_indexes=GLOBAL):
+    """Saves `tsam`'s state dict as a real .pth and loads it as users do: `build_sam` with the
+    checkpoint (converted on the fly, the model built abstractly and filled, no random init)."""
     import torch
-    from flax import nnx
-    from sarformer_jax.convert import sam as convert_sam
-    from sarformer_jax.convert.common import update_module
 
     from sarformer_jax.sam.build import build_sam
 
     torch.save(tsam.state_dict(), path)
-    flat, _ = convert_sam.convert(path, model_type="vit_b", encoder_depth=depth, global_attn_indexes=global_attn_indexes)
-    jsam = build_sam("vit_b", rngs=nnx.Rngs(1), encoder_depth=depth, global_attn_indexes=global_attn_indexes)
-    update_module(jsam, flat)
-    return jsam
+    return build_sam("vit_b", checkpoint=str(path), encoder_depth=depth,
+                     global_attn_indexes=global_attn_indexes)
 
 
 def natural_image() -> np.ndarray:

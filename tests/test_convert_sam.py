@@ -43,6 +43,41 @@ def test_cli_writes_npz_and_loads(sam_pair, tmp_path, capsys):
     assert len(loaded.image_encoder.blocks) == 2 and loaded.image_encoder.blocks[1].window_size == 0
 
 
+def test_tampered_npz_is_refused_with_every_problem(sam_pair, tmp_path):
+    """A converted .npz missing an entry, with an extra one and a mis-shaped one: `load_sam` and
+    `build_sam(checkpoint=...)` refuse it naming the file and all three problems, where they
+    used to keep the missing entry's random value and take the wrong shape.  The intact file
+    loads the same arrays as the .pth converted on the fly."""
+    from sarformer_jax.convert.common import load_params, save_params
+    from sarformer_jax.sam import load_sam
+    from sarformer_jax.sam.build import build_sam
+
+    _, jsam, path = sam_pair
+    flat, meta = convert_sam.convert(path, **KW)
+    good = tmp_path / "good.npz"
+    save_params(good, flat, meta)
+    for loaded in (load_sam(good), build_sam(checkpoint=str(good), encoder_depth=2,
+                                             global_attn_indexes=(1,))):
+        np.testing.assert_array_equal(loaded.image_encoder.blocks[1].attn.qkv.kernel[...],
+                                      jsam.image_encoder.blocks[1].attn.qkv.kernel[...])
+    flat, meta = load_params(good)
+    del flat["mask_decoder.iou_token.embedding"]
+    flat["image_encoder.blocks.0.attn.proj.kernel"] = np.zeros((3, 3), np.float32)
+    flat["extra.kernel"] = np.zeros(2, np.float32)
+    bad = tmp_path / "bad.npz"
+    save_params(bad, flat, meta)
+    for load in (lambda: load_sam(bad),
+                 lambda: build_sam("vit_b", checkpoint=str(bad), encoder_depth=2,
+                                   global_attn_indexes=(1,))):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        msg = str(e.value)
+        assert msg.startswith(f"{bad}: does not fit Sam: ")
+        assert "1 missing: mask_decoder.iou_token.embedding" in msg
+        assert "1 not in the model: extra.kernel" in msg
+        assert "image_encoder.blocks.0.attn.proj.kernel: expected (768, 768), found (3, 3)" in msg
+
+
 def test_wrong_size_names_shapes(sam_pair):
     _, _, path = sam_pair
     with pytest.raises(CheckpointError) as e:  # a vit_b file read as vit_l

@@ -83,7 +83,8 @@ def models():
         hc = head_config()
         hc.query_init = mode
         head = Mask2FormerHead(hc, [C_IN] * 4, num_classes=K, rngs=nnx.Rngs(0))
-        update_module(head, {k: v for k, v in flat.items() if mode == "learned" or "query_feat" not in k})
+        kept = {k: v for k, v in flat.items() if mode == "learned" or "query_feat" not in k}
+        update_module(head, kept, partial=True)
         heads[mode] = head
     return hf_pd, hf_tm, hf_cls, heads
 

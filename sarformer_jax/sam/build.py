@@ -91,12 +91,23 @@ def build_sam(model_type: str = "vit_b", *, rngs: nnx.Rngs | None = None, dtype=
     `encoder_depth` / `global_attn_indexes` override the encoder depth (for tests);
     `attention_implementation` is the image encoder's (see `ImageEncoderViT`)."""
     cfg = SamConfig.preset(model_type).with_depth(encoder_depth, global_attn_indexes)
-    sam = build_sam_from_config(cfg, rngs=rngs or init_rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                attention_implementation=attention_implementation)
-    if checkpoint is not None:
-        from sarformer_jax.convert.common import update_module
+    if checkpoint is None:
+        return build_sam_from_config(cfg, rngs=rngs or init_rngs(0), dtype=dtype,
+                                     param_dtype=param_dtype,
+                                     attention_implementation=attention_implementation)
+    flat = _read_params(checkpoint, model_type, cfg)
+    return _filled(cfg, flat, str(checkpoint), dtype=dtype, param_dtype=param_dtype,
+                   attention_implementation=attention_implementation)
 
-        update_module(sam, _read_params(checkpoint, model_type, cfg))
+
+def _filled(cfg: SamConfig, flat: dict, source: str, **kw) -> Sam:
+    """SAM built from `cfg` with every variable taken from `flat`: built abstractly, so no random
+    initialisation runs first (seconds for vit_b on a CPU, about a minute for vit_h);
+    `update_module` checks that `flat` holds exactly the model's variables."""
+    from sarformer_jax.convert.common import update_module
+
+    sam = nnx.eval_shape(lambda: build_sam_from_config(cfg, rngs=init_rngs(0), **kw))
+    update_module(sam, flat, source=source)
     return sam
 
 
@@ -114,17 +125,15 @@ def _read_params(path, model_type: str, cfg: SamConfig) -> dict:
 
 def load_sam(path: str | pathlib.Path, *, dtype=None, attention_implementation: str | None = None) -> Sam:
     """Builds SAM from an .npz written by `sarformer convert sam` (sizes from its metadata)."""
-    from sarformer_jax.convert.common import load_params, update_module
+    from sarformer_jax.convert.common import load_params
 
     flat, meta = load_params(path)
     if "model_type" not in meta:
         raise ValueError(f"{path}: no SAM metadata (was it written by `sarformer convert sam`?)")
     cfg = SamConfig.preset(meta["model_type"]).with_depth(meta.get("encoder_depth"),
                                                           meta.get("global_attn_indexes"))
-    sam = build_sam_from_config(cfg, rngs=init_rngs(0), dtype=dtype,
-                                attention_implementation=attention_implementation)
-    update_module(sam, flat)
-    return sam
+    return _filled(cfg, flat, str(path), dtype=dtype,
+                   attention_implementation=attention_implementation)
 
 
 def _builder(model_type: str) -> Callable[..., Sam]:
