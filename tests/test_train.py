@@ -254,7 +254,8 @@ def test_flat_params_step_equals_tree_step_and_checkpoints_hold_the_tree(data_ro
         ckpt_lib.abstract_like(tree_state), 6)
     for a, b in zip(_leaves(tree_state["params"]), _leaves(saved["params"])):
         np.testing.assert_array_equal(a, b)
-    # a run on the tree layout resumes from the flat run's checkpoint of step 3
+    # a run on the tree layout resumes from the flat run's checkpoint of step 3 (`cfg`, whose
+    # step the earlier tests of this file compiled: the persistent cache has it)
     import shutil
 
     shutil.copytree(tmp_path / "full", tmp_path / "other")
@@ -262,9 +263,8 @@ def test_flat_params_step_equals_tree_step_and_checkpoints_hold_the_tree(data_ro
     for d in ckpts.iterdir():
         if d.name.isdigit() and int(d.name) > 3:
             shutil.rmtree(d)
-    other = train(micro_config(root=data_root, **{"train.num_steps": 4}), tmp_path / "other",
-                  progress=False)
-    assert other["step"] == 4
+    other = train(cfg, tmp_path / "other", progress=False)
+    assert other["step"] == 6
     assert not isinstance(other["state"]["params"], tuple)
 
 
