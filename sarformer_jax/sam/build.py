@@ -102,7 +102,7 @@ def build_sam(model_type: str = "vit_b", *, rngs: nnx.Rngs | None = None, dtype=
 
 def _filled(cfg: SamConfig, flat: dict, source: str, **kw) -> Sam:
     """SAM built from `cfg` with every variable taken from `flat`: built abstractly, so no random
-    initialisation runs first (seconds for vit_b on a CPU, about a minute for vit_h);
+    initialisation runs first (~12 s of it for vit_b on a 2-core CPU; more for vit_l / vit_h);
     `update_module` checks that `flat` holds exactly the model's variables."""
     from sarformer_jax.convert.common import update_module
 
