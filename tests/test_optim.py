@@ -210,6 +210,56 @@ def test_flat_guarded_step_equals_optax(sets):
     assert counts[1][1] < counts[0][1], counts  # temporaries: no flat parameters (nor updates)
 
 
+@pytest.mark.parametrize("sets", [
+    [],
+    ["train.layer_decay=0.9", "train.no_decay_norm_embed=True", "train.warmup_steps=2"],
+    ["train.grad_clip_norm=0"],
+])
+def test_flat_one_pass_equals_barrier(sets, monkeypatch):
+    """`guarded_step_flat` without the barrier between the new moments and the parameters (the
+    default, `SARFORMER_OPT_ONE_PASS=1`) gives the same parameters and state as with it, bit for
+    bit on the CPU over 3 steps and on a non-finite step, and its donated step copies no moment
+    vector and needs no more temporary bytes."""
+    cfg = load_config("ade20k_sarformer_b", ["train.lr=0.01", "train.num_steps=10"] + sets).train
+    rng = np.random.default_rng(2)
+    params = _model_like_tree(rng)
+    tx, _ = build_optimizer(cfg, params, num_layers=3, flat=True)
+    grads = [tx.groups.flatten(jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)) for _ in range(3)]
+
+    def run(flag):
+        monkeypatch.setenv("SARFORMER_OPT_ONE_PASS", flag)
+        step = jax.jit(tx.guarded_step_flat)  # traced anew: the flag is read at trace time
+        p, st, out = tx.groups.flatten(params), tx.init(params), []
+        for i, g in enumerate(grads):
+            p, st = step(g, st, p, jnp.bool_(i != 1))  # step 1 is refused as non-finite
+            out.append(jax.tree_util.tree_leaves((p, st)))
+
+        def donated(p, s, g):
+            return tx.guarded_step_flat(g, s, p, jnp.isfinite(sum(jnp.sum(x) for x in g)))
+
+        lowered = jax.jit(donated, donate_argnums=(0, 1)).lower(
+            tx.groups.flatten(params), tx.init(params), grads[0])
+        compiled = lowered.compile()
+        moment = max(x.size for x in tx.groups.flatten(params))
+        copies = len(re.findall(rf"= f32\[{moment}\]\{{0\}} copy\(", compiled.as_text()))
+        return out, copies, compiled.memory_analysis().temp_size_in_bytes, lowered.as_text()
+
+    one, copies1, temp1, text1 = run("1")
+    two, copies0, temp0, text0 = run("0")
+    # the flag reached the program
+    assert "optimization_barrier" in text0 and "optimization_barrier" not in text1
+    for step_one, step_two in zip(one, two):
+        for a, b in zip(step_one, step_two):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.any(np.asarray(one[0][0]) != np.asarray(tx.groups.flatten(params)[0]))
+    np.testing.assert_array_equal(np.asarray(one[1][0]), np.asarray(one[0][0]))  # refused step
+    assert copies1 == copies0 == 0 and temp1 <= temp0, (copies1, copies0, temp1, temp0)
+    monkeypatch.setenv("SARFORMER_OPT_ONE_PASS", "yes")
+    with pytest.raises(ValueError, match="SARFORMER_OPT_ONE_PASS must be 0 or 1"):
+        tx.guarded_step_flat(grads[0], tx.init(params), tx.groups.flatten(params), jnp.bool_(True))
+
+
 def test_unflatten_diff_gradient_is_flatten():
     """`FlatGroups.unflatten_diff`: the leaves of the flat vectors, and the gradient of a
     function of the leaves with respect to the flat vectors is the leaves' gradients flattened."""
