@@ -63,6 +63,14 @@ def test_variant_specs():
     assert argv[argv.index("--tag") + 1] == "sarformer@cmdbuf"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == ["train.seed=1"] + sets
     assert argv[argv.index("--sync-names") + 1] == "sarformer@cmdbuf,sarformer@base"
+    assert "--compile-cache" not in argv  # off unless asked for
+    args.compile_cache = "/tmp/xla_cache"
+    argv = bench_train._worker_argv(args, "sarformer", "/tmp/x.json", (name, sets, env))
+    assert argv[argv.index("--compile-cache") + 1] == "/tmp/xla_cache"
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    assert parser.parse_args([]).compile_cache is None
+    assert parser.parse_args(["--compile-cache", "/c"]).compile_cache == "/c"
 
 
 def test_variants_compile_in_waves():

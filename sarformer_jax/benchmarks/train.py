@@ -113,6 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="variants compile N at a time (waves; 0 = all at once): on the "
                              "16-core device machine four SARFormer-B compiles at once took "
                              "350-376 s each against ~175 s for one or two (train run 31)")
+    parser.add_argument("--compile-cache", default=None, metavar="DIR",
+                        help="keep compiled steps in jax's persistent compilation cache in DIR, so "
+                             "that a second call on the same machine with the same programs "
+                             "loads them instead of compiling for minutes (the 'compile s' "
+                             "column then counts loads; default: off, every step compiled)")
     parser.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tag", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--sync-dir", default=None, help=argparse.SUPPRESS)
@@ -282,6 +287,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     from sarformer_jax.train import create_trainer, device_batch
 
     tag = args.tag or model
+    if getattr(args, "compile_cache", None):  # before the first compile of this process
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     devices = jax.devices()
     dev = devices[0]
     cfg = make_config(model, args, len(devices))
@@ -289,7 +297,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
                config=args.config or MODELS[model], devices=len(devices),
                device_kind=dev.device_kind, global_batch=int(cfg.train.batch_size),
                size=list(cfg.data.crop_size), dtype=args.dtype, jax=jax.__version__,
-               date=datetime.date.today().isoformat(), guidance=cfg.guidance.source)
+               date=datetime.date.today().isoformat(), guidance=cfg.guidance.source,
+               compile_cache=getattr(args, "compile_cache", None))
     t0 = time.perf_counter()
     sam = None
     if cfg.guidance.source == "online":  # random weights: timing does not depend on them
@@ -491,6 +500,8 @@ def _worker_argv(args: argparse.Namespace, model: str, json_path: str,
         argv += ["--config", args.config]
     if args.worker_timeout is not None:
         argv += ["--worker-timeout", str(args.worker_timeout)]
+    if getattr(args, "compile_cache", None):
+        argv += ["--compile-cache", args.compile_cache]
     for s in args.set + (variant[1] if variant else []):
         argv += ["--set", s]
     if variant:
@@ -661,6 +672,8 @@ def run(args: argparse.Namespace) -> int:
         r = ok[0]
         print(f"\ndevice {r['device_kind']} x{r['devices']}, jax {r['jax']}, {r['date']}")
     print_table(results)
+    if args.compile_cache:
+        print(f"(compile s: compiled or loaded from the persistent cache {args.compile_cache})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
