@@ -229,7 +229,8 @@ def test_flat_one_pass_equals_barrier(sets, monkeypatch):
 
     def run(flag):
         monkeypatch.setenv("SARFORMER_OPT_ONE_PASS", flag)
-        step = jax.jit(tx.guarded_step_flat)  # traced anew: the flag is read at trace time
+        # a new function each run, so that no trace is shared: the flag is read when tracing
+        step = jax.jit(lambda g, s, p, ok: tx.guarded_step_flat(g, s, p, ok))
         p, st, out = tx.groups.flatten(params), tx.init(params), []
         for i, g in enumerate(grads):
             p, st = step(g, st, p, jnp.bool_(i != 1))  # step 1 is refused as non-finite

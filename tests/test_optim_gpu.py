@@ -39,7 +39,9 @@ def test_one_pass_equals_barrier_on_the_gpu(monkeypatch):
 
     def run(flag):
         monkeypatch.setenv("SARFORMER_OPT_ONE_PASS", flag)
-        step = jax.jit(tx.guarded_step_flat, donate_argnums=(1, 2))
+        # a new function each run, so that no trace is shared: the flag is read when tracing
+        step = jax.jit(lambda g, s, p, ok: tx.guarded_step_flat(g, s, p, ok),
+                       donate_argnums=(1, 2))
         p, st = tx.groups.flatten(params), tx.init(params)
         for g in grads:
             p, st = step(g, st, p, jnp.bool_(True))
