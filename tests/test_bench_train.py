@@ -57,7 +57,7 @@ def test_variant_specs():
     args = bench_train.argparse.Namespace(
         batch_per_device=2, size=[640], dtype="bfloat16", steps=3, warmup=1, matmul_size=256,
         profile=None, flops=None, lower_only=False, config=None, worker_timeout=None,
-        set=["train.seed=1"])
+        set=["train.seed=1"], compile_cache=None)
     argv = bench_train._worker_argv(args, "sarformer", "/tmp/x.json", (name, sets, env),
                                     ("/tmp/sync", ["sarformer@cmdbuf", "sarformer@base"]))
     assert argv[argv.index("--tag") + 1] == "sarformer@cmdbuf"
@@ -119,6 +119,7 @@ def test_flops_per_model():
             bench_train.parse_flops(bad)
     args = bench_train.argparse.Namespace(
         batch_per_device=2, size=[640], dtype="bfloat16", steps=3, warmup=1, matmul_size=256,
-        profile=None, flops=per, lower_only=False, config=None, worker_timeout=None, set=[])
+        profile=None, flops=per, lower_only=False, config=None, worker_timeout=None, set=[],
+        compile_cache=None)
     argv = bench_train._worker_argv(args, "mask2former", "/tmp/x.json")
     assert bench_train.parse_flops(argv[argv.index("--flops") + 1]) == per

@@ -287,7 +287,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     from sarformer_jax.train import create_trainer, device_batch
 
     tag = args.tag or model
-    if getattr(args, "compile_cache", None):  # before the first compile of this process
+    if args.compile_cache:  # before the first compile of this process
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     devices = jax.devices()
@@ -298,7 +298,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
                device_kind=dev.device_kind, global_batch=int(cfg.train.batch_size),
                size=list(cfg.data.crop_size), dtype=args.dtype, jax=jax.__version__,
                date=datetime.date.today().isoformat(), guidance=cfg.guidance.source,
-               compile_cache=getattr(args, "compile_cache", None))
+               compile_cache=args.compile_cache)
     t0 = time.perf_counter()
     sam = None
     if cfg.guidance.source == "online":  # random weights: timing does not depend on them
@@ -500,7 +500,7 @@ def _worker_argv(args: argparse.Namespace, model: str, json_path: str,
         argv += ["--config", args.config]
     if args.worker_timeout is not None:
         argv += ["--worker-timeout", str(args.worker_timeout)]
-    if getattr(args, "compile_cache", None):
+    if args.compile_cache:
         argv += ["--compile-cache", args.compile_cache]
     for s in args.set + (variant[1] if variant else []):
         argv += ["--set", s]
