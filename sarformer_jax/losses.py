@@ -16,6 +16,7 @@ Legend: b batch, q queries, k classes, m matched slots, p points, h w spatial.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -159,6 +160,17 @@ def gt_present(gt: jax.Array, num_classes: int) -> jax.Array:
     return jnp.any(lab[:, :, None] == jnp.arange(num_classes, dtype=jnp.int32), axis=1)
 
 
+def match_gather_once() -> bool:
+    """`SARFORMER_MATCH_GATHER_ONCE` (default 0 until timed on the GPU): `match_costs` writes its
+    product's left operand once, behind an optimisation barrier, and takes the sums over the
+    points from it, instead of leaving XLA to fuse the point samples' gathers into both.  The
+    arithmetic is the same either way (tests/test_losses.py)."""
+    text = os.environ.get("SARFORMER_MATCH_GATHER_ONCE", "0").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"SARFORMER_MATCH_GATHER_ONCE must be 0 or 1, got {text!r}")
+    return text == "1"
+
+
 def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Array, cfg_loss: Any,
                 *, points_first: bool = False) -> jax.Array:
     """Matching cost [Q, K] of one image: class `-softmax[label]`, pairwise point BCE and dice
@@ -181,9 +193,14 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
         p_axis = 1
     probs = probs[:, :k]
     l = point_logits.astype(jnp.float32)
-    sig = jax.nn.sigmoid(l)
-    neg_sum = jnp.sum(jax.nn.softplus(l), axis=p_axis)  # [Q]: sum_p BCE(l, 0)
-    lhs = jnp.concatenate([-l, sig], axis=1 - p_axis)  # [P, 2Q] or [2Q, P]
+    lhs = jnp.concatenate([-l, jax.nn.sigmoid(l)], axis=1 - p_axis)  # [P, 2Q] or [2Q, P]
+    if match_gather_once():
+        # written once and read by the product and the sums below: left to fuse, the point
+        # samples' gathers ran in both the fusion writing `lhs` and the one summing over the
+        # points (docs/benchmarks.md, train run 50)
+        lhs = jax.lax.optimization_barrier(lhs)
+    neg_l, sig = jnp.split(lhs, 2, axis=1 - p_axis)  # -l exactly, so softplus(-neg_l) is of l
+    neg_sum = jnp.sum(jax.nn.softplus(-neg_l), axis=p_axis)  # [Q]: sum_p BCE(l, 0)
     t_axis = 0 if points_first else 1
     prod = jax.lax.dot_general(lhs, point_targets, (((p_axis,), (t_axis,)), ((), ())),
                                precision=f32_dot_precision())  # [2Q, K]

@@ -265,3 +265,45 @@ def test_point_sample_against_torch_grid_sample(shared, dtype):
                                            align_corners=False)[:, 0, :, 0].numpy()
     assert got.shape == (5, 40) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_match_gather_once_gives_the_same_costs(monkeypatch):
+    """`SARFORMER_MATCH_GATHER_ONCE=1` (the matching product's left operand written once behind
+    a barrier, the sums over the points taken from it) gives the same matching costs as the
+    default, bit for bit, for every layer and image, and the same deep-supervision loss; the
+    flag reaches the program."""
+    from sarformer_jax.losses import _image_cost
+
+    cfg = load_config("tiny", ["model.loss.num_points=96"]).model.loss
+    k, q, b, n = 6, 9, 2, 3
+    rng = np.random.default_rng(5)
+    cls = jnp.asarray(rng.normal(size=(n, b, q, k + 1)), jnp.float32)
+    mask = jnp.asarray(3 * rng.normal(size=(n, b, q, 14, 11)), jnp.bfloat16)
+    gt = rng.integers(0, k, (b, 28, 22)).astype(np.int32)
+    gt[0, :6] = 255
+    gt = jnp.asarray(gt)
+    pts = jnp.asarray(rng.random((n, b, 96, 2)) * 1.1 - 0.05, jnp.float32)  # some outside
+    preds = [{"cls": cls[i], "mask": mask[i]} for i in range(n)]
+    key = jax.random.key(7)
+
+    def run(flag):
+        monkeypatch.setenv("SARFORMER_MATCH_GATHER_ONCE", flag)
+        # new functions each run: the flag is read when tracing
+        costs = jax.jit(jax.vmap(jax.vmap(
+            lambda c, m, g, p: _image_cost(c, m, g, p, cfg, k), in_axes=(0, 0, 0, 0)),
+            in_axes=(0, 0, None, 0)))
+        loss = jax.jit(lambda p, g: loss_fn(p, g, None, key=key, cfg_loss=cfg, num_classes=k))
+        return (costs(cls, mask, gt, pts), loss(preds, gt),
+                costs.lower(cls, mask, gt, pts).as_text())
+
+    once, loss1, text1 = run("1")
+    fused, loss0, text0 = run("0")
+    assert "optimization_barrier" in text1 and "optimization_barrier" not in text0
+    assert once.shape == (n, b, q, k) and np.isfinite(np.asarray(once)).all()
+    np.testing.assert_array_equal(np.asarray(once), np.asarray(fused))
+    np.testing.assert_array_equal(np.asarray(loss1[0]), np.asarray(loss0[0]))
+    for name in loss0[1]:
+        np.testing.assert_array_equal(np.asarray(loss1[1][name]), np.asarray(loss0[1][name]))
+    monkeypatch.setenv("SARFORMER_MATCH_GATHER_ONCE", "yes")
+    with pytest.raises(ValueError, match="SARFORMER_MATCH_GATHER_ONCE must be 0 or 1"):
+        run("yes")
