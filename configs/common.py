@@ -144,6 +144,11 @@ def loss() -> Config:
         # has more (then on all M = min(Q, K) slots): the same losses, less work; None = always
         # all M slots
         compact_slots=32,
+        # matching costs on each image's present classes only, at most this many (then the
+        # same assignment from a C-column float32 product instead of a K-column one; an image
+        # with more classes sends the whole batch to all K); None = all K classes (the default
+        # until timed on a GPU)
+        match_classes=None,
     )
 
 

@@ -84,10 +84,17 @@ def sample_gt_shared(gt: jax.Array, points: jax.Array, num_classes: int,
     """Point samples of every class mask `(gt == k)` of one semantic map [H, W] at shared points
     [P, 2].  Returns [K, P] float32 ([P, K] with `points_first`; ignored pixels count as
     background everywhere)."""
+    return sample_gt_classes_shared(gt, points, jnp.arange(num_classes), points_first)
+
+
+def sample_gt_classes_shared(gt: jax.Array, points: jax.Array, classes: jax.Array,
+                             points_first: bool = False) -> jax.Array:
+    """`sample_gt_shared` for the class masks `(gt == classes[j])` of the classes [C] given:
+    [C, P] float32 ([P, C] with `points_first`)."""
     h, w = gt.shape
     idx, wts = _corners(points.astype(jnp.float32), h, w)
     labels = gt.reshape(-1)[idx]  # [4, P]
-    hit = labels[..., None] == jnp.arange(num_classes)  # [4, P, K]
+    hit = labels[..., None] == classes  # [4, P, C]
     # each corner's weight put in its label's column: one elementwise pass that writes [P, K]
     # (as a product with the one-hot [4, P, K] it is a matrix product contracting only 4)
     out = jnp.sum(jnp.where(hit, wts[..., None], 0.0), axis=0)  # [P, K]
@@ -172,7 +179,7 @@ def match_gather_once() -> bool:
 
 
 def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Array, cfg_loss: Any,
-                *, points_first: bool = False) -> jax.Array:
+                *, points_first: bool = False, classes: jax.Array | None = None) -> jax.Array:
     """Matching cost [Q, K] of one image: class `-softmax[label]`, pairwise point BCE and dice
     (eps 1, sigmoid inputs), weighted 2 / 5 / 5.  `point_logits` [Q, P] and `point_targets`
     [K, P], or [P, Q] and [P, K] with `points_first`.
@@ -181,7 +188,10 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
     sum_p (-l) t + sum_p softplus(l), by softplus(-l) - softplus(l) = -l, so the BCE and the dice
     numerator share one float32 product: [-l; sigmoid(l)] [2Q, P] times the targets (three
     full-precision products before; the loss's float32 GEMMs, mostly these, took ~1.1 ms of the
-    H100 step's kernels in train run 34)."""
+    H100 step's kernels in train run 34).
+
+    `classes` [K']: the targets are those classes' masks (`sample_gt_classes_shared`), and the
+    class cost takes their columns of the softmax (default: classes 0 .. K-1)."""
     probs = jax.nn.softmax(cls.astype(jnp.float32), axis=-1)
     if points_first:
         n_p, q = point_logits.shape
@@ -191,7 +201,7 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
         q, n_p = point_logits.shape
         k = point_targets.shape[0]
         p_axis = 1
-    probs = probs[:, :k]
+    probs = probs[:, :k] if classes is None else probs[:, classes]
     l = point_logits.astype(jnp.float32)
     lhs = jnp.concatenate([-l, jax.nn.sigmoid(l)], axis=1 - p_axis)  # [P, 2Q] or [2Q, P]
     if match_gather_once():
@@ -211,12 +221,16 @@ def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Arra
     return cfg_loss.class_weight * -probs + cfg_loss.mask_weight * ce + cfg_loss.dice_weight * dice
 
 
-def _image_cost(cls, mask, gt, pts_match, cfg_loss, num_classes):
-    """Matching cost [Q, K] of one image and layer (no gradient)."""
+def _image_cost(cls, mask, gt, pts_match, cfg_loss, num_classes, classes=None):
+    """Matching cost [Q, K] of one image and layer (no gradient); [Q, C] for the classes [C]
+    given."""
     logits_m = point_sample_shared(jax.lax.stop_gradient(mask), pts_match)  # [P, Q]
-    targets_m = sample_gt_shared(gt, pts_match, num_classes, points_first=True)  # [P, K]
+    if classes is None:
+        targets_m = sample_gt_shared(gt, pts_match, num_classes, points_first=True)  # [P, K]
+    else:
+        targets_m = sample_gt_classes_shared(gt, pts_match, classes, points_first=True)  # [P, C]
     return match_costs(jax.lax.stop_gradient(cls), logits_m, targets_m, cfg_loss,
-                       points_first=True)
+                       points_first=True, classes=classes)
 
 
 def _image_match(cost, present):
@@ -255,6 +269,77 @@ def _match_all(cost, present):
     cost_b, present_b = jnp.moveaxis(cost, -3, 0), jnp.moveaxis(present, -2, 0)
     col4row, row4col = per_batch_shard(_solver_per_batch_shard(cost.ndim), 2, cost_b, present_b)
     return jnp.moveaxis(col4row, 0, -2), jnp.moveaxis(row4col, 0, -2)
+
+
+def match_classes_cap(cfg_loss: Any, num_classes: int) -> int | None:
+    """`model.loss.match_classes` as a cap below K, or None (match on all K classes)."""
+    cap = cfg_loss.get("match_classes", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"model.loss.match_classes must be a positive int or None, got {cap!r}")
+    return cap if cap < num_classes else None
+
+
+def present_first(present: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+    """present [..., K] -> (classes [..., cap] int32, valid [..., cap]): an image's present
+    classes in class order, then absent ones (distinct, so an assignment maps back one to
+    one)."""
+    order = jnp.argsort(jnp.logical_not(present), axis=-1, stable=True)[..., :cap]
+    return order.astype(jnp.int32), jnp.take_along_axis(present, order, axis=-1)
+
+
+def _assignment_to_classes(col4row, row4col, classes, num_classes):
+    """An assignment among the columns `classes` [B, C] (col4row [..., B, Q] in 0 .. C-1,
+    row4col [..., B, C]) as one among all K classes (col4row in 0 .. K-1, row4col [..., B, K])."""
+    cls_b = jnp.broadcast_to(classes, row4col.shape)
+    col4row = jnp.where(col4row >= 0,
+                        jnp.take_along_axis(cls_b, jnp.maximum(col4row, 0), axis=-1), -1)
+    c = classes.shape[-1]
+    full = jax.vmap(lambda r, k: jnp.full((num_classes,), -1, r.dtype).at[k].set(r))(
+        row4col.reshape(-1, c), cls_b.reshape(-1, c))
+    return col4row.astype(row4col.dtype), full.reshape(row4col.shape[:-1] + (num_classes,))
+
+
+def match_predictions(cls, mask, gt, present, pts_match, cfg_loss, num_classes, layered):
+    """Costs and assignments of B images (`layered`: of L stacked predictions, cls
+    [L, B, Q, K+1], mask [L, B, Q, h, w], points [L, B, P, 2]) with their classes: col4row
+    [(L,) B, Q], row4col [(L,) B, K].
+
+    With `model.loss.match_classes` = C below K and no image having more than C classes, the
+    costs are computed for each image's present classes only (C columns instead of K: the
+    float32 product and the target samples C / K of the work; the solver gets the same
+    problem, its absent classes were invalid columns anyway) and the assignment is mapped back
+    to class indices; otherwise on all K classes."""
+
+    def costs(classes):
+        def one(c, m, g, p, k):
+            return _image_cost(c, m, g, p, cfg_loss, num_classes, k)
+
+        if classes is None:
+            f = jax.vmap(lambda c, m, g, p: one(c, m, g, p, None))
+            extra = ()
+        else:
+            f = jax.vmap(one)
+            extra = (classes,)
+        if layered:
+            f = jax.vmap(f, in_axes=(0, 0, None, 0) + (None,) * len(extra))
+        return f(cls, mask, gt, pts_match, *extra)
+
+    def full():
+        return _match_all(costs(None), present[None] if layered else present)
+
+    cap = match_classes_cap(cfg_loss, num_classes)
+    if cap is None:
+        return full()
+
+    def compact():
+        classes, valid = present_first(present, cap)
+        col4row, row4col = _match_all(costs(classes), valid[None] if layered else valid)
+        return _assignment_to_classes(col4row, row4col, classes, num_classes)
+
+    fits = jnp.max(jnp.sum(present.astype(jnp.int32), axis=-1)) <= cap
+    return jax.lax.cond(fits, compact, full)
 
 
 POINT_SELECT_METHODS = ("auto", "top_k", "sort", "pallas", "pallas_interpret")
@@ -398,9 +483,8 @@ def layer_loss(cls: jax.Array, mask: jax.Array, gt: jax.Array, present: jax.Arra
     loss is the weighted mean over all queries of the batch.  Under data parallelism the arrays
     are global, so both normalisers are global-batch ones (mmdet averages per-GPU class losses
     instead; identical for one image per device only when the weight sums agree)."""
-    cost = jax.vmap(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes))(
-        cls, mask, gt, pts["match"])
-    col4row, row4col = _match_all(cost, present)
+    col4row, row4col = match_predictions(cls, mask, gt, present, pts["match"], cfg_loss,
+                                         num_classes, layered=False)
 
     def image_terms(cls, mask, gt, pts, col4row, row4col):
         def run(cap):
@@ -421,10 +505,8 @@ def deep_supervision_losses(cls: jax.Array, mask: jax.Array, gt: jax.Array, pres
     with a leading L axis) at once: the L x B matching problems run as one batched Hungarian
     solve (one device loop for all of them, instead of one per layer), the loss terms vmapped
     over layers.  Returns {"loss_cls", ...} with [L] values."""
-    over_b = lambda f: jax.vmap(f, in_axes=(0, 0, 0, 0))  # noqa: E731
-    cost = jax.vmap(over_b(lambda c, m, g, p: _image_cost(c, m, g, p, cfg_loss, num_classes)),
-                    in_axes=(0, 0, None, 0))(cls, mask, gt, pts["match"])  # [L, B, Q, K]
-    col4row, row4col = _match_all(cost, present[None])
+    col4row, row4col = match_predictions(cls, mask, gt, present, pts["match"], cfg_loss,
+                                         num_classes, layered=True)  # [L, B, Q], [L, B, K]
 
     def image_terms(cls, mask, gt, pts, col4row, row4col):
         def run(cap):

@@ -156,15 +156,18 @@ def test_compact_slots_must_be_a_positive_int():
     assert compact_cap(cfg, 20, 8) is None  # M = 8: nothing to cap
 
 
-@pytest.mark.parametrize("stacked,select", [(True, "auto"), (False, "auto"),
-                                            (True, "pallas_interpret")],
-                         ids=["deep_supervision", "per_layer", "select_kernel"])
-def test_mask_losses_on_batch_shards_equal_one_program(stacked, select):
+@pytest.mark.parametrize("stacked,select,match", [(True, "auto", None), (False, "auto", None),
+                                                  (True, "pallas_interpret", None),
+                                                  (True, "auto", 7)],
+                         ids=["deep_supervision", "per_layer", "select_kernel", "match_classes"])
+def test_mask_losses_on_batch_shards_equal_one_program(stacked, select, match):
     """With the batch split over 8 devices, the per-image mask losses run on each device's
     images (`batch_mesh`, a shard_map): the same loss and gradients as one unsharded program,
     although each device then picks the capped or the full mask-loss program for its own
     images (here some images have more matched pairs than the cap of 4, some fewer).  Also
-    with the point-selection kernel (in the interpreter) inside each device's program."""
+    with the point-selection kernel (in the interpreter) inside each device's program, and with
+    the sharded program matching on each image's present classes only (`match_classes`: every
+    image here has at most 7) against the one program on all K."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sarformer_jax.sharding import BATCH_AXES, make_mesh
@@ -181,16 +184,19 @@ def test_mask_losses_on_batch_shards_equal_one_program(stacked, select):
     if not stacked:  # a second prediction of another size: the per-layer path
         preds.append({"cls": jnp.asarray(rng.normal(size=(b, q, k + 1)), jnp.float32),
                       "mask": jnp.asarray(rng.normal(size=(b, q, 6, 5)), jnp.float32)})
-    cfg = load_config("tiny", ["model.loss.num_points=64", "model.loss.compact_slots=4",
-                               f"model.loss.point_select={select}"]).model.loss
+    sets = ["model.loss.num_points=64", "model.loss.compact_slots=4",
+            f"model.loss.point_select={select}"]
+    cfg = cfg_one = load_config("tiny", sets).model.loss
+    if match is not None:
+        cfg = load_config("tiny", sets + [f"model.loss.match_classes={match}"]).model.loss
     mesh = make_mesh({"fsdp": 2}, jax.devices())  # 4 (data) x 2 (fsdp): the batch split 8 ways
 
-    def total(p, g, batch_mesh):
+    def total(p, g, batch_mesh, cfg=cfg):
         f = lambda p: loss_fn(p, g, None, key=key, cfg_loss=cfg, num_classes=k,  # noqa: E731
                               batch_mesh=batch_mesh)
         return jax.value_and_grad(f, has_aux=True)(p)
 
-    want = jax.jit(lambda p, g: total(p, g, None))(preds, gt)
+    want = jax.jit(lambda p, g: total(p, g, None, cfg_one))(preds, gt)
     split = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     sharded = jax.tree_util.tree_map(lambda x: jax.device_put(x, split), (preds, gt))
     fn = jax.jit(lambda p, g: total(p, g, (mesh, BATCH_AXES)))
@@ -307,3 +313,71 @@ def test_match_gather_once_gives_the_same_costs(monkeypatch):
     monkeypatch.setenv("SARFORMER_MATCH_GATHER_ONCE", "yes")
     with pytest.raises(ValueError, match="SARFORMER_MATCH_GATHER_ONCE must be 0 or 1"):
         run("yes")
+
+
+@pytest.mark.parametrize("layered", [True, False])
+def test_matching_on_present_classes_equals_all_classes(layered):
+    """`model.loss.match_classes` = C: the costs of each image's present classes only (C
+    columns) give the same assignment, in class indices, as the costs of all K classes, and the
+    same losses; an image with more than C classes sends the batch to the K-column program
+    (the same numbers, bit for bit); the compact program's product has C columns."""
+    from sarformer_jax.losses import match_predictions
+
+    k, q, b, n, cap = 9, 7, 2, 3, 4
+    base = load_config("tiny", ["model.loss.num_points=80"]).model.loss
+    compact_cfg = load_config("tiny", ["model.loss.num_points=80",
+                                       f"model.loss.match_classes={cap}"]).model.loss
+    rng = np.random.default_rng(11)
+    cls = jnp.asarray(rng.normal(size=(n, b, q, k + 1)), jnp.float32)
+    mask = jnp.asarray(2 * rng.normal(size=(n, b, q, 12, 10)), jnp.float32)
+    pts = jnp.asarray(rng.random((n, b, 80, 2)), jnp.float32)
+    few = np.stack([rng.choice([1, 4, 8], (24, 20)), rng.choice([0, 2, 5, 8], (24, 20))])
+    few[1, :4] = 255
+    many = few.copy()
+    many[0, :8] = rng.integers(0, k, (8, 20))  # image 0 gets more than `cap` classes
+    if not layered:
+        cls, mask, pts = cls[0], mask[0], pts[0]
+
+    for gt_np, compact_taken in ((few, True), (many, False)):
+        gt = jnp.asarray(gt_np.astype(np.int32))
+        present = gt_present(gt, k)
+        assert (int(jnp.max(jnp.sum(present, -1))) <= cap) == compact_taken
+
+        def run(cfg):
+            fn = jax.jit(lambda c, m, g, pr, p: match_predictions(c, m, g, pr, p, cfg, k, layered))
+            return fn(cls, mask, gt, present, pts), fn.lower(cls, mask, gt, present, pts).as_text()
+
+        (c4r_all, r4c_all), _ = run(base)
+        (c4r, r4c), text = run(compact_cfg)
+        np.testing.assert_array_equal(np.asarray(c4r), np.asarray(c4r_all))
+        np.testing.assert_array_equal(np.asarray(r4c), np.asarray(r4c_all))
+        pairs = int(jnp.sum(jnp.minimum(jnp.sum(present, -1), q)))
+        assert r4c.shape[-1] == k and int(jnp.sum(c4r >= 0)) == pairs * (n if layered else 1)
+        # both branches are in the program; the compact one's product has `cap` columns
+        assert "stablehlo.case" in text or "stablehlo.if" in text
+        assert f"{2 * q}x{cap}xf32" in text and f"{2 * q}x{k}xf32" in text
+
+    # the whole loss through the stacked layers (classes present <= cap: the compact branch)
+    gt = jnp.asarray(few.astype(np.int32))
+    preds = [{"cls": cls[i], "mask": mask[i]} for i in range(n)] if layered else \
+        [{"cls": cls, "mask": mask}]
+    key = jax.random.key(4)
+    tot0, parts0 = loss_fn(preds, gt, None, key=key, cfg_loss=base, num_classes=k)
+    tot1, parts1 = loss_fn(preds, gt, None, key=key, cfg_loss=compact_cfg, num_classes=k)
+    for name in parts0:
+        np.testing.assert_allclose(np.asarray(parts1[name]), np.asarray(parts0[name]), rtol=1e-6,
+                                   err_msg=name)
+
+
+def test_match_classes_must_be_a_positive_int():
+    from sarformer_jax.losses import match_classes_cap
+
+    for bad in (0, -2, 2.5, True, "8"):
+        cfg = load_config("tiny", []).model.loss
+        cfg.match_classes = bad
+        with pytest.raises(ValueError, match="model.loss.match_classes must be a positive int"):
+            match_classes_cap(cfg, 150)
+    cfg.match_classes = 150
+    assert match_classes_cap(cfg, 150) is None  # nothing to gain
+    cfg.match_classes = 32
+    assert match_classes_cap(cfg, 150) == 32
