@@ -312,19 +312,12 @@ def match_predictions(cls, mask, gt, present, pts_match, cfg_loss, num_classes, 
     problem, its absent classes were invalid columns anyway) and the assignment is mapped back
     to class indices; otherwise on all K classes."""
 
-    def costs(classes):
-        def one(c, m, g, p, k):
-            return _image_cost(c, m, g, p, cfg_loss, num_classes, k)
-
-        if classes is None:
-            f = jax.vmap(lambda c, m, g, p: one(c, m, g, p, None))
-            extra = ()
-        else:
-            f = jax.vmap(one)
-            extra = (classes,)
+    def costs(classes):  # classes [B, C] or None (all K)
+        f = jax.vmap(lambda c, m, g, p, k: _image_cost(c, m, g, p, cfg_loss, num_classes, k),
+                     in_axes=(0, 0, 0, 0, None if classes is None else 0))
         if layered:
-            f = jax.vmap(f, in_axes=(0, 0, None, 0) + (None,) * len(extra))
-        return f(cls, mask, gt, pts_match, *extra)
+            f = jax.vmap(f, in_axes=(0, 0, None, 0, None))
+        return f(cls, mask, gt, pts_match, classes)
 
     def full():
         return _match_all(costs(None), present[None] if layered else present)
