@@ -12,6 +12,7 @@ import copy
 import difflib
 import importlib
 import importlib.util
+import os
 import pathlib
 from typing import Any, Iterable
 
@@ -126,3 +127,12 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> Config:
     if not isinstance(cfg, Config):
         cfg = Config(cfg)
     return apply_overrides(cfg, overrides)
+
+
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment switch for A/B runs (`SARFORMER_OPT_ONE_PASS=0`, ...): "0" or "1",
+    `default` when unset; anything else is a ValueError naming the variable."""
+    text = os.environ.get(name, "1" if default else "0").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {text!r}")
+    return text == "1"

@@ -16,13 +16,13 @@ Legend: b batch, q queries, k classes, m matched slots, p points, h w spatial.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sarformer_jax.config import env_switch
 from sarformer_jax.matcher import hungarian_assign
 from sarformer_jax.models.layers import f32_dot_precision, resize_bilinear
 from sarformer_jax.sharding import batch_partitioned, on_batch_shards, per_batch_shard
@@ -172,10 +172,7 @@ def match_gather_once() -> bool:
     product's left operand once, behind an optimisation barrier, and takes the sums over the
     points from it, instead of leaving XLA to fuse the point samples' gathers into both.  The
     arithmetic is the same either way (tests/test_losses.py)."""
-    text = os.environ.get("SARFORMER_MATCH_GATHER_ONCE", "0").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"SARFORMER_MATCH_GATHER_ONCE must be 0 or 1, got {text!r}")
-    return text == "1"
+    return env_switch("SARFORMER_MATCH_GATHER_ONCE", False)
 
 
 def match_costs(cls: jax.Array, point_logits: jax.Array, point_targets: jax.Array, cfg_loss: Any,

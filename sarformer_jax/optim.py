@@ -10,13 +10,14 @@ warmup (`warmup_steps`) and no weight decay on norms, biases and embeddings
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from sarformer_jax.config import env_switch
 
 _NO_DECAY_NAMES = re.compile(
     r"(^|\.)(cls_token|level_embed|relative_position_bias_table|query_embed|level_encoding|"
@@ -207,10 +208,10 @@ class FlatTransformation(NamedTuple):
         Here the new moments are not put behind the optimisation barrier (environment
         `SARFORMER_OPT_ONE_PASS=0` puts them back): with one vector a group XLA can write the
         moments and the parameters from one kernel, and there are no per-leaf kernels that would
-        recompute the moments from the old ones.  On an H100 the SARFormer-B step went from 54.8
-        to 53.9 ms pipelined (57.3 to 56.1 blocking) with the same peak memory
-        (docs/benchmarks.md, train run 49); the numbers are the same formulas in the same
-        order (tests/test_optim.py)."""
+        recompute the moments from the old ones.  On an H100 the SARFormer-B step's optimiser
+        kernels went from 1.77 to 1.44 ms (one pass of 3.4 GB instead of two), −0.5 ms a step on
+        average over five A/Bs, with the same peak memory (docs/benchmarks.md, train runs
+        49-50); the numbers are the same formulas in the same order (tests/test_optim.py)."""
         return self._guarded_step(flat_g, state, tuple(flat_p), finite, flat_params=True)
 
     def _guarded_step(self, flat_g, state, params, finite, flat_params):
@@ -271,10 +272,7 @@ class FlatTransformation(NamedTuple):
 
 def _one_pass() -> bool:
     """`SARFORMER_OPT_ONE_PASS` (default 1): the flat-parameter update without the barrier."""
-    text = os.environ.get("SARFORMER_OPT_ONE_PASS", "1").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"SARFORMER_OPT_ONE_PASS must be 0 or 1, got {text!r}")
-    return text == "1"
+    return env_switch("SARFORMER_OPT_ONE_PASS", True)
 
 
 def _find_state(chain_state, kind):
