@@ -25,6 +25,7 @@ import argparse
 import math
 import pathlib
 import re
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -322,11 +323,15 @@ def run(args: argparse.Namespace) -> int:
     from sarformer_jax.configs.common import beit_adapter_b, beit_adapter_l
 
     model = args.model
-    if model == "auto":
-        model = detect_variant(load_state_dict(args.src))
-    cfg = beit_adapter_b() if model == "b" else beit_adapter_l()
     size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
-    flat, report = convert_beit(args.src, cfg, size, adapter=not args.beit_only, seed=args.seed)
+    try:
+        if model == "auto":
+            model = detect_variant(load_state_dict(args.src))
+        cfg = beit_adapter_b() if model == "b" else beit_adapter_l()
+        flat, report = convert_beit(args.src, cfg, size, adapter=not args.beit_only, seed=args.seed)
+    except CheckpointError as e:
+        print(f"sarformer convert beit: {e}", file=sys.stderr)
+        return 1
     meta = {"format": "beit_adapter" if not args.beit_only else "beit", "model": model,
             "image_size": list(np.atleast_1d(size).tolist()), **report}
     save_params(args.dst, flat, meta)
