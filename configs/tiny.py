@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> Config:
     cfg.model.aux_head.channels = 32
     cfg.model.loss.num_points = 1024
     cfg.guidance = common.guidance("cached")
-    cfg.guidance.cache_dir = "data/synthetic/proposals"
+    cfg.guidance.cache_dir = ""  # empty: <data.root>/proposals, written with the synthetic set
     cfg.data = common.ade20k_data("data/synthetic")
     cfg.data.update(dataset="synthetic", num_classes=8, crop_size=(128, 128), scale=(512, 128),
                     num_workers=0)

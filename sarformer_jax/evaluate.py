@@ -542,8 +542,14 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    results = evaluate_state(cfg, trainer, state, mode=args.mode, aug_test=args.aug_test,
-                             split=args.split)
+    from sarformer_jax.data.sources import DataError
+
+    try:
+        results = evaluate_state(cfg, trainer, state, mode=args.mode, aug_test=args.aug_test,
+                                 split=args.split)
+    except DataError as e:  # a bad image or label: one line, no results written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     names, _ = class_names_and_palette(cfg)
     table = format_table(results, names)
     print(table)

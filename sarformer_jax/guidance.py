@@ -39,7 +39,18 @@ BOX_TOLERANCE = 5.0  # pixels, the original's `mask_filt`
 
 def guidance_refusal(cfg, command: str) -> str | None:
     """A one-line refusal for guided configs that cannot run as given (online guidance without
-    a SAM checkpoint), or None when the config can run."""
+    a SAM checkpoint; cached guidance without its cache), or None when the config can run."""
+    if cfg.model.head.query_init == "sam_pooling" and cfg.guidance.source == "cached":
+        from sarformer_jax.data.pipeline import proposal_cache_dir
+
+        try:
+            cache = proposal_cache_dir(cfg)
+        except ValueError as e:
+            return f"sarformer {command}: {e}"
+        if str(cfg.data.get("dataset", "")) != "synthetic" and not pathlib.Path(cache).is_dir():
+            return (f"sarformer {command}: guidance.cache_dir={cache}: no such directory (write "
+                    "it with `sarformer amg --dataset ROOT --out CACHE --sam-checkpoint SAM.npz`)")
+        return None
     if cfg.model.head.query_init != "sam_pooling" or cfg.guidance.source not in ("online", "boxes"):
         return None
     ckpt = str(cfg.guidance.sam.checkpoint or "")

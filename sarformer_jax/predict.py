@@ -41,9 +41,10 @@ def class_names_and_palette(cfg: Config) -> tuple[list[str], np.ndarray]:
 
 
 def _find_proposals(cfg: Config, stem: str):
+    from sarformer_jax.data.pipeline import proposal_cache_dir
     from sarformer_jax.data.proposals import load_proposals
 
-    root = pathlib.Path(cfg.guidance.cache_dir)
+    root = pathlib.Path(proposal_cache_dir(cfg))
     hits = sorted(root.glob(f"*/{stem}.npz")) + sorted(root.glob(f"*/*/{stem}.npz"))
     if not hits:
         raise FileNotFoundError(

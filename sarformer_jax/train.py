@@ -33,6 +33,7 @@ from sarformer_jax import checkpoint as ckpt_lib
 from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
 from sarformer_jax.data.pipeline import device_inputs
+from sarformer_jax.data.sources import DataError
 from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
                                     guidance_refusal, uses_sam)
 from sarformer_jax.losses import loss_fn as segmentation_loss
@@ -604,6 +605,13 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
                     checkpointer.save_best(step, trainer.checkpoint_state(state),
                                            {"shapes": fingerprint, "step": step, "mIoU": miou},
                                            miou)
+    except DataError as e:
+        # One line for the CLI, with where the run stands: the checkpoints already written stay
+        # (the `finally` below waits for a save in flight); a bad record with data.on_error=raise
+        # stops the run, data.on_error=skip would have logged it and gone on.
+        where = (workdir / "checkpoints" / str(last_good)) if last_good else "none yet"
+        raise DataError(f"{e} (the run stopped after step {step}; last good checkpoint: "
+                        f"{where}; data.on_error=skip skips bad records)") from e
     finally:
         tracer.stop(state)
         pbar.close()
@@ -679,7 +687,7 @@ def run(args: argparse.Namespace) -> int:
     initialize_distributed()
     try:
         out = train(cfg, args.workdir, progress=not args.no_progress)
-    except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError) as e:
+    except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

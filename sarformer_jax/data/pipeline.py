@@ -38,13 +38,20 @@ _STATE_VERSION = 2  # 2: whole batches per grain element
 
 
 # ------------------------------------------------------------------ sources from the config
-def _proposals_dir(cfg) -> str | None:
+def proposal_cache_dir(cfg) -> str | None:
+    """The proposal cache of a `guidance.source="cached"` config (None for other sources):
+    `guidance.cache_dir`, or, when that is empty and the dataset is the synthetic one,
+    `<data.root>/proposals`, where the synthetic generator writes its proposals (so that
+    `--set data.root=DIR` alone moves the tiny config's data and proposals together)."""
     guidance = cfg.get("guidance")
-    if guidance is not None and guidance.get("source") == "cached":
-        if not guidance.get("cache_dir"):
-            raise ValueError("guidance.source='cached' needs guidance.cache_dir")
+    if guidance is None or guidance.get("source") != "cached":
+        return None
+    if guidance.get("cache_dir"):
         return str(guidance.cache_dir)
-    return None
+    if str(cfg.data.get("dataset", "")) == "synthetic":
+        return str(pathlib.Path(cfg.data.root) / "proposals")
+    raise ValueError("guidance.source='cached' needs guidance.cache_dir=CACHE (written by "
+                     "`sarformer amg --dataset ROOT --out CACHE --sam-checkpoint SAM.npz`)")
 
 
 def _boxes_dir(cfg, split: str) -> str | None:
@@ -94,7 +101,7 @@ def build_source(cfg, split: str = "training"):
     """The record source named by `cfg.data.dataset` for `split` ("training" / "validation")."""
     data = cfg.data
     dataset = str(data.dataset)
-    proposals = _proposals_dir(cfg)
+    proposals = proposal_cache_dir(cfg)
     on_error = data.get("on_error", "raise")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -137,7 +144,7 @@ class TrainRecord:
             mean=tuple(data.mean), std=tuple(data.std), ignore_index=int(data.ignore_index),
             max_boxes=max_boxes, normalize_image=normalize_image,
             label_dtype=label_dtype(cfg) if compact_label else np.int32)
-        self.num_queries = int(cfg.model.head.num_queries) if _proposals_dir(cfg) else None
+        self.num_queries = int(cfg.model.head.num_queries) if proposal_cache_dir(cfg) else None
         self.skip = data.get("on_error", "raise") == "skip"
         self.max_consecutive_skips = min(len(source), 1000)
         self.skipped = 0
