@@ -8,7 +8,9 @@ tensorflow_datasets is imported only when such a source is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import pathlib
 from typing import Any
 
@@ -71,11 +73,29 @@ class TfdsSource:
                              proposals_path=cache)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """tensorflow_datasets imports much of itself through etils' lazy-import context, which
+    turns every `import` run meanwhile into a lazy module, also imports run by finalisers of
+    unrelated objects the garbage collector happens to free then (grain's iterators, pytest's
+    unraisable-exception hook): they then fail with "'LazyModule' object is not callable".
+    Collect first, then keep the collector off while tfds imports and opens its source."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def tfds_source(dataset: str, split: str, *, data_dir: str | None = None,
                 num_classes: int, proposals_dir: str | None = None) -> TfdsSource:
     """`dataset` is a TFDS name (with optional config, e.g. "cityscapes/semantic_segmentation");
     `split` is "training" / "validation" (mapped to the TFDS split names) or a TFDS split."""
-    import tensorflow_datasets as tfds
+    with _collector_paused():
+        import tensorflow_datasets as tfds
 
     base = dataset.split("/")[0].split(":")[0]
     if base not in KNOWN:
@@ -85,7 +105,8 @@ def tfds_source(dataset: str, split: str, *, data_dir: str | None = None,
     if base == "cityscapes" and "/" not in dataset:
         dataset = "cityscapes/semantic_segmentation"
     try:
-        source = tfds.data_source(dataset, split=tfds_split, data_dir=data_dir or None)
+        with _collector_paused():
+            source = tfds.data_source(dataset, split=tfds_split, data_dir=data_dir or None)
     except Exception as e:
         raise DataError(f"cannot open TFDS {dataset} split {tfds_split!r} in "
                         f"{data_dir or 'the default data_dir'}: {type(e).__name__}: {e}") from None
