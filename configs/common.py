@@ -280,6 +280,11 @@ def train(batch_size: int = 4, num_steps: int = 160_000) -> Config:
         batch_size=batch_size,  # global batch
         grad_accum=1,
         seed=0,
+        # a converted .npz the first step starts from (not used when resuming): from `sarformer
+        # convert beit` (the backbone, as the original trained from BEiT weights; with
+        # --beit-only the adapter keeps its initialisation) or `sarformer convert sarformer`
+        # (the whole model, e.g. to fine-tune released weights); "" = the seeded initialisation
+        init_from="",
         compute_dtype="bfloat16",
         param_dtype="float32",
         log_every=50,

@@ -354,11 +354,37 @@ def save_params(path: str | pathlib.Path, flat: Mapping[str, np.ndarray], meta: 
     tmp.replace(path)
 
 
-def load_params(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads what `save_params` wrote."""
+def load_params(path: str | pathlib.Path, *, meta_only: bool = False
+                ) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads what `save_params` wrote (`meta_only`: only the metadata, the arrays dict left
+    empty).  A missing file, a file that is not an .npz of arrays (no pickled objects are ever
+    loaded) or an unreadable entry raises `CheckpointError` naming the file."""
     import json
+    import zipfile
 
-    with np.load(path, allow_pickle=False) as z:
-        flat = {k: z[k] for k in z.files if k != "__meta__"}
-        meta = json.loads(bytes(z["__meta__"]).decode()) if "__meta__" in z.files else {}
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    what = "written by `sarformer convert`"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy takes bytes that are neither a zip nor an .npy for a pickle (never loaded here)
+        why = "neither a zip of arrays nor an array" if "pickle" in str(e) else str(e)
+        raise CheckpointError(f"{path}: not an .npz of arrays {what} ({why})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{path}: holds one array, not an .npz of named arrays {what}")
+    with loaded as z:
+        name = None
+        try:
+            flat = {}
+            for name in z.files:
+                if name != "__meta__" and not meta_only:
+                    flat[name] = z[name]
+            name = "__meta__"
+            meta = json.loads(bytes(z["__meta__"]).decode()) if "__meta__" in z.files else {}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: entry {name!r} cannot be read ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: entry '__meta__' is not a JSON object")
     return flat, meta

@@ -486,13 +486,23 @@ def evaluate_state(cfg: Config, trainer, state: dict, *, progress: bool = True,
 
 
 def load_for_eval(cfg: Config, checkpoint: str | pathlib.Path):
-    """(trainer, state, step) from a workdir (best checkpoint if any, else the latest) or from
-    a `checkpoints/<step>` / `best/<step>` directory.  A checkpoint of another architecture is
-    refused naming the mismatched parameters."""
+    """(trainer, state, step) from a workdir (best checkpoint if any, else the latest), from
+    a `checkpoints/<step>` / `best/<step>` directory, or from a converted .npz of the whole
+    model (`sarformer convert sarformer`: the original's released weights; step None).  A
+    checkpoint of another architecture is refused naming the mismatched parameters."""
     from sarformer_jax import checkpoint as ckpt_lib
     from sarformer_jax.train import _check_resume_shapes, abstract_fingerprint, create_trainer
 
     path = pathlib.Path(checkpoint)
+    if path.suffix == ".npz":
+        from sarformer_jax.convert.common import CheckpointError, load_params
+
+        fmt = load_params(path, meta_only=True)[1].get("format")
+        if fmt != "sarformer_mmseg":
+            raise CheckpointError(f"{path}: evaluation needs the whole model (`sarformer convert "
+                                  f"sarformer`), this file's format is {fmt!r}")
+        trainer, state = create_trainer(cfg, init_from=str(path))
+        return trainer, state, None
     step = None
     best = False
     if path.name.isdigit() and path.parent.name in ("checkpoints", "best"):
@@ -537,9 +547,11 @@ def run(args: argparse.Namespace) -> int:
     from sarformer_jax.predict import class_names_and_palette
     from sarformer_jax.train import ConfigMismatchError
 
+    from sarformer_jax.convert.common import CheckpointError
+
     try:
         trainer, state, step = load_for_eval(cfg, args.checkpoint)
-    except (ConfigMismatchError, FileNotFoundError) as e:
+    except (ConfigMismatchError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from sarformer_jax.data.sources import DataError
@@ -554,7 +566,9 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(results, names)
     print(table)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.checkpoint)
-    if out.name.isdigit():
+    if out.suffix == ".npz":  # converted weights: the results go beside the file
+        out = out.parent
+    elif out.name.isdigit():
         out = out.parent.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
@@ -562,5 +576,6 @@ def run(args: argparse.Namespace) -> int:
         to_json(results, names, step=step, config=cfg.name, mode=args.mode or cfg.eval.mode,
                 aug_test=bool(args.aug_test)))
     print(f"mIoU {100 * results['mIoU']:.2f} on {results['num_images']} images "
-          f"(checkpoint step {step}); wrote {out / 'results.md'} and results.json")
+          f"({'converted weights' if step is None else f'checkpoint step {step}'}); wrote "
+          f"{out / 'results.md'} and results.json")
     return 0

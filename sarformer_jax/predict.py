@@ -151,9 +151,11 @@ def run(args: argparse.Namespace) -> int:
     from sarformer_jax.evaluate import load_for_eval
     from sarformer_jax.train import ConfigMismatchError
 
+    from sarformer_jax.convert.common import CheckpointError
+
     try:
         trainer, state, step = load_for_eval(cfg, args.checkpoint)
-    except (ConfigMismatchError, FileNotFoundError) as e:
+    except (ConfigMismatchError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     guided = cfg.model.head.query_init == "sam_pooling"

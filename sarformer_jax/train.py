@@ -32,6 +32,7 @@ from flax import nnx
 from sarformer_jax import checkpoint as ckpt_lib
 from sarformer_jax import sharding as shard_lib
 from sarformer_jax.config import Config, load_config
+from sarformer_jax.convert.common import CheckpointError
 from sarformer_jax.data.pipeline import device_inputs
 from sarformer_jax.data.sources import DataError
 from sarformer_jax.guidance import (init_stale_embedding, load_guidance_sam, make_proposal_fn,
@@ -191,7 +192,7 @@ def shape_fingerprint(params) -> dict[str, list[int]]:
 _TRAINERS: dict[tuple, tuple[Trainer, Any]] = {}
 _HOST_ONLY_TRAIN_KEYS = ("nan_policy", "ckpt_every", "eval_every", "log_every",
                          "keep_checkpoints", "keep_best", "profile", "profile_window",
-                         "freeze_gc")
+                         "freeze_gc", "init_from")
 
 
 def freeze_heap() -> int:
@@ -234,19 +235,58 @@ def resolve_attention_per_batch_shard(cfg: Config, mesh) -> bool:
     return flag
 
 
-def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dict]:
+def load_initial_weights(model, path: str | pathlib.Path) -> str:
+    """Fills `model` (a `Segmentor`, in place) from a converted .npz (`train.init_from`):
+
+    - `sarformer convert beit` (format "beit_adapter"): the whole backbone, BEiT from the file
+      and the adapter as the converter initialised it;
+    - `sarformer convert beit --beit-only` (format "beit"): the backbone's BEiT part; the
+      adapter, the head and the rest keep the model's own initialisation;
+    - `sarformer convert sarformer` (format "sarformer_mmseg"): every parameter and BatchNorm
+      statistic of the model.
+
+    Entries missing (but for the "beit" case), not in the model or of other shapes are refused
+    all at once before anything is written (`CheckpointError` naming the file).  Returns what
+    was filled, for the log."""
+    from sarformer_jax.convert.common import CheckpointError, load_params, update_module
+
+    path = str(path)
+    flat, meta = load_params(path)
+    fmt = meta.get("format")
+    if fmt == "beit_adapter":
+        update_module(model.backbone, flat, source=f"{path} (model.backbone)")
+        return "the backbone (BEiT and adapter)"
+    if fmt == "beit":
+        update_module(model.backbone, flat, source=f"{path} (model.backbone)", partial=True)
+        return "the backbone's BEiT layers (the adapter keeps its initialisation)"
+    if fmt == "sarformer_mmseg":
+        made_for = meta.get("config")
+        hint = f" (converted for config {made_for})" if made_for else ""
+        update_module(model, flat, source=path + hint)
+        return "every parameter and BatchNorm statistic"
+    raise CheckpointError(
+        f"{path}: train.init_from takes an .npz written by `sarformer convert beit` or `sarformer "
+        f"convert sarformer`; this file's format is {fmt!r}")
+
+
+def create_trainer(cfg: Config, *, devices=None, sam=None,
+                   init_from: str | None = None) -> tuple[Trainer, dict]:
     """Builds the model on the mesh (params born sharded) and the optimiser; returns the trainer
-    and a freshly initialised train state.  Trainers (and their compiled functions) are reused
-    within a process for an identical config and device set.
+    and a freshly initialised train state, its weights from `init_from` (default
+    `cfg.train.init_from`; "" = the seeded initialisation only) when given, see
+    `load_initial_weights`.  Trainers (and their compiled functions) are reused within a
+    process for an identical config and device set.
 
     With online guidance (`guidance.source` online / boxes) SAM comes from
     `guidance.sam.checkpoint`, or is `sam` (an nnx SAM, e.g. random weights for benchmarks)."""
+    if init_from is None:
+        init_from = str(cfg.train.get("init_from", "") or "")
     cache_key = (json.dumps(_compiled_part(cfg), sort_keys=True, default=list),
                  tuple(d.id for d in (devices if devices is not None else jax.devices())),
                  id(sam) if sam is not None else None)
     if cache_key in _TRAINERS:
         trainer, init = _TRAINERS[cache_key]
-        return trainer, init()
+        return trainer, init(init_from)
     mesh = shard_lib.make_mesh(cfg.train.mesh, devices)
     seed = int(cfg.train.seed)
     per_shard_attention = resolve_attention_per_batch_shard(cfg, mesh)
@@ -273,20 +313,25 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
 
     host = shard_lib.host_device()
 
-    def init():
+    def init(init_from: str):
         """The seeded build, on the host's CPU (op by op), then placed on the mesh.  A jitted
         build would be one XLA program with an initialiser per parameter: its compile took
         minutes (SARFormer-B 157 s on a GPU host; SARFormer-L did not finish in 480 s), where
         the eager build takes seconds.  Built on the host, the initial parameters are the same
         whatever the accelerator or the mesh."""
         with jax.default_device(host):
-            _, params, stats, rest = nnx.split(make(), nnx.Param, nnx.BatchStat, ...)
+            model = make()
+            if init_from:
+                what = load_initial_weights(model, init_from)
+                if jax.process_index() == 0:
+                    _say(f"initialised {what} from {init_from}")
+            _, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
             state = train_state(held(params), stats, tx.init(params), jnp.zeros((), jnp.int32),
                                 jax.random.key_data(jax.random.key(seed + 2)))
         return (shard_lib.put_on_mesh(state, shardings),
                 shard_lib.put_on_mesh(rest, shard_lib.replicated(mesh)))
 
-    state, rest = init()
+    state, rest = init(init_from)
 
     sam_graphdef, guide = None, {}
     if uses_sam(cfg):
@@ -297,7 +342,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None) -> tuple[Trainer, dic
                       state_shardings=shardings, guide=guide, sam_graphdef=sam_graphdef,
                       flat_params=flat_params)
     trainer.train_step = make_train_step(trainer)
-    _TRAINERS[cache_key] = (trainer, lambda: init()[0])
+    _TRAINERS[cache_key] = (trainer, lambda path: init(path)[0])
     return trainer, state
 
 
@@ -527,7 +572,9 @@ def train(cfg: Config, workdir: str | pathlib.Path, *, stop_after: int | None = 
     if latest is not None:  # refuse a checkpoint of other shapes before building anything
         extra, _ = checkpointer.restore_extra(latest)
         _check_resume_shapes(extra.get("shapes", {}), fingerprint)
-    trainer, state = create_trainer(cfg, devices=devices)
+    # a resumed run takes its weights from its checkpoint, not from train.init_from again
+    trainer, state = create_trainer(cfg, devices=devices,
+                                    init_from="" if latest is not None else None)
     if latest is not None:
         state, extra, _ = checkpointer.restore(trainer.checkpoint_abstract(state), latest)
         state = trainer.from_checkpoint_state(state)
@@ -687,7 +734,8 @@ def run(args: argparse.Namespace) -> int:
     initialize_distributed()
     try:
         out = train(cfg, args.workdir, progress=not args.no_progress)
-    except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError, DataError) as e:
+    except (NonFiniteLossError, ConfigMismatchError, ckpt_lib.CheckpointSaveError, DataError,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:

@@ -72,3 +72,17 @@ def test_corrupt_image_stops_train_and_eval_with_one_line(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
     assert len(err) == 1 and val.name in err[0], err
     assert not (out / "results.json").exists()
+
+
+def test_amg_with_an_unreadable_sam_file_is_one_line(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    sam = tmp_path / "sam.npz"
+    sam.write_bytes(b"\x80\x04 pickled? never loaded")
+    assert main(["amg", str(image), "--sam-checkpoint", str(sam), "--out", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sarformer amg: ") and "sam.npz" in err[0], err
+    assert not (tmp_path / "o.png").exists()

@@ -132,7 +132,13 @@ def run(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.dataset is None):
         print("sarformer amg: give either IMAGE or --dataset ROOT", file=sys.stderr)
         return 2
-    sam = load_sam(args.sam_checkpoint)
+    from sarformer_jax.convert.common import CheckpointError
+
+    try:
+        sam = load_sam(args.sam_checkpoint)
+    except CheckpointError as e:
+        print(f"sarformer amg: {e}", file=sys.stderr)
+        return 1
     sam.postprocess_implementation = args.postprocess
     try:
         return _single(args, sam) if args.image else _dataset(args, sam)

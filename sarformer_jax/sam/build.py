@@ -113,23 +113,23 @@ def _filled(cfg: SamConfig, flat: dict, source: str, **kw) -> Sam:
 
 def _read_params(path, model_type: str, cfg: SamConfig) -> dict:
     from sarformer_jax.convert import sam as convert_sam
-    from sarformer_jax.convert.common import load_params
+    from sarformer_jax.convert.common import CheckpointError, load_params
 
     if str(path).endswith(".npz"):
         flat, meta = load_params(path)
         if meta.get("model_type", model_type) != model_type:
-            raise ValueError(f"{path}: holds SAM {meta['model_type']}, expected {model_type}")
+            raise CheckpointError(f"{path}: holds SAM {meta['model_type']}, expected {model_type}")
         return flat
     return convert_sam.convert(path, cfg=cfg)[0]
 
 
 def load_sam(path: str | pathlib.Path, *, dtype=None, attention_implementation: str | None = None) -> Sam:
     """Builds SAM from an .npz written by `sarformer convert sam` (sizes from its metadata)."""
-    from sarformer_jax.convert.common import load_params
+    from sarformer_jax.convert.common import CheckpointError, load_params
 
     flat, meta = load_params(path)
     if "model_type" not in meta:
-        raise ValueError(f"{path}: no SAM metadata (was it written by `sarformer convert sam`?)")
+        raise CheckpointError(f"{path}: no SAM metadata (was it written by `sarformer convert sam`?)")
     cfg = SamConfig.preset(meta["model_type"]).with_depth(meta.get("encoder_depth"),
                                                           meta.get("global_attn_indexes"))
     return _filled(cfg, flat, str(path), dtype=dtype,
