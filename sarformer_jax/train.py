@@ -248,7 +248,7 @@ def load_initial_weights(model, path: str | pathlib.Path) -> str:
     Entries missing (but for the "beit" case), not in the model or of other shapes are refused
     all at once before anything is written (`CheckpointError` naming the file).  Returns what
     was filled, for the log."""
-    from sarformer_jax.convert.common import CheckpointError, load_params, update_module
+    from sarformer_jax.convert.common import load_params, update_module
 
     path = str(path)
     flat, meta = load_params(path)
@@ -323,8 +323,7 @@ def create_trainer(cfg: Config, *, devices=None, sam=None,
             model = make()
             if init_from:
                 what = load_initial_weights(model, init_from)
-                if jax.process_index() == 0:
-                    _say(f"initialised {what} from {init_from}")
+                _say(f"initialised {what} from {init_from}")
             _, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
             state = train_state(held(params), stats, tx.init(params), jnp.zeros((), jnp.int32),
                                 jax.random.key_data(jax.random.key(seed + 2)))
