@@ -496,9 +496,10 @@ def load_for_eval(cfg: Config, checkpoint: str | pathlib.Path):
     path = pathlib.Path(checkpoint)
     if path.suffix == ".npz":
         from sarformer_jax.convert.common import CheckpointError, load_params
+        from sarformer_jax.convert.mmseg import FORMAT as WHOLE_MODEL
 
         fmt = load_params(path, meta_only=True)[1].get("format")
-        if fmt != "sarformer_mmseg":
+        if fmt != WHOLE_MODEL:
             raise CheckpointError(f"{path}: evaluation needs the whole model (`sarformer convert "
                                   f"sarformer`), this file's format is {fmt!r}")
         trainer, state = create_trainer(cfg, init_from=str(path))
@@ -544,18 +545,16 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    from sarformer_jax.convert.common import CheckpointError
+    from sarformer_jax.data.sources import DataError
     from sarformer_jax.predict import class_names_and_palette
     from sarformer_jax.train import ConfigMismatchError
-
-    from sarformer_jax.convert.common import CheckpointError
 
     try:
         trainer, state, step = load_for_eval(cfg, args.checkpoint)
     except (ConfigMismatchError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from sarformer_jax.data.sources import DataError
-
     try:
         results = evaluate_state(cfg, trainer, state, mode=args.mode, aug_test=args.aug_test,
                                  split=args.split)

@@ -148,10 +148,9 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
+    from sarformer_jax.convert.common import CheckpointError
     from sarformer_jax.evaluate import load_for_eval
     from sarformer_jax.train import ConfigMismatchError
-
-    from sarformer_jax.convert.common import CheckpointError
 
     try:
         trainer, state, step = load_for_eval(cfg, args.checkpoint)

@@ -249,6 +249,7 @@ def load_initial_weights(model, path: str | pathlib.Path) -> str:
     all at once before anything is written (`CheckpointError` naming the file).  Returns what
     was filled, for the log."""
     from sarformer_jax.convert.common import load_params, update_module
+    from sarformer_jax.convert.mmseg import FORMAT as WHOLE_MODEL
 
     path = str(path)
     flat, meta = load_params(path)
@@ -259,7 +260,7 @@ def load_initial_weights(model, path: str | pathlib.Path) -> str:
     if fmt == "beit":
         update_module(model.backbone, flat, source=f"{path} (model.backbone)", partial=True)
         return "the backbone's BEiT layers (the adapter keeps its initialisation)"
-    if fmt == "sarformer_mmseg":
+    if fmt == WHOLE_MODEL:
         made_for = meta.get("config")
         hint = f" (converted for config {made_for})" if made_for else ""
         update_module(model, flat, source=path + hint)
