@@ -3,6 +3,7 @@ from a timm BEiT .pth (as the original trained from BEiT weights), its BEiT part
 whole model — and `sarformer eval / predict --checkpoint FILE.npz` evaluate converted weights.
 Bad files are one-line errors naming the file."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,10 +11,16 @@ from flax import nnx
 from micro import micro_config
 from sarformer_jax.cli import main
 from sarformer_jax.convert.common import CheckpointError, save_params
+from sarformer_jax.models.sarformer import build_model
 from sarformer_jax.train import create_trainer, load_initial_weights
 
 torch = pytest.importorskip("torch")
 timm_beit = pytest.importorskip("timm.models.beit")
+
+
+def _float_leaves(tree):
+    return [x for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)]
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -73,16 +80,9 @@ def test_backbone_from_beit_and_the_rest_seeded(cfg, beit_files):
         np.testing.assert_array_equal(params["backbone.layers.0.ffn.layers.0.0.kernel"],
                                       sd["blocks.0.mlp.fc1.weight"].numpy().T)
         assert not any(np.abs(np.asarray(m)).sum() for m in
-                       jax_leaves(state["opt_state"]))  # fresh moments
+                       _float_leaves(state["opt_state"]))  # fresh moments
     assert any(k.startswith("spm.") for k in files["beit_adapter"][1])
     assert not any(k.startswith("spm.") for k in files["beit"][1])
-
-
-def jax_leaves(tree):
-    import jax
-
-    return [x for x in jax.tree_util.tree_leaves(tree)
-            if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)]
 
 
 def test_whole_model_from_npz_for_training_and_evaluation(cfg, tmp_path, capsys):
@@ -136,8 +136,7 @@ def test_bad_init_files_are_one_line_errors(cfg, beit_files, tmp_path, capsys):
     bad["level_embed"] = np.zeros((3, 7), np.float32)
     save_params(wrong, bad, {"format": "beit_adapter"})
 
-    model = nnx.eval_shape(lambda: __import__("sarformer_jax.models.sarformer", fromlist=["x"])
-                           .build_model(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(CheckpointError, match=r"wrong\.npz.*missing: layers\.0\.attn\.proj\.bias"
                                               r".*mis-shaped: level_embed: expected \(3, 32\)"):
         load_initial_weights(model, wrong)
